@@ -1,0 +1,21 @@
+"""fastcse: fused, memory-bounded contrastive losses and a SimCSE trainer."""
+
+from fastcse.loss import InfoNCE, info_nce
+from fastcse.reference import info_nce_reference
+
+__version__ = "0.1.0"
+
+__all__ = ["InfoNCE", "info_nce", "info_nce_reference", "train", "evaluate", "alignment_uniformity", "__version__"]
+
+
+def __getattr__(name):
+    # The trainer pulls in transformers/datasets: import it only when asked for.
+    if name == "train":
+        from fastcse.train import train
+
+        return train
+    if name in ("evaluate", "alignment_uniformity"):
+        from fastcse import evaluate as _evaluate
+
+        return getattr(_evaluate, name)
+    raise AttributeError(f"module 'fastcse' has no attribute {name!r}")

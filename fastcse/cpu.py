@@ -1,0 +1,212 @@
+"""CPU backend: the fused InfoNCE with blocked matrix products over anchor chunks.
+
+Memory is O((B + N) d) plus one R x N score block: the anchors are processed R rows at a
+time, each chunk's scores computed with one matmul, turned into exponentials in place, and
+consumed by the two gradient products. The BLAS does the FLOPs; the per-element work is a
+handful of passes over the (cache-sized) block. Implements the backend contract of
+``fastcse.ops``.
+
+Folding trick (why no pass divides the block): with E = exp(S - m) and l = rowsum(E),
+P = E / l, so dA = (E @ C) / l - C[target] and dC = E^T (A / l) - A at the targets: the
+1/l and the -1 of the one-hot are applied to R x d operands, never to the R x N block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+EPS = 1e-12  # as F.normalize
+# Score block budget per chunk: large enough that dC += E^T A_chunk is compute bound
+# (K = R >= 256), small enough to stay a small fraction of the O(B N) the plain loss needs.
+BLOCK_BYTES = 64 * 2**20
+MIN_ROWS = 256
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _normalized(x: torch.Tensor, normalize: bool, dtype: torch.dtype):
+    """Returns (x_hat, inv_norm or None, clamped mask or None) in the compute dtype."""
+    x = x.to(dtype)
+    if not normalize:
+        return x, None, None
+    norm = torch.linalg.vector_norm(x, dim=1)
+    inv = 1.0 / norm.clamp_min(EPS)
+    return x * inv[:, None], inv, norm < EPS
+
+
+def _normalize_backward(grad_hat, x_hat, inv, small):
+    """dx = (dx_hat - x_hat (x_hat . dx_hat)) / ||x||; below eps the norm is the constant eps."""
+    if inv is None:
+        return grad_hat
+    dot = (x_hat * grad_hat).sum(1)
+    dot = dot.masked_fill(small, 0.0)
+    grad_hat.sub_(x_hat * dot[:, None]).mul_(inv[:, None])
+    return grad_hat
+
+
+def _rows_per_chunk(batch: int, num_candidates: int) -> int:
+    rows = BLOCK_BYTES // (4 * max(num_candidates, 1))
+    return max(1, min(batch, max(MIN_ROWS, rows)))
+
+
+class _Problem:
+    """The normalized, temperature-scaled operands shared by forward and backward."""
+
+    def __init__(self, anchor, candidates, tau, pos_start, neg_start, num_neg, normalize, symmetric,
+                 hard_negative_weight):
+        self.dtype = _compute_dtype(anchor)
+        self.a_hat, self.a_inv, self.a_small = _normalized(anchor, normalize, self.dtype)
+        self.c_hat, self.c_inv, self.c_small = _normalized(candidates, normalize, self.dtype)
+        self.tau = tau
+        self.a_scaled = self.a_hat / tau  # S = (A / tau) C^T: the temperature rides on the small operand
+        self.batch, self.num_candidates = anchor.shape[0], candidates.shape[0]
+        self.pos_start, self.neg_start, self.num_neg = pos_start, neg_start, num_neg
+        self.symmetric = symmetric
+        self.weight = hard_negative_weight if num_neg else 0.0
+        self.rows = _rows_per_chunk(self.batch, self.num_candidates)
+        if symmetric and (pos_start != 0 or self.num_candidates < self.batch):
+            raise ValueError("symmetric needs the positives as the first B candidates")
+
+    def chunks(self):
+        for r0 in range(0, self.batch, self.rows):
+            yield r0, min(r0 + self.rows, self.batch)
+
+    def scores(self, r0, r1):
+        """S[r0:r1] = A C^T / tau + bias, a fresh (r1 - r0) x N block."""
+        block = torch.mm(self.a_scaled[r0:r1], self.c_hat.T)
+        if self.weight:
+            rows = torch.arange(r1 - r0).repeat_interleave(self.num_neg)
+            cols = self.neg_start + torch.arange(r0 * self.num_neg, r1 * self.num_neg)
+            block[rows, cols] += self.weight
+        return block
+
+    def targets(self, r0, r1):
+        return torch.arange(r0, r1) + self.pos_start
+
+    def finish_grads(self, grad_a_hat, grad_c_hat):
+        """Scales dA by 1/tau, returns (dA, dC, dtau) through the normalization."""
+        grad_a_hat.div_(self.tau)
+        # tau enters every score as (a_hat . c_hat) / tau, each score holding exactly one anchor
+        # (forward direction: the query; reverse: the candidate), so dtau = -sum(a_hat . dA_hat) / tau.
+        grad_tau = -(self.a_hat * grad_a_hat).sum() / self.tau
+        grad_a = _normalize_backward(grad_a_hat, self.a_hat, self.a_inv, self.a_small)
+        grad_c = _normalize_backward(grad_c_hat, self.c_hat, self.c_inv, self.c_small)
+        return grad_a, grad_c, grad_tau
+
+
+def _column_stats_update(col_max, col_sum, block):
+    """Online log-sum-exp over rows for the reverse direction (columns of the positive block)."""
+    chunk_max = block.amax(0)
+    new_max = torch.maximum(col_max, chunk_max)
+    col_sum.mul_(torch.exp(col_max - new_max)).add_(torch.exp(block - new_max).sum(0))
+    col_max.copy_(new_max)
+
+
+def _stats_sweep(prob: _Problem):
+    """Row LSE and target logits (and the reverse direction's column LSE), no gradients."""
+    lse = torch.empty(prob.batch, dtype=prob.dtype)
+    target = torch.empty(prob.batch, dtype=prob.dtype)
+    col_max = torch.full((prob.batch,), -math.inf, dtype=prob.dtype) if prob.symmetric else None
+    col_sum = torch.zeros(prob.batch, dtype=prob.dtype) if prob.symmetric else None
+    for r0, r1 in prob.chunks():
+        block = prob.scores(r0, r1)
+        target[r0:r1] = block[torch.arange(r1 - r0), prob.targets(r0, r1)]
+        if prob.symmetric:
+            _column_stats_update(col_max, col_sum, block[:, : prob.batch])
+        lse[r0:r1] = torch.logsumexp(block, dim=1)
+    lse_rev = col_max + torch.log(col_sum) if prob.symmetric else None
+    return lse, target, lse_rev
+
+
+def _fused_sweep(prob: _Problem):
+    """Non-symmetric forward that also produces the gradients of sum(row_loss): one sweep, 3 products."""
+    lse = torch.empty(prob.batch, dtype=prob.dtype)
+    row_loss = torch.empty(prob.batch, dtype=prob.dtype)
+    grad_a = torch.empty_like(prob.a_hat)
+    grad_c = torch.zeros_like(prob.c_hat)
+    for r0, r1 in prob.chunks():
+        rows = torch.arange(r1 - r0)
+        targets = prob.targets(r0, r1)
+        block = prob.scores(r0, r1)
+        target_logit = block[rows, targets]
+        row_max = block.amax(1, keepdim=True)
+        block.sub_(row_max).exp_()  # E = exp(S - m), in place
+        total = block.sum(1)
+        lse[r0:r1] = row_max.squeeze(1) + torch.log(total)
+        row_loss[r0:r1] = lse[r0:r1] - target_logit
+        inv_total = (1.0 / total)[:, None]
+        # dA_hat * tau = (E C) / l - C[target]
+        torch.mm(block, prob.c_hat, out=grad_a[r0:r1])
+        grad_a[r0:r1].mul_(inv_total).sub_(prob.c_hat[targets])
+        # dC_hat = E^T (A / tau / l) - (A / tau) at the targets
+        scaled = prob.a_scaled[r0:r1] * inv_total
+        grad_c.addmm_(block.T, scaled)
+        grad_c.index_add_(0, targets, prob.a_scaled[r0:r1], alpha=-1.0)
+    return row_loss, lse, grad_a, grad_c
+
+
+def _grad_sweep(prob: _Problem, grad_rows, lse, lse_rev):
+    """Gradients for per-row upstream gradients, recomputing each score block from saved LSEs."""
+    grad_a = torch.empty_like(prob.a_hat)
+    grad_c = torch.zeros_like(prob.c_hat)
+    g = grad_rows.to(prob.dtype)
+    g_fwd = g / 2 if prob.symmetric else g
+    for r0, r1 in prob.chunks():
+        rows = torch.arange(r1 - r0)
+        targets = prob.targets(r0, r1)
+        block = prob.scores(r0, r1)
+        if prob.symmetric:
+            # Reverse direction: column j of the positive block is query p_j over all anchors.
+            reverse = (block[:, : prob.batch] - lse_rev).exp_().mul_(g_fwd)
+        block.sub_(lse[r0:r1, None]).exp_()  # P = exp(S - LSE)
+        if prob.symmetric:
+            block.mul_(g_fwd[r0:r1, None])
+            block[:, : prob.batch].add_(reverse)
+            block[rows, targets] -= g[r0:r1]  # both directions' one-hot sit on the diagonal
+            torch.mm(block, prob.c_hat, out=grad_a[r0:r1])
+            grad_c.addmm_(block.T, prob.a_scaled[r0:r1])
+        else:
+            gr = g_fwd[r0:r1, None]
+            torch.mm(block, prob.c_hat, out=grad_a[r0:r1])
+            grad_a[r0:r1].sub_(prob.c_hat[targets]).mul_(gr)
+            scaled = prob.a_scaled[r0:r1] * gr
+            grad_c.addmm_(block.T, scaled)
+            grad_c.index_add_(0, targets, scaled, alpha=-1.0)
+    return grad_a, grad_c
+
+
+def _empty(like, dtype):
+    return like.new_empty((0,), dtype=dtype)
+
+
+def forward(anchor, candidates, tau, *, pos_start, neg_start, num_neg, normalize, symmetric,
+            hard_negative_weight, compute_grad):
+    prob = _Problem(anchor, candidates, tau, pos_start, neg_start, num_neg, normalize, symmetric,
+                    hard_negative_weight)
+    if compute_grad and not symmetric:
+        row_loss, lse, grad_a_hat, grad_c_hat = _fused_sweep(prob)
+        grads = prob.finish_grads(grad_a_hat, grad_c_hat)
+        return row_loss, lse, _empty(anchor, prob.dtype), grads
+    lse, target, lse_rev = _stats_sweep(prob)
+    row_loss = lse - target
+    if symmetric:
+        # Reverse target logit p_i . a_i / tau is the forward one without bias (none on positives).
+        row_loss = (row_loss + lse_rev - target) / 2
+    grads = None
+    if compute_grad:  # symmetric: the column LSEs are final only now, so a second sweep
+        ones = torch.ones(prob.batch, dtype=prob.dtype)
+        grads = prob.finish_grads(*_grad_sweep(prob, ones, lse, lse_rev))
+    return row_loss, lse, lse_rev if symmetric else _empty(anchor, prob.dtype), grads
+
+
+def backward(grad_rows, anchor, candidates, tau, lse, lse_rev, *, pos_start, neg_start, num_neg, normalize,
+             symmetric, hard_negative_weight):
+    prob = _Problem(anchor, candidates, tau, pos_start, neg_start, num_neg, normalize, symmetric,
+                    hard_negative_weight)
+    lse = lse.to(prob.dtype)
+    lse_rev = lse_rev.to(prob.dtype) if symmetric else None
+    return prob.finish_grads(*_grad_sweep(prob, grad_rows, lse, lse_rev))

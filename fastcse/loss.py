@@ -1,0 +1,179 @@
+"""``fastcse.info_nce``: the public loss, its input checks and backend dispatch."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from fastcse.ops import info_nce_op
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_REDUCTIONS = ("mean", "sum", "none")
+_BACKENDS = ("auto", "cpu", "triton")
+
+
+def _check_matrix(name: str, x, rank: int | tuple[int, ...]) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    ranks = (rank,) if isinstance(rank, int) else rank
+    if x.dim() not in ranks:
+        want = " or ".join(f"{r}-D" for r in ranks)
+        raise ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend):
+    """Validates the user's arguments; returns (resolved backend, number of hard negatives per anchor)."""
+    _check_matrix("anchor", anchor, 2)
+    _check_matrix("positive", positive, 2)
+    batch, dim = anchor.shape
+    if batch == 0:
+        raise ValueError("anchor must hold at least one row (B >= 1), got B = 0")
+    if dim == 0:
+        raise ValueError("anchor must have an embedding dim >= 1, got 0")
+    if positive.shape != anchor.shape:
+        raise ValueError(f"positive must have the anchor's shape {tuple(anchor.shape)} (row i is anchor i's "
+                         f"positive), got {tuple(positive.shape)}")
+    tensors = {"anchor": anchor, "positive": positive}
+    num_neg = 0
+    if negative is not None:
+        _check_matrix("negative", negative, (2, 3))
+        if negative.shape[0] != batch or negative.shape[-1] != dim:
+            raise ValueError(f"negative must be [B, d] or [B, k, d] with B = {batch}, d = {dim}, "
+                             f"got {tuple(negative.shape)}")
+        num_neg = 1 if negative.dim() == 2 else negative.shape[1]
+        if num_neg == 0:
+            raise ValueError("negative must hold at least one hard negative per anchor (k >= 1), got k = 0")
+        tensors["negative"] = negative
+    for name, t in tensors.items():
+        if t.device != anchor.device:
+            raise ValueError(f"{name} is on {t.device} but anchor is on {anchor.device}: put all inputs on one device")
+        if t.dtype != anchor.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but anchor has {anchor.dtype}: all inputs must share a dtype")
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1 or temperature.dim() > 1:
+            raise ValueError(f"temperature must be a float or a 0-dim tensor, got shape {tuple(temperature.shape)}")
+        if not temperature.is_floating_point():
+            raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
+        if not torch.compiler.is_compiling():
+            value = float(temperature.detach())
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"temperature must be a finite positive number, got {value}")
+    elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite positive number, got {temperature}")
+    else:
+        raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
+    if not isinstance(hard_negative_weight, (int, float)) or isinstance(hard_negative_weight, bool) \
+            or not math.isfinite(hard_negative_weight):
+        raise ValueError(f"hard_negative_weight must be a finite float, got {hard_negative_weight!r}")
+    if hard_negative_weight != 0.0 and negative is None:
+        raise ValueError("hard_negative_weight is non-zero but negative is None: the weight applies to hard negatives")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if anchor.device.type == "cuda" else "cpu"
+    if backend == "cpu" and anchor.device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got {anchor.device}")
+    if backend == "triton":
+        if anchor.dtype == torch.float64:
+            raise TypeError("backend='triton' takes float16, bfloat16 or float32; float64 runs on backend='cpu'")
+        if anchor.device.type == "cpu":
+            import os
+
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    return backend, num_neg
+
+
+def _candidates(positive, negative, num_neg):
+    if negative is None:
+        return positive.contiguous()
+    return torch.cat([positive, negative.reshape(positive.shape[0] * num_neg, positive.shape[1])])
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def info_nce(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor | None = None,
+    *,
+    temperature: float | torch.Tensor = 0.05,
+    normalize: bool = True,
+    symmetric: bool = False,
+    hard_negative_weight: float = 0.0,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+    backend: Literal["auto", "cpu", "triton"] = "auto",
+    process_group=None,
+) -> torch.Tensor:
+    """InfoNCE (SimCSE / MultipleNegativesRankingLoss) without materializing the B x N logits.
+
+    Args:
+        anchor: [B, d] queries.
+        positive: [B, d]; row i is anchor i's positive. Every anchor scores every positive.
+        negative: None, [B, d] or [B, k, d] hard negatives, pooled with the positives into
+            one candidate set (candidates = positives then negatives; anchor i's target is i).
+        temperature: positive float, or a 0-dim tensor (its gradient is returned).
+        normalize: cosine similarity (True) or plain dot products (False).
+        symmetric: also the positive->anchor direction, averaged with anchor->candidate.
+        hard_negative_weight: added to the logits of anchor i with its own hard negatives.
+        reduction: "mean", "sum" or "none" (per-anchor losses, fp32).
+        backend: "auto" (Triton for CUDA tensors, CPU otherwise), "cpu" or "triton".
+        process_group: a ``torch.distributed`` group: score the local anchors against the
+            candidates of every rank (see ``fastcse.distributed``).
+
+    Returns:
+        The fp32 loss: a scalar, or [B] with reduction="none".
+    """
+    backend, num_neg = check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend)
+    if process_group is not None:
+        from fastcse.distributed import distributed_info_nce
+
+        return distributed_info_nce(anchor, positive, negative, num_neg=num_neg, temperature=temperature,
+                                    normalize=normalize, symmetric=symmetric,
+                                    hard_negative_weight=hard_negative_weight, reduction=reduction,
+                                    backend=backend, process_group=process_group)
+    if not isinstance(temperature, torch.Tensor):
+        temperature = torch.tensor(float(temperature), dtype=torch.float32)
+    temperature = temperature.reshape(())
+    candidates = _candidates(positive, negative, num_neg)
+    anchor = anchor.contiguous()
+    grad_in_forward = reduction != "none" and _needs_grad(anchor, candidates, temperature)
+    batch = anchor.shape[0]
+    loss, *_ = info_nce_op(anchor, candidates, temperature, 0, batch, num_neg, bool(normalize), bool(symmetric),
+                           float(hard_negative_weight), reduction, grad_in_forward, backend)
+    return loss
+
+
+class InfoNCE(nn.Module):
+    """Module form of :func:`info_nce`; ``temperature`` may be an ``nn.Parameter``."""
+
+    def __init__(self, temperature: float | torch.Tensor = 0.05, *, normalize: bool = True, symmetric: bool = False,
+                 hard_negative_weight: float = 0.0, reduction: str = "mean", backend: str = "auto",
+                 process_group=None):
+        super().__init__()
+        self.temperature = temperature
+        self.normalize = normalize
+        self.symmetric = symmetric
+        self.hard_negative_weight = hard_negative_weight
+        self.reduction = reduction
+        self.backend = backend
+        self.process_group = process_group
+
+    def forward(self, anchor, positive, negative=None):
+        return info_nce(anchor, positive, negative, temperature=self.temperature, normalize=self.normalize,
+                        symmetric=self.symmetric, hard_negative_weight=self.hard_negative_weight,
+                        reduction=self.reduction, backend=self.backend, process_group=self.process_group)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, normalize={self.normalize}, symmetric={self.symmetric}, "
+                f"hard_negative_weight={self.hard_negative_weight}, reduction={self.reduction!r}")
