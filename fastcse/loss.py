@@ -143,7 +143,8 @@ def info_nce(
                                     hard_negative_weight=hard_negative_weight, reduction=reduction,
                                     backend=backend, process_group=process_group)
     if not isinstance(temperature, torch.Tensor):
-        temperature = torch.tensor(float(temperature), dtype=torch.float32)
+        # fp64 so that the value the kernels read back is exactly the user's float.
+        temperature = torch.tensor(float(temperature), dtype=torch.float64)
     temperature = temperature.reshape(())
     candidates = _candidates(positive, negative, num_neg)
     anchor = anchor.contiguous()

@@ -169,12 +169,20 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *unused_grads):
+    if torch.is_grad_enabled():  # backward(create_graph=True): the gradients are not differentiable
+        raise RuntimeError("fastcse.info_nce does not support double backward (create_graph=True); "
+                           "use fastcse.info_nce_reference for higher-order gradients")
     if ctx.grad_in_forward:
         grad_anchor, grad_candidates, grad_tau = ctx.saved_tensors
-        scale = grad_loss.to(grad_anchor.dtype)
-        grad_anchor = grad_anchor * scale
-        grad_candidates = grad_candidates * scale
-        grad_tau = grad_tau * scale
+        # The usual upstream gradient is exactly 1 (loss.backward()): skip two passes over
+        # O((B + N) d) then. Checking the value syncs, so only in eager mode on the CPU.
+        unit = (not torch.compiler.is_compiling() and grad_loss.device.type == "cpu"
+                and grad_loss.numel() == 1 and grad_loss.item() == 1.0)
+        if not unit:
+            scale = grad_loss.to(grad_anchor.dtype)
+            grad_anchor = grad_anchor * scale
+            grad_candidates = grad_candidates * scale
+            grad_tau = grad_tau * scale
     else:
         anchor, candidates, temperature, lse, lse_rev = ctx.saved_tensors
         batch = anchor.shape[0]
