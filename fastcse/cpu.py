@@ -30,14 +30,14 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _normalized(x: torch.Tensor, normalize: bool, dtype: torch.dtype):
-    """Returns (x_hat, inv_norm or None, clamped mask or None) in the compute dtype."""
+def _normalized(x: torch.Tensor, normalize: bool, dtype: torch.dtype, scale: float = 1.0):
+    """Returns (scale * x_hat, inv_norm or None, below-eps mask or None) in the compute dtype."""
     x = x.to(dtype)
     if not normalize:
-        return x, None, None
+        return (x * scale if scale != 1.0 else x), None, None
     norm = torch.linalg.vector_norm(x, dim=1)
     inv = 1.0 / norm.clamp_min(EPS)
-    return x * inv[:, None], inv, norm < EPS
+    return x * (inv * scale)[:, None], inv, norm < EPS
 
 
 def _normalize_backward(grad_hat, x_hat, inv, small):
@@ -61,15 +61,17 @@ class _Problem:
     def __init__(self, anchor, candidates, tau, pos_start, neg_start, num_neg, normalize, symmetric,
                  hard_negative_weight):
         self.dtype = _compute_dtype(anchor)
-        self.a_hat, self.a_inv, self.a_small = _normalized(anchor, normalize, self.dtype)
+        # S = (A_hat / tau) C_hat^T: the temperature rides on the small operand, and only the
+        # scaled copy of the anchors is kept (finish_grads turns it back into A_hat in place).
+        self.a_scaled, self.a_inv, self.a_small = _normalized(anchor, normalize, self.dtype, scale=1.0 / tau)
         self.c_hat, self.c_inv, self.c_small = _normalized(candidates, normalize, self.dtype)
         self.tau = tau
-        self.a_scaled = self.a_hat / tau  # S = (A / tau) C^T: the temperature rides on the small operand
         self.batch, self.num_candidates = anchor.shape[0], candidates.shape[0]
         self.pos_start, self.neg_start, self.num_neg = pos_start, neg_start, num_neg
         self.symmetric = symmetric
         self.weight = hard_negative_weight if num_neg else 0.0
         self.rows = _rows_per_chunk(self.batch, self.num_candidates)
+        self._block = None
         # Cosine logits are bounded by 1/tau + |w|: below SAFE_EXP, exp(S) neither overflows nor
         # underflows in fp32 (N e^40 << 3e38, e^-40 >> 1e-38), so the row-max pass and the shift
         # are skipped. Otherwise (small tau, dot products) the exact row max is used.
@@ -82,8 +84,13 @@ class _Problem:
             yield r0, min(r0 + self.rows, self.batch)
 
     def scores(self, r0, r1):
-        """S[r0:r1] = A C^T / tau + bias, a fresh (r1 - r0) x N block."""
-        block = torch.mm(self.a_scaled[r0:r1], self.c_hat.T)
+        """S[r0:r1] = A C^T / tau + bias, into the one (r1 - r0) x N block buffer of this problem.
+
+        Reusing one buffer (rather than a fresh block per chunk) keeps the allocator from
+        cycling large blocks, which shows up as extra resident memory."""
+        if self._block is None:
+            self._block = torch.empty(self.rows, self.num_candidates, dtype=self.dtype)
+        block = torch.mm(self.a_scaled[r0:r1], self.c_hat.T, out=self._block[: r1 - r0])
         if self.weight:
             rows = torch.arange(r1 - r0).repeat_interleave(self.num_neg)
             cols = self.neg_start + torch.arange(r0 * self.num_neg, r1 * self.num_neg)
@@ -96,10 +103,13 @@ class _Problem:
     def finish_grads(self, grad_a_hat, grad_c_hat):
         """Scales dA by 1/tau, returns (dA, dC, dtau) through the normalization."""
         grad_a_hat.div_(self.tau)
+        # The sweeps are done: reuse the buffer (with tau == 1 and no normalization it may be the
+        # caller's own tensor, which must not be touched).
+        a_hat = self.a_scaled.mul_(self.tau) if self.tau != 1.0 else self.a_scaled
         # tau enters every score as (a_hat . c_hat) / tau, each score holding exactly one anchor
         # (forward direction: the query; reverse: the candidate), so dtau = -sum(a_hat . dA_hat) / tau.
-        grad_tau = -torch.dot(self.a_hat.reshape(-1), grad_a_hat.reshape(-1)) / self.tau
-        grad_a = _normalize_backward(grad_a_hat, self.a_hat, self.a_inv, self.a_small)
+        grad_tau = -torch.dot(a_hat.reshape(-1), grad_a_hat.reshape(-1)) / self.tau
+        grad_a = _normalize_backward(grad_a_hat, a_hat, self.a_inv, self.a_small)
         grad_c = _normalize_backward(grad_c_hat, self.c_hat, self.c_inv, self.c_small)
         return grad_a, grad_c, grad_tau
 
@@ -132,7 +142,7 @@ def _fused_sweep(prob: _Problem):
     """Non-symmetric forward that also produces the gradients of sum(row_loss): one sweep, 3 products."""
     lse = torch.empty(prob.batch, dtype=prob.dtype)
     row_loss = torch.empty(prob.batch, dtype=prob.dtype)
-    grad_a = torch.empty_like(prob.a_hat)
+    grad_a = torch.empty_like(prob.a_scaled)
     grad_c = torch.zeros_like(prob.c_hat)
     for r0, r1 in prob.chunks():
         rows = torch.arange(r1 - r0)
@@ -162,7 +172,7 @@ def _fused_sweep(prob: _Problem):
 
 def _grad_sweep(prob: _Problem, grad_rows, lse, lse_rev):
     """Gradients for per-row upstream gradients, recomputing each score block from saved LSEs."""
-    grad_a = torch.empty_like(prob.a_hat)
+    grad_a = torch.empty_like(prob.a_scaled)
     grad_c = torch.zeros_like(prob.c_hat)
     g = grad_rows.to(prob.dtype)
     g_fwd = g / 2 if prob.symmetric else g

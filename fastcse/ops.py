@@ -49,8 +49,23 @@ def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("fastcse::info_nce", mutates_args=())
-def info_nce_op(
+# Defined with torch.library.Library rather than the @custom_op decorator: the decorator wraps
+# the implementation in torch._disable_dynamo, which imports torch._dynamo (3 s, 150 MB) on the
+# first eager call of a loss that should cost nothing to import.
+_LIB = torch.library.Library("fastcse", "FRAGMENT")
+_LIB.define(
+    "info_nce(Tensor anchor, Tensor candidates, Tensor temperature, int pos_start, int neg_start, int num_neg, "
+    "bool normalize, bool symmetric, float hard_negative_weight, str reduction, bool grad_in_forward, "
+    "str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_LIB.define(
+    "info_nce_backward(Tensor grad_rows, Tensor anchor, Tensor candidates, Tensor temperature, Tensor lse, "
+    "Tensor lse_rev, int pos_start, int neg_start, int num_neg, bool normalize, bool symmetric, "
+    "float hard_negative_weight, str backend) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _info_nce_impl(
     anchor: torch.Tensor,
     candidates: torch.Tensor,
     temperature: torch.Tensor,
@@ -97,8 +112,8 @@ def info_nce_op(
     return loss, lse, lse_rev, grad_anchor, grad_candidates, grad_tau
 
 
-@info_nce_op.register_fake
-def _(anchor, candidates, temperature, pos_start, neg_start, num_neg, normalize, symmetric,
+@torch.library.register_fake("fastcse::info_nce", lib=_LIB)
+def _info_nce_fake(anchor, candidates, temperature, pos_start, neg_start, num_neg, normalize, symmetric,
       hard_negative_weight, reduction, grad_in_forward, backend):
     batch, dim = anchor.shape
     f32 = dict(dtype=_accumulate_dtype(anchor), device=anchor.device)
@@ -113,8 +128,7 @@ def _(anchor, candidates, temperature, pos_start, neg_start, num_neg, normalize,
     return (loss, lse, lse_rev, *grads)
 
 
-@torch.library.custom_op("fastcse::info_nce_backward", mutates_args=())
-def info_nce_backward_op(
+def _info_nce_backward_impl(
     grad_rows: torch.Tensor,
     anchor: torch.Tensor,
     candidates: torch.Tensor,
@@ -146,8 +160,8 @@ def info_nce_backward_op(
     )
 
 
-@info_nce_backward_op.register_fake
-def _(grad_rows, anchor, candidates, temperature, lse, lse_rev, pos_start, neg_start, num_neg,
+@torch.library.register_fake("fastcse::info_nce_backward", lib=_LIB)
+def _info_nce_backward_fake(grad_rows, anchor, candidates, temperature, lse, lse_rev, pos_start, neg_start, num_neg,
       normalize, symmetric, hard_negative_weight, backend):
     f32 = dict(dtype=_accumulate_dtype(anchor), device=anchor.device)
     return (anchor.new_empty(tuple(anchor.shape), **f32), anchor.new_empty(tuple(candidates.shape), **f32),
@@ -199,4 +213,10 @@ def _backward(ctx, grad_loss, *unused_grads):
             None, None, None, None, None, None, None, None, None)
 
 
-torch.library.register_autograd("fastcse::info_nce", _backward, setup_context=_setup_context)
+for _device in ("CPU", "CUDA"):
+    _LIB.impl("info_nce", _info_nce_impl, _device)
+    _LIB.impl("info_nce_backward", _info_nce_backward_impl, _device)
+torch.library.register_autograd("fastcse::info_nce", _backward, setup_context=_setup_context, lib=_LIB)
+
+info_nce_op = torch.ops.fastcse.info_nce.default
+info_nce_backward_op = torch.ops.fastcse.info_nce_backward.default

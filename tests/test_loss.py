@@ -335,3 +335,14 @@ def test_triton_backend_rejects_fp64():
     anchor, positive, negative = make_inputs(4, 3, 1, torch.float64)
     with pytest.raises(TypeError, match="float64 runs on backend='cpu'"):
         info_nce(anchor, positive, negative, backend="triton")
+
+
+@pytest.mark.parametrize("options", [dict(), dict(temperature=1.0, normalize=False), dict(symmetric=True),
+                                     dict(reduction="none", temperature=1.0, normalize=False)])
+def test_inputs_are_not_modified(options):
+    anchor, positive, negative = make_inputs(6, 4, 1)
+    leaves = [t.clone().requires_grad_() for t in (anchor, positive, negative)]
+    info_nce(*leaves, **options).sum().backward()
+    for before, leaf in zip((anchor, positive, negative), leaves):
+        assert leaf._version == 0
+        assert torch.equal(before, leaf.detach())

@@ -1,0 +1,43 @@
+"""Honest peak memory: run one workload in a fresh Python process and read its max RSS.
+
+The child warms up at a tiny size, builds its inputs, records ru_maxrss, runs the workload once, and reports the
+growth of ru_maxrss: the extra peak memory the workload itself needed, including every
+temporary the allocator handed back before the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+_CHILD = r"""
+import json, resource, sys
+import torch
+sys.path.insert(0, {bench_dir!r})
+import {module} as m
+kwargs = json.loads({kwargs!r})
+# Warm-up at a tiny size: one-time library initialization (BLAS buffers, lazy imports) is not
+# the workload's memory, and both sides of a comparison get the same treatment.
+tiny_setup, tiny_run = m.{factory}(**dict(kwargs, batch=8))
+tiny_run(tiny_setup())
+setup, run = m.{factory}(**kwargs)
+state = setup()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+run(state)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"extra_peak_mib": (after - before) / 1024}}))
+"""
+
+
+def extra_peak_mib(module: str, factory: str, timeout: float = 3600, **kwargs) -> float:
+    """Extra peak RSS (MiB) of ``factory(**kwargs)``'s run step, measured in a fresh process."""
+    bench_dir = str(Path(__file__).resolve().parent)
+    code = _CHILD.format(bench_dir=bench_dir, module=module, factory=factory, kwargs=json.dumps(kwargs))
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed ({module}.{factory} {kwargs}):\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra_peak_mib"]
