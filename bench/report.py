@@ -33,7 +33,9 @@ def main(path: str) -> None:
             if field == "time":
                 return f"{seconds:.3f}"
             if field == "ratio":
-                return f"{extra['x_floor']:.2f}" if "x_floor" in extra else "-"
+                if "x_floor" in extra:
+                    return f"{extra['x_floor']:.2f}"
+                return f"~{extra['x_floor_est']:.2f} (est.)" if "x_floor_est" in extra else "-"
             return f"{extra['extra_peak_mib']:.0f}"
         print(f"| {batch} | {dim} | {num_neg} | {cell('floor', 'time')} | {cell('fastcse', 'time')} | "
               f"{cell('fastcse', 'ratio')} | {cell('plain', 'time')} | {cell('plain', 'ratio')} | "
