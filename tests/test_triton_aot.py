@@ -1,0 +1,177 @@
+"""Ahead-of-time compilation of every Triton kernel of fastcse.triton_info_nce for sm_80 and sm_90.
+
+No GPU is needed: triton.compile with an explicit GPUTarget runs the whole pipeline down to a
+cubin with the ptxas shipped in the triton wheel. A compile error, a register spill or a
+shared-memory budget overrun fails the test; registers and shared memory per kernel are printed.
+
+conftest.py sets TRITON_INTERPRET=1 for the session, which turns @triton.jit functions into
+interpreter objects that triton.compile cannot take: the compilation runs in a subprocess
+(this file run as a script) with TRITON_INTERPRET removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = {80: 166912, 90: 232448}  # compute capability -> max shared memory per block (bytes)
+DTYPES = ("float32", "float16", "bfloat16")
+# The production configs do not depend on d once d >= 32 (16-bit) / 16 (fp32), the d chunk widths;
+# smaller d only shrink the chunk, which lowers register and shared-memory use.
+DIM = 768
+_TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+_INPUT_POINTERS = ("a_ptr", "c_ptr", "x_ptr")  # the embeddings; every other pointer is fp32 statistics
+_FLOAT_SCALARS = ("inv_tau", "weight", "fixed_max")
+_DIVISIBLE_INTS = ("dim", "stride", "stride_a", "stride_c", "cols_per_split")  # as the JIT specializes d = 768
+
+
+def _variants(dtype_name):
+    """(label, kernel name, constexprs, num_warps, num_stages): every specialization the launch code uses."""
+    import torch
+
+    from fastcse import triton_info_nce as k
+
+    cfg = k.select_config(getattr(torch, dtype_name), DIM, interpret=False)
+    common = dict(UPCAST=False, PRECISION=cfg.precision, EPS_=k.EPS)
+    fwd = dict(BLOCK_M=cfg.fwd.block_m, BLOCK_N=cfg.fwd.block_n, BLOCK_D=cfg.fwd.block_d, **common)
+    bwd = dict(BLOCK_M=cfg.bwd.block_m, BLOCK_N=cfg.bwd.block_n, BLOCK_D=cfg.bwd.block_d, **common)
+    rows = dict(BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d_rows, UPCAST=False)
+    out = [("row_norm", "_row_norm_kernel", rows, cfg.warps_rows, 1)]
+    for normalize in (True, False):
+        for bias in (True, False):
+            for fused in ((True, False) if normalize else (False,)):
+                label = f"forward norm={int(normalize)} bias={int(bias)} fused_rev={int(fused)}"
+                out.append((label, "_forward_kernel",
+                            dict(NORMALIZE=normalize, HAS_BIAS=bias, FUSED_REVERSE=fused, **fwd),
+                            cfg.fwd.warps, cfg.fwd.stages))
+            for symmetric in (True, False):
+                label = f"backward norm={int(normalize)} bias={int(bias)} sym={int(symmetric)}"
+                out.append((label, "_backward_kernel",
+                            dict(NORMALIZE=normalize, HAS_BIAS=bias, SYMMETRIC=symmetric, **bwd),
+                            cfg.bwd.warps, cfg.bwd.stages))
+        for write_dot in (True, False):
+            if normalize or write_dot:
+                out.append((f"normalize_backward norm={int(normalize)} dot={int(write_dot)}",
+                            "_normalize_backward_kernel",
+                            dict(NORMALIZE=normalize, WRITE_DOT=write_dot, EPS_=k.EPS, **rows),
+                            cfg.warps_rows, 1))
+    return out
+
+
+def _signature(fn, constexprs, dtype_name):
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + (_TRITON_TYPES[dtype_name] if name in _INPUT_POINTERS else "fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _FLOAT_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name in _DIVISIBLE_INTS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def _compile_all(capability: int) -> list[dict]:
+    """Runs in the subprocess: compiles every variant, returns one record per kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from fastcse import triton_info_nce as k
+
+    target = GPUTarget("cuda", capability, 32)
+    records = []
+    for dtype_name in DTYPES:
+        for label, kernel_name, constexprs, warps, stages in _variants(dtype_name):
+            fn = getattr(k, kernel_name)
+            sig, attrs = _signature(fn, constexprs, dtype_name)
+            record = dict(sm=capability, dtype=dtype_name, kernel=label, warps=warps, stages=stages,
+                          blocks={n: v for n, v in constexprs.items() if n.startswith("BLOCK")})
+            log = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG prints ptxas -v here
+                    compiled = triton.compile(triton.compiler.ASTSource(fn, sig, constexprs, attrs), target=target,
+                                              options=dict(num_warps=warps, num_stages=stages))
+            except Exception as exc:  # reported per kernel, the test fails on it
+                record["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
+                records.append(record)
+                continue
+            text = log.getvalue()
+            regs = re.search(r"Used (\d+) registers", text)
+            spill_st = re.search(r"(\d+) bytes spill stores", text)
+            spill_ld = re.search(r"(\d+) bytes spill loads", text)
+            stack = re.search(r"(\d+) bytes stack frame", text)
+            if not (regs and spill_st and spill_ld):
+                record["error"] = f"no ptxas -v report found in: {text[-1000:]!r}"
+            else:
+                record.update(registers=int(regs.group(1)), spill_stores=int(spill_st.group(1)),
+                              spill_loads=int(spill_ld.group(1)), stack=int(stack.group(1)) if stack else 0,
+                              shared=compiled.metadata.shared)
+            records.append(record)
+    return records
+
+
+@pytest.fixture(scope="module")
+def compile_jobs():
+    """Starts one compiling subprocess per target at once (they are independent: ~half the wall time on 2 cores)."""
+    ptxas = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    assert ptxas.is_file(), f"the triton wheel ships no ptxas at {ptxas}: AOT compilation cannot run"
+    jobs = {}
+    with contextlib.ExitStack() as stack:
+        for capability in sorted(TARGETS):
+            # A fresh cache forces ptxas to run (and log) for every kernel.
+            cache = stack.enter_context(tempfile.TemporaryDirectory())
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            env.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1", TRITON_DEFAULT_FP_FUSION="1",
+                       PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+            jobs[capability] = stack.enter_context(
+                subprocess.Popen([sys.executable, __file__, str(capability)], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True))
+        yield jobs
+        for proc in jobs.values():
+            if proc.poll() is None:
+                proc.kill()
+
+
+@pytest.mark.parametrize("capability", sorted(TARGETS))
+def test_kernels_compile_for_gpu_without_spills(capability, compile_jobs):
+    proc = compile_jobs[capability]
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, f"AOT subprocess failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    records = [json.loads(line[len("AOT "):]) for line in stdout.splitlines() if line.startswith("AOT ")]
+    expected = sum(len(_variants(d)) for d in DTYPES)
+    assert len(records) == expected, f"expected {expected} kernels, got {len(records)}:\n{stdout[-3000:]}"
+    print(f"\nsm_{capability}: dtype | kernel | blocks | warps x stages | registers | spill st/ld | stack | shared")
+    for r in records:
+        if "error" in r:
+            print(f"sm_{capability} {r['dtype']:8} {r['kernel']:42} ERROR")
+            continue
+        blocks = "x".join(str(v) for v in r["blocks"].values())
+        print(f"sm_{capability} {r['dtype']:8} {r['kernel']:42} {blocks:10} {r['warps']}x{r['stages']} "
+              f"{r['registers']:4} {r['spill_stores']}/{r['spill_loads']} {r['stack']:4} {r['shared']:7}")
+    errors = [f"{r['dtype']} {r['kernel']}: {r['error']}" for r in records if "error" in r]
+    assert not errors, "compile errors:\n" + "\n".join(errors)
+    spills = [f"{r['dtype']} {r['kernel']}: {r['spill_stores']}/{r['spill_loads']} bytes spilled, "
+              f"{r['registers']} registers" for r in records if r["spill_stores"] or r["spill_loads"]]
+    assert not spills, "register spills:\n" + "\n".join(spills)
+    over = [f"{r['dtype']} {r['kernel']}: {r['shared']} bytes" for r in records if r["shared"] > TARGETS[capability]]
+    assert not over, f"shared memory above sm_{capability}'s {TARGETS[capability]} bytes:\n" + "\n".join(over)
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") != "1", "AOT compilation needs TRITON_INTERPRET unset"
+    for rec in _compile_all(int(sys.argv[1])):
+        print("AOT " + json.dumps(rec), flush=True)
