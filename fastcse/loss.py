@@ -26,12 +26,16 @@ def _check_matrix(name: str, x, rank: int | tuple[int, ...]) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
 
 
-def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend):
-    """Validates the user's arguments; returns (resolved backend, number of hard negatives per anchor)."""
+def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
+                 distributed=False):
+    """Validates the user's arguments; returns (resolved backend, number of hard negatives per anchor).
+
+    ``distributed``: a rank may hold no anchors (the last batch of an epoch); raising here would
+    leave the other ranks waiting in the gather, so B = 0 is allowed and the gather checks ranks."""
     _check_matrix("anchor", anchor, 2)
     _check_matrix("positive", positive, 2)
     batch, dim = anchor.shape
-    if batch == 0:
+    if batch == 0 and not distributed:
         raise ValueError("anchor must hold at least one row (B >= 1), got B = 0")
     if dim == 0:
         raise ValueError("anchor must have an embedding dim >= 1, got 0")
@@ -134,7 +138,8 @@ def info_nce(
     Returns:
         The fp32 loss: a scalar, or [B] with reduction="none".
     """
-    backend, num_neg = check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend)
+    backend, num_neg = check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
+                                    distributed=process_group is not None)
     if process_group is not None:
         from fastcse.distributed import distributed_info_nce
 

@@ -1,0 +1,193 @@
+"""Distributed negatives: ``info_nce(..., process_group=pg)`` scores each rank's anchors against
+the candidates of every rank.
+
+Layout and convention (see DESIGN.md, "Distributed negatives"). Rank r holds B_r anchors and
+starts at global row start_r = B_0 + ... + B_{r-1}; B_t = sum of all B_r. The candidates of all
+ranks are gathered (the C++ op ``fastcse::gather_rows``, ``kernels/gather_rows.cpp``) into one
+tensor, block-major and rank-ordered: [positives of rank 0, 1, ..., negatives of rank 0, 1, ...,
+and for ``symmetric`` anchors of rank 0, 1, ...], so anchor i of rank r has its positive at
+column start_r + i and its hard negatives at B_t + (start_r + i) * k + t, exactly the columns
+of the single-process loss over the concatenated batch. Each rank computes only its own rows
+(local anchors x global candidates).
+
+- The returned loss is, on every rank, the single-process loss over the concatenated batch (an
+  all-reduce of the detached scalar; with ``reduction="none"``, the local rows' losses).
+- The graph carries the local terms only, divided by B_t for "mean". The gather's backward
+  sums every rank's gradient of each candidate back to the rank that owns it (a reduce-scatter
+  of variable sizes), so after ``loss.backward()`` each rank holds exactly its rows of the
+  single-process gradient, for anchors, positives and negatives.
+- A temperature tensor gets this rank's part of dL/dtau; the parts sum to the full gradient.
+- Under DistributedDataParallel, which AVERAGES parameter gradients over the W ranks, use
+  ``(loss * W).backward()`` (W = the group's size) to get the single-process gradient:
+  every rank holds the gradient of its own rows, so the sum (not the mean) is the total.
+
+Transport: rows are L2-normalized before they are sent (``normalize=True``), optionally cast
+to bfloat16 on the wire (``GatherGroup(pg, bf16_transport=True)``, half the bytes; gradients
+always travel in fp32). The embeddings' normalization backward runs on the owning rank.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from fastcse.ops import info_nce_op
+
+_BUILD_HINT = ("run `pip install --no-build-isolation -e .` in the fastcse checkout (needs a C++ compiler; "
+               "CUDA_HOME for the CUDA pack kernel), or point FASTCSE_EXTENSION at a library built with "
+               "CMakeLists.txt")
+_extension_loaded = False
+
+
+@dataclass(frozen=True)
+class GatherGroup:
+    """A process group plus how the candidates travel: pass as ``info_nce(..., process_group=...)``.
+
+    ``bf16_transport`` sends the (normalized) candidate rows as bfloat16, halving the bytes of
+    the forward exchange; the loss and gradients still compute in fp32 (expect ~3 significant
+    digits on the scores). ``group=None`` means the default (WORLD) group.
+    """
+
+    group: object = None
+    bf16_transport: bool = False
+
+
+def _load_extension() -> None:
+    """Loads the ops of ``fastcse._C`` (or of FASTCSE_EXTENSION) and registers their autograd once."""
+    global _extension_loaded
+    if _extension_loaded:
+        return
+    library = os.environ.get("FASTCSE_EXTENSION")
+    try:
+        if library:
+            torch.ops.load_library(library)
+        else:
+            importlib.import_module("fastcse._C")
+    except (ImportError, OSError) as error:
+        where = f"FASTCSE_EXTENSION={library!r} could not be loaded" if library else \
+            "the C++ extension fastcse._C is not built"
+        raise RuntimeError(f"fastcse distributed negatives need fastcse::gather_rows, but {where}: "
+                           f"{_BUILD_HINT}. ({error})") from error
+    torch.library.register_autograd("fastcse::gather_rows", _gather_rows_backward,
+                                    setup_context=_gather_rows_setup_context)
+    _extension_loaded = True
+
+
+def _gather_rows_setup_context(ctx, inputs, output):
+    parts, group, normalize, _bf16_transport, _options = inputs
+    _, counts = output
+    ctx.save_for_backward(*parts, counts)
+    ctx.group = group
+    ctx.normalize = normalize
+
+
+def _gather_rows_backward(ctx, grad_gathered, _grad_counts):
+    *parts, counts = ctx.saved_tensors
+    grads = torch.ops.fastcse.gather_rows_backward(grad_gathered.contiguous(), parts, counts, ctx.group,
+                                                   ctx.normalize)
+    return list(grads), None, None, None, None
+
+
+def resolve_group(process_group) -> tuple[dist.ProcessGroup, bool]:
+    """(c10d process group, bf16 transport) from a ProcessGroup or a :class:`GatherGroup`."""
+    bf16_transport = False
+    if isinstance(process_group, GatherGroup):
+        bf16_transport = bool(process_group.bf16_transport)
+        process_group = process_group.group
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("process_group was given but torch.distributed is not initialized: call "
+                           "torch.distributed.init_process_group first (torchrun sets up the environment)")
+    if process_group is None:
+        process_group = dist.group.WORLD
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError("process_group must be a torch.distributed.ProcessGroup this rank belongs to (e.g. "
+                        f"dist.group.WORLD or dist.new_group(...)) or a fastcse GatherGroup, got {process_group!r}")
+    return process_group, bf16_transport
+
+
+def gather_rows(parts: list[torch.Tensor], process_group, *, normalize: bool = True, bf16_transport: bool = False,
+                options: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' row blocks, gathered with autograd: returns (gathered, counts).
+
+    ``parts`` are this rank's [n_p, d] blocks (every rank passes the same number of blocks, with
+    any row counts). ``gathered`` is [sum of all n, d] in the parts' dtype: block 0 of every rank
+    in rank order, then block 1, ...; rows L2-normalized when ``normalize``. ``counts`` is the
+    int64 [world, blocks] table of row counts. Backward sums each row's gradient over all ranks
+    into its owner (and applies the normalization backward there). Ranks that disagree on the
+    dim, dtype, device, number of blocks, flags or ``options`` all raise the same RuntimeError.
+    """
+    _load_extension()
+    return torch.ops.fastcse.gather_rows(list(parts), process_group.boxed(), bool(normalize), bool(bf16_transport),
+                                         options)
+
+
+def _normalized(x: torch.Tensor) -> torch.Tensor:
+    # As the pack kernel does for the sent rows: normalize in fp32 (fp64 for fp64), keep the dtype.
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return F.normalize(x.to(compute), dim=1, eps=1e-12).to(x.dtype)
+
+
+def distributed_info_nce(anchor, positive, negative, *, num_neg, temperature, normalize, symmetric,
+                         hard_negative_weight, reduction, backend, process_group):
+    """``info_nce`` over the concatenated batch of all ranks (inputs already checked by ``loss.py``)."""
+    group, bf16_transport = resolve_group(process_group)
+    batch, dim = anchor.shape
+    if not isinstance(temperature, torch.Tensor):
+        # fp64 so that the value the kernels read back is exactly the user's float (as in loss.py).
+        temperature = torch.tensor(float(temperature), dtype=torch.float64, device=anchor.device)
+    temperature = temperature.reshape(())
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (anchor, positive, negative, temperature))
+
+    parts = [positive]
+    if num_neg:
+        parts.append(negative.reshape(batch * num_neg, dim))
+    if symmetric:
+        parts.append(anchor)
+    # Checked across ranks by the gather's header exchange: a mismatch raises on every rank.
+    options = (f"k={num_neg} symmetric={int(bool(symmetric))} weight={float(hard_negative_weight)!r} "
+               f"tau={float(temperature.detach())!r} reduction={reduction}")
+    gathered, counts = gather_rows(parts, group, normalize=normalize, bf16_transport=bf16_transport, options=options)
+    sizes = counts[:, 0].tolist()
+    rank = group.rank()
+    start, total = sum(sizes[:rank]), sum(sizes)
+    candidates = gathered[: total * (1 + num_neg)]
+
+    op_reduction = "none" if reduction == "none" else "sum"
+    grad_in_forward = op_reduction == "sum" and needs_grad
+    if batch == 0:
+        # A rank with no rows (the end of an epoch) still takes part in both collectives: its loss
+        # depends on the gathered rows, with zero weight, so its backward runs the gather's backward.
+        zero = (gathered.sum() * 0.0 + anchor.sum() * 0.0 + temperature * 0.0).float()
+        return zero.expand(0) if reduction == "none" else _global(zero, reduction, total, group)
+    if symmetric:
+        anchors_all = gathered[total * (1 + num_neg):]
+        queries = anchors_all[start:start + batch]
+    else:
+        queries = _normalized(anchor) if normalize else anchor.contiguous()
+    # The rows are normalized already (pack kernel / _normalized): the op runs with normalize=False.
+    local, *_ = info_nce_op(queries, candidates, temperature, start, total + start * num_neg, num_neg, False, False,
+                            float(hard_negative_weight), op_reduction, grad_in_forward, backend)
+    if symmetric:
+        # Reverse direction: this rank's positives as queries against every rank's anchors, no bias.
+        positives_local = gathered[start:start + batch]
+        reverse, *_ = info_nce_op(positives_local, anchors_all, temperature, start, total, 0, False, False, 0.0,
+                                  op_reduction, grad_in_forward, backend)
+        local = (local + reverse) / 2
+    if reduction == "none":
+        return local
+    return _global(local, reduction, total, group)
+
+
+def _global(local, reduction, total, group):
+    """Value: the loss over all ranks; gradient: this rank's terms only (local - local.detach() is exactly 0)."""
+    if reduction == "mean":
+        local = local / total
+    global_value = local.detach().clone()
+    dist.all_reduce(global_value, group=group)
+    return global_value + (local - local.detach())

@@ -1,0 +1,307 @@
+"""info_nce(process_group=...) on 2 and 3 gloo processes against the single-process reference.
+
+Every rank draws the same global batch (one seed per case), keeps its rows, and checks the loss
+and its rows' gradients against ``info_nce_reference`` (fp64) on the concatenated batch; the
+temperature's per-rank gradients are summed first. The processes are spawned once per world size
+and run every case; the parent asserts on the collected failures.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import os
+import queue
+import socket
+import subprocess
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastcse
+from fastcse.distributed import GatherGroup, distributed_info_nce, gather_rows
+
+SPAWN_TIMEOUT_S = 150
+MISMATCH_BOUND_S = 20.0
+
+
+def _cases(world):
+    sizes_options = {2: ([4, 4], [3, 6]), 3: ([3, 3, 3], [2, 5, 1])}[world]
+    negatives = [(0, 0.0), (1, 0.0), (2, 0.7)]
+    cases = []
+    for sizes, (k, weight), symmetric, bf16 in itertools.product(sizes_options, negatives, (False, True),
+                                                                 (False, True)):
+        cases.append(dict(sizes=sizes, k=k, weight=weight, symmetric=symmetric, bf16=bf16, reduction="mean",
+                          tau_grad=True, normalize=True, dtype=torch.float32))
+    unequal = sizes_options[1]
+    cases += [
+        dict(sizes=unequal, k=2, weight=0.3, symmetric=True, bf16=False, reduction="none", tau_grad=True,
+             normalize=True, dtype=torch.float32),
+        dict(sizes=unequal, k=1, weight=0.0, symmetric=False, bf16=False, reduction="sum", tau_grad=False,
+             normalize=False, dtype=torch.float32),
+        dict(sizes=unequal, k=1, weight=-0.4, symmetric=False, bf16=False, reduction="none", tau_grad=True,
+             normalize=True, dtype=torch.float32),
+        dict(sizes=unequal, k=2, weight=0.5, symmetric=True, bf16=False, reduction="mean", tau_grad=True,
+             normalize=True, dtype=torch.bfloat16),
+        dict(sizes=unequal, k=0, weight=0.0, symmetric=True, bf16=True, reduction="none", tau_grad=False,
+             normalize=True, dtype=torch.float32),
+    ]
+    # The Triton backend (interpreted on CPU here) behind the same gather.
+    cases.append(dict(sizes=unequal, k=2, weight=0.5, symmetric=True, bf16=False, reduction="mean", tau_grad=True,
+                      normalize=True, dtype=torch.float32, backend="triton"))
+    # A rank without rows (the last batch of an epoch split over more ranks than it has rows).
+    empty_rank = {2: [0, 4], 3: [3, 0, 2]}[world]
+    cases += [dict(sizes=empty_rank, k=2, weight=0.5, symmetric=symmetric, bf16=False, reduction=reduction,
+                   tau_grad=True, normalize=True, dtype=torch.float32)
+              for symmetric, reduction in ((False, "mean"), (True, "none"))]
+    return cases
+
+
+def _global_batch(case, seed, dim=16):
+    total = sum(case["sizes"])
+    gen = torch.Generator().manual_seed(seed)
+    anchor = torch.randn(total, dim, generator=gen)
+    positive = anchor + 1.5 * torch.randn(total, dim, generator=gen)
+    negative = None
+    if case["k"] == 1:
+        negative = torch.randn(total, dim, generator=gen)
+    elif case["k"] > 1:
+        negative = torch.randn(total, case["k"], dim, generator=gen)
+    row_weights = torch.rand(total, generator=gen) + 0.5  # upstream gradient for reduction="none"
+    return anchor, positive, negative, row_weights
+
+
+def _check_case(case, seed, group):
+    rank = group.rank()
+    sizes = case["sizes"]
+    start, batch = sum(sizes[:rank]), sizes[rank]
+    anchor, positive, negative, row_weights = _global_batch(case, seed)
+    tau_value = 0.1
+    options = dict(normalize=case["normalize"], symmetric=case["symmetric"], hard_negative_weight=case["weight"],
+                   reduction=case["reduction"])
+    backend = case.get("backend", "cpu")
+
+    def local(x):
+        return x[start:start + batch].to(case["dtype"]).requires_grad_()
+
+    mine = [local(anchor), local(positive)] + ([local(negative)] if negative is not None else [])
+    tau = torch.tensor(tau_value, requires_grad=True) if case["tau_grad"] else tau_value
+    process_group = GatherGroup(group, bf16_transport=True) if case["bf16"] else group
+    if batch > 0:
+        loss = fastcse.info_nce(*mine, temperature=tau, process_group=process_group, backend=backend, **options)
+    else:  # loss.py's checks want B >= 1; the distributed core takes a rank without rows
+        negative_local = mine[2] if negative is not None else None
+        loss = distributed_info_nce(mine[0], mine[1], negative_local, num_neg=case["k"], temperature=tau,
+                                    backend=backend, process_group=process_group, **options)
+
+    full = [t.double().requires_grad_() for t in (anchor, positive) + ((negative,) if negative is not None else ())]
+    ref_tau = torch.tensor(tau_value, dtype=torch.float64, requires_grad=True) if case["tau_grad"] else tau_value
+    ref = fastcse.info_nce_reference(*full, temperature=ref_tau, **options)
+    if case["reduction"] == "none":
+        # Each rank back-propagates its rows' weighted losses; together they are the global sum.
+        (loss * row_weights[start:start + batch]).sum().backward()
+        (ref * row_weights).sum().backward()
+        ref = ref[start:start + batch]
+    else:
+        loss.backward()
+        ref.backward()
+
+    loose = case["bf16"] or case["dtype"] == torch.bfloat16
+    tol = dict(rtol=3e-2, atol=3e-2) if loose else dict(rtol=1e-4, atol=1e-5)
+    grad_tol = dict(rtol=5e-2, atol=2e-2) if loose else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss.double(), ref.detach(), **tol, msg=lambda m: f"loss: {m}")
+    for name, mine_t, ref_t in zip(("anchor", "positive", "negative"), mine, full):
+        assert mine_t.grad is not None, f"{name} got no gradient"
+        assert mine_t.grad.dtype == mine_t.dtype, f"{name}.grad is {mine_t.grad.dtype}, input {mine_t.dtype}"
+        scale = ref_t.grad.abs().max().item()  # compare gradients relative to their size
+        torch.testing.assert_close(mine_t.grad.double() / scale, ref_t.grad[start:start + batch] / scale,
+                                   **grad_tol, msg=lambda m, n=name: f"grad {n}: {m}")
+    if case["tau_grad"]:
+        tau_grad = tau.grad.detach().clone()
+        dist.all_reduce(tau_grad, group=group)  # every rank holds its own part of dL/dtau
+        torch.testing.assert_close(tau_grad.double(), ref_tau.grad, **grad_tol, msg=lambda m: f"grad tau: {m}")
+
+
+def _check_gather_rows(group):
+    """The raw op: variable sizes (one rank holds no rows), block-major layout, bf16 on the wire, backward sum."""
+    rank, world = group.rank(), group.size()
+    sizes, dim = [r * 2 for r in range(world)], 5  # rank 0 sends nothing
+    gen = torch.Generator().manual_seed(7)
+    first = [torch.randn(n, dim, generator=gen) for n in sizes]
+    second = [torch.randn(n + 1, dim, generator=gen) for n in sizes]
+    expected = torch.nn.functional.normalize(torch.cat(first + second), dim=1)
+    for bf16 in (False, True):
+        mine = [first[rank].clone().requires_grad_(), second[rank].clone().requires_grad_()]
+        gathered, counts = gather_rows(mine, group, normalize=True, bf16_transport=bf16)
+        assert counts.tolist() == [[n, n + 1] for n in sizes], counts
+        want = expected.to(torch.bfloat16).float() if bf16 else expected
+        torch.testing.assert_close(gathered, want, rtol=0, atol=1e-7, msg=lambda m: f"gathered bf16={bf16}: {m}")
+        # d/dx of sum_ranks <gathered, W> with W the same on every rank = world * W's rows, normalized back.
+        weights = torch.randn(gathered.shape, generator=torch.Generator().manual_seed(8))
+        (gathered * weights).sum().backward()
+        full = [t.clone().requires_grad_() for t in (torch.cat(first), torch.cat(second))]
+        (torch.nn.functional.normalize(torch.cat(full), dim=1) * weights * world).sum().backward()
+        own_first = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+        own_second = slice(sum(sizes[:rank]) + rank, sum(sizes[:rank + 1]) + rank + 1)
+        torch.testing.assert_close(mine[0].grad, full[0].grad[own_first], msg=lambda m: f"grad block 0: {m}")
+        torch.testing.assert_close(mine[1].grad, full[1].grad[own_second], msg=lambda m: f"grad block 1: {m}")
+
+
+def _expect_mismatch(group, rank, what, anchor, positive, negative=None):
+    """Every rank must raise a RuntimeError naming `what`, quickly; then the group must still work."""
+    began = time.monotonic()
+    try:
+        fastcse.info_nce(anchor, positive, negative, process_group=group)
+    except RuntimeError as error:
+        elapsed = time.monotonic() - began
+        assert what in str(error), f"error does not name the {what}: {error}"
+        assert elapsed < MISMATCH_BOUND_S, f"mismatch took {elapsed:.1f}s to detect"
+        return str(error)
+    raise AssertionError(f"rank {rank}: no error although ranks disagree on the {what}")
+
+
+def _mismatch_cases(group):
+    rank = group.rank()
+    dim = 8 if rank == 0 else 6
+    _expect_mismatch(group, rank, "embedding dim", torch.randn(3, dim), torch.randn(3, dim))
+    dtype = torch.float32 if rank == 0 else torch.float64
+    _expect_mismatch(group, rank, "dtype", torch.randn(3, 8, dtype=dtype), torch.randn(3, 8, dtype=dtype))
+    k = 1 if rank == 0 else 2
+    message = _expect_mismatch(group, rank, "loss options", torch.randn(2, 8), torch.randn(2, 8),
+                               torch.randn(2, k, 8))
+    assert "k=1" in message and "k=2" in message, message
+    # A rank whose own arguments are invalid: every rank raises (none waits for it in a collective).
+    rows = torch.randn(2, 3, 8) if rank == group.size() - 1 else torch.randn(2, 8)
+    began = time.monotonic()
+    with_error = None
+    try:
+        gather_rows([rows], group)
+    except RuntimeError as error:
+        with_error = str(error)
+    assert with_error is not None and f"rank {group.size() - 1} cannot take part" in with_error \
+        and "2-D" in with_error, with_error
+    assert time.monotonic() - began < MISMATCH_BOUND_S
+    # No collective is left half-done: the group still computes a correct loss.
+    _check_case(dict(sizes=[2] * group.size(), k=1, weight=0.0, symmetric=False, bf16=False, reduction="mean",
+                     tau_grad=False, normalize=True, dtype=torch.float32), seed=99, group=group)
+
+
+def _worker(rank, world, port, results):
+    failures = []
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        group = dist.group.WORLD
+        for index, case in enumerate(_cases(world)):
+            torch.manual_seed(0)
+            try:
+                _check_case(case, seed=1000 * world + index, group=group)
+            except AssertionError as error:
+                failures.append(f"rank {rank} case {case}: {error}")
+        try:
+            _check_gather_rows(group)
+        except AssertionError as error:
+            failures.append(f"rank {rank} gather_rows: {error}")
+        try:
+            _mismatch_cases(group)
+        except AssertionError as error:
+            failures.append(f"rank {rank} mismatch: {error}")
+        dist.destroy_process_group()
+    except Exception:  # a crash is a failure to report, not a hang of the parent
+        failures.append(f"rank {rank} crashed:\n{traceback.format_exc()}")
+    results.put((rank, failures))
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_world(world):
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    env = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        procs = [ctx.Process(target=_worker, args=(rank, world, port, results)) for rank in range(world)]
+        for proc in procs:
+            proc.start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    reports = {}
+    try:
+        while len(reports) < world:
+            rank, failures = results.get(timeout=max(1.0, deadline - time.monotonic()))
+            reports[rank] = failures
+    except queue.Empty:
+        pass
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    missing = sorted(set(range(world)) - set(reports))
+    assert not missing, f"ranks {missing} did not report within {SPAWN_TIMEOUT_S}s (hang?)"
+    failures = [f for rank in sorted(reports) for f in reports[rank]]
+    assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_matches_single_process_reference(world):
+    """Loss and gradients of every input, all cases of _cases(world), then rank-mismatch errors."""
+    _run_world(world)
+
+
+def test_cases_cover_the_issue():
+    cases = _cases(2)
+    assert {c["k"] for c in cases} == {0, 1, 2} and any(c["weight"] for c in cases)
+    assert {c["symmetric"] for c in cases} == {False, True} and {c["bf16"] for c in cases} == {False, True}
+    assert any(len(set(c["sizes"])) > 1 for c in cases) and any(len(set(c["sizes"])) == 1 for c in cases)
+    assert {c["reduction"] for c in cases} == {"mean", "sum", "none"}
+    assert any(0 in c["sizes"] for c in cases) and any(c.get("backend") == "triton" for c in cases)
+
+
+def test_unbuilt_extension_says_how_to_build():
+    code = ("import sys; sys.modules['fastcse._C'] = None\n"
+            "import fastcse.distributed as d\n"
+            "try:\n    d._load_extension()\nexcept RuntimeError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "pip install --no-build-isolation -e ." in out.stdout, out.stdout + out.stderr
+
+
+def test_process_group_without_init_is_a_clear_error():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fastcse.info_nce(torch.randn(2, 4), torch.randn(2, 4), process_group=GatherGroup())
+
+
+def test_example_prints_the_single_process_loss():
+    """examples/distributed_info_nce.py under torchrun (2 gloo ranks, 16 + 15 triples a step)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "examples/distributed_info_nce.py", "--steps", "3"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    steps = [line.split() for line in out.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 3, out.stdout
+    for words in steps:
+        distributed, single = float(words[words.index("ranks)") + 1]), float(words[-1])
+        assert abs(distributed - single) < 1e-5 * abs(single), words
+    gap = float(out.stdout.rsplit("=", 1)[1])
+    assert gap < 1e-5, out.stdout
