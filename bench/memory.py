@@ -1,8 +1,10 @@
-"""Honest peak memory: run one workload in a fresh Python process and read its max RSS.
+"""Honest peak memory: run one workload in a fresh Python process and read its peak RSS.
 
-The child warms up at a tiny size, builds its inputs, records ru_maxrss, runs the workload once, and reports the
-growth of ru_maxrss: the extra peak memory the workload itself needed, including every
-temporary the allocator handed back before the end.
+The child warms up at a tiny size, builds its inputs, resets the kernel's resident-set
+high-water mark (``/proc/self/clear_refs``), runs the workload once and reports the growth of
+the high-water mark (``VmHWM``): the extra peak memory the workload itself needed, including
+every temporary the allocator handed back before the end. (Not ``ru_maxrss``: Linux keeps it
+across fork and exec, so a child would inherit a large parent's peak.)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from pathlib import Path
 
 _CHILD = r"""
-import json, resource, sys
+import json, sys
 import torch
 sys.path.insert(0, {bench_dir!r})
 import {module} as m
@@ -25,10 +27,22 @@ tiny_setup, tiny_run = m.{factory}(**dict(kwargs, batch=8))
 tiny_run(tiny_setup())
 setup, run = m.{factory}(**kwargs)
 state = setup()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def hwm_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+def rss_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the high-water mark to the current RSS
+before = rss_kib()
 run(state)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"extra_peak_mib": (after - before) / 1024}}))
+print(json.dumps({{"extra_peak_mib": (hwm_kib() - before) / 1024}}))
 """
 
 

@@ -15,7 +15,7 @@ PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 $PIP install --upgrade "pip>=23" setuptools wheel
 $PIP install "torch==2.13.0"
 $PIP install "triton==3.9.0" numpy scipy tqdm "transformers>=4.40" datasets \
-    "sentence-transformers>=3.0" matplotlib pytest pytest-benchmark hypothesis ninja
+    "sentence-transformers>=6.0" "accelerate>=1.1" matplotlib pytest pytest-benchmark hypothesis ninja
 # ninja (from PyPI, into the venv) makes the extension build parallel; torch looks for it on PATH.
 PATH="$(cd "$VENV/bin" && pwd):$PATH" $PIP install --no-build-isolation -e ".[test,sentence-transformers]"
 "$VENV/bin/python" -c "import fastcse, torch; print('fastcse', fastcse.__version__, 'torch', torch.__version__)"

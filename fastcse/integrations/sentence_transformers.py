@@ -1,0 +1,195 @@
+"""fastcse's fused InfoNCE as a sentence-transformers loss.
+
+``InfoNCELoss`` is a drop-in for ``MultipleNegativesRankingLoss`` (MNRL): it takes the same
+dataset columns ``(anchor, positive, negative_1, ..., negative_k)``, embeds them exactly as MNRL
+does (so even dropout draws the same masks), and gives the same loss value and gradients, with
+the logits never materialized. Correspondences with sentence-transformers 6.2:
+
+- ``scale = 1 / temperature`` (MNRL's ``scale=20`` is ``temperature=0.05``); cosine similarity.
+- ``symmetric=True`` is ``MultipleNegativesSymmetricRankingLoss``, i.e. MNRL with
+  ``directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"``: the reverse
+  direction scores each positive against the anchors only, the forward one includes negatives.
+- ``mini_batch_size=m`` is ``CachedMultipleNegativesRankingLoss(mini_batch_size=m)``: GradCache,
+  with sentence-transformers' own machinery for the two embedding passes (mini-batch slicing,
+  RNG replay so dropout repeats, the backward hook, DDP synchronization), but the loss itself
+  computed once over the whole batch with the fused kernel instead of once per mini-batch.
+- MNRL stacks the negative columns column by column (all first negatives, then all second
+  negatives); fastcse's layout is negative[i, t] at column B + i*k + t. The candidate order
+  does not change a softmax loss, so both give the same value and gradients.
+- ``hard_negative_weight`` is SimCSE's constant added to the logits of each anchor with its own
+  hard negatives. It has no MNRL counterpart (MNRL's ``hardness_mode="hard_negatives"`` adds
+  ``strength * stop_grad(cos)`` instead); 0.0 (the default) is plain MNRL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fastcse.loss import info_nce
+
+_INSTALL = "pip install 'fastcse[sentence-transformers]'"
+_MIN_VERSION = "6.0"  # the first release with base.losses.CachedLossMixin and embed_columns; tested on 6.2
+
+try:
+    import sentence_transformers
+except ImportError as exc:
+    if exc.name != "sentence_transformers":
+        raise  # installed but broken (one of its own imports failed): that error says more
+    raise ImportError(
+        f"fastcse.integrations.sentence_transformers needs the sentence-transformers package, which is not "
+        f"installed. Install it with: {_INSTALL}") from exc
+
+try:
+    # CachedLossMixin (the shared GradCache engine) and embed_columns (MNRL's merged column forward)
+    # are what make this loss replay and embed exactly like sentence-transformers' own losses.
+    from sentence_transformers.base.losses import CachedLossMixin
+    from sentence_transformers.base.losses.gradcache import has_static_embedding_input
+    from sentence_transformers.base.losses.merged_forward import embed_columns
+except ImportError as exc:
+    raise ImportError(
+        f"fastcse.integrations.sentence_transformers needs sentence-transformers >= {_MIN_VERSION}, found "
+        f"{getattr(sentence_transformers, '__version__', 'an unknown version')}. Upgrade with: "
+        f"pip install -U 'sentence-transformers>={_MIN_VERSION}'") from exc
+
+__all__ = ["InfoNCELoss"]
+
+
+def _positive_finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    return float(value)
+
+
+class InfoNCELoss(CachedLossMixin, nn.Module):
+    """MultipleNegativesRankingLoss (and its symmetric and cached variants) on fastcse's fused kernel.
+
+    Args:
+        model: the ``SentenceTransformer`` to train.
+        temperature: softmax temperature; give this or ``scale`` (= 1 / temperature), not both.
+            Default 0.05 (MNRL's ``scale=20``).
+        scale: sentence-transformers' name for 1 / temperature.
+        symmetric: add the positive -> anchor direction and average the two (MNSRL).
+        hard_negative_weight: SimCSE's constant added to each anchor's logits with its own hard
+            negatives (the dataset's third and later columns). 0.0 is MNRL.
+        mini_batch_size: None for the plain loss; an int for the gradient-cached loss, whose
+            activation memory is bounded by mini-batches of this many rows per column
+            (CachedMNRL's ``mini_batch_size``).
+        gather_across_devices: under ``torch.distributed``, score the local anchors against the
+            candidates of every rank (``fastcse.info_nce(process_group=...)``); as in MNRL this
+            is a no-op when torch.distributed is not initialized. The gradients are MNRL's; the
+            returned value is the global-batch loss on every rank (MNRL returns each rank's
+            local mean).
+
+    Inputs: ``(anchor, positive)`` pairs or ``(anchor, positive, negative_1, ..., negative_k)``
+    tuples, any column names, no labels.
+    """
+
+    def __init__(
+        self,
+        model,
+        temperature: float | None = None,
+        scale: float | None = None,
+        symmetric: bool = False,
+        hard_negative_weight: float = 0.0,
+        mini_batch_size: int | None = None,
+        gather_across_devices: bool = False,
+    ) -> None:
+        super().__init__()
+        if temperature is not None and scale is not None:
+            raise ValueError(f"give temperature or scale (= 1 / temperature), not both; got "
+                             f"temperature={temperature!r} and scale={scale!r}")
+        if scale is not None:
+            temperature = 1.0 / _positive_finite("scale", scale)
+        self.temperature = 0.05 if temperature is None else _positive_finite("temperature", temperature)
+        if not isinstance(symmetric, bool):
+            raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+        if isinstance(hard_negative_weight, bool) or not isinstance(hard_negative_weight, (int, float)) \
+                or not math.isfinite(hard_negative_weight):
+            raise ValueError(f"hard_negative_weight must be a finite float, got {hard_negative_weight!r}")
+        if mini_batch_size is not None and (isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int)
+                                            or mini_batch_size < 1):
+            raise ValueError(f"mini_batch_size must be None (no gradient caching) or a positive int, "
+                             f"got {mini_batch_size!r}")
+        if not isinstance(gather_across_devices, bool):
+            raise TypeError(f"gather_across_devices must be a bool, got {gather_across_devices!r}")
+        if mini_batch_size is not None and has_static_embedding_input(model):
+            raise ValueError("mini_batch_size needs a model whose inputs split along the batch dimension; a "
+                             "StaticEmbedding model's do not: use mini_batch_size=None")
+        self.model = model
+        self.symmetric = symmetric
+        self.hard_negative_weight = float(hard_negative_weight)
+        self.mini_batch_size = mini_batch_size
+        self.gather_across_devices = gather_across_devices
+        # Read by MatryoshkaLoss and AdaptiveLayerLoss: True makes them wrap calculate_loss
+        # instead of patching the model's forward, which the backward-time replay would miss.
+        self.uses_gradient_cache = mini_batch_size is not None
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / self.temperature
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        sentence_features = list(sentence_features)
+        if len(sentence_features) < 2:
+            raise ValueError(f"InfoNCELoss needs (anchor, positive[, negative_1, ...]) columns, got "
+                             f"{len(sentence_features)} column(s)")
+        if self.mini_batch_size is None:
+            return self.calculate_loss([[column] for column in embed_columns(self.model, sentence_features)])
+        return self.forward_cached(sentence_features, labels)
+
+    def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
+                       with_backward: bool = False) -> Tensor:
+        """The loss over the whole batch from per-column lists of mini-batch embeddings.
+
+        With ``with_backward`` (GradCache step 2) the loss is back-propagated to the embeddings,
+        whose ``.grad`` become the cache, and returned detached.
+        """
+        anchor, positive, *negatives = [torch.cat(column) if len(column) > 1 else column[0] for column in reps]
+        if self.hard_negative_weight != 0.0 and not negatives:
+            raise ValueError(f"hard_negative_weight={self.hard_negative_weight} applies to hard negatives, but the "
+                             "batch has only (anchor, positive) columns: add negative columns or set it to 0.0")
+        # [B, k, d]: negative[i, t] is row i of negative column t, anchor i's own t-th hard negative
+        negative = torch.stack(negatives, dim=1) if negatives else None
+        group, world_size = self._process_group()
+        loss = info_nce(anchor, positive, negative, temperature=self.temperature, symmetric=self.symmetric,
+                        hard_negative_weight=self.hard_negative_weight, process_group=group)
+        if world_size > 1:
+            # fastcse's distributed loss hands each rank the gradient of the global mean; the
+            # Trainer's DDP then averages gradients over ranks. Scale the gradient (not the
+            # reported value) by the world size so the update is the global-batch gradient, as
+            # with MNRL's gathered loss.
+            loss = loss + (world_size - 1) * (loss - loss.detach())
+        if with_backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss
+
+    def _process_group(self):
+        if self.gather_across_devices and torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.group.WORLD, torch.distributed.get_world_size()
+        return None, 1
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {
+            "temperature": self.temperature,
+            "symmetric": self.symmetric,
+            "hard_negative_weight": self.hard_negative_weight,
+            "mini_batch_size": self.mini_batch_size,
+            "gather_across_devices": self.gather_across_devices,
+        }
+
+    @property
+    def citation(self) -> str:
+        return """
+@inproceedings{gao2021simcse,
+    title={{SimCSE}: Simple Contrastive Learning of Sentence Embeddings},
+    author={Gao, Tianyu and Yao, Xingcheng and Chen, Danqi},
+    booktitle={Empirical Methods in Natural Language Processing (EMNLP)},
+    year={2021}
+}
+"""

@@ -1,0 +1,368 @@
+"""fastcse.integrations.sentence_transformers.InfoNCELoss against sentence-transformers' own losses.
+
+The model is a tiny random BERT (the all-MiniLM-L6-v2 tokenizer) wrapped as Transformer +
+Pooling. Both losses embed the columns the same way, so with the same seed they draw the same
+dropout masks: the comparisons run in train mode, dropout on, and must agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("sentence_transformers")
+
+from sentence_transformers import SentenceTransformer  # noqa: E402
+from sentence_transformers.base.modules import Transformer  # noqa: E402
+from sentence_transformers.sentence_transformer.losses import (  # noqa: E402
+    CachedMultipleNegativesRankingLoss,
+    MultipleNegativesRankingLoss,
+)
+from sentence_transformers.sentence_transformer.modules import Pooling  # noqa: E402
+
+from fastcse.integrations.sentence_transformers import InfoNCELoss  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FASTCSE_SHARED", ROOT.parent / "shared"))
+TOKENIZER = SHARED / "models" / "all-MiniLM-L6-v2"
+NLI = SHARED / "data" / "nli" / "snli-dev-triples.csv"
+BATCH = 6
+SYMMETRIC = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny model's ops are far too small to split over threads, and on a loaded machine two
+    OpenMP threads wait on each other at every op (10x slower here); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> SentenceTransformer:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    transformer = Transformer(str(path), max_seq_length=32)
+    return SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
+                               device="cpu")
+
+
+def nli_rows(count: int) -> list[dict[str, str]]:
+    with open(NLI, newline="") as f:
+        return [row for _, row in zip(range(count), csv.DictReader(f))]
+
+
+def columns(num_neg: int) -> list[list[str]]:
+    """(anchor, positive, negative_1..negative_k) of BATCH NLI triples; negative t is the
+    contradiction of row i + t, so the columns differ."""
+    rows = nli_rows(BATCH + num_neg)
+    cols = [[r["sent0"] for r in rows[:BATCH]], [r["sent1"] for r in rows[:BATCH]]]
+    cols += [[rows[i + t]["hard_neg"] for i in range(BATCH)] for t in range(num_neg)]
+    return cols
+
+
+def loss_and_grads(make_loss, model, texts, *, train=True, seed=1):
+    """Runs one loss on a fresh copy of the model: (loss, {param name: grad})."""
+    model = copy.deepcopy(model)
+    model.train(train)
+    features = [model.preprocess(column) for column in texts]
+    torch.manual_seed(seed)
+    loss = make_loss(model)(features, None)
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def assert_same(expected, actual):
+    (loss_e, grads_e), (loss_a, grads_a) = expected, actual
+    torch.testing.assert_close(loss_a, loss_e, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_e.keys()
+    assert len(grads_e) > 30  # every BERT weight got a gradient
+    largest = max(grad.norm() for grad in grads_e.values())
+    for name, grad in grads_e.items():
+        # Relative to the whole tensor: summed gradients (e.g. token-type embeddings, one row
+        # summed over every token) carry absolute rounding far above their smallest entries. The
+        # floor is for gradients that are zero up to rounding (attention key biases: softmax
+        # ignores them).
+        error = ((grads_a[name] - grad).norm() / grad.norm().clamp_min(1e-3 * largest)).item()
+        assert error < 2e-5, f"{name}: relative gradient error {error:.2e}"
+
+
+@pytest.mark.parametrize("num_neg", [0, 1, 2])
+@pytest.mark.parametrize("ours, theirs", [
+    (dict(), dict()),
+    (dict(scale=10.0), dict(scale=10.0)),
+    (dict(temperature=0.1), dict(scale=10.0)),
+])
+def test_matches_mnrl(tiny_model, num_neg, ours, theirs):
+    texts = columns(num_neg)
+    expected = loss_and_grads(lambda m: MultipleNegativesRankingLoss(m, **theirs), tiny_model, texts)
+    assert_same(expected, loss_and_grads(lambda m: InfoNCELoss(m, **ours), tiny_model, texts))
+
+
+@pytest.mark.parametrize("num_neg", [0, 2])
+def test_symmetric_matches_mnrl_both_directions(tiny_model, num_neg):
+    texts = columns(num_neg)
+    expected = loss_and_grads(lambda m: MultipleNegativesRankingLoss(m, **SYMMETRIC), tiny_model, texts)
+    assert_same(expected, loss_and_grads(lambda m: InfoNCELoss(m, symmetric=True), tiny_model, texts))
+
+
+@pytest.mark.parametrize("num_neg, symmetric, mini_batch_size", [(0, False, 4), (2, False, 4), (1, True, 2),
+                                                                 (2, False, 64)])
+def test_cached_matches_cached_mnrl(tiny_model, num_neg, symmetric, mini_batch_size):
+    """Same mini-batches, same RNG replay: the gradients of CachedMNRL, dropout on."""
+    texts = columns(num_neg)
+    extra = SYMMETRIC if symmetric else {}
+    expected = loss_and_grads(
+        lambda m: CachedMultipleNegativesRankingLoss(m, mini_batch_size=mini_batch_size, **extra), tiny_model, texts)
+    actual = loss_and_grads(lambda m: InfoNCELoss(m, symmetric=symmetric, mini_batch_size=mini_batch_size),
+                            tiny_model, texts)
+    assert_same(expected, actual)
+
+
+def test_cached_scales_with_upstream_gradient(tiny_model):
+    """The replay hook multiplies by the gradient flowing into the loss (gradient accumulation, AMP scaling)."""
+    texts = columns(1)
+    full = loss_and_grads(lambda m: InfoNCELoss(m, mini_batch_size=4), tiny_model, texts)
+    halved = loss_and_grads(lambda m: (lambda f, labels: InfoNCELoss(m, mini_batch_size=4)(f, labels) * 0.5),
+                            tiny_model, texts)
+    for name, grad in full[1].items():
+        torch.testing.assert_close(halved[1][name], grad * 0.5, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 4])
+def test_inside_matryoshka_loss(tiny_model, mini_batch_size):
+    """MatryoshkaLoss wraps calculate_loss for gradient-cached losses and the model's forward otherwise."""
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+
+    texts = columns(1)
+    dims = [32, 16, 8]
+    if mini_batch_size is None:
+        inner = lambda m: MultipleNegativesRankingLoss(m)  # noqa: E731
+    else:
+        inner = lambda m: CachedMultipleNegativesRankingLoss(m, mini_batch_size=mini_batch_size)  # noqa: E731
+    expected = loss_and_grads(lambda m: MatryoshkaLoss(m, inner(m), dims), tiny_model, texts)
+    actual = loss_and_grads(lambda m: MatryoshkaLoss(m, InfoNCELoss(m, mini_batch_size=mini_batch_size), dims),
+                            tiny_model, texts)
+    assert_same(expected, actual)
+
+
+def hand_written_simcse(model, hard_negative_weight):
+    """SimCSE's weighted loss written out on MNRL's candidate layout: pos, then negative column 1, 2, ...
+    (negative t of anchor i at column B + t*B + i)."""
+
+    def loss_fn(features, labels):
+        anchor, *candidate_columns = [F.normalize(model(f)["sentence_embedding"], dim=-1) for f in features]
+        candidates = torch.cat(candidate_columns)
+        logits = anchor @ candidates.T / 0.05
+        batch, num_neg = anchor.shape[0], len(candidate_columns) - 1
+        bias = torch.zeros_like(logits)
+        for t in range(num_neg):
+            bias[torch.arange(batch), batch + t * batch + torch.arange(batch)] = hard_negative_weight
+        return F.cross_entropy(logits + bias, torch.arange(batch))
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 4])
+def test_hard_negative_weight_on_own_negatives(tiny_model, mini_batch_size):
+    """The weight lands on anchor i's own negatives in every negative column (dropout off: the
+    hand-written loss embeds each column in its own forward)."""
+    texts = columns(2)
+    weight = math.log(2.0)
+    expected = loss_and_grads(lambda m: hand_written_simcse(m, weight), tiny_model, texts, train=False)
+    actual = loss_and_grads(lambda m: InfoNCELoss(m, hard_negative_weight=weight, mini_batch_size=mini_batch_size),
+                            tiny_model, texts, train=False)
+    assert_same(expected, actual)
+    unweighted = loss_and_grads(lambda m: InfoNCELoss(m), tiny_model, texts, train=False)
+    assert actual[0] > unweighted[0] + 1e-3
+
+
+def test_gather_without_distributed_is_local(tiny_model):
+    texts = columns(1)
+    expected = loss_and_grads(lambda m: InfoNCELoss(m), tiny_model, texts)
+    assert_same(expected, loss_and_grads(lambda m: InfoNCELoss(m, gather_across_devices=True), tiny_model, texts))
+
+
+def test_no_grad_returns_the_loss(tiny_model):
+    """Evaluation (the Trainer's eval loop) runs the loss under no_grad; the cached path skips the hook."""
+    texts = columns(1)
+    model = copy.deepcopy(tiny_model).eval()
+    features = [model.preprocess(column) for column in texts]
+    with torch.no_grad():
+        plain = InfoNCELoss(model)(features, None)
+        cached = InfoNCELoss(model, mini_batch_size=4)(features, None)
+        theirs = MultipleNegativesRankingLoss(model)(features, None)
+    torch.testing.assert_close(plain, theirs)
+    torch.testing.assert_close(cached, theirs)
+
+
+GATHER_WORKER = """
+import json, sys, copy
+import torch, torch.distributed as dist
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
+                                                               MultipleNegativesRankingLoss)
+from fastcse.integrations.sentence_transformers import InfoNCELoss
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+base = SentenceTransformer(sys.argv[1], device="cpu")
+texts = json.loads(sys.argv[2])
+share = len(texts[0]) // world
+local = [column[rank * share:(rank + 1) * share] for column in texts]
+SYMMETRIC = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
+
+def run(make_loss):
+    model = copy.deepcopy(base).train()
+    features = [model.preprocess(column) for column in local]
+    torch.manual_seed(10 + rank)
+    loss = make_loss(model)(features, None)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+report = {}
+for name, theirs, ours in [
+    ("plain", lambda m: MultipleNegativesRankingLoss(m, gather_across_devices=True),
+     lambda m: InfoNCELoss(m, gather_across_devices=True)),
+    ("symmetric", lambda m: MultipleNegativesRankingLoss(m, gather_across_devices=True, **SYMMETRIC),
+     lambda m: InfoNCELoss(m, symmetric=True, gather_across_devices=True)),
+    ("cached", lambda m: CachedMultipleNegativesRankingLoss(m, mini_batch_size=2, gather_across_devices=True),
+     lambda m: InfoNCELoss(m, mini_batch_size=2, gather_across_devices=True)),
+]:
+    (loss_e, grads_e), (loss_a, grads_a) = run(theirs), run(ours)
+    largest = max(g.norm() for g in grads_e.values())
+    error = max(((grads_a[k] - g).norm() / g.norm().clamp_min(1e-3 * largest)).item() for k, g in grads_e.items())
+    dist.all_reduce(loss_e)  # MNRL returns the local mean; fastcse the global one
+    report[name] = dict(error=error, keys_equal=grads_a.keys() == grads_e.keys(),
+                        theirs=loss_e.item() / world, ours=loss_a.item())
+if rank == 0:
+    print(json.dumps(report))
+dist.destroy_process_group()
+"""
+
+
+def test_gather_across_devices_matches_mnrl_on_two_ranks(tiny_model, tmp_path):
+    """Two gloo ranks, each with half the batch: the same per-rank parameter gradients as MNRL's
+    (and CachedMNRL's) gather_across_devices, and the global loss value on every rank."""
+    pytest.importorskip("fastcse.distributed")
+    model_path = tmp_path / "model"
+    tiny_model.save(str(model_path))
+    (tmp_path / "worker.py").write_text(GATHER_WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(tmp_path / "worker.py"), str(model_path), json.dumps(columns(1)[:3])],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, outcome in report.items():
+        assert outcome["keys_equal"], name
+        assert outcome["error"] < 2e-5, (name, outcome)
+        assert outcome["ours"] == pytest.approx(outcome["theirs"], rel=1e-5), (name, outcome)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=0.05, scale=20.0), "temperature or scale"),
+    (dict(temperature=0.0), "temperature must be a finite positive"),
+    (dict(scale=-1.0), "scale must be a finite positive"),
+    (dict(mini_batch_size=0), "mini_batch_size must be None"),
+    (dict(mini_batch_size=2.5), "mini_batch_size must be None"),
+    (dict(hard_negative_weight=float("nan")), "hard_negative_weight must be a finite"),
+])
+def test_bad_arguments(tiny_model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        InfoNCELoss(tiny_model, **kwargs)
+
+
+def test_bad_columns(tiny_model):
+    model = copy.deepcopy(tiny_model)
+    anchor, positive = columns(0)
+    with pytest.raises(ValueError, match="needs \\(anchor, positive"):
+        InfoNCELoss(model)([model.preprocess(anchor)], None)
+    with pytest.raises(ValueError, match="hard_negative_weight=0.5 applies to hard negatives"):
+        InfoNCELoss(model, hard_negative_weight=0.5)([model.preprocess(anchor), model.preprocess(positive)], None)
+
+
+def test_importing_fastcse_does_not_need_sentence_transformers():
+    """Simulates the package's absence: fastcse imports, the integration says how to install it;
+    and an installed version that is too old gets an upgrade hint."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["sentence_transformers"] = None  # makes `import sentence_transformers` raise ImportError
+        import fastcse, fastcse.integrations
+        assert "sentence_transformers" not in [m for m in sys.modules if sys.modules[m] is not None]
+        try:
+            import fastcse.integrations.sentence_transformers
+        except ImportError as exc:
+            print(exc)
+        else:
+            raise SystemExit("the import should have failed")
+        # An installed sentence-transformers without the GradCache engine (< 6.0).
+        del sys.modules["sentence_transformers"]
+        import sentence_transformers
+        sys.modules["sentence_transformers.base.losses"] = None
+        try:
+            import fastcse.integrations.sentence_transformers
+        except ImportError as exc:
+            print(exc)
+        else:
+            raise SystemExit("the import should have failed")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    missing, too_old = result.stdout.strip().splitlines()[-2:]
+    assert "not installed" in missing and "pip install 'fastcse[sentence-transformers]'" in missing
+    assert "needs sentence-transformers >= 6.0, found 6." in too_old and "pip install -U" in too_old
+
+
+def test_trainer_run_improves_training_loss(tiny_model, tmp_path):
+    """A short SentenceTransformerTrainer run with the cached fastcse loss on the shared NLI triples."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    rows = nli_rows(96)
+    dataset = Dataset.from_dict({key: [r[key] for r in rows] for key in ("sent0", "sent1", "hard_neg")})
+    model = copy.deepcopy(tiny_model)
+
+    def loss_on_training_set():
+        model.eval()
+        features = [model.preprocess(dataset[key]) for key in ("sent0", "sent1", "hard_neg")]
+        with torch.no_grad():
+            return InfoNCELoss(model)(features, None).item()
+
+    before = loss_on_training_set()
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=3, per_device_train_batch_size=16, learning_rate=5e-4,
+        warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[], seed=0, use_cpu=True,
+        dataloader_drop_last=True, disable_tqdm=True)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
+                                         loss=InfoNCELoss(model, mini_batch_size=8))
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    after = loss_on_training_set()
+    assert len(logged) == 18 and all(math.isfinite(v) for v in logged)
+    assert sum(logged[-6:]) / 6 < sum(logged[:6]) / 6
+    assert after < before - 0.1, (before, after)
