@@ -49,6 +49,8 @@ def test_info_nce_step(benchmark, impl, batch, dim, num_neg):
         run(state)  # warm-up: first touch of buffers, BLAS threads
     benchmark.pedantic(run, args=(state,), rounds=1 if batch >= 16384 else 3, iterations=1)
     del state
+    if benchmark.stats is None:  # --benchmark-disable: the step ran once, as a smoke test
+        return
     seconds = benchmark.stats.stats.min
     benchmark.extra_info["gflop_per_s"] = round(_flops(batch, dim, num_neg) / seconds / 1e9, 1)
     key = (batch, dim, num_neg)
