@@ -11,11 +11,11 @@ __all__ = ["InfoNCE", "info_nce", "info_nce_reference", "train", "evaluate", "al
 def __getattr__(name):
     # The trainer pulls in transformers/datasets: import it only when asked for.
     if name == "train":
-        from fastcse.train import train
+        from fastcse.trainer import train
 
         return train
     if name in ("evaluate", "alignment_uniformity"):
-        from fastcse import evaluate as _evaluate
+        import importlib
 
-        return getattr(_evaluate, name)
+        return getattr(importlib.import_module("fastcse.evaluation"), name)
     raise AttributeError(f"module 'fastcse' has no attribute {name!r}")

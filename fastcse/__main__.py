@@ -1,0 +1,196 @@
+"""Command line: ``python -m fastcse {demo,train,eval} --help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from fastcse.pooling import POOLERS
+
+# The demo: unsupervised SimCSE with the paper's settings (cls pooler with the MLP head while
+# training, [CLS] at evaluation, batch 64, lr 3e-5, temperature 0.05, max length 32) on
+# all-MiniLM-L6-v2 and the bundled unlabelled sentences. MiniLM was trained for mean pooling; its
+# [CLS] vector is a weaker sentence embedding (STS-B dev 79.7 vs 86.7 for mean pooling), and
+# SimCSE turns it into a good one within a few dozen steps: a real gain that fits in ~10 minutes
+# on 2 CPU cores. (A from-scratch BERT does not learn semantics from dropout views alone at this
+# scale: see scripts/quality_runs.py.)
+DEMO = {"batch_size": 64, "max_steps": 100, "eval_steps": 25}
+
+
+def _shared(args) -> Path:
+    from fastcse.evaluation import shared_dir
+
+    return Path(args.shared) if args.shared else shared_dir()
+
+
+def _add_common(p):
+    p.add_argument("--shared", help="the shared data/models folder (default: $FASTCSE_SHARED or ../shared "
+                                    "beside the project root)")
+    p.add_argument("--data-dir", help="folder holding SentEval/ (default: <shared>/data)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_train_options(p, demo: bool):
+    p.add_argument("--output-dir", default="runs/demo" if demo else "runs/fastcse",
+                   help="where best/, last/ and metrics.jsonl go (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=DEMO["max_steps"] if demo else None,
+                   help="optimizer steps (overrides --epochs)" + (" (default: %(default)s)" if demo else ""))
+    p.add_argument("--eval-steps", type=int, default=DEMO["eval_steps"] if demo else 125,
+                   help="evaluate on STS-B dev every N steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=DEMO["batch_size"] if demo else 64,
+                   help="contrastive batch: the in-batch negatives (default: %(default)s)")
+    p.add_argument("--mini-batch-size", type=int, default=None,
+                   help="encode the batch in chunks of this size with gradient caching (same gradients, less memory)")
+    p.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
+    p.add_argument("--resume-from", help="a run's output dir or its last/ checkpoint, to continue it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fastcse",
+                                     description="SimCSE training and STS evaluation with fastcse's fused loss.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the 10-minute demo: unsupervised SimCSE on all-MiniLM-L6-v2",
+                          description="Unsupervised SimCSE (the paper's settings: cls pooler, batch 64, lr 3e-5) "
+                                      "on <shared>/data/unsup/mixed-104k.txt from all-MiniLM-L6-v2, STS-B dev "
+                                      "([CLS]) before and after, the best model saved. About 10 minutes on 2 CPU "
+                                      "cores.")
+    _add_common(demo)
+    _add_train_options(demo, demo=True)
+
+    tr = sub.add_parser("train", help="train a sentence encoder with SimCSE",
+                        description="Unsupervised (one sentence a line) or supervised (sent0,sent1,hard_neg CSV) "
+                                    "SimCSE; evaluates on STS-B dev and keeps the best checkpoint.")
+    tr.add_argument("--model", required=True, help="model folder or Hub id (AutoModel); with --from-scratch, "
+                                                    "the tokenizer to build a fresh BERT around")
+    tr.add_argument("--data", required=True, help="unsup: text file, one sentence a line; sup: CSV sent0,sent1[,hard_neg]")
+    tr.add_argument("--mode", choices=("unsup", "sup"), default="unsup", help="(default: %(default)s)")
+    tr.add_argument("--from-scratch", action="store_true", help="train a randomly initialized BERT with --model's tokenizer")
+    tr.add_argument("--scratch-hidden-size", type=int, default=256, help="(default: %(default)s)")
+    tr.add_argument("--scratch-layers", type=int, default=4, help="(default: %(default)s)")
+    tr.add_argument("--pooler", choices=POOLERS, default="cls", help="(default: %(default)s)")
+    tr.add_argument("--mlp-only-train", choices=("auto", "yes", "no"), default="auto",
+                    help="pooler cls: MLP head at training only (auto: yes for unsup, no for sup)")
+    tr.add_argument("--temperature", type=float, default=0.05, help="(default: %(default)s)")
+    tr.add_argument("--hard-negative-weight", type=float, default=0.0, help="(default: %(default)s)")
+    tr.add_argument("--learning-rate", type=float, default=None, help="(default: 3e-5 unsup, 5e-5 sup)")
+    tr.add_argument("--epochs", type=int, default=None, help="(default: 1 unsup, 3 sup)")
+    tr.add_argument("--max-seq-length", type=int, default=32, help="(default: %(default)s)")
+    tr.add_argument("--eval-data", default="STSBenchmark-dev",
+                    help="task name or .tsv/.csv pair file for checkpoint selection, or 'none' (default: %(default)s)")
+    tr.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="(default: %(default)s)")
+    tr.add_argument("--device", default=None, help="torch device (default: where the model loads, CPU)")
+    _add_common(tr)
+    _add_train_options(tr, demo=False)
+
+    ev = sub.add_parser("eval", help="STS evaluation: Spearman x 100 of cosine similarity",
+                        description="Scores a model on STS12-16 (all setting), STS-B test and SICK-R test (or the "
+                                    "tasks / pair files given), as SimCSE reports them.")
+    ev.add_argument("--model", required=True, help="model folder or Hub id")
+    ev.add_argument("--tasks", nargs="+", default=None,
+                    help="SentEval task names (STS12..STS16 STSBenchmark SICKRelatedness, STSBenchmark-dev, "
+                         "SICKRelatedness-dev) or .tsv/.csv files with sentence1,sentence2,score (default: the 7 tasks)")
+    ev.add_argument("--pooler", choices=("auto",) + POOLERS, default="auto",
+                    help="auto: what the saved model declares, else cls (default: %(default)s)")
+    ev.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
+    ev.add_argument("--alignment-uniformity", action="store_true", help="also Wang & Isola's metrics on STS-B test")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    _add_common(ev)
+    return parser
+
+
+def _data_dir(args) -> Path:
+    return Path(args.data_dir) if args.data_dir else _shared(args) / "data"
+
+
+def _train_kwargs(args) -> dict:
+    return dict(batch_size=args.batch_size, mini_batch_size=args.mini_batch_size, max_steps=args.max_steps,
+                eval_steps=args.eval_steps, output_dir=args.output_dir, seed=args.seed,
+                resume_from=args.resume_from, progress=not args.no_progress, data_dir=_data_dir(args))
+
+
+def run_demo(args) -> int:
+    from fastcse.trainer import train
+
+    shared = _shared(args)
+    model = shared / "models" / "all-MiniLM-L6-v2"
+    data = shared / "data" / "unsup" / "mixed-104k.txt"
+    for path in (model, data):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: point --shared (or $FASTCSE_SHARED) at the shared folder")
+    started = time.time()
+    print(f"fastcse demo: unsupervised SimCSE on {model.name} ([CLS] pooling), {data.name}, "
+          f"{args.max_steps} steps of batch {args.batch_size}; STS-B dev every {args.eval_steps} steps", flush=True)
+    result = train(model, data, mode="unsup", pooler="cls", **_train_kwargs(args))
+    before = result.history[0]["metric"] if result.history and result.history[0]["step"] == 0 else None
+    after = result.history[-1]["metric"]
+    minutes = (time.time() - started) / 60
+    print()
+    print("STS-B dev Spearman x 100 ([CLS]): " + (f"before {before:.2f}  " if before is not None else "")
+          + f"after {after:.2f}  best {result.best_metric:.2f} (step {result.best_step})")
+    print(f"saved model: {result.model_path}   metrics: {result.metrics_path}   ({minutes:.1f} min)")
+    print(f"next: python -m fastcse eval --model {result.model_path}    # STS12-16, STS-B, SICK-R")
+    return 0
+
+
+def run_train(args) -> int:
+    from fastcse.trainer import build_bert_from_scratch, train
+
+    model = args.model
+    if args.from_scratch:
+        model = build_bert_from_scratch(args.model, hidden_size=args.scratch_hidden_size,
+                                        num_layers=args.scratch_layers,
+                                        num_heads=max(1, args.scratch_hidden_size // 64), seed=args.seed)
+    mlp = {"auto": None, "yes": True, "no": False}[args.mlp_only_train]
+    eval_data = None if args.eval_data.lower() == "none" else args.eval_data
+    result = train(model, args.data, mode=args.mode, pooler=args.pooler, mlp_only_train=mlp,
+                   temperature=args.temperature, hard_negative_weight=args.hard_negative_weight,
+                   learning_rate=args.learning_rate, epochs=args.epochs, max_seq_length=args.max_seq_length,
+                   eval_data=eval_data, precision=args.precision, device=args.device, **_train_kwargs(args))
+    if result.best_metric is not None:
+        print(f"best {result.best_metric:.2f} at step {result.best_step} of {result.steps}")
+    print(f"saved model: {result.model_path}")
+    print(f"next: python -m fastcse eval --model {result.model_path}")
+    return 0
+
+
+def run_eval(args) -> int:
+    from fastcse.evaluation import DEFAULT_TASKS, alignment_uniformity, evaluate
+
+    data_dir = _data_dir(args)
+    started = time.time()
+    scores = evaluate(args.model, args.tasks or list(DEFAULT_TASKS), data_dir=data_dir, pooler=args.pooler,
+                      batch_size=args.batch_size)
+    if args.alignment_uniformity:
+        scores.update(alignment_uniformity(args.model, data_dir=data_dir, pooler=args.pooler,
+                                           batch_size=args.batch_size))
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        for name, value in scores.items():
+            print(f"{name:<22} {value:8.2f}" if name not in ("alignment", "uniformity") else
+                  f"{name:<22} {value:8.4f}")
+        print(f"({time.time() - started:.0f} s)")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return {"demo": run_demo, "train": run_train, "eval": run_eval}[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

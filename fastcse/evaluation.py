@@ -1,0 +1,329 @@
+"""STS evaluation as SimCSE reports it: Spearman x 100 of cosine similarity against gold scores.
+
+Tasks, named as SentEval names them: ``STS12`` ... ``STS16`` (the "all" setting: one Spearman
+over all subsets of a year concatenated, unscored pairs dropped), ``STSBenchmark`` and
+``SICKRelatedness`` (test sets; ``STSBenchmark-dev`` and ``SICKRelatedness-dev`` for the dev
+sets). They are read from the SentEval layout under ``data_dir`` (the folder holding
+``SentEval/``). A task may also be a path to a plain pair file: TSV or CSV with a header naming
+``sentence1``, ``sentence2`` and ``score``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from fastcse.pooling import POOLERS, check_pooler, pool
+
+STS_YEARS = ("STS12", "STS13", "STS14", "STS15", "STS16")
+SENTEVAL_TASKS = STS_YEARS + ("STSBenchmark", "SICKRelatedness")
+DEV_TASKS = ("STSBenchmark-dev", "SICKRelatedness-dev")
+DEFAULT_TASKS = SENTEVAL_TASKS
+
+
+def shared_dir() -> Path:
+    """The shared data/models folder: ``$FASTCSE_SHARED``, else ``../shared`` beside the project root."""
+    env = os.environ.get("FASTCSE_SHARED")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def default_data_dir() -> Path:
+    return shared_dir() / "data"
+
+
+# --------------------------------------------------------------------------------------------
+# Task files
+
+
+def _senteval_root(data_dir) -> Path:
+    root = Path(data_dir if data_dir is not None else default_data_dir())
+    downstream = root / "SentEval" / "downstream"
+    if not downstream.is_dir():
+        raise FileNotFoundError(f"no SentEval layout under data_dir={str(root)!r}: expected {str(downstream)!r} "
+                                "(data_dir is the folder holding SentEval/)")
+    return downstream
+
+
+def _split_pair(line: str, where: str) -> tuple[str, str]:
+    fields = line.split("\t")
+    if len(fields) < 2:
+        raise ValueError(f"{where}: expected two tab-separated sentences, got {line[:80]!r}")
+    # SentEval tokenizes on whitespace and SimCSE's batcher joins tokens with one space.
+    return " ".join(fields[0].split()), " ".join(fields[1].split())
+
+
+def _load_sts_year(downstream: Path, year: str):
+    folder = downstream / "STS" / f"{year}-en-test"
+    inputs = sorted(folder.glob("STS.input.*.txt"))
+    if not inputs:
+        raise FileNotFoundError(f"{year}: no STS.input.*.txt files in {str(folder)!r}")
+    first, second, gold = [], [], []
+    for input_path in inputs:
+        subset = input_path.name[len("STS.input."):-len(".txt")]
+        gold_path = folder / f"STS.gs.{subset}.txt"
+        pairs = input_path.read_text(encoding="utf-8").splitlines()
+        scores = gold_path.read_text(encoding="utf-8").splitlines()
+        if len(pairs) != len(scores):
+            raise ValueError(f"{year}/{subset}: {len(pairs)} sentence pairs but {len(scores)} gold lines")
+        for line, score in zip(pairs, scores):
+            if score.strip() == "":  # an unscored pair: SentEval drops it
+                continue
+            a, b = _split_pair(line, f"{input_path}")
+            first.append(a)
+            second.append(b)
+            gold.append(float(score))
+    return first, second, np.asarray(gold, dtype=np.float64)
+
+
+def _load_stsb(downstream: Path, split: str):
+    path = downstream / "STS" / "STSBenchmark" / f"sts-{split}.csv"
+    first, second, gold = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            # Plain tab split, not the csv module: sentences contain unbalanced quotes.
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) < 7:
+                continue
+            gold.append(float(fields[4]))
+            first.append(" ".join(fields[5].split()))
+            second.append(" ".join(fields[6].split()))
+    return first, second, np.asarray(gold, dtype=np.float64)
+
+
+def _load_sick(downstream: Path, split: str):
+    name = {"test": "SICK_test_annotated.txt", "dev": "SICK_trial.txt", "train": "SICK_train.txt"}[split]
+    path = downstream / "SICK" / name
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    col = {h: i for i, h in enumerate(header)}
+    first, second, gold = [], [], []
+    for line in lines[1:]:
+        fields = line.split("\t")
+        if len(fields) < len(header):
+            continue
+        first.append(" ".join(fields[col["sentence_A"]].split()))
+        second.append(" ".join(fields[col["sentence_B"]].split()))
+        gold.append(float(fields[col["relatedness_score"]]))
+    return first, second, np.asarray(gold, dtype=np.float64)
+
+
+def load_pair_file(path) -> tuple[list[str], list[str], np.ndarray]:
+    """A TSV/CSV file with a header naming sentence1, sentence2 and score columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pair file not found: {str(path)!r}")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, encoding="utf-8", newline="") as f:
+        # QUOTE_NONE for TSV: sentences hold bare quotes that are text, not quoting.
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        rows = [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    missing = [c for c in ("sentence1", "sentence2", "score") if c not in header]
+    if missing:
+        raise ValueError(f"{path}: pair file needs a header with columns sentence1, sentence2, score; "
+                         f"missing {missing}, found {header}")
+    i1, i2, isc = header.index("sentence1"), header.index("sentence2"), header.index("score")
+    body = rows[1:]
+    if not body:
+        raise ValueError(f"{path}: no sentence pairs after the header")
+    try:
+        gold = np.asarray([float(r[isc]) for r in body], dtype=np.float64)
+    except (ValueError, IndexError) as e:
+        raise ValueError(f"{path}: every row needs a numeric score in column {isc + 1}: {e}") from None
+    return [r[i1] for r in body], [r[i2] for r in body], gold
+
+
+def load_task(task: str, data_dir=None):
+    """(first sentences, second sentences, gold scores) of one task name or pair-file path."""
+    if task in STS_YEARS:
+        return _load_sts_year(_senteval_root(data_dir), task)
+    if task in ("STSBenchmark", "STSBenchmark-dev"):
+        return _load_stsb(_senteval_root(data_dir), "dev" if task.endswith("-dev") else "test")
+    if task in ("SICKRelatedness", "SICKRelatedness-dev"):
+        return _load_sick(_senteval_root(data_dir), "dev" if task.endswith("-dev") else "test")
+    if str(task).lower().endswith((".tsv", ".csv")):
+        return load_pair_file(task)
+    raise ValueError(f"unknown task {task!r}: expected one of {SENTEVAL_TASKS + DEV_TASKS} or a .tsv/.csv pair file")
+
+
+# --------------------------------------------------------------------------------------------
+# Models and encoding
+
+
+def load_model(model_or_path, tokenizer=None, *, device=None):
+    """(model, tokenizer) from a path / Hub id, or an already-built model with its tokenizer."""
+    from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+
+    if isinstance(model_or_path, (str, os.PathLike)):
+        path = str(model_or_path)
+        if Path(path).exists():
+            if not (Path(path) / "config.json").is_file():
+                raise FileNotFoundError(f"{path!r} is not a saved transformers model (no config.json)")
+        # A Hub id is "name" or "org/name"; any other string that does not exist is a missing folder.
+        elif Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
+            raise FileNotFoundError(f"model folder not found: {path!r}")
+        model = AutoModel.from_pretrained(path)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+    elif isinstance(model_or_path, PreTrainedModel):
+        if tokenizer is None:
+            raise ValueError("a model object needs its tokenizer: pass tokenizer=...")
+        model = model_or_path
+    else:
+        raise TypeError(f"model must be a path, a Hub id or a transformers PreTrainedModel, "
+                        f"got {type(model_or_path).__name__}")
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def saved_pooler(path) -> str | None:
+    """The pooler a saved model declares: fastcse's own record, else sentence-transformers' pooling."""
+    path = Path(path)
+    record = path / "fastcse.json"
+    if record.is_file():
+        info = json.loads(record.read_text(encoding="utf-8"))
+        return info.get("eval_pooler")
+    pooling = path / "1_Pooling" / "config.json"
+    if pooling.is_file():
+        cfg = json.loads(pooling.read_text(encoding="utf-8"))
+        mode = cfg.get("pooling_mode")
+        if mode == "mean" or cfg.get("pooling_mode_mean_tokens"):
+            return "avg"
+        if mode == "cls" or cfg.get("pooling_mode_cls_token"):
+            return "cls" if (path / "2_Dense").is_dir() else "cls_before_pooler"
+    return None
+
+
+def resolve_pooler(pooler, model_or_path) -> str:
+    if pooler in (None, "auto"):
+        found = saved_pooler(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else None
+        return found or "cls"
+    return check_pooler(pooler)
+
+
+def max_model_length(model, tokenizer) -> int:
+    """The longest input the model takes (no truncation below it)."""
+    limit = getattr(model.config, "max_position_embeddings", None) or 512
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if tok_limit and tok_limit < 1_000_000:  # unset tokenizers report a huge sentinel
+        limit = min(limit, tok_limit)
+    return int(limit)
+
+
+@torch.no_grad()
+def encode(model, tokenizer, sentences: list[str], *, pooler: str, batch_size: int = 128,
+           max_length: int | None = None) -> torch.Tensor:
+    """fp32 embeddings [n, d] in eval mode (dropout off). ``pooler='cls'`` uses the MLP head."""
+    max_length = max_length or max_model_length(model, tokenizer)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    # Length-sorted batches pad less; the order is undone below.
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    out = [None] * len(sentences)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            inputs = tokenizer([sentences[i] for i in idx], padding=True, truncation=True,
+                               max_length=max_length, return_tensors="pt").to(device)
+            emb = pool(model, dict(inputs), pooler, use_mlp=(pooler == "cls")).float().cpu()
+            for row, i in enumerate(idx):
+                out[i] = emb[row]
+    finally:
+        model.train(was_training)
+    return torch.stack(out) if out else torch.empty(0)
+
+
+def spearman_x100(predicted, gold) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(np.asarray(predicted, dtype=np.float64), gold).correlation * 100.0)
+
+
+def evaluate_loaded(model, tokenizer, tasks: Iterable[str], *, data_dir=None, pooler: str = "cls",
+                    batch_size: int = 128) -> dict[str, float]:
+    """Scores an in-memory model (used by the trainer between steps).
+
+    Each distinct sentence is encoded once across all tasks (the 7 tasks hold ~27k distinct
+    sentences in ~19k pairs)."""
+    loaded = {task: load_task(task, data_dir) for task in tasks}
+    unique = list(dict.fromkeys(s for first, second, _ in loaded.values() for s in first + second))
+    emb = encode(model, tokenizer, unique, pooler=pooler, batch_size=batch_size)
+    where = {s: i for i, s in enumerate(unique)}
+    results = {}
+    for task, (first, second, gold) in loaded.items():
+        a, b = emb[[where[s] for s in first]], emb[[where[s] for s in second]]
+        cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        results[task if task in SENTEVAL_TASKS + DEV_TASKS else Path(task).stem] = spearman_x100(cosine, gold)
+    scored = [v for v in results.values() if not math.isnan(v)]
+    if len(results) > 1:
+        results["avg"] = float(np.mean(scored)) if scored else float("nan")
+    return results
+
+
+def evaluate(model_or_path, tasks=DEFAULT_TASKS, *, data_dir=None, pooler: str | None = "auto",
+             tokenizer=None, batch_size: int = 128, device=None) -> dict[str, float]:
+    """Spearman x 100 of cosine similarity per task, and their mean under ``"avg"``.
+
+    Args:
+        model_or_path: a saved model folder or Hub id, or a ``PreTrainedModel`` (with ``tokenizer``).
+        tasks: SentEval task names (``STS12``..``STS16``, ``STSBenchmark``, ``SICKRelatedness``, their
+            ``-dev`` variants for STS-B and SICK-R) and/or paths to TSV/CSV pair files; a single
+            name is accepted too.
+        data_dir: the folder holding ``SentEval/`` (default ``$FASTCSE_SHARED/data``, ``../shared/data``).
+        pooler: one of ``cls`` (MLP head), ``cls_before_pooler``, ``avg``, ``avg_first_last``,
+            ``avg_top2``; ``"auto"`` takes what the saved model declares (fastcse's record or
+            sentence-transformers' pooling config), else ``cls``.
+    """
+    if isinstance(tasks, (str, os.PathLike)):
+        tasks = [str(tasks)]
+    tasks = [str(t) for t in tasks]
+    if not tasks:
+        raise ValueError("tasks must name at least one task")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    pooler = resolve_pooler(pooler, model_or_path)
+    for task in tasks:  # fail on a bad task name before loading the model
+        if task not in SENTEVAL_TASKS + DEV_TASKS and not task.lower().endswith((".tsv", ".csv")):
+            raise ValueError(f"unknown task {task!r}: expected one of {SENTEVAL_TASKS + DEV_TASKS} "
+                             "or a .tsv/.csv pair file")
+    model, tokenizer = load_model(model_or_path, tokenizer, device=device)
+    return evaluate_loaded(model, tokenizer, tasks, data_dir=data_dir, pooler=pooler, batch_size=batch_size)
+
+
+def alignment_uniformity(model_or_path, *, data_dir=None, split: str = "test", pooler: str | None = "auto",
+                         tokenizer=None, positive_threshold: float = 4.0, batch_size: int = 128,
+                         device=None) -> dict[str, float]:
+    """Wang & Isola's alignment and uniformity on STS-B, as SimCSE reports them (lower is better).
+
+    On normalized embeddings f: alignment = mean over positive pairs (gold score above
+    ``positive_threshold``) of ||f(x) - f(y)||^2; uniformity = log of the mean over all pairs of
+    distinct sentences of exp(-2 ||f(x) - f(y)||^2).
+    """
+    if split not in ("dev", "test"):
+        raise ValueError(f"split must be 'dev' or 'test', got {split!r}")
+    pooler = resolve_pooler(pooler, model_or_path)
+    model, tokenizer = load_model(model_or_path, tokenizer, device=device)
+    first, second, gold = load_task("STSBenchmark-dev" if split == "dev" else "STSBenchmark", data_dir)
+    sentences = list(dict.fromkeys(first + second))
+    emb = torch.nn.functional.normalize(encode(model, tokenizer, sentences, pooler=pooler, batch_size=batch_size),
+                                        dim=-1).double()
+    where = {s: i for i, s in enumerate(sentences)}
+    positive = torch.as_tensor(gold > positive_threshold)
+    if not positive.any():
+        raise ValueError(f"no STS-B {split} pair scores above positive_threshold={positive_threshold}")
+    a, b = emb[[where[s] for s in first]][positive], emb[[where[s] for s in second]][positive]
+    alignment = (a - b).pow(2).sum(-1).mean()
+    sq_dist = torch.pdist(emb, p=2).pow(2)
+    uniformity = torch.logsumexp(-2.0 * sq_dist, dim=0) - math.log(sq_dist.numel())
+    return {"alignment": float(alignment), "uniformity": float(uniformity)}
+
+__all__ = ["evaluate", "alignment_uniformity", "evaluate_loaded", "encode", "load_task", "load_pair_file",
+           "SENTEVAL_TASKS", "DEV_TASKS", "POOLERS"]

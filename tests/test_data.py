@@ -1,0 +1,87 @@
+import pytest
+
+from fastcse.data import batch_order, load_sup, load_unsup
+from fastcse.evaluation import shared_dir
+
+NLI = shared_dir() / "data" / "nli" / "snli-dev-triples.csv"
+
+
+def test_unsup_text_file_skips_blank_lines(tmp_path):
+    path = tmp_path / "s.txt"
+    path.write_text("first sentence\n\n  second one  \n\n", encoding="utf-8")
+    assert load_unsup(path) == ["first sentence", "second one"]
+    assert load_unsup(str(path)) == ["first sentence", "second one"]
+
+
+def test_unsup_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        load_unsup(tmp_path / "nope.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no sentences"):
+        load_unsup(empty)
+    with pytest.raises(TypeError, match="data must be"):
+        load_unsup(42)
+    with pytest.raises(TypeError, match="string"):
+        load_unsup(["ok", 3])
+    table = tmp_path / "t.csv"
+    table.write_text("a,b\nx,y\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="'text' column"):
+        load_unsup(table)
+
+
+def test_unsup_dataset_and_list():
+    from datasets import Dataset
+
+    assert load_unsup(Dataset.from_dict({"text": ["a b", " c "], "id": [1, 2]})) == ["a b", "c"]
+    assert load_unsup(Dataset.from_dict({"sentence": ["only column"]})) == ["only column"]
+    with pytest.raises(ValueError, match="'text' column"):
+        load_unsup(Dataset.from_dict({"x": ["a"], "y": ["b"]}))
+    assert load_unsup(["x", "", "y"]) == ["x", "y"]
+
+
+def test_sup_nli_csv_layout():
+    examples = load_sup(NLI)
+    assert len(examples) == 2943
+    assert examples[0] == ("Two women are embracing while holding to go packages .",
+                           "Two woman are holding packages .", "The men are fighting outside a deli .")
+    # csv quoting: a sentence with commas stays one field
+    assert all(len(ex) == 3 for ex in examples)
+
+
+def test_sup_pairs_and_bad_csv(tmp_path):
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("sent0,sent1\nhello there,hi\n", encoding="utf-8")
+    assert load_sup(pairs) == [("hello there", "hi")]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("premise,hypothesis\na,b\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="sent0,sent1"):
+        load_sup(bad)
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("sent0,sent1,hard_neg\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no complete supervised examples"):
+        load_sup(header_only)
+    with pytest.raises(FileNotFoundError):
+        load_sup(tmp_path / "missing.csv")
+    with pytest.raises(ValueError, match="mix pairs and triples"):
+        load_sup([("a", "b"), ("a", "b", "c")])
+    with pytest.raises(ValueError, match="example 0"):
+        load_sup(["just a string"])
+
+
+def test_sup_dataset():
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"sent0": ["a"], "sent1": ["b"], "hard_neg": ["c"]})
+    assert load_sup(ds) == [("a", "b", "c")]
+    with pytest.raises(ValueError, match="sent0, sent1"):
+        load_sup(Dataset.from_dict({"anchor": ["a"], "positive": ["b"]}))
+
+
+def test_batch_order_is_a_seeded_permutation_of_full_batches():
+    batches = batch_order(10, 3, seed=1, epoch=0)
+    assert [len(b) for b in batches] == [3, 3, 3]  # the partial batch is dropped
+    assert len(set(sum(batches, []))) == 9 and set(sum(batches, [])) <= set(range(10))
+    assert batches == batch_order(10, 3, seed=1, epoch=0)
+    assert batches != batch_order(10, 3, seed=1, epoch=1)
+    assert batches != batch_order(10, 3, seed=2, epoch=0)

@@ -1,0 +1,112 @@
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import importlib  # noqa: E402
+
+import fastcse  # noqa: E402
+from fastcse.evaluation import alignment_uniformity, encode, evaluate, load_pair_file, load_task, shared_dir  # noqa: E402,E501
+
+evaluate_module = importlib.import_module("fastcse.evaluation")
+SHARED = shared_dir()
+MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
+
+
+@pytest.mark.parametrize("task, pairs", [("STS12", 3108), ("STS13", 1500), ("STS14", 3750), ("STS15", 3000),
+                                         ("STS16", 1186), ("STSBenchmark", 1379), ("STSBenchmark-dev", 1500),
+                                         ("SICKRelatedness", 4927), ("SICKRelatedness-dev", 500)])
+def test_senteval_layout_pair_counts(task, pairs):
+    first, second, gold = load_task(task)
+    assert len(first) == len(second) == len(gold) == pairs
+    assert np.isfinite(gold).all() and gold.min() >= 0 and gold.max() <= 5
+    assert all(first) and all(second)
+
+
+def test_senteval_and_raw_stsb_are_the_same_pairs():
+    _, _, gold_senteval = load_task("STSBenchmark")
+    first, _, gold_raw = load_pair_file(SHARED / "data" / "sts-raw" / "STSB" / "test.tsv")
+    np.testing.assert_allclose(gold_senteval, gold_raw)
+    assert first[0] == "A girl is styling her hair."  # the raw file keeps case and punctuation
+
+
+def test_bad_tasks_fail_before_loading_a_model(tmp_path):
+    with pytest.raises(ValueError, match="unknown task 'STS17'"):
+        evaluate("/nonexistent/model", ["STS17"])
+    bad = tmp_path / "pairs.tsv"
+    bad.write_text("a\tb\tgold\nx\ty\t1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="sentence1, sentence2, score"):
+        load_pair_file(bad)
+    with pytest.raises(FileNotFoundError, match="SentEval"):
+        load_task("STS12", data_dir=tmp_path)
+    with pytest.raises(FileNotFoundError):
+        evaluate(tmp_path / "no-model", ["STSBenchmark"], pooler="avg")
+
+
+def test_package_exposes_the_functions():
+    assert fastcse.evaluate is evaluate and fastcse.alignment_uniformity is alignment_uniformity
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(str(MINILM))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64))
+    return model, tok
+
+
+def test_spearman_of_cosine_against_a_direct_computation(tiny, tmp_path):
+    from scipy.stats import spearmanr
+
+    model, tok = tiny
+    pairs = tmp_path / "p.csv"
+    rows = [("a man plays guitar", "a man is playing a guitar", 4.8), ("a cat sleeps", "the stock market fell", 0.2),
+            ("kids play soccer", "children are playing football", 4.1), ("it rains", "a dog barks loudly", 0.5),
+            ("a woman cooks", "someone is cooking", 3.9)]
+    pairs.write_text("sentence1,sentence2,score\n" + "".join(f"{a},{b},{s}\n" for a, b, s in rows), encoding="utf-8")
+    scores = evaluate(model, [str(pairs)], tokenizer=tok, pooler="avg")
+    a = encode(model, tok, [r[0] for r in rows], pooler="avg")
+    b = encode(model, tok, [r[1] for r in rows], pooler="avg")
+    expected = spearmanr(torch.nn.functional.cosine_similarity(a, b).numpy(), [r[2] for r in rows]).correlation
+    assert scores == {"p": pytest.approx(expected * 100, abs=1e-9)}
+    assert model.training  # evaluation restores the caller's mode
+
+
+def test_no_truncation_below_the_model_maximum(tiny):
+    model, tok = tiny
+    long = " ".join(["word"] * 300)  # 302 tokens: past 256 (sentence-transformers' default) and 32
+    cut = " ".join(["word"] * 40)
+    emb = encode(model, tok, [long, cut], pooler="avg")
+    assert not torch.allclose(emb[0], emb[1])
+
+
+def test_alignment_uniformity_definitions(tiny):
+    model, tok = tiny
+    out = alignment_uniformity(model, tokenizer=tok, split="dev", pooler="avg")
+    first, second, gold = load_task("STSBenchmark-dev")
+    keep = gold > 4
+    a = torch.nn.functional.normalize(encode(model, tok, [s for s, k in zip(first, keep) if k], pooler="avg"), dim=-1)
+    b = torch.nn.functional.normalize(encode(model, tok, [s for s, k in zip(second, keep) if k], pooler="avg"), dim=-1)
+    assert out["alignment"] == pytest.approx(float((a - b).pow(2).sum(-1).mean()), rel=1e-5)
+    assert 0 <= out["alignment"] <= 4 and out["uniformity"] <= 0
+    with pytest.raises(ValueError, match="split"):
+        alignment_uniformity(model, tokenizer=tok, split="train")
+
+
+@pytest.mark.slow
+def test_minilm_mean_pooling_reproduces_its_published_stsb_score():
+    """The evaluator agrees with an independent one: 82.03 is all-MiniLM-L6-v2's published STS-B test figure."""
+    started = time.perf_counter()
+    scores = evaluate(MINILM, [str(SHARED / "data" / "sts-raw" / "STSB" / "test.tsv")], pooler="avg")
+    seconds = time.perf_counter() - started
+    assert round(scores["test"], 2) == 82.03
+    # pooler="auto" reads the model's sentence-transformers pooling config (mean tokens)
+    assert evaluate_module.resolve_pooler("auto", MINILM) == "avg"
+    print(f"all-MiniLM-L6-v2 STS-B test: {scores['test']:.2f} in {seconds:.1f} s")
