@@ -1,6 +1,8 @@
-"""Markdown table from a pytest-benchmark JSON of bench/test_bench_loss.py.
+"""Markdown table from pytest-benchmark JSONs of bench/test_bench_loss.py.
 
-    python bench/report.py results.json
+    python bench/report.py results.json [rerun.json ...]
+
+A case present in several files is taken from the last one (a rerun of some sizes).
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import sys
 from collections import defaultdict
 
 
-def main(path: str) -> None:
-    data = json.load(open(path))
+def main(*paths: str) -> None:
     rows: dict[tuple, dict] = defaultdict(dict)
-    for bench in data["benchmarks"]:
+    files = [json.load(open(path)) for path in paths]
+    data = files[0]
+    for bench in (b for f in files for b in f["benchmarks"]):
         match = re.match(r"(\w+)-B(\d+)-d(\d+)-k(\d+)", bench["param"])
         if not match:
             continue
@@ -43,4 +46,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -4,11 +4,21 @@ A thin trainer: AdamW with linear decay, the fused ``fastcse.info_nce`` loss, op
 caching (``mini_batch_size``), STS-B dev evaluation every ``eval_steps`` keeping the best
 checkpoint, atomic checkpoints, ``resume_from``, a tqdm bar and a JSON-lines metrics file.
 Defaults follow the SimCSE paper.
+
+Multi-process training (``torchrun``, any ``torch.distributed`` backend; tested on CPU with gloo):
+when the default process group is initialized with more than one rank, every global batch of
+``batch_size`` examples is split over the ranks in rank order (rank r takes rows
+[r*B//W, (r+1)*B//W)), the loss uses the distributed negatives
+(``info_nce(..., process_group=WORLD)``: every rank scores its rows against all ranks'
+candidates) and the parameter gradients are all-reduced with SUM (each rank holds its own rows'
+share of the single-process gradient), so a step equals the single-process step on the whole
+global batch. Only rank 0 evaluates, logs and writes metrics and checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -19,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import fastcse
 from fastcse import data as datalib
@@ -228,9 +239,85 @@ def _load_training_model(model, tokenizer):
 
 
 # --------------------------------------------------------------------------------------------
+# Multi-process helpers (no-ops in one process)
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _torchrun_process_group(train_fn):
+    """Under ``torchrun`` (WORLD_SIZE > 1 in the environment) with no process group yet, e.g.
+    ``torchrun -m fastcse train``: joins the default group (gloo for CPU tensors, NCCL for CUDA
+    where available) for the run and destroys it afterwards. A caller that initialized
+    torch.distributed itself keeps its group."""
+
+    @functools.wraps(train_fn)
+    def wrapper(*args, **kwargs):
+        created = False
+        if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+                and "MASTER_ADDR" in os.environ:
+            dist.init_process_group()
+            created = True
+        try:
+            return train_fn(*args, **kwargs)
+        finally:
+            if created:
+                dist.destroy_process_group()
+
+    return wrapper
+
+
+def _on_rank0(world: int, rank: int, fn, *args):
+    """Runs ``fn`` on rank 0 only; the other ranks wait for it (a broadcast, i.e. a barrier) and
+    get its return value. An exception on rank 0 is raised on every rank instead of leaving the
+    others blocked in the next collective."""
+    if world == 1:
+        return fn(*args)
+    box = [None, None]
+    if rank == 0:
+        try:
+            box[0] = fn(*args)
+        except BaseException as error:  # noqa: BLE001 - re-raised below, after telling the others
+            box[1] = f"{type(error).__name__}: {error}"
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise RuntimeError(f"rank 0 failed: {box[1]}")
+    return box[0]
+
+
+def _broadcast_model(model) -> None:
+    """Rank 0's weights and buffers on every rank (the ranks must start from the same model)."""
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
+def _all_reduce_grads(params) -> None:
+    """Sums the parameter gradients over the ranks, in one flat buffer per dtype."""
+    grads = [p.grad for p in params if p.grad is not None]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for group in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for g in group:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+# --------------------------------------------------------------------------------------------
 # The trainer
 
 
+@_torchrun_process_group
 def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int = 64,
           mini_batch_size: int | None = None, temperature: float = 0.05, pooler: str = "cls",
           mlp_only_train: bool | None = None, hard_negative_weight: float = 0.0,
@@ -249,8 +336,11 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
             on and the two views are a positive pair. ``mode="sup"``: a ``sent0,sent1[,hard_neg]``
             CSV (SimCSE's NLI layout), a Dataset with those columns or a list of tuples.
         batch_size: sentences (unsup) or examples (sup) per optimizer step: the in-batch negatives.
+            Under ``torchrun`` this is the GLOBAL batch: each of the W ranks encodes its
+            batch_size / W rows (rank order) and scores them against all batch_size candidates.
         mini_batch_size: encode the batch in chunks of this size with gradient caching (same
-            gradients, activations of one chunk at a time).
+            gradients, activations of one chunk at a time). Under ``torchrun``, the chunk size of
+            each rank's share.
         temperature, hard_negative_weight: passed to ``fastcse.info_nce``.
         pooler: ``cls`` (with the MLP head while training), ``cls_before_pooler``, ``avg``,
             ``avg_first_last``, ``avg_top2``.
@@ -269,6 +359,16 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
         precision: ``auto`` (bf16 autocast on CUDA when supported, else fp32), ``fp32``, ``bf16``.
         resume_from: a ``last/`` checkpoint (or the output_dir holding it) to continue from; the
             run then produces the same weights as an uninterrupted one.
+
+    Multi-process (``torchrun --nproc_per_node=W -m fastcse train ...``, or any caller that has
+    run ``torch.distributed.init_process_group``): needs the C++ extension ``fastcse._C``. Every
+    rank must pass the same arguments; rank 0's initial weights are broadcast to all ranks, and
+    the dropout generator is seeded with ``seed + rank`` (the ranks draw different masks, so with
+    dropout on a W-rank run is a different, equally valid, random draw than a one-process run;
+    with dropout off it equals the one-process run up to float roundoff). Only rank 0 evaluates,
+    logs, shows the progress bar and writes metrics and checkpoints; the others wait. The
+    returned result is the same on every rank. Each rank uses the device it is given (pass
+    ``device=f"cuda:{local_rank}"`` on GPUs).
     """
     # ---- validate everything before touching the model or data
     if mode not in MODES:
@@ -311,9 +411,16 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
         if not (resume_from / STATE_FILE).is_file():
             raise FileNotFoundError(f"resume_from={str(resume_from)!r} holds no {STATE_FILE}: pass a 'last' "
                                     "checkpoint folder or the output_dir of a run")
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        raise ValueError("fastcse.train runs in one process; multi-process (torchrun) training is not supported")
+    rank, world = _world()
+    if world > 1:
+        if batch_size < world:
+            raise ValueError(f"batch_size ({batch_size}) is the global batch, split over {world} ranks: it must be "
+                             f"at least the world size")
+        from fastcse.distributed import _load_extension
+
+        _load_extension()  # a missing extension fails now, on every rank, not at the first step
+    shard_lo, shard_hi = rank * batch_size // world, (rank + 1) * batch_size // world
+    is_main = rank == 0
 
     examples = datalib.load_unsup(data) if mode == "unsup" else datalib.load_sup(data)
     if len(examples) < batch_size:
@@ -329,7 +436,9 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
     if pooler == "cls" and not has_mlp_head(model):
         raise ValueError(f"pooler='cls' trains SimCSE's MLP head, which is the encoder's pooling layer, and "
                          f"{type(model).__name__} has none: use pooler='cls_before_pooler' or 'avg'")
-    if mode == "unsup" and getattr(model.config, "hidden_dropout_prob", 0.1) == 0:
+    if world > 1:
+        _broadcast_model(model)
+    if mode == "unsup" and is_main and getattr(model.config, "hidden_dropout_prob", 0.1) == 0:
         logger.warning("unsupervised SimCSE uses dropout as its augmentation, but the model's dropout is 0")
     eval_pooler = "cls_before_pooler" if (pooler == "cls" and mlp_only_train) else pooler
 
@@ -353,14 +462,14 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     run_config = {"mode": mode, "batch_size": batch_size, "seed": seed, "num_examples": len(examples),
-                  "total_steps": total_steps}
+                  "total_steps": total_steps, "world_size": world}
     record = {"mode": mode, "pooler": pooler, "mlp_only_train": mlp_only_train, "eval_pooler": eval_pooler,
               "temperature": temperature, "batch_size": batch_size, "max_seq_length": max_seq_length,
               "fastcse_version": fastcse.__version__}
 
     save_last_enabled = save_last
     step, best_metric, best_step, history = 0, None, None, []
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + rank)  # dropout masks: a different stream per rank
     if resume_from is not None:
         state = torch.load(resume_from / STATE_FILE, weights_only=True)
         for key in ("mode", "batch_size", "seed", "num_examples"):
@@ -377,18 +486,33 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
         scheduler.load_state_dict(state["scheduler"])
         step, best_metric, best_step, history = state["step"], state["best_metric"], state["best_step"], \
             state["history"]
-        torch.set_rng_state(state["rng_cpu"])
-        if state.get("rng_cuda") and device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        _truncate_metrics(metrics_path, step)
-        logger.info("resumed from %s at step %d", resume_from, step)
-    elif metrics_path.exists():
+        saved_world = state["config"].get("world_size", 1)
+        if saved_world == world:
+            rng_cpu = state["rng_cpu_ranks"][rank] if "rng_cpu_ranks" in state else state["rng_cpu"]
+            torch.set_rng_state(rng_cpu)
+            rng_cuda = state["rng_cuda_ranks"][rank] if "rng_cuda_ranks" in state else state.get("rng_cuda")
+            if rng_cuda and device.type == "cuda":
+                torch.cuda.set_rng_state_all(rng_cuda)
+        else:  # the dropout streams of another world size do not map onto these ranks: a fresh draw
+            torch.manual_seed(seed + rank + 1_000_003 * step)
+            if is_main:
+                logger.warning("resume_from was trained on %d process(es), this run has %d: the weights and the "
+                               "data order continue, the dropout random streams restart", saved_world, world)
+        if is_main:
+            _truncate_metrics(metrics_path, step)
+            logger.info("resumed from %s at step %d", resume_from, step)
+    elif is_main and metrics_path.exists():
         metrics_path.unlink()  # a fresh run in a reused output_dir starts a fresh metrics file
+    if world > 1:
+        dist.barrier()
 
-    logger.info("training %s SimCSE: %d examples, batch %d%s, %d steps, lr %g, pooler %s, precision %s",
-                mode, len(examples), batch_size, f" (mini-batch {mini_batch_size}, gradient caching)"
-                if mini_batch_size and mini_batch_size < batch_size else "", total_steps, learning_rate, pooler,
-                "bf16" if autocast_dtype else "fp32")
+    if is_main:
+        logger.info("training %s SimCSE: %d examples, batch %d%s%s, %d steps, lr %g, pooler %s, precision %s",
+                    mode, len(examples), batch_size, f" over {world} processes ({batch_size // world}"
+                    f"{'+' if batch_size % world else ''} each)" if world > 1 else "",
+                    f" (mini-batch {mini_batch_size}, gradient caching)"
+                    if mini_batch_size and mini_batch_size < shard_hi - shard_lo else "", total_steps,
+                    learning_rate, pooler, "bf16" if autocast_dtype else "fp32")
 
     def evaluate_now():
         scores = evaluate_loaded(model, tokenizer, eval_tasks, data_dir=data_dir, pooler=eval_pooler)
@@ -397,13 +521,31 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
     def write_last():
         if not save_last_enabled:
             return
-        save_checkpoint(last_dir, model, tokenizer, dict(record, step=step), {
-            "config": run_config, "step": step, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "best_metric": best_metric, "best_step": best_step,
-            "history": history, "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []})
+        rng_cpu = torch.get_rng_state()
+        rng_cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else []
+        rng_ranks = None
+        if world > 1:  # every rank's dropout streams, so that a resumed run continues each of them
+            rng_ranks = [None] * world
+            dist.all_gather_object(rng_ranks, (rng_cpu, [s.cpu() for s in rng_cuda]))
+
+        def save():
+            trainer_state = {
+                "config": run_config, "step": step, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "best_metric": best_metric, "best_step": best_step,
+                "history": history, "rng_cpu": rng_cpu, "rng_cuda": rng_cuda}
+            if rng_ranks is not None:
+                trainer_state["rng_cpu_ranks"] = [r[0] for r in rng_ranks]
+                trainer_state["rng_cuda_ranks"] = [r[1] for r in rng_ranks]
+            save_checkpoint(last_dir, model, tokenizer, dict(record, step=step), trainer_state)
+
+        _on_rank0(world, rank, save)
 
     def record_eval():
+        nonlocal best_metric, best_step, history
+        best_metric, best_step, history, metric = _on_rank0(world, rank, _record_eval_main)
+        return metric
+
+    def _record_eval_main():
         nonlocal best_metric, best_step
         t0 = time.perf_counter()
         scores, metric = evaluate_now()
@@ -415,10 +557,11 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
             save_checkpoint(best_dir, model, tokenizer, dict(record, step=step, metric=metric, eval=scores))
         logger.info("step %d: %s = %.2f (best %.2f at step %d)", step, "+".join(eval_tasks), metric,
                     best_metric, best_step)
-        return metric
+        return best_metric, best_step, history, metric
 
     cuda_devices = cuda_devices_of(model)
     temperature = float(temperature)
+    process_group = dist.group.WORLD if world > 1 else None
 
     def encode(inputs):
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -429,7 +572,7 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
     def loss_fn(emb):  # emb: [B, views, d]; view 0 anchors, view 1 positives, view 2 hard negatives
         negative = emb[:, 2] if views == 3 else None
         return fastcse.info_nce(emb[:, 0], emb[:, 1], negative, temperature=temperature,
-                                hard_negative_weight=float(hard_negative_weight))
+                                hard_negative_weight=float(hard_negative_weight), process_group=process_group)
 
     def tokenize(chunk):
         if mode == "unsup":  # tokenize once, duplicate rows: the two dropout views of each sentence
@@ -448,18 +591,21 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
     if step == 0 and eval_tasks:
         record_eval()
     last_score = history[-1]["metric"] if history else None
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, disable=not (progress and is_main), unit="step", dynamic_ncols=True)
     train_seconds, sentences_seen = 0.0, 0
     try:
         while step < total_steps:
             epoch, position = divmod(step, steps_per_epoch)
             batch_ids = datalib.batch_order(len(examples), batch_size, seed=seed, epoch=epoch)[position]
+            batch_ids = batch_ids[shard_lo:shard_hi]  # this rank's rows of the global batch
             t0 = time.perf_counter()
             chunks = [tokenize(c) for c in split_chunks([examples[i] for i in batch_ids], mini_batch_size)]
             if len(chunks) > 1:
                 loss = cached_step(encode, chunks, loss_fn, cuda_devices=cuda_devices)
             else:
                 loss = uncached_step(encode, chunks, loss_fn)
+            if world > 1:
+                _all_reduce_grads(params)  # SUM: each rank holds its rows' share of the full gradient
             grad_norm = None
             if max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
@@ -475,8 +621,10 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss became {loss_value} at step {step}: lower the learning rate "
                                          "or use precision='fp32'")
-            _append_jsonl(metrics_path, {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
-                                         "grad_norm": grad_norm, "sentences_per_second": batch_size * views / seconds})
+            if is_main:
+                _append_jsonl(metrics_path, {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
+                                             "grad_norm": grad_norm,
+                                             "sentences_per_second": batch_size * views / seconds})
             if eval_tasks and (step % eval_steps == 0 or step == total_steps):
                 last_score = record_eval()
             if step % eval_steps == 0 or step == total_steps:
@@ -494,7 +642,7 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
     else:
         model_path = last_dir
         if not save_last_enabled:  # no evaluation and no resumable checkpoint: still save the model
-            save_checkpoint(last_dir, model, tokenizer, dict(record, step=step))
+            _on_rank0(world, rank, save_checkpoint, last_dir, model, tokenizer, dict(record, step=step))
     return TrainResult(steps=step, model_path=str(model_path), output_dir=str(output_dir),
                        metrics_path=str(metrics_path), best_metric=best_metric, best_step=best_step,
                        history=history, train_seconds=train_seconds,

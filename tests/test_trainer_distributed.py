@@ -1,0 +1,190 @@
+"""``fastcse.train`` on 2 gloo processes equals the single-process run on the same global batches.
+
+Dropout is off (so the only difference between the runs is float roundoff) and AdamW is replaced
+by SGD in both runs: Adam normalizes each element, so roundoff in a near-zero gradient would
+become a step of +-lr; SGD keeps weight differences proportional to gradient differences. Both
+ranks train the same tiny BERT; after the run each rank's weights must equal the single-process
+weights, uncached and with gradient caching (mini_batch_size). The processes are spawned once and
+run every case; the parent asserts on what they report.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fastcse.evaluation import shared_dir  # noqa: E402
+from fastcse.trainer import build_bert_from_scratch, train  # noqa: E402
+
+SHARED = shared_dir()
+TOKENIZER = SHARED / "models" / "all-MiniLM-L6-v2"
+SENTENCES = [f"sentence number {i} is about {w} and {v}" for i, (w, v) in
+             enumerate(zip(["cats", "dogs", "rain", "music", "bread", "trains", "rivers", "books"] * 6,
+                           ["the sea", "a city", "old songs", "red cars", "snow", "tea", "clocks", "maps"] * 6))]
+SPAWN_TIMEOUT_S = 120
+WORLD = 2
+# batch 12 = 6 rows a rank; mini-batch 4 splits each rank's 6 rows into chunks of 4 and 2.
+CASES = {"uncached": dict(mini_batch_size=None), "cached": dict(mini_batch_size=4)}
+COMMON = dict(batch_size=12, max_steps=3, learning_rate=0.5, eval_data=None, progress=False, seed=5)
+
+
+def tiny():
+    return build_bert_from_scratch(TOKENIZER, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                                   max_position_embeddings=128, dropout=0.0, seed=11)
+
+
+def _use_sgd():
+    torch.optim.AdamW = lambda groups, lr: torch.optim.SGD(groups, lr=lr)
+
+
+def _run(case, output_dir):
+    model, tok = tiny()
+    result = train((model, tok), SENTENCES, output_dir=output_dir, **CASES[case], **COMMON)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, result
+
+
+def _worker(rank, port, root, results):
+    import torch.distributed as dist
+
+    reports = {}
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                                timeout=datetime.timedelta(seconds=60))
+        _use_sgd()
+        for case in CASES:
+            state, result = _run(case, Path(root) / f"dist-{case}")
+            # Through a file: tensors put on a queue live in shared memory that dies with the process.
+            weights_file = Path(root) / f"rank{rank}-{case}.pt"
+            torch.save(state, weights_file)
+            reports[case] = (str(weights_file), result.to_dict())
+        dist.destroy_process_group()
+        results.put((rank, reports, None))
+    except Exception:  # a crash is a failure to report, not a hang of the parent
+        results.put((rank, None, traceback.format_exc()))
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_world(root):
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    env = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        procs = [ctx.Process(target=_worker, args=(rank, port, str(root), results)) for rank in range(WORLD)]
+        for proc in procs:
+            proc.start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    reports, errors = {}, []
+    try:
+        while len(reports) + len(errors) < WORLD:
+            rank, report, error = results.get(timeout=max(1.0, deadline - time.monotonic()))
+            if error:
+                errors.append(f"rank {rank} crashed:\n{error}")
+            else:
+                reports[rank] = report
+    except queue.Empty:
+        pass
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    assert not errors, "\n\n".join(errors)
+    missing = sorted(set(range(WORLD)) - set(reports))
+    assert not missing, f"ranks {missing} did not report within {SPAWN_TIMEOUT_S}s (hang?)"
+    return reports
+
+
+@pytest.fixture(scope="module")
+def distributed_runs(tmp_path_factory):
+    return _run_world(tmp_path_factory.mktemp("dist"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_equal_one_process(case, distributed_runs, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.optim, "AdamW", lambda groups, lr: torch.optim.SGD(groups, lr=lr))
+    single, single_result = _run(case, tmp_path / "single")
+    start = tiny()[0].state_dict()
+    single_losses = [json.loads(x)["loss"] for x in open(single_result.metrics_path, encoding="utf-8")]
+    moved = 0
+    for rank in range(WORLD):
+        weights_file, result = distributed_runs[rank][case]
+        state = torch.load(weights_file, weights_only=True)
+        assert result["steps"] == COMMON["max_steps"]  # the result is returned on every rank
+        assert result["model_path"] == str(Path(result["output_dir"]) / "last")
+        for name in single:
+            torch.testing.assert_close(state[name], single[name], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
+            moved += rank == 0 and not torch.equal(single[name], start[name])
+    assert moved > 10  # trained weights are compared, not two copies of the start
+    # Rank 0 wrote the metrics (the global loss, as one process computes it) and the checkpoint.
+    out = Path(distributed_runs[0][case][1]["output_dir"])
+    losses = [json.loads(x)["loss"] for x in open(out / "metrics.jsonl", encoding="utf-8")]
+    assert losses == pytest.approx(single_losses, rel=1e-5)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "last" / "model.safetensors"))
+    torch.testing.assert_close(saved["pooler.dense.weight"], single["pooler.dense.weight"], rtol=1e-5, atol=1e-5)
+    assert not any(name.startswith(".") for name in os.listdir(out))  # no temporary folders left
+
+
+@pytest.mark.slow
+def test_torchrun_cli_runs_a_few_steps(tmp_path):
+    """``torchrun --standalone --nproc_per_node=2 -m fastcse train ...`` from scratch, evaluated by rank 0."""
+    data = tmp_path / "sentences.txt"
+    data.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    src = (SHARED / "data" / "sts-raw" / "STSB" / "dev.tsv").read_text(encoding="utf-8").splitlines()
+    dev = tmp_path / "dev40.tsv"
+    dev.write_text("\n".join(src[:41]) + "\n", encoding="utf-8")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "fastcse", "train", "--model", str(TOKENIZER), "--from-scratch",
+                          "--scratch-hidden-size", "64", "--scratch-layers", "1", "--data", str(data),
+                          "--batch-size", "8", "--mini-batch-size", "2", "--max-steps", "3", "--eval-data", str(dev),
+                          "--eval-steps", "2",
+                          "--no-progress", "--output-dir", str(tmp_path / "run")],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # One run over 2 processes (train() joins torchrun's group), logged once, by rank 0.
+    assert out.stderr.count("training unsup SimCSE") == 1 and "batch 8 over 2 processes (4 each)" in out.stderr, \
+        out.stderr
+    # The result is printed once, by rank 0 (every rank returns it; the CLI prints on rank 0 only).
+    best = [line for line in out.stdout.splitlines() if line.startswith("best ")]
+    assert len(best) == 1, out.stdout
+    assert out.stdout.count(f"saved model: {tmp_path / 'run' / 'best'}") == 1, out.stdout
+    records = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8")]
+    # written once, by rank 0: evaluations before training, at step 2 and at the end
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in records if "eval" in r] == [0, 2, 3]
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "last" / "trainer_state.pt").is_file()
