@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime
 import itertools
 import os
-import queue
-import socket
 import subprocess
 import sys
 import time
@@ -21,10 +19,10 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastcse
 from fastcse.distributed import GatherGroup, distributed_info_nce, gather_rows
+from spawn_world import spawn_world
 
 SPAWN_TIMEOUT_S = 150
 MISMATCH_BOUND_S = 20.0
@@ -218,45 +216,8 @@ def _worker(rank, world, port, results):
     results.put((rank, failures))
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_world(world):
-    port = _free_port()
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    env = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        procs = [ctx.Process(target=_worker, args=(rank, world, port, results)) for rank in range(world)]
-        for proc in procs:
-            proc.start()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    reports = {}
-    try:
-        while len(reports) < world:
-            rank, failures = results.get(timeout=max(1.0, deadline - time.monotonic()))
-            reports[rank] = failures
-    except queue.Empty:
-        pass
-    finally:
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    missing = sorted(set(range(world)) - set(reports))
-    assert not missing, f"ranks {missing} did not report within {SPAWN_TIMEOUT_S}s (hang?)"
+    reports = spawn_world(_worker, world, timeout_s=SPAWN_TIMEOUT_S)
     failures = [f for rank in sorted(reports) for f in reports[rank]]
     assert not failures, "\n\n".join(failures)
 

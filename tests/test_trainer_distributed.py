@@ -13,22 +13,19 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import queue
-import socket
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fastcse.evaluation import shared_dir  # noqa: E402
 from fastcse.trainer import build_bert_from_scratch, train  # noqa: E402
+from spawn_world import spawn_world  # noqa: E402
 
 SHARED = shared_dir()
 TOKENIZER = SHARED / "models" / "all-MiniLM-L6-v2"
@@ -57,7 +54,7 @@ def _run(case, output_dir):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, result
 
 
-def _worker(rank, port, root, results):
+def _worker(rank, world, port, results, root):
     import torch.distributed as dist
 
     reports = {}
@@ -73,55 +70,16 @@ def _worker(rank, port, root, results):
             torch.save(state, weights_file)
             reports[case] = (str(weights_file), result.to_dict())
         dist.destroy_process_group()
-        results.put((rank, reports, None))
+        results.put((rank, (reports, None)))
     except Exception:  # a crash is a failure to report, not a hang of the parent
-        results.put((rank, None, traceback.format_exc()))
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        results.put((rank, (None, traceback.format_exc())))
 
 
 def _run_world(root):
-    port = _free_port()
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    env = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        procs = [ctx.Process(target=_worker, args=(rank, port, str(root), results)) for rank in range(WORLD)]
-        for proc in procs:
-            proc.start()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    reports, errors = {}, []
-    try:
-        while len(reports) + len(errors) < WORLD:
-            rank, report, error = results.get(timeout=max(1.0, deadline - time.monotonic()))
-            if error:
-                errors.append(f"rank {rank} crashed:\n{error}")
-            else:
-                reports[rank] = report
-    except queue.Empty:
-        pass
-    finally:
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+    reports = spawn_world(_worker, WORLD, str(root), timeout_s=SPAWN_TIMEOUT_S)
+    errors = [f"rank {rank} crashed:\n{error}" for rank, (_, error) in sorted(reports.items()) if error]
     assert not errors, "\n\n".join(errors)
-    missing = sorted(set(range(WORLD)) - set(reports))
-    assert not missing, f"ranks {missing} did not report within {SPAWN_TIMEOUT_S}s (hang?)"
-    return reports
+    return {rank: report for rank, (report, _) in reports.items()}
 
 
 @pytest.fixture(scope="module")
