@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from fastcse.loss import _needs_grad
 from fastcse.ops import info_nce_op
 
 _BUILD_HINT = ("run `pip install --no-build-isolation -e .` in the fastcse checkout (needs a C++ compiler; "
@@ -134,15 +135,11 @@ def _normalized(x: torch.Tensor) -> torch.Tensor:
 
 def distributed_info_nce(anchor, positive, negative, *, num_neg, temperature, normalize, symmetric,
                          hard_negative_weight, reduction, backend, process_group):
-    """``info_nce`` over the concatenated batch of all ranks (inputs already checked by ``loss.py``)."""
+    """``info_nce`` over the concatenated batch of all ranks (inputs already checked by ``loss.py``,
+    ``temperature`` already a 0-dim tensor)."""
     group, bf16_transport = resolve_group(process_group)
     batch, dim = anchor.shape
-    if not isinstance(temperature, torch.Tensor):
-        # fp64 so that the value the kernels read back is exactly the user's float (as in loss.py).
-        temperature = torch.tensor(float(temperature), dtype=torch.float64, device=anchor.device)
-    temperature = temperature.reshape(())
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (anchor, positive, negative, temperature))
+    needs_grad = _needs_grad(anchor, positive, negative, temperature)
 
     parts = [positive]
     if num_neg:

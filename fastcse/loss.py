@@ -140,6 +140,10 @@ def info_nce(
     """
     backend, num_neg = check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
                                     distributed=process_group is not None)
+    if not isinstance(temperature, torch.Tensor):
+        # fp64 so that the value the kernels read back is exactly the user's float.
+        temperature = torch.tensor(float(temperature), dtype=torch.float64)
+    temperature = temperature.reshape(())
     if process_group is not None:
         from fastcse.distributed import distributed_info_nce
 
@@ -147,10 +151,6 @@ def info_nce(
                                     normalize=normalize, symmetric=symmetric,
                                     hard_negative_weight=hard_negative_weight, reduction=reduction,
                                     backend=backend, process_group=process_group)
-    if not isinstance(temperature, torch.Tensor):
-        # fp64 so that the value the kernels read back is exactly the user's float.
-        temperature = torch.tensor(float(temperature), dtype=torch.float64)
-    temperature = temperature.reshape(())
     candidates = _candidates(positive, negative, num_neg)
     anchor = anchor.contiguous()
     grad_in_forward = reduction != "none" and _needs_grad(anchor, candidates, temperature)
