@@ -35,11 +35,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, ROOT
+from conftest import QUICK
+
+from fastcse.evaluation import shared_dir
 
 pytest.importorskip("sentence_transformers")
 
-SHARED = Path(os.environ.get("FASTCSE_SHARED", ROOT.parent / "shared"))
+SHARED = shared_dir()  # $FASTCSE_SHARED, else ../shared beside the checkout
 MODEL = SHARED / "models" / "all-MiniLM-L6-v2"
 NLI = SHARED / "data" / "nli" / "snli-dev-triples.csv"
 LOSSES = ("mnrl", "fastcse", "cached_mnrl", "fastcse_cached")

@@ -35,8 +35,9 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 import fastcse
+from fastcse.evaluation import shared_dir
 
-SHARED = Path(os.environ.get("FASTCSE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+SHARED = shared_dir()  # $FASTCSE_SHARED, else ../shared beside the checkout
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

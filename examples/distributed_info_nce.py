@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import os
 import zlib
 from pathlib import Path
 
@@ -27,8 +26,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import fastcse
+from fastcse.evaluation import shared_dir
 
-SHARED = Path(os.environ.get("FASTCSE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+SHARED = shared_dir()  # $FASTCSE_SHARED, else ../shared beside the checkout
 BUCKETS = 1 << 14
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -23,8 +22,9 @@ from datasets import load_dataset
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, Trainer, TrainingArguments
 
 import fastcse
+from fastcse.evaluation import shared_dir
 
-SHARED = Path(os.environ.get("FASTCSE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+SHARED = shared_dir()  # $FASTCSE_SHARED, else ../shared beside the checkout
 COLUMNS = ("sent0", "sent1", "hard_neg")  # anchor, positive, hard negative
 
 

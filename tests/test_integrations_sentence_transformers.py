@@ -31,10 +31,11 @@ from sentence_transformers.sentence_transformer.losses import (  # noqa: E402
 )
 from sentence_transformers.sentence_transformer.modules import Pooling  # noqa: E402
 
+from fastcse.evaluation import shared_dir  # noqa: E402
 from fastcse.integrations.sentence_transformers import InfoNCELoss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FASTCSE_SHARED", ROOT.parent / "shared"))
+SHARED = shared_dir()  # $FASTCSE_SHARED, else ../shared beside the checkout
 TOKENIZER = SHARED / "models" / "all-MiniLM-L6-v2"
 NLI = SHARED / "data" / "nli" / "snli-dev-triples.csv"
 BATCH = 6
