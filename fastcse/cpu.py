@@ -149,15 +149,12 @@ def _fused_sweep(prob: _Problem):
         targets = prob.targets(r0, r1)
         block = prob.scores(r0, r1)
         target_logit = block[rows, targets]
-        if prob.unshifted:
-            block.exp_()  # E = exp(S), in place
-            total = block.sum(1)
-            lse[r0:r1] = torch.log(total)
-        else:
+        if not prob.unshifted:
             row_max = block.amax(1, keepdim=True)
-            block.sub_(row_max).exp_()  # E = exp(S - m), in place
-            total = block.sum(1)
-            lse[r0:r1] = row_max.squeeze(1) + torch.log(total)
+            block.sub_(row_max)
+        block.exp_()  # E = exp(S - m) (m = 0 when unshifted), in place
+        total = block.sum(1)
+        lse[r0:r1] = torch.log(total) if prob.unshifted else row_max.squeeze(1) + torch.log(total)
         row_loss[r0:r1] = lse[r0:r1] - target_logit
         inv_total = (1.0 / total)[:, None]
         # dA_hat * tau = (E C) / l - C[target]

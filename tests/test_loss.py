@@ -183,8 +183,6 @@ def test_block_budget_bounds_memory():
 def test_gradcheck_fp64(options):
     anchor, positive, negative = make_inputs(5, 4, 2, torch.float64)
     tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
-    if options.get("hard_negative_weight") is None:
-        options["hard_negative_weight"] = 0.0
     leaves = [t.requires_grad_() for t in (anchor, positive, negative)]
     assert torch.autograd.gradcheck(lambda a, p, n, t: info_nce(a, p, n, temperature=t, **options),
                                     (*leaves, tau))
