@@ -10,6 +10,7 @@ those columns, or a list of tuples. Every problem is reported before training st
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Sequence
@@ -43,17 +44,15 @@ def load_unsup(data, *, column: str | None = None) -> list[str]:
     path = _as_path(data)
     if path is not None:
         if path.suffix.lower() in (".csv", ".tsv"):
-            rows = _read_table(path)
-            header = rows[0] if rows else []
+            header, rows = read_table(path)
             name = column or ("text" if "text" in header else (header[0] if len(header) == 1 else None))
             if name not in header:
                 raise ValueError(f"{path}: unsupervised CSV needs a 'text' column (or a single column), "
                                  f"found columns {header}")
             index = header.index(name)
-            sentences = [row[index].strip() for row in rows[1:] if len(row) > index]
+            sentences = [row[index].strip() for _, row in rows]
         else:
-            with open(path, encoding="utf-8") as f:
-                sentences = [line.strip() for line in f]
+            sentences = [line.strip() for line in _text_lines(path)]
         where = str(path)
     elif _is_dataset(data):
         string_columns = [c for c in data.column_names if data.features[c].dtype in ("string", "large_string")] \
@@ -76,10 +75,57 @@ def load_unsup(data, *, column: str | None = None) -> list[str]:
     return sentences
 
 
-def _read_table(path: Path) -> list[list[str]]:
+def read_utf8(path: Path) -> str:
+    """The file's text; a byte that is not UTF-8 is reported with its line, not as a codec traceback."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x}): "
+                         "re-save the file as UTF-8") from None
+
+
+def _text_lines(path: Path) -> list[str]:
+    # StringIO with newline=None splits like open(): on \n, \r\n and \r only (str.splitlines
+    # would also split inside a sentence at \u2028, \x0c and the like).
+    return list(io.StringIO(read_utf8(path), newline=None))
+
+
+def read_table(path: Path, *, quoting: int = csv.QUOTE_MINIMAL) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """A CSV/TSV file's header and its non-blank rows as (line number, fields).
+
+    Every row must have as many fields as the header, and each row must sit on one line: the
+    fields are sentences, so a field holding a line break is a quote left open that swallowed
+    the lines after it. Both are reported with the line, as is malformed quoting.
+    """
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, encoding="utf-8", newline="") as f:
-        return [row for row in csv.reader(f, delimiter=delimiter) if row]
+    reader = csv.reader(io.StringIO(read_utf8(path), newline=""), delimiter=delimiter, quoting=quoting,
+                        strict=True)
+    header, rows = None, []
+    while True:
+        line = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise ValueError(f"{path}, line {line}: malformed quoting ({e}): a field that starts with a quote "
+                             "must end with one, and a quote inside it is written twice") from None
+        if reader.line_num > line:
+            raise ValueError(f"{path}, line {line}: a quote opened on this line is closed on line "
+                             f"{reader.line_num}, so the lines between merge into one field (unbalanced quote?)")
+        if not row:
+            continue
+        if header is None:
+            header = row
+        elif len(row) != len(header):
+            hint = "" if quoting == csv.QUOTE_NONE else f"; quote a field that contains {delimiter!r}"
+            raise ValueError(f"{path}, line {line}: {len(row)} field{'s' * (len(row) != 1)} but the header has "
+                             f"{len(header)} ({delimiter!r}-separated{hint})")
+        else:
+            rows.append((line, row))
+    return header or [], rows
 
 
 def load_sup(data) -> list[tuple[str, ...]]:
@@ -89,17 +135,14 @@ def load_sup(data) -> list[tuple[str, ...]]:
     """
     path = _as_path(data)
     if path is not None:
-        rows = _read_table(path)
-        header = [h.strip() for h in rows[0]] if rows else []
+        header, rows = read_table(path)
+        header = [h.strip() for h in header]
         if not {"sent0", "sent1"} <= set(header):
             raise ValueError(f"{path}: supervised CSV needs a header with columns sent0,sent1[,hard_neg] "
                              f"(SimCSE's nli_for_simcse.csv layout), found {header}")
         names = [c for c in SUP_COLUMNS if c in header]
         index = [header.index(c) for c in names]
-        for line, row in enumerate(rows[1:], start=2):
-            if len(row) < len(header):
-                raise ValueError(f"{path}, row {line}: expected {len(header)} fields, got {len(row)}")
-        examples = [tuple(row[i].strip() for i in index) for row in rows[1:]]
+        examples = [tuple(row[i].strip() for i in index) for _, row in rows]
         where = str(path)
     elif _is_dataset(data):
         if not {"sent0", "sent1"} <= set(data.column_names):

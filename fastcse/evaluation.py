@@ -20,6 +20,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from fastcse.data import read_table
 from fastcse.pooling import POOLERS, check_pooler, pool
 
 STS_YEARS = ("STS12", "STS13", "STS14", "STS15", "STS16")
@@ -119,25 +120,26 @@ def load_pair_file(path) -> tuple[list[str], list[str], np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pair file not found: {str(path)!r}")
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, encoding="utf-8", newline="") as f:
-        # QUOTE_NONE for TSV: sentences hold bare quotes that are text, not quoting.
-        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        rows = [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
-    header = [h.strip().lower() for h in rows[0]] if rows else []
+    # QUOTE_NONE for TSV: sentences hold bare quotes that are text, not quoting.
+    quoting = csv.QUOTE_NONE if path.suffix.lower() == ".tsv" else csv.QUOTE_MINIMAL
+    header, rows = read_table(path, quoting=quoting)
+    header = [h.strip().lower() for h in header]
     missing = [c for c in ("sentence1", "sentence2", "score") if c not in header]
     if missing:
         raise ValueError(f"{path}: pair file needs a header with columns sentence1, sentence2, score; "
                          f"missing {missing}, found {header}")
-    i1, i2, isc = header.index("sentence1"), header.index("sentence2"), header.index("score")
-    body = rows[1:]
-    if not body:
+    if not rows:
         raise ValueError(f"{path}: no sentence pairs after the header")
+    i1, i2, isc = header.index("sentence1"), header.index("sentence2"), header.index("score")
+    gold = np.asarray([_score(row[isc], f"{path}, line {line}") for line, row in rows], dtype=np.float64)
+    return [row[i1] for _, row in rows], [row[i2] for _, row in rows], gold
+
+
+def _score(text: str, where: str) -> float:
     try:
-        gold = np.asarray([float(r[isc]) for r in body], dtype=np.float64)
-    except (ValueError, IndexError) as e:
-        raise ValueError(f"{path}: every row needs a numeric score in column {isc + 1}: {e}") from None
-    return [r[i1] for r in body], [r[i2] for r in body], gold
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{where}: score {text!r} is not a number") from None
 
 
 def load_task(task: str, data_dir=None):

@@ -85,3 +85,56 @@ def test_batch_order_is_a_seeded_permutation_of_full_batches():
     assert batches == batch_order(10, 3, seed=1, epoch=0)
     assert batches != batch_order(10, 3, seed=1, epoch=1)
     assert batches != batch_order(10, 3, seed=2, epoch=0)
+
+
+# Malformed files: each problem is a ValueError naming the file and the line, never a bare traceback
+# from the codec or the csv module, and never silently merged or truncated rows.
+
+
+@pytest.mark.parametrize("name, good", [("s.txt", b"fine line\n"), ("s.csv", b"text\nfine line\n"),
+                                        ("s.tsv", b"text\nfine line\n")])
+def test_unsup_non_utf8_file_names_the_file_and_line(tmp_path, name, good):
+    path = tmp_path / name
+    path.write_bytes(good + b"also fine\ncaf\xe9 au lait\n")  # Latin-1 bytes on line 3 (CSV: line 4)
+    line = 4 if name.endswith(("csv", "tsv")) else 3
+    with pytest.raises(ValueError, match=rf"{name}, line {line}: not UTF-8"):
+        load_unsup(path)
+
+
+def test_sup_non_utf8_csv_names_the_line(tmp_path):
+    path = tmp_path / "nli.csv"
+    path.write_bytes(b"sent0,sent1,hard_neg\na,b,c\nd,\xff\xfe,f\n")
+    with pytest.raises(ValueError, match=r"nli.csv, line 3: not UTF-8"):
+        load_sup(path)
+
+
+@pytest.mark.parametrize("loader, text, line, what", [
+    (load_sup, "sent0,sent1,hard_neg\na,b,c\na man, a plan,b,c\n", 3, "4 fields.*header has 3"),
+    (load_sup, "sent0,sent1\n\n\na,b\nx\n", 5, "1 field.*header has 2"),  # blank lines still count
+    (load_unsup, "text\nhello\nhello, world\n", 3, "2 fields.*header has 1"),
+    (load_unsup, "text,id\nhello,1\nworld\n", 3, "1 field.*header has 2"),
+])
+def test_csv_rows_with_the_wrong_field_count_name_the_line(tmp_path, loader, text, line, what):
+    path = tmp_path / "data.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"data.csv, line {line}: .*{what}"):
+        loader(path)
+
+
+@pytest.mark.parametrize("loader, text, line", [
+    # the quote opened on line 3 swallowed lines 4-5 into one field (the field count still fits)
+    (load_sup, 'sent0,sent1\na,b\n"unclosed,x\nc,d\ne,",f\ng,h\n', 3),
+    (load_unsup, 'text\nok\n"never closed\nmore\n', 3),  # runs to the end of the file
+    (load_unsup, 'text\n"quoted" then more\n', 2),  # text after a closing quote
+])
+def test_csv_unbalanced_quote_names_the_line(tmp_path, loader, text, line):
+    path = tmp_path / "q.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"q.csv, line {line}: .*quot"):
+        loader(path)
+
+
+def test_csv_quoting_that_balances_still_loads(tmp_path):
+    path = tmp_path / "ok.csv"
+    path.write_text('sent0,sent1\r\n"a man, a plan","he said ""hi"""\r\nplain,row\r\n', encoding="utf-8")
+    assert load_sup(path) == [("a man, a plan", 'he said "hi"'), ("plain", "row")]

@@ -110,3 +110,24 @@ def test_minilm_mean_pooling_reproduces_its_published_stsb_score():
     # pooler="auto" reads the model's sentence-transformers pooling config (mean tokens)
     assert evaluate_module.resolve_pooler("auto", MINILM) == "avg"
     print(f"all-MiniLM-L6-v2 STS-B test: {scores['test']:.2f} in {seconds:.1f} s")
+
+
+@pytest.mark.parametrize("name, content, line, what", [
+    ("p.csv", b"sentence1,sentence2,score\na,b,1\nan apple, a pear,b,2\n", 3, "4 fields but the header has 3"),
+    ("p.tsv", b"sentence1\tsentence2\tscore\na\tb\t1\n\nonly\t2\n", 4, "2 fields but the header has 3"),
+    ("p.csv", b'sentence1,sentence2,score\n"open,b,1\nc,d,2\ne,",3\n', 2, "unbalanced quote"),
+    ("p.tsv", b"sentence1\tsentence2\tscore\na\tb\t1\nna\xefve\tc\t2\n", 3, "not UTF-8"),
+    ("p.tsv", b"sentence1\tsentence2\tscore\na\tb\t1\nc\td\thigh\n", 3, "score 'high' is not a number"),
+])
+def test_malformed_pair_files_name_the_line(tmp_path, name, content, line, what):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{name}, line {line}: .*{what}"):
+        load_pair_file(path)
+
+
+def test_tsv_pair_file_keeps_bare_quotes(tmp_path):
+    path = tmp_path / "q.tsv"
+    path.write_text('sentence1\tsentence2\tscore\n"Hi," she said.\the said "no\t2.5\n', encoding="utf-8")
+    first, second, gold = load_pair_file(path)
+    assert first == ['"Hi," she said.'] and second == ['he said "no'] and gold.tolist() == [2.5]
