@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -159,18 +160,46 @@ def load_task(task: str, data_dir=None):
 # Models and encoding
 
 
+# A Hub id is "name" or "org/name" in word characters, '-' and '.' (huggingface_hub's rule).
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def _not_a_hub_id(name: str) -> str | None:
+    """Why a string that names no existing file can only be a local path, or None if it may be a Hub id."""
+    if os.path.isabs(name) or name.startswith((".", "~")):
+        return "an absolute, relative or home path"
+    if not _HUB_ID.fullmatch(name):
+        return "not a Hub id ('name' or 'org/name' of letters, digits, '_', '-', '.')"
+    head = name.split("/")[0]
+    if "/" in name and Path(head).is_dir():
+        return f"{head!r} is a folder here, so this is a path into it, not the Hub id of org {head!r}"
+    return None
+
+
+def model_source(model_or_path) -> str:
+    """The folder (``~`` expanded) or Hub id to load from; a missing local folder fails here, at once.
+
+    transformers would try it as a Hub id first: tens of seconds of retries, then a traceback.
+    """
+    name = str(model_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path)
+    reason = _not_a_hub_id(name)
+    if reason is not None:
+        expanded = f", {str(path)!r}" if str(path) != name else ""
+        raise FileNotFoundError(f"model folder not found: {name!r}{expanded} ({reason})")
+    return name
+
+
 def load_model(model_or_path, tokenizer=None, *, device=None):
     """(model, tokenizer) from a path / Hub id, or an already-built model with its tokenizer."""
     from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
     if isinstance(model_or_path, (str, os.PathLike)):
-        path = str(model_or_path)
-        if Path(path).exists():
-            if not (Path(path) / "config.json").is_file():
-                raise FileNotFoundError(f"{path!r} is not a saved transformers model (no config.json)")
-        # A Hub id is "name" or "org/name"; any other string that does not exist is a missing folder.
-        elif Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") > 1:
-            raise FileNotFoundError(f"model folder not found: {path!r}")
+        path = model_source(model_or_path)
+        if Path(path).exists() and not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"{path!r} is not a saved transformers model (no config.json)")
         model = AutoModel.from_pretrained(path)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
     elif isinstance(model_or_path, PreTrainedModel):
@@ -187,7 +216,7 @@ def load_model(model_or_path, tokenizer=None, *, device=None):
 
 def saved_pooler(path) -> str | None:
     """The pooler a saved model declares: fastcse's own record, else sentence-transformers' pooling."""
-    path = Path(path)
+    path = Path(path).expanduser()
     record = path / "fastcse.json"
     if record.is_file():
         info = json.loads(record.read_text(encoding="utf-8"))

@@ -1,4 +1,5 @@
 import os
+import re
 import time
 
 import numpy as np
@@ -131,3 +132,46 @@ def test_tsv_pair_file_keeps_bare_quotes(tmp_path):
     path.write_text('sentence1\tsentence2\tscore\n"Hi," she said.\the said "no\t2.5\n', encoding="utf-8")
     first, second, gold = load_pair_file(path)
     assert first == ['"Hi," she said.'] and second == ['he said "no'] and gold.tolist() == [2.5]
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """Stubs transformers' loaders: records what would be fetched, fetches nothing."""
+    import transformers
+
+    calls = []
+
+    def fake_from_pretrained(name, *args, **kwargs):
+        calls.append(str(name))
+        raise OSError("stub: not fetched")
+
+    for cls in (transformers.AutoModel, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", staticmethod(fake_from_pretrained))
+    return calls
+
+
+@pytest.mark.parametrize("name", ["./models/nope", "/abs/missing", "~/fastcse-no-such-model", "runs/nope",
+                                  "runs/nope/best", "my models/nope", "org/name/", "..\\nope"])
+def test_a_missing_local_model_path_is_not_tried_as_a_hub_id(tmp_path, monkeypatch, hub_calls, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # "runs/nope" exists partially: a local path, not the Hub id of org "runs"
+    with pytest.raises(FileNotFoundError, match=re.escape(repr(name))):
+        evaluate_module.load_model(name)
+    assert hub_calls == []
+
+
+@pytest.mark.parametrize("name", ["org/name", "bert-base-uncased", "sentence-transformers/all-MiniLM-L6-v2"])
+def test_hub_ids_still_go_to_transformers(tmp_path, monkeypatch, hub_calls, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError, match="stub"):
+        evaluate_module.load_model(name)
+    assert hub_calls == [name]
+
+
+def test_a_home_relative_model_path_is_expanded(tmp_path, monkeypatch, hub_calls):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(OSError, match="stub"):
+        evaluate_module.load_model("~/model")
+    assert hub_calls == [str(tmp_path / "model")]
