@@ -97,6 +97,19 @@ def _inv_norm(norm_ptr, idx, n, NORMALIZE: tl.constexpr, EPS_: tl.constexpr):
 
 
 @triton.jit
+def _normalized_tile(ptr, rows, cols_k, n_rows, dim, stride, inv_norm, NORMALIZE: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    """x_hat[rows, cols_k] = x / max(||x||, eps), scaled in fp32 and rounded to the input dtype
+    (as a GPU product operand), then fp32 when UPCAST."""
+    x = _load_tile(ptr, rows, cols_k, n_rows, dim, stride, False)
+    if NORMALIZE:
+        x = (x.to(tl.float32) * inv_norm[:, None]).to(ptr.dtype.element_ty)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _scores(a_ptr, c_ptr, a_norm_ptr, c_norm_ptr, rows, cols, n_rows, n_cols, dim, stride_a, stride_c,
             inv_tau, neg_start, num_neg, weight,
             NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, EPS_: tl.constexpr,
@@ -269,20 +282,22 @@ def _backward_kernel(a_ptr, c_ptr, a_norm_ptr, c_norm_ptr, lse_ptr, lse_rev_ptr,
             ds += tl.exp(rev_arg) * g_rev[None, :]
     # The one-hot: -g_i at (i, pos_start + i); symmetric puts both directions' (g_i / 2 each) there.
     ds = tl.where(cols[None, :] == (pos_start + rows)[:, None], ds - g[:, None], ds)
-    ds = tl.where(tile_ok, ds * inv_tau, 0.0)
-    # Fold the normalization into dS: dA_hat = (dS diag(1/||c||)) C, dC_hat = (diag(1/||a||) dS)^T A.
-    ds_a = (ds * inv_c[None, :]).to(a_ptr.dtype.element_ty)
-    ds_c = tl.trans((ds * inv_a[:, None]).to(a_ptr.dtype.element_ty))
+    ds = tl.where(tile_ok, ds, 0.0)
+    # dS enters the products in the input dtype with neither 1/tau nor 1/||x|| folded in: both
+    # can be large (1/||x|| = 1e12 for a zero row) and fp16 would overflow to inf, then inf * 0 =
+    # NaN over the whole row block. 1/||x|| goes onto the operand tiles instead (normalized rows,
+    # entries <= 1) and 1/tau onto the fp32 products: dA_hat = (dS C_hat) / tau, dC_hat = (dS^T A_hat) / tau.
+    ds = ds.to(a_ptr.dtype.element_ty)
     if UPCAST:
-        ds_a = ds_a.to(tl.float32)
-        ds_c = ds_c.to(tl.float32)
+        ds = ds.to(tl.float32)
+    ds_t = tl.trans(ds)
     for k0 in range(0, dim, BLOCK_D):
         ks = k0 + tl.arange(0, BLOCK_D)
         k_ok = ks < dim
-        a = _load_tile(a_ptr, rows, ks, n_rows, dim, stride_a, UPCAST)
-        c = _load_tile(c_ptr, cols, ks, n_cols, dim, stride_c, UPCAST)
-        da = tl.dot(ds_a, c, input_precision=PRECISION)
-        dc = tl.dot(ds_c, a, input_precision=PRECISION)
+        a_hat = _normalized_tile(a_ptr, rows, ks, n_rows, dim, stride_a, inv_a, NORMALIZE, UPCAST)
+        c_hat = _normalized_tile(c_ptr, cols, ks, n_cols, dim, stride_c, inv_c, NORMALIZE, UPCAST)
+        da = tl.dot(ds, c_hat, input_precision=PRECISION) * inv_tau
+        dc = tl.dot(ds_t, a_hat, input_precision=PRECISION) * inv_tau
         tl.atomic_add(grad_a_ptr + rows.to(tl.int64)[:, None] * dim + ks[None, :], da,
                       mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
         tl.atomic_add(grad_c_ptr + cols.to(tl.int64)[:, None] * dim + ks[None, :], dc,

@@ -297,3 +297,40 @@ def test_no_tensor_of_batch_times_candidates_size():
     assert grads is not None
     # The largest is d(candidates), [N, d] fp32; a score block would be B N fp32 (3.3x more).
     assert LargestTensor.largest == candidates.numel() * 4, LargestTensor.largest
+
+
+def _assert_rows_close(name, actual, expected, tol, rows):
+    """Each of ``rows`` against its own scale. Where the reference gradient is near or beyond
+    the dtype's range (a zero row's d(x_hat) / eps in fp16) only its sign is checked: the
+    gradient rounds to the largest value or to the signed infinity, never to NaN."""
+    actual, expected = actual.reshape(-1, actual.shape[-1]), expected.reshape(-1, expected.shape[-1])
+    assert not actual.isnan().any(), f"{name}: NaN in rows {actual.isnan().any(1).nonzero().flatten().tolist()}"
+    edge = torch.finfo(actual.dtype).max / 2
+    for row in rows:
+        got, want = actual[row], expected[row]
+        huge = want.abs() > edge
+        assert torch.equal(got[huge].double().sign(), want[huge].sign()), f"{name}[{row}]: {got[huge]}"
+        if not huge.all():
+            _assert_close(f"{name}[{row}]", got[~huge], want[~huge], tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("symmetric,reduction", [(False, "none"), (True, "mean")])
+def test_zero_and_tiny_rows_half_precision_gradients(dtype, symmetric, reduction):
+    """A zero row and rows of norm 4e-5 in 16-bit inputs: every gradient row matches the fp64
+    reference (1 / ||x|| up to 1e12 never multiplies a 16-bit operand of the gradient products)."""
+    anchor, positive, negative = _inputs(12, 2, 24, torch.float32, seed=41)
+    for x, row in ((anchor, 3), (positive, 5), (negative[7], 1)):
+        x[row] = 0.0
+    for x, row in ((anchor, 6), (positive, 8), (negative[2], 0)):
+        x[row] *= 4e-5 / x[row].norm()
+    tensors = [x.to(dtype) for x in (anchor, positive, negative)]
+    upstream = torch.rand(12) + 0.5 if reduction == "none" else torch.tensor(1.0)
+    options = dict(symmetric=symmetric, hard_negative_weight=0.3, reduction=reduction)
+    loss, grads = _loss_and_grads(fastcse.info_nce, tensors, 0.05, upstream, backend="triton", **options)
+    ref_loss, ref_grads = _loss_and_grads(info_nce_reference, tensors, 0.05, upstream.double(),
+                                          dtype=torch.float64, **options)
+    _assert_close("loss", loss, ref_loss, TOL[dtype])
+    for name, got, want, rows in zip(("anchor", "positive", "negative"), grads, ref_grads, (12, 12, 24)):
+        _assert_rows_close(f"d{name}", got, want, TOL[dtype], range(rows))
+    _assert_close("dtemperature", grads[3], ref_grads[3], TOL[dtype])
