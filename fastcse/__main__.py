@@ -16,10 +16,44 @@ from fastcse.pooling import POOLERS
 # training, [CLS] at evaluation, batch 64, lr 3e-5, temperature 0.05, max length 32) on
 # all-MiniLM-L6-v2 and the bundled unlabelled sentences. MiniLM was trained for mean pooling; its
 # [CLS] vector is a weaker sentence embedding (STS-B dev 79.7 vs 86.7 for mean pooling), and
-# SimCSE turns it into a good one within a few dozen steps: a real gain that fits in ~10 minutes
-# on 2 CPU cores. (A from-scratch BERT does not learn semantics from dropout views alone at this
+# SimCSE turns it into a good one within a few dozen steps: a real gain that fits in about 4
+# minutes on 2 CPU cores (README: 4.2 min). (A from-scratch BERT does not learn semantics from dropout views alone at this
 # scale: see scripts/quality_runs.py.)
 DEMO = {"batch_size": 64, "max_steps": 100, "eval_steps": 25}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: sizes and counts, refused at parse time rather than deep inside training."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def torch_device(text: str) -> str:
+    """argparse type: a device string torch knows and this machine has (checked before any loading)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: expected cpu, cuda or cuda:N, mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine (torch "
+                                             f"{torch.__version__}); use --device cpu or leave it out")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device{'s' * (count != 1)}"
+                                             f" (cuda:0..cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}: expected cpu, cuda or cuda:N, mps")
+    return text
 
 
 def _shared(args) -> Path:
@@ -38,13 +72,13 @@ def _add_common(p):
 def _add_train_options(p, demo: bool):
     p.add_argument("--output-dir", default="runs/demo" if demo else "runs/fastcse",
                    help="where best/, last/ and metrics.jsonl go (default: %(default)s)")
-    p.add_argument("--max-steps", type=int, default=DEMO["max_steps"] if demo else None,
-                   help="optimizer steps (overrides --epochs)" + (" (default: %(default)s)" if demo else ""))
-    p.add_argument("--eval-steps", type=int, default=DEMO["eval_steps"] if demo else 125,
+    p.add_argument("--max-steps", type=positive_int, default=DEMO["max_steps"] if demo else None,
+                   help="optimizer steps (default: %(default)s)" if demo else "optimizer steps (overrides --epochs)")
+    p.add_argument("--eval-steps", type=positive_int, default=DEMO["eval_steps"] if demo else 125,
                    help="evaluate on STS-B dev every N steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=DEMO["batch_size"] if demo else 64,
+    p.add_argument("--batch-size", type=positive_int, default=DEMO["batch_size"] if demo else 64,
                    help="contrastive batch: the in-batch negatives (default: %(default)s)")
-    p.add_argument("--mini-batch-size", type=int, default=None,
+    p.add_argument("--mini-batch-size", type=positive_int, default=None,
                    help="encode the batch in chunks of this size with gradient caching (same gradients, less memory)")
     p.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
     p.add_argument("--resume-from", help="a run's output dir or its last/ checkpoint, to continue it")
@@ -56,11 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="SimCSE training and STS evaluation with fastcse's fused loss.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the 5-minute demo: unsupervised SimCSE on all-MiniLM-L6-v2",
+    demo = sub.add_parser("demo", help="the 4-minute demo: unsupervised SimCSE on all-MiniLM-L6-v2",
                           description="Unsupervised SimCSE (the paper's settings: cls pooler, batch 64, lr 3e-5) "
                                       "on <shared>/data/unsup/mixed-104k.txt from all-MiniLM-L6-v2, STS-B dev "
-                                      "([CLS]) before and after, the best model saved. About 5 minutes on 2 CPU "
-                                      "cores.")
+                                      "([CLS]) before and after, the best model saved. About 4 minutes on 2 CPU "
+                                      "cores at the default --max-steps.")
     _add_common(demo)
     _add_train_options(demo, demo=True)
 
@@ -72,20 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", required=True, help="unsup: text file, one sentence a line; sup: CSV sent0,sent1[,hard_neg]")
     tr.add_argument("--mode", choices=("unsup", "sup"), default="unsup", help="(default: %(default)s)")
     tr.add_argument("--from-scratch", action="store_true", help="train a randomly initialized BERT with --model's tokenizer")
-    tr.add_argument("--scratch-hidden-size", type=int, default=256, help="(default: %(default)s)")
-    tr.add_argument("--scratch-layers", type=int, default=4, help="(default: %(default)s)")
+    tr.add_argument("--scratch-hidden-size", type=positive_int, default=256, help="(default: %(default)s)")
+    tr.add_argument("--scratch-layers", type=positive_int, default=4, help="(default: %(default)s)")
     tr.add_argument("--pooler", choices=POOLERS, default="cls", help="(default: %(default)s)")
     tr.add_argument("--mlp-only-train", choices=("auto", "yes", "no"), default="auto",
                     help="pooler cls: MLP head at training only (auto: yes for unsup, no for sup)")
     tr.add_argument("--temperature", type=float, default=0.05, help="(default: %(default)s)")
     tr.add_argument("--hard-negative-weight", type=float, default=0.0, help="(default: %(default)s)")
     tr.add_argument("--learning-rate", type=float, default=None, help="(default: 3e-5 unsup, 5e-5 sup)")
-    tr.add_argument("--epochs", type=int, default=None, help="(default: 1 unsup, 3 sup)")
-    tr.add_argument("--max-seq-length", type=int, default=32, help="(default: %(default)s)")
+    tr.add_argument("--epochs", type=positive_int, default=None, help="(default: 1 unsup, 3 sup)")
+    tr.add_argument("--max-seq-length", type=positive_int, default=32, help="(default: %(default)s)")
     tr.add_argument("--eval-data", default="STSBenchmark-dev",
                     help="task name or .tsv/.csv pair file for checkpoint selection, or 'none' (default: %(default)s)")
     tr.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="(default: %(default)s)")
-    tr.add_argument("--device", default=None, help="torch device (default: where the model loads, CPU)")
+    tr.add_argument("--device", type=torch_device, default=None,
+                    help="torch device: cpu, cuda, cuda:N, mps (default: where the model loads, CPU)")
     _add_common(tr)
     _add_train_options(tr, demo=False)
 
@@ -98,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "SICKRelatedness-dev) or .tsv/.csv files with sentence1,sentence2,score (default: the 7 tasks)")
     ev.add_argument("--pooler", choices=("auto",) + POOLERS, default="auto",
                     help="auto: what the saved model declares, else cls (default: %(default)s)")
-    ev.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
+    ev.add_argument("--batch-size", type=positive_int, default=128, help="(default: %(default)s)")
     ev.add_argument("--alignment-uniformity", action="store_true", help="also Wang & Isola's metrics on STS-B test")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     _add_common(ev)
@@ -140,10 +175,12 @@ def run_demo(args) -> int:
 
 
 def run_train(args) -> int:
+    from fastcse.evaluation import model_source
     from fastcse.trainer import build_bert_from_scratch, train
 
     model = args.model
     if args.from_scratch:
+        model_source(args.model)  # a missing tokenizer folder fails now, not as a Hub lookup
         model = build_bert_from_scratch(args.model, hidden_size=args.scratch_hidden_size,
                                         num_layers=args.scratch_layers,
                                         num_heads=max(1, args.scratch_hidden_size // 64), seed=args.seed)

@@ -7,7 +7,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fastcse.__main__ import main  # noqa: E402
+import fastcse  # noqa: E402
+from fastcse.__main__ import build_parser, main  # noqa: E402
 from fastcse.evaluation import shared_dir  # noqa: E402
 
 SHARED = shared_dir()
@@ -56,4 +57,66 @@ def test_train_from_scratch_then_eval(capsys, tmp_path):
     assert f"saved model: {best}" in out and f"next: python -m fastcse eval --model {best}" in out
     code = main(["eval", "--model", str(best), "--tasks", str(pairs), "--json"])
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert code == 0 and set(scores) == {"dev30"} and -100 <= scores["dev30"] <= 100
+    # The CLI prints what the Python API computes on the same model and file (its saved pooler, avg).
+    assert code == 0 and scores == {"dev30": pytest.approx(fastcse.evaluate(best, [str(pairs)])["dev30"], abs=1e-9)}
+
+
+def _usage_error(capsys, argv) -> str:
+    """The argparse error of a command line that must be refused before anything is loaded."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+TRAIN = ["train", "--model", "m", "--data", "d"]
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "unknown device 'gpu'"), ("cuda:x", "unknown device"),
+                                             ("cuda", "CUDA is not available"), ("cuda:0", "CUDA is not available")])
+def test_train_device_is_checked_at_parse_time(capsys, monkeypatch, device, message):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _usage_error(capsys, TRAIN + ["--device", device])
+    assert "argument --device" in err and message in err
+
+
+def test_train_device_index_must_exist(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    err = _usage_error(capsys, TRAIN + ["--device", "cuda:1"])
+    assert "argument --device" in err and "cuda:1" in err and "1 CUDA device" in err
+
+
+@pytest.mark.parametrize("option", ["--scratch-hidden-size", "--scratch-layers", "--max-seq-length", "--epochs",
+                                    "--max-steps", "--eval-steps", "--batch-size", "--mini-batch-size"])
+@pytest.mark.parametrize("value", ["0", "-3", "2.5"])
+def test_train_sizes_must_be_positive_ints(capsys, option, value):
+    err = _usage_error(capsys, TRAIN + [option, value])
+    assert f"argument {option}" in err and f"expected a positive integer, got {value!r}" in err
+
+
+def test_eval_batch_size_must_be_a_positive_int(capsys):
+    err = _usage_error(capsys, ["eval", "--model", "m", "--batch-size", "0"])
+    assert "argument --batch-size" in err and "positive integer" in err
+
+
+def test_from_scratch_with_a_missing_tokenizer_folder_fails_at_once(capsys, tmp_path):
+    missing = str(tmp_path / "nope")
+    code = main(["train", "--model", missing, "--from-scratch", "--data", "d", "--output-dir", str(tmp_path / "o")])
+    assert code == 2
+    assert f"error: model folder not found: {missing!r}" in capsys.readouterr().err
+
+
+def test_demo_help_mentions_only_options_the_demo_takes(capsys):
+    import re
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    help_text = capsys.readouterr().out
+    demo = build_parser()._subparsers._group_actions[0].choices["demo"]
+    accepted = {s for action in demo._actions for s in action.option_strings}
+    assert set(re.findall(r"--[a-z][a-z-]*", help_text)) <= accepted
