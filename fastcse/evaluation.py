@@ -329,6 +329,18 @@ def evaluate(model_or_path, tasks=DEFAULT_TASKS, *, data_dir=None, pooler: str |
     return evaluate_loaded(model, tokenizer, tasks, data_dir=data_dir, pooler=pooler, batch_size=batch_size)
 
 
+def alignment(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Wang & Isola's alignment: the mean over positive pairs (rows of a and b) of ||a - b||^2."""
+    return float((a - b).pow(2).sum(-1).mean())
+
+
+def uniformity(emb: torch.Tensor) -> float:
+    """Wang & Isola's uniformity: log of the mean over all pairs of distinct rows of exp(-2 ||x - y||^2)."""
+    sq_dist = torch.pdist(emb, p=2).pow(2)
+    # logsumexp - log n: the log-mean without underflow when every pair is far apart
+    return float(torch.logsumexp(-2.0 * sq_dist, dim=0) - math.log(sq_dist.numel()))
+
+
 def alignment_uniformity(model_or_path, *, data_dir=None, split: str = "test", pooler: str | None = "auto",
                          tokenizer=None, positive_threshold: float = 4.0, batch_size: int = 128,
                          device=None) -> dict[str, float]:
@@ -341,20 +353,17 @@ def alignment_uniformity(model_or_path, *, data_dir=None, split: str = "test", p
     if split not in ("dev", "test"):
         raise ValueError(f"split must be 'dev' or 'test', got {split!r}")
     pooler = resolve_pooler(pooler, model_or_path)
-    model, tokenizer = load_model(model_or_path, tokenizer, device=device)
     first, second, gold = load_task("STSBenchmark-dev" if split == "dev" else "STSBenchmark", data_dir)
+    positive = torch.as_tensor(gold > positive_threshold)
+    if not positive.any():
+        raise ValueError(f"no STS-B {split} pair scores above positive_threshold={positive_threshold}")
+    model, tokenizer = load_model(model_or_path, tokenizer, device=device)
     sentences = list(dict.fromkeys(first + second))
     emb = torch.nn.functional.normalize(encode(model, tokenizer, sentences, pooler=pooler, batch_size=batch_size),
                                         dim=-1).double()
     where = {s: i for i, s in enumerate(sentences)}
-    positive = torch.as_tensor(gold > positive_threshold)
-    if not positive.any():
-        raise ValueError(f"no STS-B {split} pair scores above positive_threshold={positive_threshold}")
     a, b = emb[[where[s] for s in first]][positive], emb[[where[s] for s in second]][positive]
-    alignment = (a - b).pow(2).sum(-1).mean()
-    sq_dist = torch.pdist(emb, p=2).pow(2)
-    uniformity = torch.logsumexp(-2.0 * sq_dist, dim=0) - math.log(sq_dist.numel())
-    return {"alignment": float(alignment), "uniformity": float(uniformity)}
+    return {"alignment": alignment(a, b), "uniformity": uniformity(emb)}
 
 __all__ = ["evaluate", "alignment_uniformity", "evaluate_loaded", "encode", "load_task", "load_pair_file",
            "SENTEVAL_TASKS", "DEV_TASKS", "POOLERS"]

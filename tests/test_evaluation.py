@@ -1,3 +1,4 @@
+import math
 import os
 import re
 import time
@@ -96,9 +97,35 @@ def test_alignment_uniformity_definitions(tiny):
     a = torch.nn.functional.normalize(encode(model, tok, [s for s, k in zip(first, keep) if k], pooler="avg"), dim=-1)
     b = torch.nn.functional.normalize(encode(model, tok, [s for s, k in zip(second, keep) if k], pooler="avg"), dim=-1)
     assert out["alignment"] == pytest.approx(float((a - b).pow(2).sum(-1).mean()), rel=1e-5)
-    assert 0 <= out["alignment"] <= 4 and out["uniformity"] <= 0
     with pytest.raises(ValueError, match="split"):
         alignment_uniformity(model, tokenizer=tok, split="train")
+
+
+E1, E2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+
+
+def test_alignment_and_uniformity_formulas_on_known_vectors():
+    # Unit vectors at 90 and 180 degrees: squared distances 2 and 4.
+    a, b = torch.stack([E1, E1, E2]), torch.stack([E2, -E1, E2])
+    assert evaluate_module.alignment(a, b) == pytest.approx((2 + 4 + 0) / 3)
+    square = torch.stack([E1, E2, -E1, -E2])  # 6 pairs: four at distance^2 2, two at 4
+    assert evaluate_module.uniformity(square) == pytest.approx(math.log((4 * math.exp(-4) + 2 * math.exp(-8)) / 6))
+    assert evaluate_module.uniformity(torch.stack([E1, E1])) == pytest.approx(0.0)  # collapsed: the worst
+
+
+def test_alignment_uniformity_on_a_stubbed_encoder(monkeypatch):
+    """Positives are the pairs scored above the threshold; uniformity runs over distinct sentences;
+    embeddings are normalized first (the stub returns them at length 3)."""
+    vectors = {"a": E1, "b": E1, "c": E2, "d": -E1}
+    pairs = (["a", "a", "c"], ["b", "c", "d"], np.array([5.0, 4.5, 1.0]))
+    monkeypatch.setattr(evaluate_module, "load_task", lambda task, data_dir=None: pairs)
+    monkeypatch.setattr(evaluate_module, "load_model", lambda *args, **kwargs: (None, None))
+    monkeypatch.setattr(evaluate_module, "encode",
+                        lambda model, tok, sentences, **kwargs: torch.stack([3 * vectors[s] for s in sentences]))
+    out = alignment_uniformity("stub", pooler="avg")
+    assert out["alignment"] == pytest.approx((0 + 2) / 2)  # (a, b) and (a, c); (c, d) scores 1 < 4
+    # distinct sentences a, b, c, d: squared distances 0 (a-b), 2 (a-c, b-c, c-d) and 4 (a-d, b-d)
+    assert out["uniformity"] == pytest.approx(math.log((1 + 3 * math.exp(-4) + 2 * math.exp(-8)) / 6))
 
 
 @pytest.mark.slow
