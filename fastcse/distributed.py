@@ -158,9 +158,7 @@ def distributed_info_nce(anchor, positive, negative, *, num_neg, temperature, no
     op_reduction = "none" if reduction == "none" else "sum"
     grad_in_forward = op_reduction == "sum" and needs_grad
     if batch == 0:
-        # A rank with no rows (the end of an epoch) still takes part in both collectives: its loss
-        # depends on the gathered rows, with zero weight, so its backward runs the gather's backward.
-        zero = (gathered.sum() * 0.0 + anchor.sum() * 0.0 + temperature * 0.0).float()
+        zero = _zero_loss_on(gathered, anchor, temperature)
         return zero.expand(0) if reduction == "none" else _global(zero, reduction, total, group)
     if symmetric:
         anchors_all = gathered[total * (1 + num_neg):]
@@ -179,6 +177,15 @@ def distributed_info_nce(anchor, positive, negative, *, num_neg, temperature, no
     if reduction == "none":
         return local
     return _global(local, reduction, total, group)
+
+
+def _zero_loss_on(gathered, anchor, temperature):
+    """A 0 that depends on the gathered rows: a rank with no rows (the end of an epoch) still
+    takes part in both collectives, so its backward must run the gather's backward too.
+
+    Sums of zero rows are exactly 0 whatever the values: ``gathered.sum() * 0`` overflowed to
+    inf * 0 = NaN for large unnormalized fp16 rows, and the all-reduce spread it to every rank."""
+    return (gathered[:0].sum() + anchor[:0].sum()).float() + temperature.float() * 0.0
 
 
 def _global(local, reduction, total, group):

@@ -57,6 +57,10 @@ def _cases(world):
     cases += [dict(sizes=empty_rank, k=2, weight=0.5, symmetric=symmetric, bf16=False, reduction=reduction,
                    tau_grad=True, normalize=True, dtype=torch.float32)
               for symmetric, reduction in ((False, "mean"), (True, "none"))]
+    # fp16, unnormalized and large (the gathered rows sum past fp16's 65504): the empty rank's
+    # zero-valued loss must stay 0, not inf * 0 = NaN spread to every rank by the all-reduce.
+    cases.append(dict(sizes=empty_rank, k=2, weight=0.5, symmetric=False, bf16=False, reduction="mean",
+                      tau_grad=True, normalize=False, dtype=torch.float16, magnitude=500.0))
     return cases
 
 
@@ -71,6 +75,13 @@ def _global_batch(case, seed, dim=16):
     elif case["k"] > 1:
         negative = torch.randn(total, case["k"], dim, generator=gen)
     row_weights = torch.rand(total, generator=gen) + 0.5  # upstream gradient for reduction="none"
+    if "magnitude" in case:
+        # Positive entries of about `magnitude`, rounded to the case's dtype so that the fp64
+        # reference sees the very values the ranks hold.
+        def large(x):
+            return None if x is None else ((x.abs() + 1.0) * case["magnitude"]).to(case["dtype"]).float()
+
+        anchor, positive, negative = large(anchor), large(positive), large(negative)
     return anchor, positive, negative, row_weights
 
 
@@ -105,14 +116,15 @@ def _check_case(case, seed, group):
         loss.backward()
         ref.backward()
 
-    loose = case["bf16"] or case["dtype"] == torch.bfloat16
+    loose = case["bf16"] or case["dtype"] in (torch.bfloat16, torch.float16)
     tol = dict(rtol=3e-2, atol=3e-2) if loose else dict(rtol=1e-4, atol=1e-5)
     grad_tol = dict(rtol=5e-2, atol=2e-2) if loose else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loss.double(), ref.detach(), **tol, msg=lambda m: f"loss: {m}")
     for name, mine_t, ref_t in zip(("anchor", "positive", "negative"), mine, full):
         assert mine_t.grad is not None, f"{name} got no gradient"
         assert mine_t.grad.dtype == mine_t.dtype, f"{name}.grad is {mine_t.grad.dtype}, input {mine_t.dtype}"
-        scale = ref_t.grad.abs().max().item()  # compare gradients relative to their size
+        # Compare gradients relative to their size (which is 0 for rows that never get any weight).
+        scale = ref_t.grad.abs().max().item() or 1.0
         torch.testing.assert_close(mine_t.grad.double() / scale, ref_t.grad[start:start + batch] / scale,
                                    **grad_tol, msg=lambda m, n=name: f"grad {n}: {m}")
     if case["tau_grad"]:
@@ -231,6 +243,7 @@ def test_cases_cover_the_issue():
     assert any(len(set(c["sizes"])) > 1 for c in cases) and any(len(set(c["sizes"])) == 1 for c in cases)
     assert {c["reduction"] for c in cases} == {"mean", "sum", "none"}
     assert any(0 in c["sizes"] for c in cases) and any(c.get("backend") == "triton" for c in cases)
+    assert any(0 in c["sizes"] and c["dtype"] == torch.float16 and not c["normalize"] for c in cases)
 
 
 def test_unbuilt_extension_says_how_to_build():
