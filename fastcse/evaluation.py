@@ -167,7 +167,7 @@ _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 def _not_a_hub_id(name: str) -> str | None:
     """Why a string that names no existing file can only be a local path, or None if it may be a Hub id."""
     if os.path.isabs(name) or name.startswith((".", "~")):
-        return "an absolute, relative or home path"
+        return "a local path (absolute, or starting with '.' or '~'), not a Hub id"
     if not _HUB_ID.fullmatch(name):
         return "not a Hub id ('name' or 'org/name' of letters, digits, '_', '-', '.')"
     head = name.split("/")[0]
@@ -182,13 +182,13 @@ def model_source(model_or_path) -> str:
     transformers would try it as a Hub id first: tens of seconds of retries, then a traceback.
     """
     name = str(model_or_path)
-    path = Path(name).expanduser()
-    if path.exists():
-        return str(path)
+    expanded = os.path.expanduser(name)
+    if Path(expanded).exists():
+        return expanded
     reason = _not_a_hub_id(name)
     if reason is not None:
-        expanded = f", {str(path)!r}" if str(path) != name else ""
-        raise FileNotFoundError(f"model folder not found: {name!r}{expanded} ({reason})")
+        shown = f"{name!r} (= {expanded!r})" if expanded != name else repr(name)
+        raise FileNotFoundError(f"model folder not found: {shown}: {reason}")
     return name
 
 
