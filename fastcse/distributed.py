@@ -21,6 +21,11 @@ of the single-process loss over the concatenated batch. Each rank computes only 
   ``(loss * W).backward()`` (W = the group's size) to get the single-process gradient:
   every rank holds the gradient of its own rows, so the sum (not the mean) is the total.
 
+Errors: ranks that disagree (dim, dtype, options, ...) all raise the same RuntimeError from the
+gather's header exchange. A rank whose own inputs fail ``info_nce``'s checks raises its
+ValueError/TypeError, after flagging its header, so that every other rank raises a RuntimeError
+naming it ("rank r cannot take part: ...") at once rather than at the process group's timeout.
+
 Transport: rows are L2-normalized before they are sent (``normalize=True``), optionally cast
 to bfloat16 on the wire (``GatherGroup(pg, bf16_transport=True)``, half the bytes; gradients
 always travel in fp32). The embeddings' normalization backward runs on the owning rank.
@@ -125,6 +130,34 @@ def gather_rows(parts: list[torch.Tensor], process_group, *, normalize: bool = T
     _load_extension()
     return torch.ops.fastcse.gather_rows(list(parts), process_group.boxed(), bool(normalize), bool(bf16_transport),
                                          options)
+
+
+def announce_input_error(process_group, tensors, error: Exception) -> None:
+    """Tells the other ranks of ``process_group`` that this rank's inputs failed their checks.
+
+    They are waiting (or about to wait) in the gather's header exchange; this rank takes part in
+    it with a header flagged with ``error``, so that every other rank raises a RuntimeError naming
+    this rank and the reason at once instead of at the process group's timeout. The caller then
+    raises ``error`` itself. Without a usable group or extension there is nothing to tell: the
+    other ranks fail the same way before any collective."""
+    try:
+        group, _ = resolve_group(process_group)
+        _load_extension()
+    except (RuntimeError, TypeError):
+        return
+    # The header holds 255 bytes of text; cut on a character boundary.
+    reason = f"{type(error).__name__}: {error}".encode()[:255].decode(errors="ignore")
+    torch.ops.fastcse.gather_rows_abort(group.boxed(), _header_device(tensors, group), reason)
+
+
+def _header_device(tensors, group) -> torch.device:
+    """Where the other ranks send their headers from: the inputs' device, as far as it can be told."""
+    for x in tensors:
+        if isinstance(x, torch.Tensor) and x.device.type in ("cpu", "cuda"):
+            return x.device
+    if "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _normalized(x: torch.Tensor) -> torch.Tensor:

@@ -18,12 +18,50 @@ _BACKENDS = ("auto", "cpu", "triton")
 def _check_matrix(name: str, x, rank: int | tuple[int, ...]) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    _check_dense(name, x)
     ranks = (rank,) if isinstance(rank, int) else rank
     if x.dim() not in ranks:
         want = " or ".join(f"{r}-D" for r in ranks)
         raise ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
     if x.dtype not in _DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def _check_dense(name: str, x: torch.Tensor) -> None:
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}: call .to_dense() first")
+
+
+# The kernels compute 1/tau in fp32: tau and 1/tau must both be normal fp32 numbers
+# (1e-39 is subnormal and 1/tau overflows; 1e39 is inf in fp32).
+_TAU_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
+
+
+def _check_temperature_value(value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be a finite positive number, got {value}")
+    low, high = _TAU_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"temperature must lie in float32's normal range [{low:.3g}, {high:.3g}] (so that "
+                         f"1/temperature is a finite float32 too), got {value:g}")
+
+
+def _check_temperature(temperature) -> None:
+    if isinstance(temperature, torch.Tensor):
+        _check_dense("temperature", temperature)
+        if temperature.numel() != 1 or temperature.dim() > 1:
+            raise ValueError(f"temperature must be a float or a 0-dim tensor, got shape {tuple(temperature.shape)}")
+        if not temperature.is_floating_point():
+            raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
+        if temperature.device.type == "meta":
+            raise ValueError("temperature is a tensor on the meta device, which holds no value: pass a float or "
+                             "a tensor on the CPU or the inputs' device")
+        if not torch.compiler.is_compiling():
+            _check_temperature_value(float(temperature.detach()))
+    elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        _check_temperature_value(float(temperature))
+    else:
+        raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
 
 
 def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
@@ -58,20 +96,7 @@ def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, 
             raise ValueError(f"{name} is on {t.device} but anchor is on {anchor.device}: put all inputs on one device")
         if t.dtype != anchor.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but anchor has {anchor.dtype}: all inputs must share a dtype")
-    if isinstance(temperature, torch.Tensor):
-        if temperature.numel() != 1 or temperature.dim() > 1:
-            raise ValueError(f"temperature must be a float or a 0-dim tensor, got shape {tuple(temperature.shape)}")
-        if not temperature.is_floating_point():
-            raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
-        if not torch.compiler.is_compiling():
-            value = float(temperature.detach())
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"temperature must be a finite positive number, got {value}")
-    elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a finite positive number, got {temperature}")
-    else:
-        raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
+    _check_temperature(temperature)
     if not isinstance(hard_negative_weight, (int, float)) or isinstance(hard_negative_weight, bool) \
             or not math.isfinite(hard_negative_weight):
         raise ValueError(f"hard_negative_weight must be a finite float, got {hard_negative_weight!r}")
@@ -94,6 +119,21 @@ def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, 
             if os.environ.get("TRITON_INTERPRET") != "1":
                 raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     return backend, num_neg
+
+
+def _check_inputs_on_every_rank(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
+                                process_group):
+    """check_inputs; under a process group a failure is also announced to the other ranks, which
+    would otherwise wait for this rank in the gather until the group's timeout."""
+    try:
+        return check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
+                            distributed=process_group is not None)
+    except (TypeError, ValueError) as error:
+        if process_group is not None:
+            from fastcse.distributed import announce_input_error
+
+            announce_input_error(process_group, (positive, anchor), error)
+        raise
 
 
 def _candidates(positive, negative, num_neg):
@@ -138,8 +178,8 @@ def info_nce(
     Returns:
         The fp32 loss: a scalar, or [B] with reduction="none".
     """
-    backend, num_neg = check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
-                                    distributed=process_group is not None)
+    backend, num_neg = _check_inputs_on_every_rank(anchor, positive, negative, temperature, hard_negative_weight,
+                                                   reduction, backend, process_group)
     if not isinstance(temperature, torch.Tensor):
         # fp64 so that the value the kernels read back is exactly the user's float.
         temperature = torch.tensor(float(temperature), dtype=torch.float64)

@@ -6,6 +6,8 @@
 // headers and raises the same error when they disagree on the dim, dtype, device, number of
 // parts, transport or the caller's options string, or when one rank's own arguments are invalid
 // (that rank still sends a header, flagged with its error), before any variable-size exchange.
+// A rank whose loss inputs fail before it can call gather_rows sends such a flagged header
+// through gather_rows_abort instead.
 // The rows then move with one all-gather when every rank sends as many rows, else with one
 // all_to_all_single with exact split sizes (no padding on the wire or in the result); the
 // backward is an all_to_all_single back to the owners followed by a local sum over the sending
@@ -80,10 +82,14 @@ std::string text_of(const at::Tensor& table, int64_t rank) {
 // Every rank runs this on the same table, so all ranks raise the same error (or none).
 void check_headers(const at::Tensor& table) {
   const int64_t world = table.size(0);
+  std::string failed;  // every rank that cannot take part, with its reason
   for (int64_t r = 0; r < world; ++r) {
-    TORCH_CHECK(table[r][kFieldError].item<int64_t>() == 0, "fastcse.gather_rows: rank ", r,
-                " cannot take part: ", text_of(table, r));
+    if (table[r][kFieldError].item<int64_t>() != 0) {
+      failed += (failed.empty() ? "" : "; ") + std::string("rank ") + std::to_string(r) + " cannot take part: " +
+                text_of(table, r);
+    }
   }
+  TORCH_CHECK(failed.empty(), "fastcse.gather_rows: ", failed);
   const auto* first = table[0].const_data_ptr<int64_t>();
   for (int64_t r = 1; r < world; ++r) {
     const auto* h = table[r].const_data_ptr<int64_t>();
@@ -130,6 +136,45 @@ void check_parts(const std::vector<at::Tensor>& parts, c10::string_view options)
   }
 }
 
+// This rank's header: its arguments' summary, or, with `error` set, why it cannot take part.
+at::Tensor make_header(const std::vector<at::Tensor>& parts, bool normalize, bool bf16_transport,
+                       c10::string_view options, const std::string& error) {
+  at::Tensor header = at::zeros({kHeaderLen}, at::kLong);
+  auto* h = header.mutable_data_ptr<int64_t>();
+  const auto text_into_header = [&](c10::string_view text) {
+    std::memcpy(h + kFieldText, text.data(), std::min<size_t>(text.size(), kOptionBytes - 1));
+  };
+  h[kFieldMagic] = kMagic;
+  if (!error.empty()) {
+    h[kFieldError] = 1;
+    text_into_header(error);
+    return header;
+  }
+  h[kFieldDim] = parts[0].size(1);
+  h[kFieldDtype] = static_cast<int64_t>(parts[0].scalar_type());
+  h[kFieldDevice] = static_cast<int64_t>(parts[0].device().type());
+  h[kFieldParts] = static_cast<int64_t>(parts.size());
+  h[kFieldNormalize] = normalize;
+  h[kFieldTransport] = bf16_transport;
+  for (size_t p = 0; p < parts.size(); ++p) {
+    h[kFieldRows + p] = parts[p].size(0);
+  }
+  text_into_header(options);
+  return header;
+}
+
+// The fixed-size exchange every rank takes part in: returns all ranks' headers, [world, kHeaderLen] on the CPU.
+at::Tensor share_headers(const at::Tensor& header, c10::Device device, const ProcessGroupPtr& group) {
+  const int64_t world = group->getSize();
+  std::vector<at::Tensor> input{header.to(device)};
+  std::vector<std::vector<at::Tensor>> output(1);
+  for (int64_t r = 0; r < world; ++r) {
+    output[0].push_back(at::empty_like(input[0]));
+  }
+  group->allgather(output, input)->wait();
+  return at::stack(output[0]).cpu();
+}
+
 // Returns the [world, parts] int64 table of row counts after checking that all ranks agree.
 // A rank whose own arguments are invalid still takes part in this exchange, flagged, so that
 // every rank raises its error instead of the others waiting for it in a collective.
@@ -141,39 +186,19 @@ at::Tensor exchange_header(const std::vector<at::Tensor>& parts, const ProcessGr
   } catch (const c10::Error& error) {
     local_error = error.what_without_backtrace();
   }
-  at::Tensor header = at::zeros({kHeaderLen}, at::kLong);
-  auto* h = header.mutable_data_ptr<int64_t>();
-  const auto text_into_header = [&](c10::string_view text) {
-    std::memcpy(h + kFieldText, text.data(), std::min<size_t>(text.size(), kOptionBytes - 1));
-  };
-  h[kFieldMagic] = kMagic;
   const c10::Device device = parts.empty() ? c10::Device(c10::kCPU) : parts[0].device();
-  if (!local_error.empty()) {
-    h[kFieldError] = 1;
-    text_into_header(local_error);
-  } else {
-    h[kFieldDim] = parts[0].size(1);
-    h[kFieldDtype] = static_cast<int64_t>(parts[0].scalar_type());
-    h[kFieldDevice] = static_cast<int64_t>(parts[0].device().type());
-    h[kFieldParts] = static_cast<int64_t>(parts.size());
-    h[kFieldNormalize] = normalize;
-    h[kFieldTransport] = bf16_transport;
-    for (size_t p = 0; p < parts.size(); ++p) {
-      h[kFieldRows + p] = parts[p].size(0);
-    }
-    text_into_header(options);
-  }
-
-  const int64_t world = group->getSize();
-  std::vector<at::Tensor> input{header.to(device)};
-  std::vector<std::vector<at::Tensor>> output(1);
-  for (int64_t r = 0; r < world; ++r) {
-    output[0].push_back(at::empty_like(input[0]));
-  }
-  group->allgather(output, input)->wait();
-  const at::Tensor table = at::stack(output[0]).cpu();
+  const at::Tensor table =
+      share_headers(make_header(parts, normalize, bf16_transport, options, local_error), device, group);
   check_headers(table);
   return table.narrow(1, kFieldRows, static_cast<int64_t>(parts.size())).contiguous();
+}
+
+// A rank that cannot call gather_rows (its loss inputs failed their checks) sends a header
+// flagged with `reason` instead, so that the other ranks' gather_rows raise at once, naming
+// it, rather than waiting for it until the process group's timeout. The caller raises its own error.
+void gather_rows_abort(const ProcessGroupPtr& group, c10::Device device, c10::string_view reason) {
+  const std::string why = reason.empty() ? std::string("invalid arguments") : std::string(reason);
+  share_headers(make_header({}, false, false, "", why), device, group);
 }
 
 struct Layout {
@@ -322,6 +347,9 @@ TORCH_LIBRARY(fastcse, m) {
   m.def(
       "gather_rows_backward(Tensor grad, Tensor[] parts, Tensor counts, "
       "__torch__.torch.classes.c10d.ProcessGroup group, bool normalize) -> Tensor[]");
+  // No tensor arguments: a catch-all kernel (nothing to dispatch on).
+  m.def("gather_rows_abort(__torch__.torch.classes.c10d.ProcessGroup group, Device device, str reason) -> ()",
+        &gather_rows_abort);
 }
 
 TORCH_LIBRARY_IMPL(fastcse, CompositeExplicitAutograd, m) {

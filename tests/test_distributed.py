@@ -224,6 +224,63 @@ def _worker(rank, world, port, results):
     results.put((rank, failures))
 
 
+def _expect_input_error(group, bad_rank, bad_kwargs, error_type, match):
+    """bad_rank's inputs fail info_nce's checks: it raises error_type naming the argument, every
+    other rank a RuntimeError naming bad_rank and the reason; all quickly (the group's timeout is
+    INPUT_ERROR_TIMEOUT_S, the bound MISMATCH_BOUND_S)."""
+    rank = group.rank()
+    kwargs = dict(temperature=0.05)
+    if rank == bad_rank:
+        kwargs.update(bad_kwargs)
+    anchor = kwargs.pop("anchor", torch.randn(3, 8))
+    began = time.monotonic()
+    try:
+        fastcse.info_nce(anchor, torch.randn(3, 8), process_group=group, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as error:
+        elapsed = time.monotonic() - began
+        assert elapsed < MISMATCH_BOUND_S, f"rank {rank}: the error took {elapsed:.1f}s: {error}"
+        if rank == bad_rank:
+            assert type(error) is error_type and match in str(error), f"rank {rank}: {error!r}"
+        else:
+            assert isinstance(error, RuntimeError) and f"rank {bad_rank} cannot take part" in str(error) \
+                and match in str(error), f"rank {rank}: {error!r}"
+        return
+    raise AssertionError(f"rank {rank}: no error although rank {bad_rank}'s inputs are invalid")
+
+
+INPUT_ERROR_TIMEOUT_S = 45
+
+
+def _input_error_worker(rank, world, port, results):
+    failures = []
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=INPUT_ERROR_TIMEOUT_S))
+        group = dist.group.WORLD
+        cases = [(world - 1, dict(temperature=-1.0), ValueError, "temperature must be a finite positive"),
+                 (0, dict(anchor=torch.randn(3, 8).long()), TypeError, "anchor must be float16")]
+        for bad_rank, bad_kwargs, error_type, match in cases:
+            try:
+                _expect_input_error(group, bad_rank, bad_kwargs, error_type, match)
+            except AssertionError as error:
+                failures.append(str(error))
+        # No collective is left half-done: the group still computes a correct loss.
+        _check_case(dict(sizes=[2] * world, k=1, weight=0.0, symmetric=False, bf16=False, reduction="mean",
+                         tau_grad=False, normalize=True, dtype=torch.float32), seed=98, group=group)
+        dist.destroy_process_group()
+    except Exception:
+        failures.append(f"rank {rank} crashed:\n{traceback.format_exc()}")
+    results.put((rank, failures))
+
+
+def test_one_rank_input_error_is_an_error_on_every_rank():
+    """A rank whose check_inputs fails still joins the header exchange, flagged: no rank waits."""
+    reports = spawn_world(_input_error_worker, 2, timeout_s=4 * INPUT_ERROR_TIMEOUT_S)
+    failures = [f for rank in sorted(reports) for f in reports[rank]]
+    assert not failures, "\n\n".join(failures)
+
+
 def _run_world(world):
     reports = spawn_world(_worker, world, timeout_s=SPAWN_TIMEOUT_S)
     failures = [f for rank in sorted(reports) for f in reports[rank]]

@@ -293,6 +293,9 @@ def _good():
     (lambda a, p, n: (a.long(), p, n), TypeError, "anchor must be float16"),
     (lambda a, p, n: (a.numpy(), p, n), TypeError, "anchor must be a torch.Tensor"),
     (lambda a, p, n: (a, p, n.to("meta")), ValueError, "negative is on meta"),
+    (lambda a, p, n: (a.to_sparse(), p, n), TypeError, "anchor must be a dense .strided. tensor"),
+    (lambda a, p, n: (a, p.to_sparse_csr(), n), TypeError, "positive must be a dense .strided. tensor"),
+    (lambda a, p, n: (a, p, n.to_sparse()), TypeError, "negative must be a dense .strided. tensor"),
 ])
 def test_bad_tensors(mutate, error, match):
     with pytest.raises(error, match=match):
@@ -306,6 +309,12 @@ def test_bad_tensors(mutate, error, match):
     (dict(temperature=math.inf), ValueError, "temperature must be a finite positive"),
     (dict(temperature=torch.tensor(-1.0)), ValueError, "temperature must be a finite positive"),
     (dict(temperature=torch.tensor([0.1, 0.2])), ValueError, "0-dim tensor"),
+    (dict(temperature=torch.tensor(0.05, device="meta")), ValueError, "temperature is a tensor on the meta device"),
+    (dict(temperature=torch.tensor(0.05).to_sparse()), TypeError, "temperature must be a dense"),
+    (dict(temperature=1e39), ValueError, "temperature must lie in float32's normal range"),
+    (dict(temperature=1e-39), ValueError, "temperature must lie in float32's normal range"),
+    (dict(temperature=torch.tensor(1e-39)), ValueError, "temperature must lie in float32's normal range"),
+    (dict(temperature=1e-38), ValueError, "temperature must lie in float32's normal range"),
     (dict(temperature="0.05"), TypeError, "temperature must be a float"),
     (dict(temperature=True), TypeError, "temperature must be a float"),
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
@@ -315,6 +324,17 @@ def test_bad_tensors(mutate, error, match):
 def test_bad_options(kwargs, error, match):
     with pytest.raises(error, match=match):
         info_nce(*_good(), **kwargs)
+
+
+@pytest.mark.parametrize("temperature", [torch.finfo(torch.float32).tiny, 1e-30, 1e30,
+                                         torch.finfo(torch.float32).max])
+def test_temperature_range_edges_are_accepted(temperature):
+    # The smallest and largest accepted temperatures give a finite loss and no NaN gradient.
+    anchor, positive, _ = _good()
+    leaves = [anchor.requires_grad_(), positive.requires_grad_()]
+    loss = info_nce(*leaves, temperature=temperature)
+    loss.backward()
+    assert torch.isfinite(loss) and not any(x.grad.isnan().any() for x in leaves)
 
 
 def test_weight_without_negatives_is_an_error():
