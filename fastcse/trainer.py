@@ -33,9 +33,10 @@ import torch.distributed as dist
 
 import fastcse
 from fastcse import data as datalib
+from fastcse import encoding as encoding_lib
 from fastcse.evaluation import DEV_TASKS, SENTEVAL_TASKS, evaluate_loaded, load_model, max_model_length
-from fastcse.gradcache import cached_step, cuda_devices_of, split_chunks, uncached_step
-from fastcse.pooling import check_pooler, has_mlp_head, pool
+from fastcse.gradcache import cached_step, cuda_devices_of, uncached_step
+from fastcse.pooling import check_pooler, has_mlp_head
 
 logger = logging.getLogger("fastcse.train")
 
@@ -314,12 +315,290 @@ def _all_reduce_grads(params) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# The data order and the tokenized batches
+
+
+class BatchOrder:
+    """Which examples each step trains on: a seeded permutation per epoch, cut into full batches
+    (``datalib.batch_order``), computed once per epoch and not once per step."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int):
+        self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
+        self.steps_per_epoch = num_examples // batch_size
+        self._epoch, self._batches = None, None
+
+    def __call__(self, step: int) -> tuple[int, list[int]]:
+        """(epoch, the example indices of global batch ``step``)."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._batches = datalib.batch_order(self.num_examples, self.batch_size, seed=self.seed, epoch=epoch)
+        return epoch, self._batches[position]
+
+
+def step_texts(examples, ids: list[int], mode: str) -> tuple[list[str], int]:
+    """(the texts to tokenize, how many sequences each stands for): unsupervised sentences are
+    tokenized once and encoded twice (the two dropout views); supervised examples are flattened
+    example-major (ex0 sent0, ex0 sent1, [ex0 hard_neg], ex1 sent0, ...)."""
+    if mode == "unsup":
+        return [examples[i] for i in ids], 2
+    return [s for i in ids for s in examples[i]], 1
+
+
+class TokenizedBatches:
+    """Token ids of each step's sequences (this rank's rows, example-major, views included),
+    tokenized one step ahead in a background thread so that the tokenizer never stalls a step.
+    Only Python lists are made there: nothing that draws from torch's RNG."""
+
+    def __init__(self, examples, mode: str, tokenizer, max_seq_length: int, order: BatchOrder,
+                 shard: tuple[int, int], total_steps: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.examples, self.mode, self.tokenizer, self.max_seq_length = examples, mode, tokenizer, max_seq_length
+        self.order, self.shard, self.total_steps = order, shard, total_steps
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastcse-tokenize")
+        self._ahead: dict[int, object] = {}
+
+    def _tokenize(self, step: int) -> tuple[int, list[list[int]]]:
+        epoch, ids = self.order(step)
+        texts, repeat = step_texts(self.examples, ids[self.shard[0]:self.shard[1]], self.mode)
+        tokens = encoding_lib.tokenize(self.tokenizer, texts, self.max_seq_length)
+        return epoch, [seq for seq in tokens for _ in range(repeat)]
+
+    def __call__(self, step: int) -> tuple[int, list[list[int]]]:
+        pending = self._ahead.pop(step, None)
+        result = pending.result() if pending is not None else self._tokenize(step)
+        if step + 1 < self.total_steps:
+            self._ahead[step + 1] = self._pool.submit(self._tokenize, step + 1)
+        return result
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------------------------
+# One step: encode (length-aware, cached or not), loss over the whole batch, backward
+
+
+@dataclass
+class ContrastiveStep:
+    """Encodes a step's sequences in the units of :func:`fastcse.encoding.plan_step`, puts the
+    embeddings back in batch order, computes ``info_nce`` over the whole batch and
+    back-propagates into the parameters (gradient caching when the cache bounds cut the batch
+    into several units)."""
+
+    model: torch.nn.Module
+    pooler: str
+    encoding: str
+    views: int
+    temperature: float
+    hard_negative_weight: float
+    process_group: object
+    autocast_dtype: torch.dtype | None
+    device: torch.device
+    mini_batch_sequences: int | None = None
+    mini_batch_tokens: int | None = None
+
+    def __post_init__(self):
+        self.cuda_devices = cuda_devices_of(self.model)
+        self.pad_id = getattr(self.model.config, "pad_token_id", None) or 0
+        self.float_mask = getattr(self.model.config, "_attn_implementation", None) == "eager"
+
+    @property
+    def caching(self) -> bool:
+        return self.mini_batch_sequences is not None or self.mini_batch_tokens is not None
+
+    def plan(self, ids: list[list[int]]) -> encoding_lib.StepPlan:
+        lengths = [len(x) for x in ids]
+        if self.caching:
+            plan = encoding_lib.plan_step(lengths, self.encoding, cached=True,
+                                          mini_batch_sequences=self.mini_batch_sequences,
+                                          mini_batch_tokens=self.mini_batch_tokens)
+            if len(plan.units) > 1:
+                return plan
+        return encoding_lib.plan_step(lengths, self.encoding, cached=False)
+
+    def encode(self, unit) -> torch.Tensor:
+        ctx = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype \
+            else contextlib.nullcontext()
+        with ctx:
+            return unit.pool(self.model, self.pooler, use_mlp=True)
+
+    def loss(self, plan: encoding_lib.StepPlan, unit_embeddings: torch.Tensor) -> torch.Tensor:
+        emb = plan.to_batch_order(unit_embeddings)
+        emb = emb.view(-1, self.views, emb.shape[-1])  # view 0 anchors, 1 positives, 2 hard negatives
+        negative = emb[:, 2] if self.views == 3 else None
+        return fastcse.info_nce(emb[:, 0], emb[:, 1], negative, temperature=self.temperature,
+                                hard_negative_weight=self.hard_negative_weight, process_group=self.process_group)
+
+    def __call__(self, ids: list[list[int]]) -> torch.Tensor:
+        """Accumulates the parameter gradients of the step's loss; returns the detached loss."""
+        plan = self.plan(ids)
+        units = encoding_lib.build_units(ids, plan.units, self.encoding, self.pad_id, self.device,
+                                         float_mask=self.float_mask)
+        loss_fn = functools.partial(self.loss, plan)
+        if len(units) > 1 and self.caching:
+            return cached_step(self.encode, units, loss_fn, cuda_devices=self.cuda_devices)
+        return uncached_step(self.encode, units, loss_fn)  # several units: each keeps its graph
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer, evaluation and checkpoints
+
+
+def make_optimizer(params, learning_rate: float, weight_decay: float, warmup_steps: int, total_steps: int):
+    """AdamW (no decay on biases and norms) with linear warmup and linear decay to 0 at
+    ``total_steps``, as transformers' ``get_linear_schedule_with_warmup``."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate)
+
+    def lr_factor(step):
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+@dataclass
+class RunState:
+    """What a resumed run continues: the step, the evaluation history and its best."""
+
+    step: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+class Evaluator:
+    """STS evaluation on rank 0, keeping the best checkpoint and the metrics file."""
+
+    def __init__(self, model, tokenizer, tasks, data_dir, eval_pooler, record, best_dir, metrics_path, world, rank):
+        self.model, self.tokenizer, self.tasks, self.data_dir = model, tokenizer, tasks, data_dir
+        self.eval_pooler, self.record, self.best_dir, self.metrics_path = eval_pooler, record, best_dir, metrics_path
+        self.world, self.rank = world, rank
+
+    def __call__(self, state: RunState) -> float:
+        """Evaluates at ``state.step``; updates ``state`` on every rank; returns the metric."""
+        best_metric, best_step, history, metric = _on_rank0(self.world, self.rank, self._evaluate, state)
+        state.best_metric, state.best_step, state.history = best_metric, best_step, history
+        return metric
+
+    def _evaluate(self, state: RunState):
+        t0 = time.perf_counter()
+        scores = evaluate_loaded(self.model, self.tokenizer, self.tasks, data_dir=self.data_dir,
+                                 pooler=self.eval_pooler)
+        metric = scores.get("avg", next(iter(scores.values())))
+        entry = {"step": state.step, "eval": scores, "metric": metric, "eval_seconds": time.perf_counter() - t0}
+        history = state.history + [entry]
+        _append_jsonl(self.metrics_path, entry)
+        best_metric, best_step = state.best_metric, state.best_step
+        if best_metric is None or metric > best_metric:
+            best_metric, best_step = metric, state.step
+            save_checkpoint(self.best_dir, self.model, self.tokenizer,
+                            dict(self.record, step=state.step, metric=metric, eval=scores))
+        logger.info("step %d: %s = %.2f (best %.2f at step %d)", state.step, "+".join(self.tasks), metric,
+                    best_metric, best_step)
+        return best_metric, best_step, history, metric
+
+
+class Checkpointer:
+    """``last/``: the model and everything :func:`train` needs to continue bit-identically (the
+    optimizer, the schedule, the run state and every rank's dropout random streams)."""
+
+    def __init__(self, model, tokenizer, optimizer, scheduler, run_config, record, last_dir, device, world, rank):
+        self.model, self.tokenizer, self.optimizer, self.scheduler = model, tokenizer, optimizer, scheduler
+        self.run_config, self.record, self.last_dir, self.device = run_config, record, last_dir, device
+        self.world, self.rank = world, rank
+
+    def save(self, state: RunState) -> None:
+        rng_cpu = torch.get_rng_state()
+        rng_cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
+        rng_ranks = None
+        if self.world > 1:  # every rank's dropout streams, so that a resumed run continues each of them
+            rng_ranks = [None] * self.world
+            dist.all_gather_object(rng_ranks, (rng_cpu, [s.cpu() for s in rng_cuda]))
+        trainer_state = {"config": self.run_config, "step": state.step, "optimizer": self.optimizer.state_dict(),
+                         "scheduler": self.scheduler.state_dict(), "best_metric": state.best_metric,
+                         "best_step": state.best_step, "history": state.history, "rng_cpu": rng_cpu,
+                         "rng_cuda": rng_cuda}
+        if rng_ranks is not None:
+            trainer_state["rng_cpu_ranks"] = [r[0] for r in rng_ranks]
+            trainer_state["rng_cuda_ranks"] = [r[1] for r in rng_ranks]
+        _on_rank0(self.world, self.rank, save_checkpoint, self.last_dir, self.model, self.tokenizer,
+                  dict(self.record, step=state.step), trainer_state)
+
+    def resume(self, folder: Path, metrics_path: Path, seed: int) -> RunState:
+        """Loads ``folder``'s weights, optimizer, schedule and random streams; returns its state."""
+        saved = torch.load(folder / STATE_FILE, weights_only=True)
+        for key in ("mode", "batch_size", "seed", "num_examples"):
+            if saved["config"][key] != self.run_config[key]:
+                raise ValueError(f"resume_from was trained with {key}={saved['config'][key]!r}, this run has "
+                                 f"{self.run_config[key]!r}: resuming must use the same data and settings")
+        from safetensors.torch import load_file
+
+        weights = load_file(str(folder / "model.safetensors"))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if "position_ids" not in k]:
+            raise ValueError(f"resume_from weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        state = RunState(saved["step"], saved["best_metric"], saved["best_step"], saved["history"])
+        self._restore_random_streams(saved, state.step, seed)
+        if self.rank == 0:
+            _truncate_metrics(metrics_path, state.step)
+            logger.info("resumed from %s at step %d", folder, state.step)
+        return state
+
+    def _restore_random_streams(self, saved: dict, step: int, seed: int) -> None:
+        saved_world = saved["config"].get("world_size", 1)
+        if saved_world != self.world:  # another world size's streams do not map onto these ranks
+            torch.manual_seed(seed + self.rank + 1_000_003 * step)
+            if self.rank == 0:
+                logger.warning("resume_from was trained on %d process(es), this run has %d: the weights and the "
+                               "data order continue, the dropout random streams restart", saved_world, self.world)
+            return
+        torch.set_rng_state(saved["rng_cpu_ranks"][self.rank] if "rng_cpu_ranks" in saved else saved["rng_cpu"])
+        rng_cuda = saved["rng_cuda_ranks"][self.rank] if "rng_cuda_ranks" in saved else saved.get("rng_cuda")
+        if rng_cuda and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(rng_cuda)
+
+
+def _resume_folder(resume_from) -> Path | None:
+    if resume_from is None:
+        return None
+    folder = Path(resume_from)
+    if (folder / "last" / STATE_FILE).is_file():
+        folder = folder / "last"
+    if not (folder / STATE_FILE).is_file():
+        raise FileNotFoundError(f"resume_from={str(folder)!r} holds no {STATE_FILE}: pass a 'last' "
+                                "checkpoint folder or the output_dir of a run")
+    return folder
+
+
+def _check_mini_batch_tokens(mini_batch_tokens, tokenizer, examples, mode, max_seq_length) -> None:
+    """Every sequence must fit one cached chunk. Tokenizes the data only when the budget is
+    below ``max_seq_length`` (the longest any sequence can be after truncation)."""
+    if mini_batch_tokens is None or mini_batch_tokens >= max_seq_length:
+        return
+    texts = examples if mode == "unsup" else [s for example in examples for s in example]
+    longest = max(len(x) for x in encoding_lib.tokenize(tokenizer, texts, max_seq_length))
+    if mini_batch_tokens < longest:
+        raise ValueError(f"mini_batch_tokens ({mini_batch_tokens}) is smaller than the longest sequence of the data "
+                         f"after truncation to max_seq_length={max_seq_length} ({longest} tokens): a cached chunk "
+                         f"must hold at least one sequence; use mini_batch_tokens >= {longest}")
+
+
+# --------------------------------------------------------------------------------------------
 # The trainer
 
 
 @_torchrun_process_group
 def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int = 64,
-          mini_batch_size: int | None = None, temperature: float = 0.05, pooler: str = "cls",
+          mini_batch_size: int | None = None, mini_batch_tokens: int | None = None, encoding: str = "auto",
+          temperature: float = 0.05, pooler: str = "cls",
           mlp_only_train: bool | None = None, hard_negative_weight: float = 0.0,
           learning_rate: float | None = None, weight_decay: float = 0.0, warmup_steps: int = 0,
           max_grad_norm: float | None = 1.0, epochs: int | None = None, max_steps: int | None = None,
@@ -338,9 +617,21 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
         batch_size: sentences (unsup) or examples (sup) per optimizer step: the in-batch negatives.
             Under ``torchrun`` this is the GLOBAL batch: each of the W ranks encodes its
             batch_size / W rows (rank order) and scores them against all batch_size candidates.
-        mini_batch_size: encode the batch in chunks of this size with gradient caching (same
-            gradients, activations of one chunk at a time). Under ``torchrun``, the chunk size of
-            each rank's share.
+        mini_batch_size: gradient caching: encode the batch in chunks of at most this many
+            examples (``views`` x this many sequences: 2 for unsup, 2 or 3 for sup), with the
+            gradients of the whole batch and the activations of one chunk at a time. Under
+            ``torchrun``, the chunk size of each rank's share.
+        mini_batch_tokens: gradient caching by tokens (sentence-transformers'
+            ``mini_batch_num_tokens``): chunks of at most this many real (non-padding) tokens,
+            so memory is bounded by tokens, not by a sentence count a few long sentences can blow
+            up. Must be at least the longest sequence after truncation. With
+            ``mini_batch_size`` too, a chunk respects both bounds.
+        encoding: how a step's sequences are laid out for the encoder (``fastcse.encoding``):
+            ``"packed"`` (padding-free rows with a block-diagonal mask; BERT-family encoders),
+            ``"sorted"`` (length-sorted groups, each padded to its own longest; any encoder),
+            ``"padded"`` (one padded tensor per chunk, in batch order) or ``"auto"`` (packed
+            where the model allows it, else sorted). The cached chunks are length-sorted too.
+            Every choice gives the same loss and gradients up to float roundoff.
         temperature, hard_negative_weight: passed to ``fastcse.info_nce``.
         pooler: ``cls`` (with the MLP head while training), ``cls_before_pooler``, ``avg``,
             ``avg_first_last``, ``avg_top2``.
@@ -378,6 +669,8 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
         _positive_int("mini_batch_size", mini_batch_size)
         if mini_batch_size > batch_size:
             raise ValueError(f"mini_batch_size ({mini_batch_size}) must not exceed batch_size ({batch_size})")
+    _positive_int("mini_batch_tokens", mini_batch_tokens, allow_none=True)
+    encoding_lib.check_encoding(encoding)
     _positive_float("temperature", temperature)
     if isinstance(hard_negative_weight, bool) or not isinstance(hard_negative_weight, (int, float)) \
             or not math.isfinite(hard_negative_weight):
@@ -404,13 +697,7 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
 
         _senteval_root(data_dir)  # a missing SentEval folder fails now, not after the first eval_steps
     _positive_int("seed", seed, minimum=0)
-    if resume_from is not None:
-        resume_from = Path(resume_from)
-        if (resume_from / "last" / STATE_FILE).is_file():
-            resume_from = resume_from / "last"
-        if not (resume_from / STATE_FILE).is_file():
-            raise FileNotFoundError(f"resume_from={str(resume_from)!r} holds no {STATE_FILE}: pass a 'last' "
-                                    "checkpoint folder or the output_dir of a run")
+    resume_folder = _resume_folder(resume_from)
     rank, world = _world()
     if world > 1:
         if batch_size < world:
@@ -419,7 +706,7 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
         from fastcse.distributed import _load_extension
 
         _load_extension()  # a missing extension fails now, on every rank, not at the first step
-    shard_lo, shard_hi = rank * batch_size // world, (rank + 1) * batch_size // world
+    shard = (rank * batch_size // world, (rank + 1) * batch_size // world)
     is_main = rank == 0
 
     examples = datalib.load_unsup(data) if mode == "unsup" else datalib.load_sup(data)
@@ -428,6 +715,7 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
                          "one contrastive batch needs batch_size examples")
     views = 2 if mode == "unsup" else len(examples[0])
 
+    # ---- the model
     model, tokenizer = _load_training_model(model, tokenizer)
     if device is not None:
         model.to(device)
@@ -436,199 +724,124 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
     if pooler == "cls" and not has_mlp_head(model):
         raise ValueError(f"pooler='cls' trains SimCSE's MLP head, which is the encoder's pooling layer, and "
                          f"{type(model).__name__} has none: use pooler='cls_before_pooler' or 'avg'")
+    encoding = encoding_lib.resolve_encoding(encoding, model)
+    _check_mini_batch_tokens(mini_batch_tokens, tokenizer, examples, mode, max_seq_length)
     if world > 1:
         _broadcast_model(model)
     if mode == "unsup" and is_main and getattr(model.config, "hidden_dropout_prob", 0.1) == 0:
         logger.warning("unsupervised SimCSE uses dropout as its augmentation, but the model's dropout is 0")
     eval_pooler = "cls_before_pooler" if (pooler == "cls" and mlp_only_train) else pooler
 
-    steps_per_epoch = len(examples) // batch_size
-    total_steps = max_steps if max_steps is not None else epochs * steps_per_epoch
+    # ---- the run's pieces
+    order = BatchOrder(len(examples), batch_size, seed)
+    total_steps = max_steps if max_steps is not None else epochs * order.steps_per_epoch
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = output_dir / METRICS_FILE
     best_dir, last_dir = output_dir / "best", output_dir / "last"
-
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate)
-
-    def lr_factor(step):  # linear warmup, then linear decay to 0 at total_steps (as transformers')
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    optimizer, scheduler = make_optimizer(params, learning_rate, weight_decay, warmup_steps, total_steps)
     run_config = {"mode": mode, "batch_size": batch_size, "seed": seed, "num_examples": len(examples),
                   "total_steps": total_steps, "world_size": world}
     record = {"mode": mode, "pooler": pooler, "mlp_only_train": mlp_only_train, "eval_pooler": eval_pooler,
               "temperature": temperature, "batch_size": batch_size, "max_seq_length": max_seq_length,
               "fastcse_version": fastcse.__version__}
+    checkpointer = Checkpointer(model, tokenizer, optimizer, scheduler, run_config, record, last_dir, device,
+                                world, rank)
+    evaluator = Evaluator(model, tokenizer, eval_tasks, data_dir, eval_pooler, record, best_dir, metrics_path,
+                          world, rank) if eval_tasks else None
+    contrastive_step = ContrastiveStep(
+        model, pooler, encoding, views, float(temperature), float(hard_negative_weight),
+        dist.group.WORLD if world > 1 else None, autocast_dtype, device,
+        mini_batch_sequences=mini_batch_size * views if mini_batch_size else None,
+        mini_batch_tokens=mini_batch_tokens)
 
-    save_last_enabled = save_last
-    step, best_metric, best_step, history = 0, None, None, []
     torch.manual_seed(seed + rank)  # dropout masks: a different stream per rank
-    if resume_from is not None:
-        state = torch.load(resume_from / STATE_FILE, weights_only=True)
-        for key in ("mode", "batch_size", "seed", "num_examples"):
-            if state["config"][key] != run_config[key]:
-                raise ValueError(f"resume_from was trained with {key}={state['config'][key]!r}, this run has "
-                                 f"{run_config[key]!r}: resuming must use the same data and settings")
-        from safetensors.torch import load_file
-
-        weights = load_file(str(resume_from / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or [k for k in missing if "position_ids" not in k]:
-            raise ValueError(f"resume_from weights do not fit the model: missing {missing}, unexpected {unexpected}")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, best_metric, best_step, history = state["step"], state["best_metric"], state["best_step"], \
-            state["history"]
-        saved_world = state["config"].get("world_size", 1)
-        if saved_world == world:
-            rng_cpu = state["rng_cpu_ranks"][rank] if "rng_cpu_ranks" in state else state["rng_cpu"]
-            torch.set_rng_state(rng_cpu)
-            rng_cuda = state["rng_cuda_ranks"][rank] if "rng_cuda_ranks" in state else state.get("rng_cuda")
-            if rng_cuda and device.type == "cuda":
-                torch.cuda.set_rng_state_all(rng_cuda)
-        else:  # the dropout streams of another world size do not map onto these ranks: a fresh draw
-            torch.manual_seed(seed + rank + 1_000_003 * step)
-            if is_main:
-                logger.warning("resume_from was trained on %d process(es), this run has %d: the weights and the "
-                               "data order continue, the dropout random streams restart", saved_world, world)
-        if is_main:
-            _truncate_metrics(metrics_path, step)
-            logger.info("resumed from %s at step %d", resume_from, step)
-    elif is_main and metrics_path.exists():
-        metrics_path.unlink()  # a fresh run in a reused output_dir starts a fresh metrics file
+    if resume_folder is not None:
+        state = checkpointer.resume(resume_folder, metrics_path, seed)
+    else:
+        state = RunState()
+        if is_main and metrics_path.exists():
+            metrics_path.unlink()  # a fresh run in a reused output_dir starts a fresh metrics file
     if world > 1:
         dist.barrier()
-
     if is_main:
-        logger.info("training %s SimCSE: %d examples, batch %d%s%s, %d steps, lr %g, pooler %s, precision %s",
-                    mode, len(examples), batch_size, f" over {world} processes ({batch_size // world}"
-                    f"{'+' if batch_size % world else ''} each)" if world > 1 else "",
-                    f" (mini-batch {mini_batch_size}, gradient caching)"
-                    if mini_batch_size and mini_batch_size < shard_hi - shard_lo else "", total_steps,
-                    learning_rate, pooler, "bf16" if autocast_dtype else "fp32")
+        logger.info("training %s SimCSE: %d examples, batch %d%s%s, %d steps, lr %g, pooler %s, %s encoding, "
+                    "precision %s", mode, len(examples), batch_size,
+                    f" over {world} processes ({batch_size // world}{'+' if batch_size % world else ''} each)"
+                    if world > 1 else "",
+                    f" (gradient caching: mini-batch {mini_batch_size or '-'}, {mini_batch_tokens or '-'} tokens)"
+                    if contrastive_step.caching else "", total_steps, learning_rate, pooler, encoding,
+                    "bf16" if autocast_dtype else "fp32")
 
-    def evaluate_now():
-        scores = evaluate_loaded(model, tokenizer, eval_tasks, data_dir=data_dir, pooler=eval_pooler)
-        return scores, scores.get("avg", next(iter(scores.values())))
+    batches = TokenizedBatches(examples, mode, tokenizer, max_seq_length, order, shard, total_steps)
+    try:
+        throughput = _train_loop(model, params, optimizer, scheduler, contrastive_step, batches, state,
+                                 total_steps=total_steps, max_grad_norm=max_grad_norm, eval_steps=eval_steps,
+                                 evaluator=evaluator, checkpointer=checkpointer if save_last else None,
+                                 metrics_path=metrics_path if is_main else None,
+                                 sentences_per_step=batch_size * views, world=world,
+                                 progress=progress and is_main, precision_hint=autocast_dtype is not None)
+    finally:
+        batches.close()
 
-    def write_last():
-        if not save_last_enabled:
-            return
-        rng_cpu = torch.get_rng_state()
-        rng_cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else []
-        rng_ranks = None
-        if world > 1:  # every rank's dropout streams, so that a resumed run continues each of them
-            rng_ranks = [None] * world
-            dist.all_gather_object(rng_ranks, (rng_cpu, [s.cpu() for s in rng_cuda]))
+    if eval_tasks:
+        model_path = best_dir
+    else:
+        model_path = last_dir
+        if not save_last:  # no evaluation and no resumable checkpoint: still save the model
+            _on_rank0(world, rank, save_checkpoint, last_dir, model, tokenizer, dict(record, step=state.step))
+    train_seconds, sentences_seen = throughput
+    return TrainResult(steps=state.step, model_path=str(model_path), output_dir=str(output_dir),
+                       metrics_path=str(metrics_path), best_metric=state.best_metric, best_step=state.best_step,
+                       history=state.history, train_seconds=train_seconds,
+                       sentences_per_second=sentences_seen / train_seconds if train_seconds else None)
 
-        def save():
-            trainer_state = {
-                "config": run_config, "step": step, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "best_metric": best_metric, "best_step": best_step,
-                "history": history, "rng_cpu": rng_cpu, "rng_cuda": rng_cuda}
-            if rng_ranks is not None:
-                trainer_state["rng_cpu_ranks"] = [r[0] for r in rng_ranks]
-                trainer_state["rng_cuda_ranks"] = [r[1] for r in rng_ranks]
-            save_checkpoint(last_dir, model, tokenizer, dict(record, step=step), trainer_state)
 
-        _on_rank0(world, rank, save)
-
-    def record_eval():
-        nonlocal best_metric, best_step, history
-        best_metric, best_step, history, metric = _on_rank0(world, rank, _record_eval_main)
-        return metric
-
-    def _record_eval_main():
-        nonlocal best_metric, best_step
-        t0 = time.perf_counter()
-        scores, metric = evaluate_now()
-        entry = {"step": step, "eval": scores, "metric": metric, "eval_seconds": time.perf_counter() - t0}
-        history.append(entry)
-        _append_jsonl(metrics_path, entry)
-        if best_metric is None or metric > best_metric:
-            best_metric, best_step = metric, step
-            save_checkpoint(best_dir, model, tokenizer, dict(record, step=step, metric=metric, eval=scores))
-        logger.info("step %d: %s = %.2f (best %.2f at step %d)", step, "+".join(eval_tasks), metric,
-                    best_metric, best_step)
-        return best_metric, best_step, history, metric
-
-    cuda_devices = cuda_devices_of(model)
-    temperature = float(temperature)
-    process_group = dist.group.WORLD if world > 1 else None
-
-    def encode(inputs):
-        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-        with ctx:
-            emb = pool(model, inputs, pooler, use_mlp=True)
-        return emb.view(-1, views, emb.shape[-1])
-
-    def loss_fn(emb):  # emb: [B, views, d]; view 0 anchors, view 1 positives, view 2 hard negatives
-        negative = emb[:, 2] if views == 3 else None
-        return fastcse.info_nce(emb[:, 0], emb[:, 1], negative, temperature=temperature,
-                                hard_negative_weight=float(hard_negative_weight), process_group=process_group)
-
-    def tokenize(chunk):
-        if mode == "unsup":  # tokenize once, duplicate rows: the two dropout views of each sentence
-            inputs = tokenizer(list(chunk), padding=True, truncation=True, max_length=max_seq_length,
-                               return_tensors="pt")
-            inputs = {k: v.repeat_interleave(2, dim=0) for k, v in inputs.items()}
-        else:  # example-major: ex0 sent0, ex0 sent1, [ex0 hard_neg], ex1 sent0, ...
-            flat = [s for example in chunk for s in example]
-            inputs = dict(tokenizer(flat, padding=True, truncation=True, max_length=max_seq_length,
-                                    return_tensors="pt"))
-        return {k: v.to(device) for k, v in inputs.items()}
-
+def _train_loop(model, params, optimizer, scheduler, contrastive_step: ContrastiveStep, batches: TokenizedBatches,
+                state: RunState, *, total_steps: int, max_grad_norm, eval_steps: int, evaluator, checkpointer,
+                metrics_path, sentences_per_step: int, world: int, progress: bool,
+                precision_hint: bool) -> tuple[float, int]:
+    """Steps ``state`` to ``total_steps``: each step's loss and update, evaluation and ``last/``
+    every ``eval_steps`` (and at the end). Returns (training seconds, sentences encoded)."""
     from tqdm.auto import tqdm
 
     model.train()
-    if step == 0 and eval_tasks:
-        record_eval()
-    last_score = history[-1]["metric"] if history else None
-    bar = tqdm(total=total_steps, initial=step, disable=not (progress and is_main), unit="step", dynamic_ncols=True)
+    if state.step == 0 and evaluator is not None:
+        evaluator(state)
+    last_score = state.history[-1]["metric"] if state.history else None
+    bar = tqdm(total=total_steps, initial=state.step, disable=not progress, unit="step", dynamic_ncols=True)
     train_seconds, sentences_seen = 0.0, 0
     try:
-        while step < total_steps:
-            epoch, position = divmod(step, steps_per_epoch)
-            batch_ids = datalib.batch_order(len(examples), batch_size, seed=seed, epoch=epoch)[position]
-            batch_ids = batch_ids[shard_lo:shard_hi]  # this rank's rows of the global batch
+        while state.step < total_steps:
             t0 = time.perf_counter()
-            chunks = [tokenize(c) for c in split_chunks([examples[i] for i in batch_ids], mini_batch_size)]
-            if len(chunks) > 1:
-                loss = cached_step(encode, chunks, loss_fn, cuda_devices=cuda_devices)
-            else:
-                loss = uncached_step(encode, chunks, loss_fn)
+            epoch, ids = batches(state.step)
+            loss = contrastive_step(ids)
+            loss_value = float(loss)
+            if not math.isfinite(loss_value):  # before the update: the model in memory stays finite
+                optimizer.zero_grad(set_to_none=True)
+                hint = "lower the learning rate" + (" or use precision='fp32'" if precision_hint else "")
+                raise FloatingPointError(f"loss became {loss_value} at step {state.step + 1}: {hint}")
             if world > 1:
                 _all_reduce_grads(params)  # SUM: each rank holds its rows' share of the full gradient
-            grad_norm = None
-            if max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if max_grad_norm else None
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
+            state.step += 1
             seconds = time.perf_counter() - t0
             train_seconds += seconds
-            sentences_seen += batch_size * views
-            loss_value = float(loss)
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss became {loss_value} at step {step}: lower the learning rate "
-                                         "or use precision='fp32'")
-            if is_main:
-                _append_jsonl(metrics_path, {"step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
+            sentences_seen += sentences_per_step
+            if metrics_path is not None:
+                _append_jsonl(metrics_path, {"step": state.step, "epoch": epoch, "loss": loss_value, "lr": lr,
                                              "grad_norm": grad_norm,
-                                             "sentences_per_second": batch_size * views / seconds})
-            if eval_tasks and (step % eval_steps == 0 or step == total_steps):
-                last_score = record_eval()
-            if step % eval_steps == 0 or step == total_steps:
-                write_last()
+                                             "sentences_per_second": sentences_per_step / seconds})
+            boundary = state.step % eval_steps == 0 or state.step == total_steps
+            if evaluator is not None and boundary:
+                last_score = evaluator(state)
+            if checkpointer is not None and boundary:
+                checkpointer.save(state)
             postfix = {"loss": f"{loss_value:.4f}", "sent/s": f"{sentences_seen / train_seconds:.0f}"}
             if last_score is not None:
                 postfix["dev"] = f"{last_score:.2f}"
@@ -636,14 +849,4 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
             bar.update(1)
     finally:
         bar.close()
-
-    if eval_tasks:
-        model_path = best_dir
-    else:
-        model_path = last_dir
-        if not save_last_enabled:  # no evaluation and no resumable checkpoint: still save the model
-            _on_rank0(world, rank, save_checkpoint, last_dir, model, tokenizer, dict(record, step=step))
-    return TrainResult(steps=step, model_path=str(model_path), output_dir=str(output_dir),
-                       metrics_path=str(metrics_path), best_metric=best_metric, best_step=best_step,
-                       history=history, train_seconds=train_seconds,
-                       sentences_per_second=sentences_seen / train_seconds if train_seconds else None)
+    return train_seconds, sentences_seen
