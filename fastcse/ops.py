@@ -19,7 +19,8 @@ autograd glue casts gradients back to the inputs' dtypes.
 Row i's target is candidate ``pos_start + i``; its own hard negatives are candidates
 ``neg_start + i * num_neg + t`` (t < num_neg), whose logits get ``hard_negative_weight``.
 ``symmetric`` (only with pos_start == 0 and N >= B) adds the reverse direction over the
-first B candidates, and row_loss is then (forward + reverse) / 2.
+first B candidates, and row_loss is then (forward + reverse) / 2. Both backends check and
+describe a call with the one ``fastcse.problem.describe``.
 """
 
 from __future__ import annotations

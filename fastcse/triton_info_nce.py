@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcse.problem import LossProblem, describe
+
 EPS = 1e-12  # as F.normalize
 # exp(s - M) over the positive block, with M = 1/tau the largest possible normalized score,
 # stays a normal fp32 number (> 1.2e-38 = exp(-87.3)) while M - s <= 2 / tau <= this bound.
@@ -425,70 +427,60 @@ def _fixed_max_is_safe(normalize: bool, tau: float) -> bool:
 
 
 class _Problem:
-    def __init__(self, anchor, candidates, tau, pos_start, neg_start, num_neg, normalize, symmetric,
-                 hard_negative_weight):
+    """A problem's inputs on the device, their row norms and the launch configuration."""
+
+    def __init__(self, anchor, candidates, spec: LossProblem):
         if anchor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"the Triton backend takes float16, bfloat16 or float32, got {anchor.dtype}")
-        if candidates.dtype != anchor.dtype:
-            raise TypeError(f"candidates have dtype {candidates.dtype} but anchor has {anchor.dtype}")
-        self.batch, self.dim = anchor.shape
-        self.num_candidates = candidates.shape[0]
-        self.weight = float(hard_negative_weight) if num_neg else 0.0
-        if symmetric and (pos_start != 0 or self.num_candidates < self.batch):
-            raise ValueError("symmetric needs the positives as the first B candidates")
-        if symmetric and self.weight and neg_start < self.batch:
-            # The reverse direction is unbiased; the fused column sums reuse the biased tiles.
-            raise ValueError("symmetric with hard_negative_weight needs the hard negatives after the positives")
+        self.spec = spec
         self.anchor = anchor.contiguous()
         self.candidates = candidates.contiguous()
-        self.tau = float(tau)
-        self.inv_tau = 1.0 / self.tau
-        self.pos_start, self.neg_start, self.num_neg = pos_start, neg_start, num_neg
-        self.normalize, self.symmetric = normalize, symmetric
-        self.cfg = select_config(anchor.dtype, self.dim)
-        self.a_norm = _row_norms(self.anchor, self.cfg) if normalize else None
-        self.c_norm = _row_norms(self.candidates, self.cfg) if normalize else None
+        self.cfg = select_config(anchor.dtype, spec.dim)
+        self.a_norm = _row_norms(self.anchor, self.cfg) if spec.normalize else None
+        self.c_norm = _row_norms(self.candidates, self.cfg) if spec.normalize else None
 
     def stats(self):
         """(lse, target logit, lse_rev or None) in one pass over the tiles when possible."""
+        spec = self.spec
         col_sum = None
-        if self.symmetric and _fixed_max_is_safe(self.normalize, self.tau):
-            col_sum = torch.zeros(self.batch, dtype=torch.float32, device=self.anchor.device)
-        lse, target = _launch_forward(self.anchor, self.candidates, self.a_norm, self.c_norm, self.inv_tau,
-                                      self.pos_start, self.neg_start, self.num_neg, self.weight, self.cfg,
-                                      col_sum=col_sum, n_rev=self.batch if col_sum is not None else 0)
-        if not self.symmetric:
+        if spec.symmetric and _fixed_max_is_safe(spec.normalize, spec.tau):
+            col_sum = torch.zeros(spec.batch, dtype=torch.float32, device=self.anchor.device)
+        lse, target = _launch_forward(self.anchor, self.candidates, self.a_norm, self.c_norm, spec.inv_tau,
+                                      spec.pos_start, spec.neg_start, spec.num_neg, spec.weight, self.cfg,
+                                      col_sum=col_sum, n_rev=spec.batch if col_sum is not None else 0)
+        if not spec.symmetric:
             return lse, target, None
         if col_sum is not None:
-            return lse, target, self.inv_tau + torch.log(col_sum)
+            return lse, target, spec.inv_tau + torch.log(col_sum)
         # Column sweep: the positives as queries against the anchors (unbiased, target unused).
-        positives = self.candidates[: self.batch]
+        positives = self.candidates[: spec.batch]
         lse_rev, _ = _launch_forward(positives, self.anchor,
-                                     self.c_norm[: self.batch] if self.normalize else None, self.a_norm,
-                                     self.inv_tau, 0, 0, 0, 0.0, self.cfg)
+                                     self.c_norm[: spec.batch] if spec.normalize else None, self.a_norm,
+                                     spec.inv_tau, 0, 0, 0, 0.0, self.cfg)
         return lse, target, lse_rev
 
     def grads(self, grad_rows, lse, lse_rev):
+        spec = self.spec
         dev = self.anchor.device
-        grad_a = torch.zeros((self.batch, self.dim), dtype=torch.float32, device=dev)
-        grad_c = torch.zeros((self.num_candidates, self.dim), dtype=torch.float32, device=dev)
+        grad_a = torch.zeros((spec.batch, spec.dim), dtype=torch.float32, device=dev)
+        grad_c = torch.zeros((spec.num_candidates, spec.dim), dtype=torch.float32, device=dev)
         t = self.cfg.bwd
-        grid = (triton.cdiv(self.num_candidates, t.block_n), triton.cdiv(self.batch, t.block_m))
-        a_norm = self.a_norm if self.normalize else lse
-        c_norm = self.c_norm if self.normalize else lse
+        grid = (triton.cdiv(spec.num_candidates, t.block_n), triton.cdiv(spec.batch, t.block_m))
+        a_norm = self.a_norm if spec.normalize else lse
+        c_norm = self.c_norm if spec.normalize else lse
         _backward_kernel[grid](
-            self.anchor, self.candidates, a_norm, c_norm, lse, lse_rev if self.symmetric else lse,
+            self.anchor, self.candidates, a_norm, c_norm, lse, lse_rev if spec.symmetric else lse,
             grad_rows, grad_a, grad_c,
-            self.batch, self.num_candidates, self.dim, self.anchor.stride(0), self.candidates.stride(0),
-            self.inv_tau, self.pos_start, self.neg_start, self.num_neg, self.weight,
-            NORMALIZE=self.normalize, HAS_BIAS=self.num_neg > 0 and self.weight != 0.0, SYMMETRIC=self.symmetric,
+            spec.batch, spec.num_candidates, spec.dim, self.anchor.stride(0), self.candidates.stride(0),
+            spec.inv_tau, spec.pos_start, spec.neg_start, spec.num_neg, spec.weight,
+            NORMALIZE=spec.normalize, HAS_BIAS=spec.has_bias, SYMMETRIC=spec.symmetric,
             EPS_=EPS, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
             UPCAST=self.cfg.upcast, PRECISION=self.cfg.precision, num_warps=t.warps, num_stages=t.stages)
         # tau enters every score once, through a_hat . c_hat / tau, each score holding exactly one
         # anchor: d(tau) = -sum_i a_hat_i . dA_hat_i / tau (as cpu.finish_grads).
         dots = _normalize_backward(self.anchor, self.a_norm, grad_a, self.cfg, write_dot=True)
         _normalize_backward(self.candidates, self.c_norm, grad_c, self.cfg, write_dot=False)
-        grad_tau = -dots.sum() / self.tau
+        grad_tau = -dots.sum() / spec.tau
         return grad_a, grad_c, grad_tau
 
 
@@ -500,8 +492,9 @@ def _on_device(x: torch.Tensor):
 def forward(anchor, candidates, tau, *, pos_start, neg_start, num_neg, normalize, symmetric,
             hard_negative_weight, compute_grad):
     with _on_device(anchor):
-        prob = _Problem(anchor, candidates, tau, pos_start, neg_start, num_neg, normalize, symmetric,
-                        hard_negative_weight)
+        prob = _Problem(anchor, candidates, describe(anchor, candidates, tau, pos_start=pos_start,
+                                                     neg_start=neg_start, num_neg=num_neg, normalize=normalize,
+                                                     symmetric=symmetric, hard_negative_weight=hard_negative_weight))
         lse, target, lse_rev = prob.stats()
         row_loss = lse - target
         if symmetric:
@@ -517,8 +510,9 @@ def forward(anchor, candidates, tau, *, pos_start, neg_start, num_neg, normalize
 def backward(grad_rows, anchor, candidates, tau, lse, lse_rev, *, pos_start, neg_start, num_neg, normalize,
              symmetric, hard_negative_weight):
     with _on_device(anchor):
-        prob = _Problem(anchor, candidates, tau, pos_start, neg_start, num_neg, normalize, symmetric,
-                        hard_negative_weight)
+        prob = _Problem(anchor, candidates, describe(anchor, candidates, tau, pos_start=pos_start,
+                                                     neg_start=neg_start, num_neg=num_neg, normalize=normalize,
+                                                     symmetric=symmetric, hard_negative_weight=hard_negative_weight))
         f32 = dict(dtype=torch.float32)
         return prob.grads(grad_rows.to(**f32).contiguous(), lse.to(**f32).contiguous(),
                           lse_rev.to(**f32).contiguous() if symmetric else None)

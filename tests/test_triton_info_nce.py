@@ -241,11 +241,31 @@ def test_backend_contract_against_cpu(symmetric):
             _assert_close(f"{kind} d{name}", x, ref, 2e-4)
 
 
-def test_symmetric_rejects_bias_on_the_positive_block():
-    anchor, candidates = torch.randn(4, 8), torch.randn(12, 8)
-    with pytest.raises(ValueError, match="hard negatives after the positives"):
-        triton_info_nce.forward(anchor, candidates, 0.05, pos_start=0, neg_start=2, num_neg=2, normalize=True,
-                                symmetric=True, hard_negative_weight=0.5, compute_grad=False)
+_INVALID_PROBLEMS = [  # (anchor rows, candidates shape, dtype of the candidates, options, error, match)
+    (4, (12, 8), torch.float32, dict(pos_start=0, neg_start=2, num_neg=2, symmetric=True, hard_negative_weight=0.5),
+     ValueError, "hard negatives after the positives"),
+    (4, (12, 8), torch.float32, dict(pos_start=4, neg_start=8, num_neg=1, symmetric=True, hard_negative_weight=0.0),
+     ValueError, "positives as the first B candidates"),
+    (4, (3, 8), torch.float32, dict(pos_start=0, neg_start=4, num_neg=0, symmetric=True, hard_negative_weight=0.0),
+     ValueError, "positives as the first B candidates"),
+    (4, (12, 8), torch.float16, dict(pos_start=0, neg_start=4, num_neg=2, symmetric=False, hard_negative_weight=0.5),
+     TypeError, "candidates have dtype"),
+    (4, (12, 6), torch.float32, dict(pos_start=0, neg_start=4, num_neg=2, symmetric=False, hard_negative_weight=0.5),
+     ValueError, "candidates must be"),
+]
+
+
+@pytest.mark.parametrize("backend", [cpu, triton_info_nce], ids=["cpu", "triton"])
+@pytest.mark.parametrize("batch,shape,dtype,options,error,match", _INVALID_PROBLEMS)
+def test_backends_reject_the_same_problems(backend, batch, shape, dtype, options, error, match):
+    """One problem description (fastcse.problem) for both backends: the CPU one used to accept a
+    hard-negative bias inside the positive block with symmetric, which leaks into the reverse direction."""
+    anchor, candidates = torch.randn(batch, 8), torch.randn(*shape).to(dtype)
+    with pytest.raises(error, match=match):
+        backend.forward(anchor, candidates, 0.05, normalize=True, compute_grad=False, **options)
+    lse = torch.zeros(batch)
+    with pytest.raises(error, match=match):
+        backend.backward(torch.ones(batch), anchor, candidates, 0.05, lse, lse, normalize=True, **options)
 
 
 def test_fixed_max_path_selection():
