@@ -157,13 +157,29 @@ def test_duplicate_rows():
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_multiple_chunks(monkeypatch, symmetric, reduction):
     """Force several row chunks (the production block budget fits these shapes in one)."""
-    monkeypatch.setattr(cpu, "BLOCK_BYTES", 4 * 40 * 3)
+    monkeypatch.setattr(cpu, "BLOCK_BYTES", 4 * 40 * 3)  # 3 rows of the 40 candidates' fp32 scores
     monkeypatch.setattr(cpu, "MIN_ROWS", 1)
-    assert cpu._rows_per_chunk(20, 40) == 3
+    blocks = []
+    scores = cpu._Problem.scores
+
+    def recording_scores(prob, r0, r1):
+        blocks.append((r0, r1))
+        return scores(prob, r0, r1)
+
+    monkeypatch.setattr(cpu._Problem, "scores", recording_scores)
     anchor, positive, negative = make_inputs(20, 7, 1)
     for tau in (0.05, 0.01):  # the unshifted and the row-max paths
         check_against_reference(anchor, positive, negative, tau, symmetric=symmetric, reduction=reduction,
                                 hard_negative_weight=0.4)
+    # Every sweep ran chunk after chunk over all 20 rows, none past the 3-row budget.
+    sweeps = [[]]
+    for r0, r1 in blocks:
+        if r0 == 0 and sweeps[-1]:
+            sweeps.append([])
+        sweeps[-1].append((r0, r1))
+    for sweep in sweeps:
+        assert [r0 for r0, _ in sweep] == [0] + [r1 for _, r1 in sweep[:-1]] and sweep[-1][1] == 20, sweep
+        assert all(1 <= r1 - r0 <= 3 for r0, r1 in sweep), sweep
 
 
 def test_block_budget_bounds_memory():

@@ -268,14 +268,29 @@ def test_backends_reject_the_same_problems(backend, batch, shape, dtype, options
         backend.backward(torch.ones(batch), anchor, candidates, 0.05, lse, lse, normalize=True, **options)
 
 
-def test_fixed_max_path_selection():
-    """The atomics path is used exactly where exp(s - 1/tau) cannot underflow fp32."""
-    assert triton_info_nce._fixed_max_is_safe(True, 0.025)
-    assert not triton_info_nce._fixed_max_is_safe(True, 0.0249)
+@pytest.mark.parametrize("tau,fused", [(0.025, True), (0.0249, False)])
+def test_fixed_max_path_selection(monkeypatch, tau, fused):
+    """The atomics path is used exactly where exp(s - 1/tau) cannot underflow fp32, and at its edge
+    (every reverse score at the bound -1/tau, exp(s - M) = exp(-80)) its reverse LSE is exact."""
+    assert triton_info_nce._fixed_max_is_safe(True, tau) == fused
     assert not triton_info_nce._fixed_max_is_safe(False, 1.0)
-    # The bound it relies on: the smallest possible term at the threshold is a normal fp32.
-    smallest = torch.tensor(-2 / 0.025, dtype=torch.float32).exp()
-    assert smallest > torch.finfo(torch.float32).tiny and math.isfinite(smallest.log().item())
+    launches = []
+    launch = triton_info_nce._launch_forward
+
+    def recording_launch(*args, **kwargs):
+        launches.append(kwargs.get("col_sum") is not None)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_info_nce, "_launch_forward", recording_launch)
+    batch = 18
+    anchor = torch.randn(1, 20).abs().expand(batch, 20).contiguous()  # all one direction
+    candidates = torch.cat([-anchor, torch.randn(batch, 20)])  # positive i = -anchor i: s_rev = -1/tau
+    _, _, lse_rev, _ = triton_info_nce.forward(anchor, candidates, tau, pos_start=0, neg_start=batch, num_neg=1,
+                                               normalize=True, symmetric=True, hard_negative_weight=0.0,
+                                               compute_grad=False)
+    assert launches == ([True] if fused else [False, False])
+    expected = torch.full((batch,), -1 / tau + math.log(batch), dtype=torch.float64)  # LSE of B equal terms
+    _assert_close("lse_rev", lse_rev, expected, 2e-4)
 
 
 def test_column_splits_cover_every_tile_without_empty_splits():
