@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from fastcse.encoding import ENCODINGS
 from fastcse.pooling import POOLERS
 
 # The demo: unsupervised SimCSE with the paper's settings (cls pooler with the MLP head while
@@ -79,7 +80,14 @@ def _add_train_options(p, demo: bool):
     p.add_argument("--batch-size", type=positive_int, default=DEMO["batch_size"] if demo else 64,
                    help="contrastive batch: the in-batch negatives (default: %(default)s)")
     p.add_argument("--mini-batch-size", type=positive_int, default=None,
-                   help="encode the batch in chunks of this size with gradient caching (same gradients, less memory)")
+                   help="gradient caching: encode the batch in chunks of this many examples (same gradients, "
+                        "less memory)")
+    p.add_argument("--mini-batch-tokens", type=positive_int, default=None,
+                   help="gradient caching: chunks of at most this many real tokens (memory bounded by tokens)")
+    p.add_argument("--encoding", choices=ENCODINGS, default="auto",
+                   help="sequence layout for the encoder: packed (padding-free, BERT-family), sorted "
+                        "(length-sorted groups, each padded to its longest), padded (one padded batch); auto: "
+                        "packed where the model allows it, else sorted (default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
     p.add_argument("--resume-from", help="a run's output dir or its last/ checkpoint, to continue it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -145,7 +153,8 @@ def _data_dir(args) -> Path:
 
 
 def _train_kwargs(args) -> dict:
-    return dict(batch_size=args.batch_size, mini_batch_size=args.mini_batch_size, max_steps=args.max_steps,
+    return dict(batch_size=args.batch_size, mini_batch_size=args.mini_batch_size,
+                mini_batch_tokens=args.mini_batch_tokens, encoding=args.encoding, max_steps=args.max_steps,
                 eval_steps=args.eval_steps, output_dir=args.output_dir, seed=args.seed,
                 resume_from=args.resume_from, progress=not args.no_progress, data_dir=_data_dir(args))
 

@@ -287,3 +287,64 @@ def test_tokenized_batches_are_prepared_one_step_ahead():
                                   for _ in (0, 1)])
     finally:
         batches.close()
+
+
+# ---- train(): the token budget and the encoding choice, end to end
+
+
+SENTENCES = [f"sentence {i} " + "with more words " * (i % 5) for i in range(24)]
+
+
+def train_tiny(tmp_path, **kwargs):
+    from fastcse.trainer import train
+
+    args = dict(batch_size=8, max_steps=2, eval_data=None, progress=False, output_dir=tmp_path / "out",
+                learning_rate=1e-3)
+    return train(tiny(dropout=0.1), SENTENCES, **dict(args, **kwargs))
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True, "512"])
+def test_mini_batch_tokens_must_be_a_positive_int(tmp_path, value):
+    with pytest.raises(ValueError, match="mini_batch_tokens must be an int >= 1"):
+        train_tiny(tmp_path, mini_batch_tokens=value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_mini_batch_tokens_below_the_longest_sequence_fails_before_training(tmp_path):
+    longest = max(len(x) for x in enc.tokenize(tiny()[1], SENTENCES, 32))
+    with pytest.raises(ValueError, match=rf"mini_batch_tokens \(5\) is smaller than the longest sequence.*"
+                                         rf"\({longest} tokens\)"):
+        train_tiny(tmp_path, mini_batch_tokens=5)
+    assert not (tmp_path / "out").exists()  # refused before the output folder is touched
+    train_tiny(tmp_path, mini_batch_tokens=longest, max_steps=1)  # the longest sequence alone fits
+
+
+@pytest.mark.parametrize("encoding", ["auto", "packed", "sorted", "padded"])
+def test_token_budget_training_runs_cached_chunks(tmp_path, monkeypatch, encoding):
+    import json
+
+    import fastcse.trainer as trainer
+
+    chunk_counts = []
+    real = trainer.cached_step
+
+    def counting(encode, units, loss_fn, **kw):
+        chunk_counts.append(len(units))
+        return real(encode, units, loss_fn, **kw)
+
+    monkeypatch.setattr(trainer, "cached_step", counting)
+    result = train_tiny(tmp_path, mini_batch_tokens=40, encoding=encoding)
+    assert chunk_counts and all(n > 1 for n in chunk_counts)  # the budget cut each batch into chunks
+    losses = [json.loads(x)["loss"] for x in open(result.metrics_path, encoding="utf-8")]
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+
+
+def test_packed_encoding_on_a_model_that_cannot_pack_fails_before_training(tmp_path):
+    from fastcse.trainer import train
+
+    model, tok = tiny()
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="encoding='packed' needs a BERT-family encoder"):
+        train((model, tok), SENTENCES, batch_size=8, max_steps=1, eval_data=None, progress=False,
+              output_dir=tmp_path / "out", encoding="packed")
+    assert not (tmp_path / "out").exists()

@@ -131,14 +131,56 @@ def test_symmetric_matches_mnrl_both_directions(tiny_model, num_neg):
 @pytest.mark.parametrize("num_neg, symmetric, mini_batch_size", [(0, False, 4), (2, False, 4), (1, True, 2),
                                                                  (2, False, 64)])
 def test_cached_matches_cached_mnrl(tiny_model, num_neg, symmetric, mini_batch_size):
-    """Same mini-batches, same RNG replay: the gradients of CachedMNRL, dropout on."""
+    """Same mini-batches (no length sorting), same RNG replay: the gradients of CachedMNRL, dropout on."""
     texts = columns(num_neg)
     extra = SYMMETRIC if symmetric else {}
     expected = loss_and_grads(
         lambda m: CachedMultipleNegativesRankingLoss(m, mini_batch_size=mini_batch_size, **extra), tiny_model, texts)
-    actual = loss_and_grads(lambda m: InfoNCELoss(m, symmetric=symmetric, mini_batch_size=mini_batch_size),
+    actual = loss_and_grads(lambda m: InfoNCELoss(m, symmetric=symmetric, mini_batch_size=mini_batch_size,
+                                                  sort_by_length=False), tiny_model, texts)
+    assert_same(expected, actual)
+
+
+@pytest.mark.parametrize("budget", [40, 90])
+def test_token_budget_matches_cached_mnrl_token_budget(tiny_model, budget):
+    """mini_batch_num_tokens: CachedMNRL's token-bounded mini-batches, dropout on."""
+    texts = columns(1)
+    expected = loss_and_grads(lambda m: CachedMultipleNegativesRankingLoss(
+        m, mini_batch_size=BATCH, mini_batch_num_tokens=budget), tiny_model, texts)
+    actual = loss_and_grads(lambda m: InfoNCELoss(m, mini_batch_num_tokens=budget, sort_by_length=False),
                             tiny_model, texts)
     assert_same(expected, actual)
+
+
+@pytest.mark.parametrize("cache", [dict(mini_batch_size=2), dict(mini_batch_size=4, symmetric=True),
+                                   dict(mini_batch_num_tokens=40), dict(mini_batch_num_tokens=70)])
+def test_length_sorted_mini_batches_give_the_batch_loss(tiny_model, cache):
+    """Sorted mini-batches (the default): the loss and gradients of the whole batch, i.e. of the
+    uncached MNRL (dropout off, so that which rows share a forward cannot matter)."""
+    texts = columns(2)
+    extra = SYMMETRIC if cache.get("symmetric") else {}
+    expected = loss_and_grads(lambda m: MultipleNegativesRankingLoss(m, **extra), tiny_model, texts, train=False)
+    actual = loss_and_grads(lambda m: InfoNCELoss(m, **cache), tiny_model, texts, train=False)
+    assert_same(expected, actual)
+
+
+def test_length_sorted_mini_batches_pad_fewer_tokens(tiny_model):
+    """The forwards of the sorted cached loss see fewer (padded) tokens than CachedMNRL's."""
+    texts = [[t for t in column] for column in columns(1)]
+    texts = [column * 4 for column in texts]  # 24 rows a column: several mini-batches of 4
+
+    def padded_tokens(make_loss):
+        model = copy.deepcopy(tiny_model)
+        seen = []
+        hook = model[0].auto_model.embeddings.register_forward_hook(lambda mod, args, out: seen.append(out.shape[:2]))
+        features = [model.preprocess(column) for column in texts]
+        make_loss(model)(features, None).backward()
+        hook.remove()
+        return sum(rows * length for rows, length in seen)
+
+    sorted_tokens = padded_tokens(lambda m: InfoNCELoss(m, mini_batch_size=4))
+    theirs = padded_tokens(lambda m: CachedMultipleNegativesRankingLoss(m, mini_batch_size=4))
+    assert sorted_tokens < 0.85 * theirs
 
 
 def test_cached_scales_with_upstream_gradient(tiny_model):
@@ -163,8 +205,8 @@ def test_inside_matryoshka_loss(tiny_model, mini_batch_size):
     else:
         inner = lambda m: CachedMultipleNegativesRankingLoss(m, mini_batch_size=mini_batch_size)  # noqa: E731
     expected = loss_and_grads(lambda m: MatryoshkaLoss(m, inner(m), dims), tiny_model, texts)
-    actual = loss_and_grads(lambda m: MatryoshkaLoss(m, InfoNCELoss(m, mini_batch_size=mini_batch_size), dims),
-                            tiny_model, texts)
+    actual = loss_and_grads(lambda m: MatryoshkaLoss(m, InfoNCELoss(m, mini_batch_size=mini_batch_size,
+                                                                  sort_by_length=False), dims), tiny_model, texts)
     assert_same(expected, actual)
 
 
@@ -249,7 +291,7 @@ for name, theirs, ours in [
     ("symmetric", lambda m: MultipleNegativesRankingLoss(m, gather_across_devices=True, **SYMMETRIC),
      lambda m: InfoNCELoss(m, symmetric=True, gather_across_devices=True)),
     ("cached", lambda m: CachedMultipleNegativesRankingLoss(m, mini_batch_size=2, gather_across_devices=True),
-     lambda m: InfoNCELoss(m, mini_batch_size=2, gather_across_devices=True)),
+     lambda m: InfoNCELoss(m, mini_batch_size=2, gather_across_devices=True, sort_by_length=False)),
 ]:
     (loss_e, grads_e), (loss_a, grads_a) = run(theirs), run(ours)
     largest = max(g.norm() for g in grads_e.values())
@@ -291,6 +333,7 @@ def test_gather_across_devices_matches_mnrl_on_two_ranks(tiny_model, tmp_path):
     (dict(mini_batch_size=0), "mini_batch_size must be None"),
     (dict(mini_batch_size=2.5), "mini_batch_size must be None"),
     (dict(hard_negative_weight=float("nan")), "hard_negative_weight must be a finite"),
+    (dict(mini_batch_num_tokens=0), "mini_batch_num_tokens must be None or a positive int"),
 ])
 def test_bad_arguments(tiny_model, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -13,6 +13,13 @@ the logits never materialized. Correspondences with sentence-transformers 6.2:
   with sentence-transformers' own machinery for the two embedding passes (mini-batch slicing,
   RNG replay so dropout repeats, the backward hook, DDP synchronization), but the loss itself
   computed once over the whole batch with the fused kernel instead of once per mini-batch.
+  ``mini_batch_num_tokens`` is its token budget (mini-batches of at most that many real tokens).
+- Length-aware mini-batches (``sort_by_length=True``, the default with caching): each column's
+  rows are sorted by length before sentence-transformers cuts them into mini-batches, which it
+  trims to their own longest row, so a mini-batch pads to sentences of its own length; the
+  embeddings go back in row order before the loss. The loss and gradients are the batch's, as
+  without sorting; only which rows share a forward, hence the dropout draws, differ from
+  CachedMNRL's (``sort_by_length=False`` keeps its mini-batches, draw for draw).
 - MNRL stacks the negative columns column by column (all first negatives, then all second
   negatives); fastcse's layout is negative[i, t] at column B + i*k + t. The candidate order
   does not change a softmax loss, so both give the same value and gradients.
@@ -65,6 +72,26 @@ def _positive_finite(name: str, value) -> float:
     return float(value)
 
 
+# Feature keys that are per-row token tensors, safe to reorder along the batch dimension.
+_ROW_KEYS = {"input_ids", "attention_mask", "token_type_ids", "position_ids"}
+
+
+def _sort_rows_by_length(features: dict[str, Any]) -> tuple[dict[str, Any], Tensor | None]:
+    """(the features with rows sorted by token count, the inverse permutation), or the features
+    unchanged and None where reordering is not plainly safe (flattened inputs, images, ...)."""
+    mask = features.get("attention_mask")
+    tensor_keys = {k for k, v in features.items() if isinstance(v, Tensor)}
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or not tensor_keys <= _ROW_KEYS:
+        return features, None
+    rows = mask.shape[0]
+    if any(features[k].dim() == 0 or features[k].shape[0] != rows for k in tensor_keys):
+        return features, None
+    order = torch.argsort(mask.sum(dim=1), stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(rows, device=order.device)
+    return {k: v.index_select(0, order) if k in tensor_keys else v for k, v in features.items()}, inverse
+
+
 class InfoNCELoss(CachedLossMixin, nn.Module):
     """MultipleNegativesRankingLoss (and its symmetric and cached variants) on fastcse's fused kernel.
 
@@ -79,6 +106,12 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
         mini_batch_size: None for the plain loss; an int for the gradient-cached loss, whose
             activation memory is bounded by mini-batches of this many rows per column
             (CachedMNRL's ``mini_batch_size``).
+        mini_batch_num_tokens: gradient caching with mini-batches of at most this many real
+            (non-padding) tokens per column (CachedMNRL's ``mini_batch_num_tokens``; it takes
+            precedence over ``mini_batch_size``, as there).
+        sort_by_length: with gradient caching, sort each column's rows by length before they
+            are cut into mini-batches (less padding; the same loss and gradients up to dropout
+            draws). Default True.
         gather_across_devices: under ``torch.distributed``, score the local anchors against the
             candidates of every rank (``fastcse.info_nce(process_group=...)``); as in MNRL this
             is a no-op when torch.distributed is not initialized. The gradients are MNRL's; the
@@ -98,6 +131,8 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
         hard_negative_weight: float = 0.0,
         mini_batch_size: int | None = None,
         gather_across_devices: bool = False,
+        mini_batch_num_tokens: int | None = None,
+        sort_by_length: bool = True,
     ) -> None:
         super().__init__()
         if temperature is not None and scale is not None:
@@ -117,17 +152,29 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
                              f"got {mini_batch_size!r}")
         if not isinstance(gather_across_devices, bool):
             raise TypeError(f"gather_across_devices must be a bool, got {gather_across_devices!r}")
-        if mini_batch_size is not None and has_static_embedding_input(model):
+        if mini_batch_num_tokens is not None and (isinstance(mini_batch_num_tokens, bool)
+                                                  or not isinstance(mini_batch_num_tokens, int)
+                                                  or mini_batch_num_tokens < 1):
+            raise ValueError(f"mini_batch_num_tokens must be None or a positive int, got {mini_batch_num_tokens!r}")
+        if not isinstance(sort_by_length, bool):
+            raise TypeError(f"sort_by_length must be a bool, got {sort_by_length!r}")
+        caching = mini_batch_size is not None or mini_batch_num_tokens is not None
+        if caching and has_static_embedding_input(model):
             raise ValueError("mini_batch_size needs a model whose inputs split along the batch dimension; a "
                              "StaticEmbedding model's do not: use mini_batch_size=None")
         self.model = model
         self.symmetric = symmetric
         self.hard_negative_weight = float(hard_negative_weight)
-        self.mini_batch_size = mini_batch_size
+        self._mini_batch_size_given = mini_batch_size
+        # CachedLossMixin reads both; with a token budget only, the count bound is the batch.
+        self.mini_batch_size = mini_batch_size if mini_batch_size is not None or not caching else 2**31 - 1
+        self.mini_batch_num_tokens = mini_batch_num_tokens
+        self.sort_by_length = sort_by_length
         self.gather_across_devices = gather_across_devices
         # Read by MatryoshkaLoss and AdaptiveLayerLoss: True makes them wrap calculate_loss
         # instead of patching the model's forward, which the backward-time replay would miss.
-        self.uses_gradient_cache = mini_batch_size is not None
+        self.uses_gradient_cache = caching
+        self._row_order_inverses: list[Tensor | None] | None = None
 
     @property
     def scale(self) -> float:
@@ -138,9 +185,18 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
         if len(sentence_features) < 2:
             raise ValueError(f"InfoNCELoss needs (anchor, positive[, negative_1, ...]) columns, got "
                              f"{len(sentence_features)} column(s)")
-        if self.mini_batch_size is None:
+        if not self.uses_gradient_cache:
             return self.calculate_loss([[column] for column in embed_columns(self.model, sentence_features)])
-        return self.forward_cached(sentence_features, labels)
+        if not self.sort_by_length:
+            return self.forward_cached(sentence_features, labels)
+        sorted_features, inverses = zip(*(_sort_rows_by_length(f) for f in sentence_features))
+        # calculate_loss runs inside forward_cached (GradCache step 2); the backward-time replay
+        # re-embeds the sorted features, whose order matches the cached gradients.
+        self._row_order_inverses = list(inverses)
+        try:
+            return self.forward_cached(list(sorted_features), labels)
+        finally:
+            self._row_order_inverses = None
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
                        with_backward: bool = False) -> Tensor:
@@ -149,7 +205,11 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
         With ``with_backward`` (GradCache step 2) the loss is back-propagated to the embeddings,
         whose ``.grad`` become the cache, and returned detached.
         """
-        anchor, positive, *negatives = [torch.cat(column) if len(column) > 1 else column[0] for column in reps]
+        columns = [torch.cat(column) if len(column) > 1 else column[0] for column in reps]
+        if self._row_order_inverses is not None:  # length-sorted mini-batches: back to row order
+            columns = [c if inv is None else c.index_select(0, inv.to(c.device))
+                       for c, inv in zip(columns, self._row_order_inverses)]
+        anchor, positive, *negatives = columns
         if self.hard_negative_weight != 0.0 and not negatives:
             raise ValueError(f"hard_negative_weight={self.hard_negative_weight} applies to hard negatives, but the "
                              "batch has only (anchor, positive) columns: add negative columns or set it to 0.0")
@@ -179,7 +239,9 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
             "temperature": self.temperature,
             "symmetric": self.symmetric,
             "hard_negative_weight": self.hard_negative_weight,
-            "mini_batch_size": self.mini_batch_size,
+            "mini_batch_size": self._mini_batch_size_given,
+            "mini_batch_num_tokens": self.mini_batch_num_tokens,
+            "sort_by_length": self.sort_by_length,
             "gather_across_devices": self.gather_across_devices,
         }
 
