@@ -13,17 +13,25 @@ when the default process group is initialized with more than one rank, every glo
 candidates) and the parameter gradients are all-reduced with SUM (each rank holds its own rows'
 share of the single-process gradient), so a step equals the single-process step on the whole
 global batch. Only rank 0 evaluates, logs and writes metrics and checkpoints.
+
+The output folder: ``best`` and ``last`` are relative symlinks to versioned checkpoint folders
+beside them (``last -> last.250``), so that a new checkpoint replaces the previous one in one
+atomic rename (a folder cannot be renamed over a non-empty folder; a link can be). While a run
+writes to the folder it holds ``.fastcse.lock`` (pid and host): a second run is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +42,7 @@ import torch.distributed as dist
 import fastcse
 from fastcse import data as datalib
 from fastcse import encoding as encoding_lib
-from fastcse.evaluation import DEV_TASKS, SENTEVAL_TASKS, evaluate_loaded, load_model, max_model_length
+from fastcse.evaluation import DEV_TASKS, SENTEVAL_TASKS, evaluate_loaded, load_model, load_task, max_model_length
 from fastcse.gradcache import cached_step, cuda_devices_of, uncached_step
 from fastcse.pooling import check_pooler, has_mlp_head
 
@@ -42,12 +50,24 @@ logger = logging.getLogger("fastcse.train")
 
 MODES = ("unsup", "sup")
 PRECISIONS = ("auto", "fp32", "bf16")
+MLP_INITS = ("fresh", "pretrained")
 STATE_FILE = "trainer_state.pt"
 RECORD_FILE = "fastcse.json"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".fastcse.lock"
+CHECKPOINT_NAMES = ("last", "best")
 # SimCSE's defaults (paper, appendix A): lr 3e-5 unsup / 5e-5 sup, 1 / 3 epochs.
 DEFAULT_LR = {"unsup": 3e-5, "sup": 5e-5}
 DEFAULT_EPOCHS = {"unsup": 1, "sup": 3}
+# The settings a resumed run must share with its checkpoint (unless ``resume_override`` names
+# them): each changes what the run computes (the data and its order, the schedule, the loss, the
+# numerics, the metric that picks the best checkpoint). ``total_steps`` covers max_steps and
+# epochs. Not compared, because they change only the memory layout or the bookkeeping:
+# mini_batch_size / mini_batch_tokens / encoding (same loss and gradients up to roundoff), the
+# device, the world size, eval_steps, mlp_init (the checkpoint's weights win).
+RESUME_SETTINGS = ("mode", "data", "num_examples", "batch_size", "seed", "total_steps", "learning_rate",
+                   "weight_decay", "warmup_steps", "max_grad_norm", "temperature", "hard_negative_weight", "pooler",
+                   "mlp_only_train", "max_seq_length", "precision", "eval_data")
 
 
 @dataclass
@@ -88,7 +108,10 @@ def _positive_float(name, value, allow_zero=False):
     return float(value)
 
 
-def _eval_tasks(eval_data) -> list[str]:
+def _eval_tasks(eval_data, data_dir) -> list[str]:
+    """The evaluation tasks, each loaded once here with fastcse.evaluation's loaders: a missing,
+    empty or malformed file fails before the output folder is touched, not at the first
+    evaluation (by then a reused folder's previous metrics were gone)."""
     if eval_data is None:
         return []
     tasks = [eval_data] if isinstance(eval_data, (str, os.PathLike)) else list(eval_data)
@@ -103,7 +126,59 @@ def _eval_tasks(eval_data) -> list[str]:
         else:
             raise ValueError(f"eval_data must be a task name {SENTEVAL_TASKS + DEV_TASKS}, a .tsv/.csv pair file, "
                              f"a list of them or None, got {task!r}")
+    for task in out:
+        load_task(task, data_dir)
     return out
+
+
+def _check_output_dir(output_dir) -> Path:
+    """``output_dir`` as a Path: an existing folder or one that can be made (no file on the way)."""
+    if not isinstance(output_dir, (str, os.PathLike)):
+        raise TypeError(f"output_dir must be a folder path (str or os.PathLike), got {output_dir!r}")
+    if not str(output_dir).strip():
+        raise ValueError("output_dir must name a folder, got an empty string")
+    path = Path(output_dir)
+    for folder in (path, *path.parents):
+        if folder.is_dir():
+            break
+        if folder.exists() or folder.is_symlink():
+            where = "is" if folder == path else f"lies under {str(folder)!r}, which is"
+            raise NotADirectoryError(f"output_dir={str(path)!r} {where} a file, not a folder")
+    return path
+
+
+def _check_resume_override(resume_override) -> bool | frozenset:
+    """True (every setting may differ from the checkpoint's) or the names of those that may."""
+    if isinstance(resume_override, bool):
+        return resume_override or frozenset()
+    names = [resume_override] if isinstance(resume_override, str) else resume_override
+    try:
+        names = [str(name) for name in names]
+    except TypeError:
+        raise TypeError(f"resume_override must be a bool or a list of setting names, got {resume_override!r}") \
+            from None
+    unknown = [name for name in names if name not in RESUME_SETTINGS]
+    if unknown:
+        raise ValueError(f"resume_override names {unknown}, which are not settings compared on resume: "
+                         f"{list(RESUME_SETTINGS)}")
+    return frozenset(names)
+
+
+def rank_device(device, world: int, local_rank: int | None, cuda_available: bool) -> torch.device | None:
+    """The device this rank trains on (None: where the model already is). Under torchrun with
+    CUDA, ``device=None`` or a plain ``"cuda"`` means the rank's own GPU, ``cuda:{LOCAL_RANK}``:
+    otherwise every rank puts its model and NCCL's communicator on the current device, GPU 0."""
+    if world > 1 and cuda_available and local_rank is not None:
+        if device is None or (torch.device(device).type == "cuda" and torch.device(device).index is None):
+            return torch.device("cuda", local_rank)
+    return None if device is None else torch.device(device)
+
+
+def _local_rank(rank: int) -> int:
+    """torchrun's LOCAL_RANK; for a group started without it (mp.spawn), the rank modulo the GPUs."""
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return rank % max(1, torch.cuda.device_count())
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -164,28 +239,269 @@ def write_sentence_transformers_files(folder: Path, model, tokenizer, eval_poole
     return True
 
 
-def save_checkpoint(path: Path, model, tokenizer, record: dict, trainer_state: dict | None = None) -> None:
-    """Writes the model to a temporary folder beside ``path`` and renames it into place, so a
-    crash leaves either the previous checkpoint or the new one, never a half-written model."""
-    path = Path(path)
+# --------------------------------------------------------------------------------------------
+# Checkpoint folders: versions behind a link
+#
+# ``output_dir/last`` is a relative symlink to a version folder ``last.<step>`` beside it. Every
+# version folder is complete: it appears only by the rename of a finished, fsynced temporary
+# folder (``.last.tmp-<pid>``) and disappears only by a rename to a trash name
+# (``.last.trash-<pid>-<n>``) before it is removed. The link is switched by renaming a new link
+# over it, one atomic step; a crash at any moment leaves a loadable ``last`` (or a newer complete
+# version that the link has not reached yet, which resume takes), plus leftovers that the next
+# run cleans.
+
+_TRASH_IDS = itertools.count()
+
+
+def _fsync_file(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder) -> None:
+    """Makes a rename or a new entry in ``folder`` durable (the entry lives in the folder's data)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # folders cannot be opened on some platforms (Windows): nothing to sync there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a folder (EINVAL); their renames are durable anyway
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Every file, then every folder (deepest first) under ``folder``, on disk before its rename
+    publishes it: else a power cut after the rename can leave a published folder of empty files."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            _fsync_file(os.path.join(root, name))
+        _fsync_dir(root)
+
+
+def _version_key(entry: Path, name: str):
+    """(step, n) for a version folder name ``<name>.<step>`` or ``<name>.<step>-<n>``, else None."""
+    if not entry.name.startswith(name + "."):
+        return None
+    step, dash, n = entry.name[len(name) + 1:].partition("-")
+    if not (step.isascii() and step.isdigit()) or (dash and not (n.isascii() and n.isdigit())):
+        return None
+    return int(step), int(n) if dash else 0
+
+
+def _versions(path: Path) -> list[Path]:
+    """The version folders of checkpoint ``path`` (``last.3``, ``last.3-1``, ...), oldest first."""
+    if not path.parent.is_dir():
+        return []
+    found = [(key, entry) for entry in path.parent.iterdir()
+             if (key := _version_key(entry, path.name)) is not None and entry.is_dir() and not entry.is_symlink()]
+    return [entry for _, entry in sorted(found)]
+
+
+def _target(path: Path) -> Path | None:
+    """The folder checkpoint ``path`` stands for: the version its link points to, or ``path``
+    itself when it is a real folder (the layout before the links). None if none (or dangling)."""
+    if path.is_symlink():
+        target = path.parent / os.readlink(path)
+        return target if target.is_dir() else None
+    return path if path.is_dir() else None
+
+
+def _newest(path: Path, required: str = RECORD_FILE) -> Path | None:
+    """The newest complete checkpoint of ``path`` holding ``required``: its newest version,
+    whatever the link shows (a crash between a version's rename and the link's switch leaves
+    the link one behind), else the folder the link or the old layout shows."""
+    versions = [v for v in _versions(path) if (v / required).is_file()]
+    if versions:
+        return versions[-1]
+    target = _target(path)
+    return target if target is not None and (target / required).is_file() else None
+
+
+def _leftovers(folder: Path, name: str) -> list[Path]:
+    """What killed processes left of checkpoint ``name``: temporary folders and links, trash."""
+    if not folder.is_dir():
+        return []
+    prefixes = tuple(f".{name}.{kind}-" for kind in ("tmp", "link", "trash"))
+    return [entry for entry in folder.iterdir() if entry.name.startswith(prefixes)]
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def _trash_path(folder: Path, name: str) -> Path:
+    while True:
+        trash = folder / f".{name}.trash-{os.getpid()}-{next(_TRASH_IDS)}"
+        if not (trash.exists() or trash.is_symlink()):
+            return trash
+
+
+def _trash(entry: Path, name: str) -> None:
+    """Deletes a checkpoint folder of ``name``: renamed to a trash name first (one atomic step
+    after which it is no longer a version), then removed. A crash in between leaves trash."""
+    trash = _trash_path(entry.parent, name)
+    os.rename(entry, trash)
+    shutil.rmtree(trash)
+
+
+def _free_version(path: Path, step: int) -> Path:
+    version = path.with_name(f"{path.name}.{step}")
+    n = 0
+    while version.exists() or version.is_symlink():  # e.g. a second save at the same step
+        n += 1
+        version = path.with_name(f"{path.name}.{step}-{n}")
+    return version
+
+
+def _point(path: Path, version: Path) -> None:
+    """Makes ``path`` a link to ``version`` (a folder beside it) in one atomic rename. A real
+    folder there (the layout before the links) is moved to the trash first, once; the window
+    without ``path`` it opens is covered by ``version`` being complete already."""
+    legacy = None
+    if path.is_dir() and not path.is_symlink():
+        legacy = _trash_path(path.parent, path.name)
+        os.rename(path, legacy)
+    link = path.with_name(f".{path.name}.link-{os.getpid()}")
+    _remove(link)
+    os.symlink(version.name, link)  # relative: the run folder can be moved or copied
+    os.replace(link, path)
+    _fsync_dir(path.parent)
+    if legacy is not None:
+        shutil.rmtree(legacy)
+
+
+def _publish(path: Path, step: int, fill) -> Path:
+    """Writes a new checkpoint with ``fill(folder)`` and switches ``path`` to it: fill
+    ``.<name>.tmp-<pid>`` and fsync it, rename it to the version ``<name>.<step>`` and fsync the
+    parent, switch the link, then trash the other versions. Returns the version folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    record = dict(record, sentence_transformers=write_sentence_transformers_files(tmp, model, tokenizer,
-                                                                                    record["eval_pooler"]))
-    _write_json(tmp / RECORD_FILE, record)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / STATE_FILE)
-    if path.exists():
-        os.replace(path, old)  # a directory cannot be replaced in one rename: move the old one aside
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
+    _remove(tmp)  # this process's own earlier attempt that failed
+    tmp.mkdir()
+    fill(tmp)
+    _fsync_tree(tmp)
+    version = _free_version(path, step)
+    os.rename(tmp, version)
+    _fsync_dir(path.parent)
+    _point(path, version)
+    for old in _versions(path):
+        if old != version:
+            _trash(old, path.name)
+    return version
+
+
+def save_checkpoint(path: Path, model, tokenizer, record: dict, trainer_state: dict | None = None) -> Path:
+    """Saves a checkpoint and points ``path`` (e.g. ``output_dir/last``) to it atomically, so
+    that a crash at any moment leaves either the previous checkpoint or the new one, never a
+    half-written model or none. ``AutoModel.from_pretrained(path)`` follows the link. Returns
+    the version folder (``path.<step>``)."""
+    path = Path(path)
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        st = write_sentence_transformers_files(folder, model, tokenizer, record["eval_pooler"])
+        _write_json(folder / RECORD_FILE, dict(record, sentence_transformers=st))
+        if trainer_state is not None:
+            torch.save(trainer_state, folder / STATE_FILE)
+
+    return _publish(path, int(record.get("step") or 0), fill)
+
+
+# --------------------------------------------------------------------------------------------
+# The output folder at the start of a run (rank 0, under the lock: no other process writes here)
+
+
+def _run_dir_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint belongs to (``run/last`` and ``run/last.4`` are in ``run``)."""
+    return checkpoint.resolve().parent
+
+
+def _recover_checkpoints(run_dir: Path, keep: Path | None) -> None:
+    """Before continuing ``run_dir``: removes what killed processes left (temporary folders,
+    links and trash of any pid), points ``last`` at ``keep`` (the checkpoint resumed, else the
+    newest complete one) and ``best`` at its newest version if its link was lost, and removes the
+    other versions (a version newer than ``best``'s link is an evaluation that the resumed run
+    repeats)."""
+    for name in CHECKPOINT_NAMES:
+        path = run_dir / name
+        for leftover in _leftovers(run_dir, name):
+            _remove(leftover)
+        if name == "last" and keep is not None:
+            target = keep
+        else:
+            target = _target(path) or _newest(path)
+        if target is None:
+            if path.is_symlink():
+                path.unlink()  # a dangling link (a clear of the folder that was interrupted)
+            continue
+        target = target.resolve()
+        if target != path.resolve():  # the link is missing, dangles or is one behind
+            _point(path, run_dir / target.name)
+        for old in _versions(path):
+            if old.resolve() != target:
+                _trash(old, name)
+
+
+def _clear_previous_run(run_dir: Path) -> None:
+    """A fresh run in a reused output_dir replaces the run that was there: its checkpoints (the
+    versions first, then the links, so that an interrupted clear never leaves a link to a
+    half-removed folder), what killed processes left, and its metrics."""
+    for name in CHECKPOINT_NAMES:
+        path = run_dir / name
+        for version in _versions(path):
+            _trash(version, name)
+        if path.is_symlink():
+            path.unlink()
+        elif path.is_dir():
+            _trash(path, name)
+        for leftover in _leftovers(run_dir, name):
+            _remove(leftover)
+    for stale in (run_dir / METRICS_FILE, run_dir / (METRICS_FILE + ".tmp")):
+        stale.unlink(missing_ok=True)
+
+
+def _carry_run(source: Path, run_dir: Path, step: int) -> None:
+    """Resuming another folder's checkpoint into ``run_dir`` continues that run here: its best
+    checkpoint and its metrics up to ``step`` come along (else the result would name a best
+    model that exists only in the other folder, and the metrics would start mid-run)."""
+    best = _target(source / "best")
+    if best is not None:
+        record_file = best / RECORD_FILE
+        best_step = json.loads(record_file.read_text(encoding="utf-8")).get("step") if record_file.is_file() else 0
+        _publish(run_dir / "best", int(best_step or 0),
+                 lambda folder: shutil.copytree(best, folder, symlinks=True, dirs_exist_ok=True))
+    metrics = source / METRICS_FILE
+    if metrics.is_file():
+        tmp = run_dir / (METRICS_FILE + ".tmp")
+        shutil.copyfile(metrics, tmp)
+        os.replace(tmp, run_dir / METRICS_FILE)
+        _truncate_metrics(run_dir / METRICS_FILE, step)
+    else:
+        logger.warning("%s holds no %s: the metrics in %s start at step %d", source, METRICS_FILE, run_dir, step + 1)
+
+
+def _prepare_output_dir(output_dir: Path, resume_folder: Path | None, resume_step: int) -> Path | None:
+    """Readies ``output_dir`` for the run, once everything is validated; returns the checkpoint
+    to resume (as a path in ``output_dir`` when it is this folder's own)."""
+    if resume_folder is not None and _run_dir_of(resume_folder) == output_dir.resolve():
+        keep = output_dir / resume_folder.resolve().name
+        _recover_checkpoints(output_dir, keep)
+        _truncate_metrics(output_dir / METRICS_FILE, resume_step)
+        return keep
+    _clear_previous_run(output_dir)
+    if resume_folder is not None:
+        _carry_run(_run_dir_of(resume_folder), output_dir, resume_step)
+    return resume_folder
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -194,14 +510,137 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume, drops the records a crashed run wrote after its last checkpoint."""
+    """On resume, drops the records a crashed run wrote after its last checkpoint, and a torn
+    last line (the run was killed in the middle of an append). A broken line before the last one
+    is no torn append: it is reported."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            if number == len(lines):
+                logger.warning("%s: dropping the torn last line %r (its run was killed while writing it)",
+                               path, line[:80])
+                break
+            raise ValueError(f"{path}: record {number} of {len(lines)} is not a JSON object ({line[:80]!r}); "
+                             "only the last line can be torn by a kill: the file is damaged") from None
+        if record.get("step", 0) <= last_step:
+            kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# One run per output folder
+
+
+class OutputDirInUse(RuntimeError):
+    """Another run holds the output_dir's lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, as another user's
+        return True
+    return True
+
+
+class RunLock:
+    """``output_dir/.fastcse.lock``: the pid and host of the run writing to the folder, created
+    with O_EXCL (of two racing starts, exactly one creates it). A lock whose pid is dead on this
+    host is stale (a killed run) and is taken over; a live one, or one from another host (whose
+    pid cannot be checked from here), refuses the run at once."""
+
+    STALE_UNREADABLE_S = 10.0  # a lock with no content yet is being written, unless it is older
+
+    def __init__(self, folder: Path):
+        self.folder, self.path = Path(folder), Path(folder) / LOCK_FILE
+        self._content: str | None = None
+
+    def _holder(self) -> tuple[str | None, dict | None]:
+        """(the lock file's text, its live holder): (None, None) without a lock, (text, None) for a stale one."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None, None
+        try:
+            info = json.loads(text)
+            pid, host = int(info["pid"]), str(info["host"])
+        except (ValueError, KeyError, TypeError):  # created, not yet (or never) filled
+            return text, (None if age > self.STALE_UNREADABLE_S else {"pid": "?", "host": "?"})
+        if host == socket.gethostname() and not _pid_alive(pid):
+            return text, None
+        return text, info
+
+    def _refusal(self, holder: dict) -> OutputDirInUse:
+        return OutputDirInUse(
+            f"output_dir {str(self.folder)!r} is in use by another fastcse run: pid {holder.get('pid')} on "
+            f"{holder.get('host')} (since {holder.get('started', '?')}; lock file {self.path}). Wait for it to end "
+            "or use another output_dir; if that process is gone (a run on another host that was killed), delete "
+            "the lock file.")
+
+    def refuse_if_held(self) -> None:
+        """Fails now if a live run holds the folder (before the model is loaded); writes nothing."""
+        _, holder = self._holder()
+        if holder is not None:
+            raise self._refusal(holder)
+
+    def acquire(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        content = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                              "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                text, holder = self._holder()
+                if holder is not None:
+                    raise self._refusal(holder) from None
+                if text is not None and self._holder()[0] == text:  # still the same stale lock: take it over
+                    logger.warning("taking over the stale lock %s of a run that is gone: %s", self.path, text)
+                    self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(content)
+                f.flush()
+                os.fsync(f.fileno())
+            self._content = content
+            return
+        raise OutputDirInUse(f"could not take the lock {self.path}: other runs keep taking it")
+
+    def release(self) -> None:
+        """Removes the lock if it is still this run's (never another run's)."""
+        if self._content is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            if self.path.read_text(encoding="utf-8") == self._content:
+                self.path.unlink()
+        self._content = None
+
+
+@contextlib.contextmanager
+def _locked_output_dir(output_dir: Path, world: int, rank: int):
+    """Holds ``output_dir``'s lock for the block; rank 0 takes it (one run, however many
+    processes) and the others learn of a refusal through :func:`_on_rank0`."""
+    lock = RunLock(output_dir) if rank == 0 else None
+    _on_rank0(world, rank, lambda: lock.acquire())
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +676,41 @@ def _load_training_model(model, tokenizer):
         raise TypeError(f"model must be a path, a Hub id, a PreTrainedModel or (model, tokenizer), "
                         f"got {type(model).__name__}")
     return load_model(model, tokenizer)
+
+
+def _position_limit(model) -> int | None:
+    """How many token positions the encoder's position embeddings cover; None when it has none
+    to count (e.g. rotary). RoBERTa-style tables start after the padding index: 514 rows, 512
+    positions."""
+    table = getattr(getattr(model, "embeddings", None), "position_embeddings", None)
+    if isinstance(table, torch.nn.Embedding):
+        return table.num_embeddings - (table.padding_idx + 1 if table.padding_idx is not None else 0)
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def _check_max_seq_length(model, max_seq_length: int) -> None:
+    """Refuses (rather than clamps) a max_seq_length past the model's positions: the longer
+    inputs would index past the position table mid-run, and a silent clamp would train on other
+    inputs than asked for."""
+    limit = _position_limit(model)
+    if limit is not None and max_seq_length > limit:
+        raise ValueError(f"max_seq_length={max_seq_length} is more than the {limit} positions of "
+                         f"{type(model).__name__}'s position embeddings: use max_seq_length <= {limit}")
+
+
+def init_fresh_mlp_head(model, seed: int) -> None:
+    """SimCSE's MLP head starts fresh, not from BERT's next-sentence-prediction pooler: redraws
+    ``model.pooler.dense`` as the model's own init does (normal(0, initializer_range), zero
+    bias), from a generator seeded by ``seed`` and on the CPU, so that every run with that seed,
+    on any device, starts from the same head and no global random stream moves. Same layout:
+    saved models load as before."""
+    dense = model.pooler.dense
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        dense.weight.copy_(torch.empty(dense.weight.shape).normal_(0.0, std, generator=generator))
+        if dense.bias is not None:
+            dense.bias.zero_()
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,6 +936,21 @@ def make_optimizer(params, learning_rate: float, weight_decay: float, warmup_ste
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
+def _apply_hyperparameters(optimizer, scheduler, learning_rate: float, weight_decay: float) -> None:
+    """After loading a checkpoint's optimizer and schedule: this run's learning rate and weight
+    decay, and its schedule's rate at the loaded step (load_state_dict brings back the saved
+    ones, so a changed value would silently not apply). With unchanged settings this recomputes
+    the same values, as LambdaLR does (base_lr * factor(step))."""
+    for group, decay in zip(optimizer.param_groups, (weight_decay, 0.0)):
+        group["weight_decay"] = decay
+        group["initial_lr"] = learning_rate
+    scheduler.base_lrs = [learning_rate] * len(optimizer.param_groups)
+    rates = [base * factor(scheduler.last_epoch) for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
+
+
 @dataclass
 class RunState:
     """What a resumed run continues: the step, the evaluation history and its best."""
@@ -506,12 +995,14 @@ class Evaluator:
 
 class Checkpointer:
     """``last/``: the model and everything :func:`train` needs to continue bit-identically (the
-    optimizer, the schedule, the run state and every rank's dropout random streams)."""
+    optimizer, the schedule, the run state, every rank's dropout random streams, and the run's
+    settings, which a resumed run must share)."""
 
-    def __init__(self, model, tokenizer, optimizer, scheduler, run_config, record, last_dir, device, world, rank):
+    def __init__(self, model, tokenizer, optimizer, scheduler, run_config, settings, record, last_dir, device,
+                 world, rank):
         self.model, self.tokenizer, self.optimizer, self.scheduler = model, tokenizer, optimizer, scheduler
-        self.run_config, self.record, self.last_dir, self.device = run_config, record, last_dir, device
-        self.world, self.rank = world, rank
+        self.run_config, self.settings, self.record = run_config, settings, record
+        self.last_dir, self.device, self.world, self.rank = last_dir, device, world, rank
 
     def save(self, state: RunState) -> None:
         rng_cpu = torch.get_rng_state()
@@ -520,23 +1011,19 @@ class Checkpointer:
         if self.world > 1:  # every rank's dropout streams, so that a resumed run continues each of them
             rng_ranks = [None] * self.world
             dist.all_gather_object(rng_ranks, (rng_cpu, [s.cpu() for s in rng_cuda]))
-        trainer_state = {"config": self.run_config, "step": state.step, "optimizer": self.optimizer.state_dict(),
-                         "scheduler": self.scheduler.state_dict(), "best_metric": state.best_metric,
-                         "best_step": state.best_step, "history": state.history, "rng_cpu": rng_cpu,
-                         "rng_cuda": rng_cuda}
+        trainer_state = {"config": self.run_config, "settings": self.settings, "step": state.step,
+                         "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                         "best_metric": state.best_metric, "best_step": state.best_step, "history": state.history,
+                         "rng_cpu": rng_cpu, "rng_cuda": rng_cuda}
         if rng_ranks is not None:
             trainer_state["rng_cpu_ranks"] = [r[0] for r in rng_ranks]
             trainer_state["rng_cuda_ranks"] = [r[1] for r in rng_ranks]
         _on_rank0(self.world, self.rank, save_checkpoint, self.last_dir, self.model, self.tokenizer,
                   dict(self.record, step=state.step), trainer_state)
 
-    def resume(self, folder: Path, metrics_path: Path, seed: int) -> RunState:
-        """Loads ``folder``'s weights, optimizer, schedule and random streams; returns its state."""
-        saved = torch.load(folder / STATE_FILE, weights_only=True)
-        for key in ("mode", "batch_size", "seed", "num_examples"):
-            if saved["config"][key] != self.run_config[key]:
-                raise ValueError(f"resume_from was trained with {key}={saved['config'][key]!r}, this run has "
-                                 f"{self.run_config[key]!r}: resuming must use the same data and settings")
+    def resume(self, saved: dict, folder: Path, seed: int) -> RunState:
+        """Loads ``folder``'s weights and ``saved`` (its trainer state, already checked against
+        this run): optimizer, schedule (with this run's hyperparameters) and random streams."""
         from safetensors.torch import load_file
 
         weights = load_file(str(folder / "model.safetensors"))
@@ -545,10 +1032,11 @@ class Checkpointer:
             raise ValueError(f"resume_from weights do not fit the model: missing {missing}, unexpected {unexpected}")
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        _apply_hyperparameters(self.optimizer, self.scheduler, self.settings["learning_rate"],
+                               self.settings["weight_decay"])
         state = RunState(saved["step"], saved["best_metric"], saved["best_step"], saved["history"])
         self._restore_random_streams(saved, state.step, seed)
         if self.rank == 0:
-            _truncate_metrics(metrics_path, state.step)
             logger.info("resumed from %s at step %d", folder, state.step)
         return state
 
@@ -566,16 +1054,94 @@ class Checkpointer:
             torch.cuda.set_rng_state_all(rng_cuda)
 
 
-def _resume_folder(resume_from) -> Path | None:
+# --------------------------------------------------------------------------------------------
+# Resuming: which checkpoint, and whether this run may continue it
+
+
+def _resume_folder(resume_from, output_dir: Path) -> Path | None:
+    """The checkpoint ``resume_from`` names: a checkpoint folder (holding trainer_state.pt), or a
+    run folder (or its ``last``), of which the newest complete ``last`` checkpoint is taken,
+    whatever the moment a crash stopped that run. None when there is no checkpoint and
+    ``resume_from`` is the output_dir: the same command run again after a kill before the first
+    checkpoint, or on a new folder, starts from the beginning."""
     if resume_from is None:
         return None
+    if not isinstance(resume_from, (str, os.PathLike)):
+        raise TypeError(f"resume_from must be a path or None, got {resume_from!r}")
     folder = Path(resume_from)
-    if (folder / "last" / STATE_FILE).is_file():
-        folder = folder / "last"
-    if not (folder / STATE_FILE).is_file():
-        raise FileNotFoundError(f"resume_from={str(folder)!r} holds no {STATE_FILE}: pass a 'last' "
-                                "checkpoint folder or the output_dir of a run")
-    return folder
+    if folder.name == "last" and (folder.is_symlink() or not folder.exists()):
+        folder = folder.parent  # "run/last": the run's newest checkpoint, not only the one its link shows
+    if (folder / STATE_FILE).is_file():
+        return folder
+    newest = _newest(folder / "last", required=STATE_FILE)
+    if newest is not None:
+        return newest
+    if folder.resolve() == output_dir.resolve():
+        return None
+    raise FileNotFoundError(f"resume_from={str(resume_from)!r} holds no {STATE_FILE} and no complete 'last' "
+                            "checkpoint: pass a checkpoint folder or the output_dir of a run")
+
+
+def _data_fingerprint(examples) -> str:
+    """A short hash of the training examples in order: resuming on other data is another run."""
+    digest = hashlib.sha256()
+    for example in examples:
+        text = example if isinstance(example, str) else "\x1f".join(example)
+        digest.update(text.encode("utf-8") + b"\x1e")
+    return digest.hexdigest()[:16]
+
+
+def _check_resume_settings(saved: dict, settings: dict, override, folder: Path) -> None:
+    """Refuses to continue a checkpoint with settings that change what the run computes, unless
+    ``resume_override`` allows each of them (they are not in the optimizer state: before this
+    check, a new max_steps, learning rate, temperature... silently changed the run mid-way or
+    was overridden by the checkpoint's)."""
+    old = saved.get("settings") or saved["config"]  # before the full record: mode, batch, seed, count, steps
+    changed = [name for name in RESUME_SETTINGS if name in old and old[name] != settings[name]]
+
+    def describe(name):
+        text = f"{name} {old[name]!r} -> {settings[name]!r}"
+        if name == "total_steps":
+            why = [f"{k} {old[k]!r} -> {settings[k]!r}" for k in ("max_steps", "epochs")
+                   if k in old and old[k] != settings[k]]
+            text += f" ({', '.join(why)})" if why else ""
+        return text
+
+    refused = [] if override is True else [name for name in changed if name not in override]
+    if refused:
+        raise ValueError(f"resume_from={str(folder)!r} was trained with other settings: "
+                         f"{'; '.join(describe(name) for name in refused)}. Resume with the run's settings, or pass "
+                         f"resume_override={refused!r} (or True) to continue with the new values")
+    if _world()[0] == 0:
+        if changed:
+            logger.warning("resuming %s with changed settings (resume_override): %s", folder,
+                           "; ".join(describe(name) for name in changed))
+        unchecked = [name for name in RESUME_SETTINGS if name not in old]
+        if unchecked:
+            logger.warning("%s predates the full settings record: %s could not be compared", folder,
+                           ", ".join(unchecked))
+
+
+def _check_carry(folder: Path, saved: dict, output_dir: Path) -> None:
+    """Resuming into another output_dir than the checkpoint's carries the run's best checkpoint
+    along (:func:`_carry_run`); it must exist when the run evaluated."""
+    source = _run_dir_of(folder)
+    if source == output_dir.resolve() or saved.get("best_step") is None:
+        return
+    if _target(source / "best") is None:
+        raise FileNotFoundError(
+            f"resume_from={str(folder)!r} continues a run whose best checkpoint is step {saved['best_step']} "
+            f"(metric {saved['best_metric']:.2f}), but {source / 'best'} does not exist: resuming into "
+            f"output_dir={str(output_dir)!r} would report a best model that is not there. Resume into the run's own "
+            f"folder ({str(source)!r}), or put its best checkpoint at {source / 'best'}")
+
+
+def _load_resume(folder: Path, settings: dict, override, output_dir: Path) -> dict:
+    """The checkpoint's trainer state, checked against this run before anything is written."""
+    saved = torch.load(folder / STATE_FILE, weights_only=True)
+    _check_resume_settings(saved, settings, override, folder)
+    _check_carry(folder, saved, output_dir)
+    return saved
 
 
 def _check_mini_batch_tokens(mini_batch_tokens, tokenizer, examples, mode, max_seq_length) -> None:
@@ -599,12 +1165,12 @@ def _check_mini_batch_tokens(mini_batch_tokens, tokenizer, examples, mode, max_s
 def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int = 64,
           mini_batch_size: int | None = None, mini_batch_tokens: int | None = None, encoding: str = "auto",
           temperature: float = 0.05, pooler: str = "cls",
-          mlp_only_train: bool | None = None, hard_negative_weight: float = 0.0,
+          mlp_only_train: bool | None = None, mlp_init: str = "fresh", hard_negative_weight: float = 0.0,
           learning_rate: float | None = None, weight_decay: float = 0.0, warmup_steps: int = 0,
           max_grad_norm: float | None = 1.0, epochs: int | None = None, max_steps: int | None = None,
           max_seq_length: int = 32, eval_steps: int = 125, eval_data="STSBenchmark-dev", data_dir=None,
           output_dir="runs/fastcse", seed: int = 42, precision: str = "auto", device=None,
-          resume_from=None, progress: bool = True, save_last: bool = True) -> TrainResult:
+          resume_from=None, resume_override=False, progress: bool = True, save_last: bool = True) -> TrainResult:
     """Trains a sentence encoder with SimCSE's contrastive objective (``fastcse.info_nce``).
 
     Args:
@@ -637,19 +1203,49 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
             ``avg_first_last``, ``avg_top2``.
         mlp_only_train: with ``pooler="cls"``, use the MLP head while training only and evaluate
             / export the raw [CLS] vector. Default: True for unsup, False for sup (as SimCSE).
+        mlp_init: with ``pooler="cls"``, where the MLP head (the encoder's pooling layer,
+            ``model.pooler.dense``) starts: ``"fresh"`` (default, as SimCSE: redrawn from the
+            model's own init, normal(0, initializer_range) and zero bias, with a generator seeded
+            by ``seed``; BERT's pretrained pooler was trained for next-sentence prediction) or
+            ``"pretrained"`` (the model's pooler as loaded). The layout is unchanged, so saved
+            models load as before. A resumed run takes the checkpoint's head either way.
         learning_rate, epochs: default 3e-5 / 1 epoch (unsup), 5e-5 / 3 epochs (sup).
             ``max_steps`` overrides ``epochs``. AdamW, linear decay after ``warmup_steps``.
         max_seq_length: truncation length for training inputs (evaluation does not truncate
-            below the model's maximum).
+            below the model's maximum). It must not exceed the model's position embeddings
+            (512 for BERT): a larger value is refused with a ValueError once the model is loaded,
+            before training (not clamped: the run would silently train on other inputs).
         eval_steps, eval_data: evaluate every ``eval_steps`` steps (and before the first and
             after the last) on ``eval_data``: a task name (default STS-B dev), a pair file, a list
             (their mean is the metric) or None for no evaluation. The best checkpoint is kept.
+            The files are loaded (and so checked) before anything is trained or written.
         data_dir: the folder holding ``SentEval/`` (default ``../shared/data``).
-        output_dir: ``best/`` (best checkpoint), ``last/`` (latest checkpoint with optimizer
-            state, for ``resume_from``) and ``metrics.jsonl``.
+        output_dir: ``best`` (best checkpoint), ``last`` (latest checkpoint with optimizer
+            state, for ``resume_from``) and ``metrics.jsonl``. ``best`` and ``last`` are symlinks
+            to versioned folders beside them (``last -> last.250``), switched atomically:
+            ``AutoModel.from_pretrained(output_dir / "best")`` loads the model. A run holds
+            ``output_dir/.fastcse.lock`` (its pid and host) while it runs: a second run on the
+            same folder is refused at once (a lock whose process is dead is taken over). A
+            fresh run (no ``resume_from``, or nothing to resume) in a reused folder replaces the
+            previous run there (its checkpoints and metrics), once every argument, the data, the
+            eval files and the model have been checked.
         precision: ``auto`` (bf16 autocast on CUDA when supported, else fp32), ``fp32``, ``bf16``.
-        resume_from: a ``last/`` checkpoint (or the output_dir holding it) to continue from; the
-            run then produces the same weights as an uninterrupted one.
+        resume_from: a checkpoint folder, or a run's output_dir (its newest complete ``last``
+            checkpoint, whatever the moment its run was killed), to continue from; the run then
+            produces the same weights as an uninterrupted one. ``resume_from=output_dir`` on a
+            folder with no checkpoint yet (killed before the first one, or new) starts from the
+            beginning with a logged note, so the same command serves the first start and every
+            restart. Resuming into another output_dir copies the run's ``best`` checkpoint and
+            metrics there (refused if its best checkpoint cannot be found).
+        resume_override: the settings a resumed run must share with its checkpoint are compared
+            (``RESUME_SETTINGS``: mode, the data, batch size, seed, total steps (max_steps /
+            epochs), learning rate, weight decay, warmup, max_grad_norm, temperature,
+            hard_negative_weight, pooler, mlp_only_train, max_seq_length, precision, eval_data);
+            a difference is refused, naming every differing setting with both values. Pass a
+            list of setting names (or True for all) to continue with the new values instead: the
+            new learning rate, weight decay and schedule apply from the resumed step. Memory
+            layout (mini_batch_size, mini_batch_tokens, encoding), device and world size may
+            change freely.
 
     Multi-process (``torchrun --nproc_per_node=W -m fastcse train ...``, or any caller that has
     run ``torch.distributed.init_process_group``): needs the C++ extension ``fastcse._C``. Every
@@ -657,11 +1253,12 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
     the dropout generator is seeded with ``seed + rank`` (the ranks draw different masks, so with
     dropout on a W-rank run is a different, equally valid, random draw than a one-process run;
     with dropout off it equals the one-process run up to float roundoff). Only rank 0 evaluates,
-    logs, shows the progress bar and writes metrics and checkpoints; the others wait. The
-    returned result is the same on every rank. Each rank uses the device it is given (pass
-    ``device=f"cuda:{local_rank}"`` on GPUs).
+    logs, shows the progress bar, takes the output_dir's lock and writes metrics and checkpoints;
+    the others wait. The returned result is the same on every rank. With CUDA, ``device=None`` or
+    ``"cuda"`` means each rank's own GPU, ``cuda:{LOCAL_RANK}`` (made the current device before
+    any collective); an explicit ``cuda:<i>`` is used as given.
     """
-    # ---- validate everything before touching the model or data
+    # ---- validate everything before touching the model, the data or the output folder
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     _positive_int("batch_size", batch_size, minimum=2)
@@ -682,6 +1279,8 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
         mlp_only_train = mode == "unsup" and pooler == "cls"
     if mlp_only_train and pooler != "cls":
         raise ValueError(f"mlp_only_train applies to pooler='cls' only, got pooler={pooler!r}")
+    if mlp_init not in MLP_INITS:
+        raise ValueError(f"mlp_init must be one of {MLP_INITS}, got {mlp_init!r}")
     learning_rate = DEFAULT_LR[mode] if learning_rate is None else _positive_float("learning_rate", learning_rate)
     _positive_float("weight_decay", weight_decay, allow_zero=True)
     _positive_int("warmup_steps", warmup_steps, minimum=0)
@@ -691,14 +1290,19 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
     _positive_int("max_steps", max_steps, allow_none=True)
     _positive_int("max_seq_length", max_seq_length, minimum=2)
     _positive_int("eval_steps", eval_steps)
-    eval_tasks = _eval_tasks(eval_data)
-    if eval_tasks and any(t in SENTEVAL_TASKS + DEV_TASKS for t in eval_tasks):
-        from fastcse.evaluation import _senteval_root
-
-        _senteval_root(data_dir)  # a missing SentEval folder fails now, not after the first eval_steps
+    output_dir = _check_output_dir(output_dir)
+    override = _check_resume_override(resume_override)
+    eval_tasks = _eval_tasks(eval_data, data_dir)
     _positive_int("seed", seed, minimum=0)
-    resume_folder = _resume_folder(resume_from)
     rank, world = _world()
+    is_main = rank == 0
+    device = rank_device(device, world, _local_rank(rank) if world > 1 else None, torch.cuda.is_available())
+    if world > 1 and device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)  # before the first collective: NCCL communicates on the current device
+    resume_folder = _resume_folder(resume_from, output_dir)
+    if resume_from is not None and resume_folder is None and is_main:
+        logger.warning("resume_from=%s holds no complete checkpoint yet (a new folder, or a run killed before its "
+                       "first checkpoint): starting from the beginning", resume_from)
     if world > 1:
         if batch_size < world:
             raise ValueError(f"batch_size ({batch_size}) is the global batch, split over {world} ranks: it must be "
@@ -706,8 +1310,8 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
         from fastcse.distributed import _load_extension
 
         _load_extension()  # a missing extension fails now, on every rank, not at the first step
+    _on_rank0(world, rank, RunLock(output_dir).refuse_if_held)  # a second run stops here, before the model loads
     shard = (rank * batch_size // world, (rank + 1) * batch_size // world)
-    is_main = rank == 0
 
     examples = datalib.load_unsup(data) if mode == "unsup" else datalib.load_sup(data)
     if len(examples) < batch_size:
@@ -724,73 +1328,88 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
     if pooler == "cls" and not has_mlp_head(model):
         raise ValueError(f"pooler='cls' trains SimCSE's MLP head, which is the encoder's pooling layer, and "
                          f"{type(model).__name__} has none: use pooler='cls_before_pooler' or 'avg'")
+    fresh_head = pooler == "cls" and mlp_init == "fresh" and resume_folder is None
+    if fresh_head and not isinstance(getattr(model.pooler, "dense", None), torch.nn.Linear):
+        raise ValueError(f"mlp_init='fresh' redraws the MLP head model.pooler.dense, which {type(model).__name__} "
+                         "does not have: use mlp_init='pretrained'")
+    _check_max_seq_length(model, max_seq_length)
     encoding = encoding_lib.resolve_encoding(encoding, model)
     _check_mini_batch_tokens(mini_batch_tokens, tokenizer, examples, mode, max_seq_length)
+    eval_pooler = "cls_before_pooler" if (pooler == "cls" and mlp_only_train) else pooler
+
+    # ---- the run's settings; a checkpoint to resume must share them (checked before any write)
+    order = BatchOrder(len(examples), batch_size, seed)
+    total_steps = max_steps if max_steps is not None else epochs * order.steps_per_epoch
+    settings = {"mode": mode, "data": _data_fingerprint(examples), "num_examples": len(examples),
+                "batch_size": batch_size, "seed": seed, "total_steps": total_steps, "learning_rate": learning_rate,
+                "weight_decay": float(weight_decay), "warmup_steps": warmup_steps,
+                "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
+                "temperature": float(temperature), "hard_negative_weight": float(hard_negative_weight),
+                "pooler": pooler, "mlp_only_train": mlp_only_train, "max_seq_length": max_seq_length,
+                "precision": "bf16" if autocast_dtype else "fp32", "eval_data": eval_tasks,
+                # not compared (see RESUME_SETTINGS), kept to describe the run
+                "max_steps": max_steps, "epochs": None if max_steps is not None else epochs, "mlp_init": mlp_init,
+                "mini_batch_size": mini_batch_size, "mini_batch_tokens": mini_batch_tokens, "encoding": encoding,
+                "eval_steps": eval_steps}
+    saved = _load_resume(resume_folder, settings, override, output_dir) if resume_folder is not None else None
+    if fresh_head:
+        init_fresh_mlp_head(model, seed)
     if world > 1:
         _broadcast_model(model)
     if mode == "unsup" and is_main and getattr(model.config, "hidden_dropout_prob", 0.1) == 0:
         logger.warning("unsupervised SimCSE uses dropout as its augmentation, but the model's dropout is 0")
-    eval_pooler = "cls_before_pooler" if (pooler == "cls" and mlp_only_train) else pooler
 
-    # ---- the run's pieces
-    order = BatchOrder(len(examples), batch_size, seed)
-    total_steps = max_steps if max_steps is not None else epochs * order.steps_per_epoch
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = output_dir / METRICS_FILE
-    best_dir, last_dir = output_dir / "best", output_dir / "last"
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(params, learning_rate, weight_decay, warmup_steps, total_steps)
-    run_config = {"mode": mode, "batch_size": batch_size, "seed": seed, "num_examples": len(examples),
-                  "total_steps": total_steps, "world_size": world}
-    record = {"mode": mode, "pooler": pooler, "mlp_only_train": mlp_only_train, "eval_pooler": eval_pooler,
-              "temperature": temperature, "batch_size": batch_size, "max_seq_length": max_seq_length,
-              "fastcse_version": fastcse.__version__}
-    checkpointer = Checkpointer(model, tokenizer, optimizer, scheduler, run_config, record, last_dir, device,
-                                world, rank)
-    evaluator = Evaluator(model, tokenizer, eval_tasks, data_dir, eval_pooler, record, best_dir, metrics_path,
-                          world, rank) if eval_tasks else None
-    contrastive_step = ContrastiveStep(
-        model, pooler, encoding, views, float(temperature), float(hard_negative_weight),
-        dist.group.WORLD if world > 1 else None, autocast_dtype, device,
-        mini_batch_sequences=mini_batch_size * views if mini_batch_size else None,
-        mini_batch_tokens=mini_batch_tokens)
+    # ---- the output folder: locked for the run, then readied (nothing above wrote to it)
+    with _locked_output_dir(output_dir, world, rank):
+        resume_folder = _on_rank0(world, rank, _prepare_output_dir, output_dir, resume_folder,
+                                  saved["step"] if saved is not None else 0)
+        metrics_path = output_dir / METRICS_FILE
+        best_dir, last_dir = output_dir / "best", output_dir / "last"
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer, scheduler = make_optimizer(params, learning_rate, weight_decay, warmup_steps, total_steps)
+        run_config = {"mode": mode, "batch_size": batch_size, "seed": seed, "num_examples": len(examples),
+                      "total_steps": total_steps, "world_size": world}
+        record = {"mode": mode, "pooler": pooler, "mlp_only_train": mlp_only_train, "mlp_init": mlp_init,
+                  "eval_pooler": eval_pooler, "temperature": temperature, "batch_size": batch_size,
+                  "max_seq_length": max_seq_length, "fastcse_version": fastcse.__version__}
+        checkpointer = Checkpointer(model, tokenizer, optimizer, scheduler, run_config, settings, record, last_dir,
+                                    device, world, rank)
+        evaluator = Evaluator(model, tokenizer, eval_tasks, data_dir, eval_pooler, record, best_dir, metrics_path,
+                              world, rank) if eval_tasks else None
+        contrastive_step = ContrastiveStep(
+            model, pooler, encoding, views, float(temperature), float(hard_negative_weight),
+            dist.group.WORLD if world > 1 else None, autocast_dtype, device,
+            mini_batch_sequences=mini_batch_size * views if mini_batch_size else None,
+            mini_batch_tokens=mini_batch_tokens)
 
-    torch.manual_seed(seed + rank)  # dropout masks: a different stream per rank
-    if resume_folder is not None:
-        state = checkpointer.resume(resume_folder, metrics_path, seed)
-    else:
-        state = RunState()
-        if is_main and metrics_path.exists():
-            metrics_path.unlink()  # a fresh run in a reused output_dir starts a fresh metrics file
-    if world > 1:
-        dist.barrier()
-    if is_main:
-        logger.info("training %s SimCSE: %d examples, batch %d%s%s, %d steps, lr %g, pooler %s, %s encoding, "
-                    "precision %s", mode, len(examples), batch_size,
-                    f" over {world} processes ({batch_size // world}{'+' if batch_size % world else ''} each)"
-                    if world > 1 else "",
-                    f" (gradient caching: mini-batch {mini_batch_size or '-'}, {mini_batch_tokens or '-'} tokens)"
-                    if contrastive_step.caching else "", total_steps, learning_rate, pooler, encoding,
-                    "bf16" if autocast_dtype else "fp32")
+        torch.manual_seed(seed + rank)  # dropout masks: a different stream per rank
+        state = checkpointer.resume(saved, resume_folder, seed) if saved is not None else RunState()
+        if is_main:
+            logger.info("training %s SimCSE: %d examples, batch %d%s%s, %d steps, lr %g, pooler %s, %s encoding, "
+                        "precision %s", mode, len(examples), batch_size,
+                        f" over {world} processes ({batch_size // world}{'+' if batch_size % world else ''} each)"
+                        if world > 1 else "",
+                        f" (gradient caching: mini-batch {mini_batch_size or '-'}, {mini_batch_tokens or '-'} tokens)"
+                        if contrastive_step.caching else "", total_steps, learning_rate, pooler, encoding,
+                        "bf16" if autocast_dtype else "fp32")
 
-    batches = TokenizedBatches(examples, mode, tokenizer, max_seq_length, order, shard, total_steps)
-    try:
-        throughput = _train_loop(model, params, optimizer, scheduler, contrastive_step, batches, state,
-                                 total_steps=total_steps, max_grad_norm=max_grad_norm, eval_steps=eval_steps,
-                                 evaluator=evaluator, checkpointer=checkpointer if save_last else None,
-                                 metrics_path=metrics_path if is_main else None,
-                                 sentences_per_step=batch_size * views, world=world,
-                                 progress=progress and is_main, precision_hint=autocast_dtype is not None)
-    finally:
-        batches.close()
+        batches = TokenizedBatches(examples, mode, tokenizer, max_seq_length, order, shard, total_steps)
+        try:
+            throughput = _train_loop(model, params, optimizer, scheduler, contrastive_step, batches, state,
+                                     total_steps=total_steps, max_grad_norm=max_grad_norm, eval_steps=eval_steps,
+                                     evaluator=evaluator, checkpointer=checkpointer if save_last else None,
+                                     metrics_path=metrics_path if is_main else None,
+                                     sentences_per_step=batch_size * views, world=world,
+                                     progress=progress and is_main, precision_hint=autocast_dtype is not None)
+        finally:
+            batches.close()
 
-    if eval_tasks:
-        model_path = best_dir
-    else:
-        model_path = last_dir
-        if not save_last:  # no evaluation and no resumable checkpoint: still save the model
-            _on_rank0(world, rank, save_checkpoint, last_dir, model, tokenizer, dict(record, step=state.step))
+        if eval_tasks:
+            model_path = best_dir
+        else:
+            model_path = last_dir
+            if not save_last:  # no evaluation and no resumable checkpoint: still save the model
+                _on_rank0(world, rank, save_checkpoint, last_dir, model, tokenizer, dict(record, step=state.step))
     train_seconds, sentences_seen = throughput
     return TrainResult(steps=state.step, model_path=str(model_path), output_dir=str(output_dir),
                        metrics_path=str(metrics_path), best_metric=state.best_metric, best_step=state.best_step,

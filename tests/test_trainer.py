@@ -2,6 +2,11 @@
 
 import json
 import os
+import re
+import shutil
+import socket
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,13 +120,22 @@ def test_resume_continues_to_the_same_weights(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(tiny(), SENTENCES, output_dir=tmp_path / "resumed", **common)
     monkeypatch.setattr(train_module, "cached_step", real_step)
-    resumed = train(tiny(), SENTENCES, output_dir=tmp_path / "resumed", resume_from=tmp_path / "resumed", **common)
+    run = tmp_path / "resumed"
+    # What a kill can leave besides: a torn last metrics line (killed mid-append) and the temporary
+    # folders, links and trash of a killed process (another pid): the next start cleans them.
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 3, "epoch": 0, "lo')
+    (run / ".last.tmp-999999").mkdir()
+    (run / ".best.trash-999999-0").mkdir()
+    os.symlink("nowhere", run / ".last.link-999999")
+    resumed = train(tiny(), SENTENCES, output_dir=run, resume_from=run, **common)
     assert resumed.steps == 4
     a, b = weights(straight.model_path), weights(resumed.model_path)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0)
     steps = [json.loads(x)["step"] for x in open(resumed.metrics_path, encoding="utf-8")]
-    assert steps == [1, 2, 3, 4]  # the crashed run's records past its checkpoint are gone
+    assert steps == [1, 2, 3, 4]  # the crashed run's records past its checkpoint are gone, the torn line too
+    assert not [name for name in os.listdir(run) if name.startswith(".")]  # leftovers and the lock are gone
     with pytest.raises(ValueError, match="batch_size"):
         train(tiny(), SENTENCES, output_dir=tmp_path / "resumed", resume_from=tmp_path / "resumed",
               **dict(common, batch_size=4, mini_batch_size=None))
@@ -218,9 +232,403 @@ def test_package_exposes_train():
     assert fastcse.train is train
 
 
+def _record_linear_dtypes(model) -> list:
+    """The dtype of the first encoder Linear's output at every forward: what autocast computes in."""
+    seen = []
+    linear = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    return seen
+
+
 def test_bf16_autocast_trains_on_cpu(tmp_path):
-    result = train(tiny(), SENTENCES, batch_size=8, mini_batch_size=4, max_steps=2, eval_data=None,
+    model, tok = tiny()
+    seen = _record_linear_dtypes(model)
+    result = train((model, tok), SENTENCES, batch_size=8, mini_batch_size=4, max_steps=2, eval_data=None,
                    precision="bf16", output_dir=tmp_path / "bf16", progress=False, learning_rate=1e-3)
     losses = [json.loads(x)["loss"] for x in open(result.metrics_path, encoding="utf-8")]
     assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+    # autocast was on in the encoder's forward passes (the cached re-forwards included), not only requested
+    assert len(seen) >= 2 and set(seen) == {torch.bfloat16}
     assert weights(result.model_path)["embeddings.word_embeddings.weight"].dtype == torch.float32  # fp32 master
+
+
+def test_fp32_precision_computes_in_fp32(tmp_path):
+    model, tok = tiny()
+    seen = _record_linear_dtypes(model)
+    train((model, tok), SENTENCES, batch_size=8, max_steps=1, eval_data=None, precision="fp32",
+          output_dir=tmp_path / "fp32", progress=False)
+    assert seen and set(seen) == {torch.float32}
+
+
+# ---- checkpoints survive a kill at any moment (issue #9, 1)
+
+
+class Killed(BaseException):
+    """A simulated kill: a BaseException, so that no ``except Exception`` handler runs after it."""
+
+
+class KillingFilesystem:
+    """Logs the operations that change folder entries (renames, links, removals, new folders);
+    once ``kill_when(log)`` is true, that operation and every later one raise Killed: the process
+    is gone, nothing after the kill happens."""
+
+    OPS = ((os, "replace"), (os, "rename"), (os, "symlink"), (os, "unlink"), (os, "remove"), (os, "rmdir"),
+           (os, "mkdir"), (shutil, "rmtree"))
+
+    def __init__(self, monkeypatch, kill_when=lambda log: False):
+        self.log, self.kill_when, self.killed = [], kill_when, False
+        for module, name in self.OPS:
+            monkeypatch.setattr(module, name, self._wrap(name, getattr(module, name)))
+
+    def _wrap(self, name, real):
+        def op(*args, **kwargs):
+            self.log.append((name, args))
+            self.killed = self.killed or self.kill_when(self.log)
+            if self.killed:
+                raise Killed(f"killed at operation {len(self.log)}: {name}{args}")
+            return real(*args, **kwargs)
+
+        return op
+
+
+def _first_publication(log, run) -> int:
+    """The 1-based index of the first rename that puts something under a visible name in ``run``:
+    from then on, a new complete checkpoint exists under a name resume can find."""
+    return next(i for i, (op, args) in enumerate(log, 1) if op in ("rename", "replace")
+                and Path(args[1]).parent == run and not Path(args[1]).name.startswith("."))
+
+
+def _save_step(run, model, tok, step):
+    with torch.no_grad():
+        model.pooler.dense.bias.fill_(float(step))  # which step a checkpoint holds
+    save_checkpoint(run / "last", model, tok, {"eval_pooler": "avg", "step": step}, {"step": step})
+
+
+def test_a_kill_at_any_filesystem_operation_of_a_save_leaves_the_newest_complete_checkpoint(tmp_path, monkeypatch):
+    model, tok = tiny()
+    _save_step(tmp_path / "count", model, tok, 1)
+    with monkeypatch.context() as patch:
+        fs = KillingFilesystem(patch)
+        _save_step(tmp_path / "count", model, tok, 2)
+    published = _first_publication(fs.log, tmp_path / "count")
+    assert len(fs.log) > published  # the kill points cover both sides of the switch
+    for k in range(1, len(fs.log) + 1):
+        run = tmp_path / f"kill{k}"
+        _save_step(run, model, tok, 1)
+        with monkeypatch.context() as patch:
+            KillingFilesystem(patch, kill_when=lambda log: len(log) >= k)
+            with pytest.raises(Killed):
+                _save_step(run, model, tok, 2)
+        expected = 2 if k > published else 1  # the newest checkpoint that was complete at the kill
+        found = train_module._resume_folder(run, run)
+        assert found is not None and weights(found)["pooler.dense.bias"][0] == expected, (k, fs.log[k - 1])
+        train_module._recover_checkpoints(run, found)  # what the next start does
+        assert weights(run / "last")["pooler.dense.bias"][0] == expected, k
+        assert json.loads((run / "last" / "fastcse.json").read_text(encoding="utf-8"))["step"] == expected
+        assert not [name for name in os.listdir(run) if name.startswith(".")], (k, os.listdir(run))
+    from transformers import AutoModel
+
+    assert AutoModel.from_pretrained(tmp_path / f"kill{len(fs.log)}" / "last").config.hidden_size == 32
+
+
+def test_a_checkpoint_is_fsynced_before_it_is_published(tmp_path, monkeypatch):
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to name the fsynced descriptors")
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    model, tok = tiny()
+    monkeypatch.setattr(os, "fsync", fsync)
+    save_checkpoint(tmp_path / "last", model, tok, {"eval_pooler": "avg", "step": 3}, {"step": 3})
+    names = {os.path.basename(path) for path in synced}
+    assert {"model.safetensors", "trainer_state.pt", "fastcse.json", "config.json"} <= names
+    assert str(tmp_path.resolve()) in synced  # the folder whose entries the renames changed
+
+
+def test_resume_after_a_kill_between_the_renames_of_last(tmp_path, monkeypatch):
+    """The issue's case end to end: a kill in the middle of replacing ``last`` (at step 4, after
+    the first rename in the run folder); ``resume_from=output_dir`` still finds a checkpoint and
+    the run ends with the weights of an uninterrupted one."""
+    common = dict(batch_size=8, max_steps=4, eval_steps=2, eval_data=None, learning_rate=1e-3, progress=False,
+                  seed=3)
+    straight = train(tiny(), SENTENCES, output_dir=tmp_path / "straight", **common)
+    run = tmp_path / "run"
+    real_save = train_module.save_checkpoint
+
+    def killed_while_switching(path, *args, **kwargs):
+        if args[2]["step"] != 4:
+            return real_save(path, *args, **kwargs)
+        with monkeypatch.context() as patch:
+            renamed = []
+
+            def kill_when(log):  # the operation after the first rename into the run folder
+                op, op_args = log[-1]
+                if renamed:
+                    return True
+                if op in ("rename", "replace") and Path(op_args[1]).parent == run:
+                    renamed.append(op_args)
+                return False
+
+            KillingFilesystem(patch, kill_when=kill_when)
+            real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", killed_while_switching)
+    with pytest.raises(Killed):
+        train(tiny(), SENTENCES, output_dir=run, **common)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    resumed = train(tiny(), SENTENCES, output_dir=run, resume_from=run, **common)
+    assert resumed.steps == 4
+    a, b = weights(straight.model_path), weights(resumed.model_path)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+# ---- resume from the same command (issue #9, 2)
+
+
+def test_resume_from_the_output_dir_without_a_checkpoint_starts_from_the_beginning(tmp_path, caplog):
+    args = dict(batch_size=8, max_steps=2, eval_steps=2, eval_data=None, progress=False)
+    new = tmp_path / "new"
+    with caplog.at_level("WARNING", logger="fastcse.train"):
+        result = train(tiny(), SENTENCES, output_dir=new, resume_from=new, **args)
+    assert result.steps == 2 and "starting from the beginning" in caplog.text
+    killed = tmp_path / "killed"  # a run killed before its first checkpoint: metrics, no checkpoint
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n', encoding="utf-8")
+    result = train(tiny(), SENTENCES, output_dir=killed, resume_from=killed, **args)
+    assert [json.loads(x)["step"] for x in open(result.metrics_path, encoding="utf-8")] == [1, 2]
+    assert json.loads(open(result.metrics_path, encoding="utf-8").readline())["loss"] != 9.0
+    with pytest.raises(FileNotFoundError, match="trainer_state"):  # another folder must hold a checkpoint
+        train(tiny(), SENTENCES, output_dir=tmp_path / "out", resume_from=tmp_path / "absent", **args)
+
+
+# ---- one run per output_dir (issue #9, 3)
+
+
+def _lock(folder, pid, host=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".fastcse.lock").write_text(json.dumps({"pid": pid, "host": host or socket.gethostname()}),
+                                          encoding="utf-8")
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path):
+    args = dict(batch_size=8, max_steps=1, eval_data=None, progress=False)
+    run = tmp_path / "run"
+    other = subprocess.Popen(["sleep", "60"])  # a live process holding the folder
+    try:
+        _lock(run, other.pid)
+        with pytest.raises(train_module.OutputDirInUse, match=rf"{re.escape(str(run))}.*pid {other.pid}"):
+            train(tiny(), SENTENCES, output_dir=run, **args)
+        assert json.loads((run / ".fastcse.lock").read_text())["pid"] == other.pid  # not taken from it
+        _lock(tmp_path / "elsewhere", 12345, host="another-host")  # cannot be checked from here: refused
+        with pytest.raises(train_module.OutputDirInUse, match="another-host"):
+            train(tiny(), SENTENCES, output_dir=tmp_path / "elsewhere", **args)
+    finally:
+        other.kill()
+        other.wait()
+    # its process is gone: a stale lock, taken over; the run's own lock is held while it trains
+    held = []
+    model, tok = tiny()
+    model.register_forward_hook(lambda *a: held.append(json.loads((run / ".fastcse.lock").read_text())))
+    train((model, tok), SENTENCES, output_dir=run, **args)
+    assert held and all(h["pid"] == os.getpid() and h["host"] == socket.gethostname() for h in held)
+    assert not (run / ".fastcse.lock").exists()  # released at the end
+
+
+def test_the_lock_is_released_when_the_run_fails(tmp_path, monkeypatch):
+    def crash(self, ids):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(train_module.ContrastiveStep, "__call__", crash)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(tiny(), SENTENCES, output_dir=tmp_path / "run", batch_size=8, max_steps=1, eval_data=None,
+              progress=False)
+    assert not (tmp_path / "run" / ".fastcse.lock").exists()
+
+
+# ---- a failed start leaves a reused folder alone (issue #9, 4)
+
+
+@pytest.mark.parametrize("content", ["", "sentence1\tsentence2\tscore\n", "a\tb\n"])
+def test_a_bad_eval_file_fails_before_the_reused_folder_is_touched(tmp_path, dev_pairs, content):
+    run = tmp_path / "run"
+    first = train(tiny(), SENTENCES, output_dir=run, batch_size=8, max_steps=1, eval_data=dev_pairs, progress=False)
+    before = {name: Path(run, name).read_bytes() for name in ("metrics.jsonl", "best/model.safetensors")}
+    bad = tmp_path / "bad.tsv"
+    bad.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.tsv"):
+        train(tiny(), SENTENCES, output_dir=run, batch_size=8, max_steps=1, eval_data=str(bad), progress=False)
+    assert {name: Path(run, name).read_bytes() for name in before} == before
+    assert first.best_metric is not None
+
+
+# ---- resuming with other settings (issue #9, 5)
+
+
+@pytest.fixture
+def crash_at_step(monkeypatch):
+    """Makes the next train() die (KeyboardInterrupt) when it reaches step ``n``."""
+
+    def arm(n):
+        real, calls = train_module.ContrastiveStep.__call__, {"n": 0}
+
+        def call(self, ids):
+            calls["n"] += 1
+            if calls["n"] == n:
+                monkeypatch.setattr(train_module.ContrastiveStep, "__call__", real)
+                raise KeyboardInterrupt("simulated kill")
+            return real(self, ids)
+
+        monkeypatch.setattr(train_module.ContrastiveStep, "__call__", call)
+
+    return arm
+
+
+def test_resume_refuses_other_settings_naming_each_unless_overridden(tmp_path, crash_at_step):
+    common = dict(batch_size=8, max_steps=4, eval_steps=2, eval_data=None, learning_rate=1e-3, progress=False)
+    run = tmp_path / "run"
+    crash_at_step(3)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), SENTENCES, output_dir=run, **common)
+    saved = torch.load(run / "last" / "trainer_state.pt", weights_only=True)["settings"]
+    assert set(train_module.RESUME_SETTINGS) <= set(saved) and saved["learning_rate"] == 1e-3
+    metrics_before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"learning_rate 0\.001 -> 0\.002.*temperature 0\.05 -> 0\.1") as error:
+        train(tiny(), SENTENCES, output_dir=run, resume_from=run, **dict(common, learning_rate=2e-3, temperature=0.1))
+    assert "resume_override=['learning_rate', 'temperature']" in str(error.value)
+    with pytest.raises(ValueError, match=r"total_steps 4 -> 6 \(max_steps 4 -> 6\)"):
+        train(tiny(), SENTENCES, output_dir=run, resume_from=run, **dict(common, max_steps=6))
+    for changed in (dict(warmup_steps=1), dict(weight_decay=0.01), dict(pooler="avg"), dict(max_seq_length=16),
+                    dict(data=SENTENCES[::-1])):
+        kwargs = dict(dict(common, data=SENTENCES), **changed)
+        with pytest.raises(ValueError, match="other settings"):
+            train(tiny(), kwargs.pop("data"), output_dir=run, resume_from=run, **kwargs)
+    assert (run / "metrics.jsonl").read_text() == metrics_before  # a refused resume writes nothing
+    with pytest.raises(ValueError, match="not settings compared"):
+        train(tiny(), SENTENCES, output_dir=run, resume_from=run, resume_override=["colour"], **common)
+    # overridden: the new learning rate applies from the resumed step, on the old schedule's shape
+    result = train(tiny(), SENTENCES, output_dir=run, resume_from=run, resume_override=["learning_rate"],
+                   **dict(common, learning_rate=2e-3))
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, open(result.metrics_path, encoding="utf-8"))}
+    assert lrs[1] == pytest.approx(1e-3) and lrs[3] == pytest.approx(2e-3 * 2 / 4) and lrs[4] == pytest.approx(
+        2e-3 * 1 / 4)
+
+
+def test_resume_into_another_output_dir_carries_the_best_checkpoint_and_metrics(tmp_path, dev_pairs, crash_at_step):
+    from transformers import AutoModel
+
+    common = dict(batch_size=8, max_steps=4, eval_steps=2, eval_data=dev_pairs, learning_rate=1e-3, progress=False)
+    first = tmp_path / "first"
+    crash_at_step(3)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), SENTENCES, output_dir=first, **common)
+    moved = tmp_path / "moved"
+    result = train(tiny(), SENTENCES, output_dir=moved, resume_from=first, **common)
+    records = [json.loads(x) for x in open(result.metrics_path, encoding="utf-8")]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "eval" in r] == [0, 2, 4]
+    assert result.model_path == str(moved / "best")
+    record = json.loads((moved / "best" / "fastcse.json").read_text())
+    assert record["step"] == result.best_step and AutoModel.from_pretrained(result.model_path) is not None
+    # a checkpoint copied away from its run has no best beside it: refused, nothing written
+    shutil.copytree((first / "last").resolve(), tmp_path / "copied" / "ckpt")
+    with pytest.raises(FileNotFoundError, match="best"):
+        train(tiny(), SENTENCES, output_dir=tmp_path / "elsewhere", resume_from=tmp_path / "copied" / "ckpt",
+              **common)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+# ---- the device of each rank under torchrun (issue #9, 6)
+
+
+def test_rank_device_is_the_local_gpu_under_torchrun():
+    rank_device = train_module.rank_device
+    assert rank_device(None, 2, 1, True) == torch.device("cuda", 1)
+    assert rank_device("cuda", 4, 3, True) == torch.device("cuda", 3)
+    assert rank_device(torch.device("cuda"), 2, 1, True) == torch.device("cuda", 1)
+    assert rank_device("cuda:0", 2, 1, True) == torch.device("cuda", 0)  # explicit: as given
+    assert rank_device("cpu", 2, 1, True) == torch.device("cpu")
+    assert rank_device(None, 2, 1, False) is None  # CPU-only: where the model is
+    assert rank_device(None, 1, None, True) is None  # one process: unchanged
+    assert rank_device("cuda", 1, None, True) == torch.device("cuda")
+
+
+def test_train_sets_the_rank_device_before_the_first_collective(tmp_path, monkeypatch):
+    import fastcse.distributed
+
+    events = []
+
+    class Stop(Exception):
+        pass
+
+    def first_collective(*args):
+        events.append("collective")
+        raise Stop
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(train_module, "_world", lambda: (1, 2))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: events.append(torch.device(device)))
+    monkeypatch.setattr(fastcse.distributed, "_load_extension", lambda: None)
+    monkeypatch.setattr(train_module, "_on_rank0", first_collective)
+    with pytest.raises(Stop):
+        train(tiny(), SENTENCES, output_dir=tmp_path / "run", batch_size=8, max_steps=1, eval_data=None,
+              progress=False)
+    assert events == [torch.device("cuda", 1), "collective"]
+
+
+# ---- clear errors before loading the model (issue #9, 7)
+
+
+def test_bad_output_dirs_fail_before_the_model_loads(tmp_path, monkeypatch):
+    def no_model(*a):
+        raise AssertionError("the model was loaded before the output_dir was checked")
+
+    monkeypatch.setattr(train_module, "_load_training_model", no_model)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x", encoding="utf-8")
+    args = dict(batch_size=8, max_steps=1, eval_data=None, progress=False)
+    with pytest.raises(TypeError, match="output_dir"):
+        train(tiny(), SENTENCES, output_dir=None, **args)
+    with pytest.raises(NotADirectoryError, match="a-file.* is a file"):
+        train(tiny(), SENTENCES, output_dir=a_file, **args)
+    with pytest.raises(NotADirectoryError, match="lies under .*a-file"):
+        train(tiny(), SENTENCES, output_dir=a_file / "run", **args)
+
+
+def test_max_seq_length_past_the_position_embeddings_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"max_seq_length=129 .* 128 positions"):
+        train(tiny(), SENTENCES, output_dir=tmp_path / "run", batch_size=8, max_steps=1, eval_data=None,
+              max_seq_length=129, progress=False)
+    assert not (tmp_path / "run").exists()
+    assert train(tiny(), SENTENCES, output_dir=tmp_path / "ok", batch_size=8, max_steps=1, eval_data=None,
+                 max_seq_length=128, progress=False).steps == 1
+
+
+# ---- SimCSE's MLP head starts fresh (issue #9, 8)
+
+
+def test_cls_pooler_trains_a_fresh_mlp_head_by_default(tmp_path):
+    def head_after_one_tiny_step(seed, **kwargs):
+        model, tok = tiny()
+        with torch.no_grad():  # a recognizable "pretrained" pooler
+            model.pooler.dense.weight.fill_(0.5)
+            model.pooler.dense.bias.fill_(0.5)
+        train((model, tok), SENTENCES, batch_size=8, max_steps=1, eval_data=None, learning_rate=1e-9, seed=seed,
+              output_dir=tmp_path / f"run{len(list(tmp_path.iterdir()))}", progress=False, **kwargs)
+        return model.pooler.dense.weight.detach().clone(), model.pooler.dense.bias.detach().clone()
+
+    weight, bias = head_after_one_tiny_step(5)
+    expected = torch.empty(32, 32).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(weight, expected, rtol=0, atol=1e-6)  # normal(0, initializer_range), seeded
+    torch.testing.assert_close(bias, torch.zeros(32), rtol=0, atol=1e-6)
+    again, _ = head_after_one_tiny_step(5)
+    assert torch.equal(again, weight)  # reproducible
+    assert not torch.allclose(head_after_one_tiny_step(6)[0], weight)
+    kept, _ = head_after_one_tiny_step(5, mlp_init="pretrained")
+    torch.testing.assert_close(kept, torch.full((32, 32), 0.5), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="mlp_init must be one of"):
+        train(tiny(), SENTENCES, batch_size=8, max_steps=1, eval_data=None, mlp_init="zeros",
+              output_dir=tmp_path / "bad", progress=False)
