@@ -17,8 +17,8 @@ from fastcse.pooling import POOLERS
 # training, [CLS] at evaluation, batch 64, lr 3e-5, temperature 0.05, max length 32) on
 # all-MiniLM-L6-v2 and the bundled unlabelled sentences. MiniLM was trained for mean pooling; its
 # [CLS] vector is a weaker sentence embedding (STS-B dev 79.7 vs 86.7 for mean pooling), and
-# SimCSE turns it into a good one within a few dozen steps: a real gain that fits in about 4
-# minutes on 2 CPU cores (README: 4.2 min). (A from-scratch BERT does not learn semantics from dropout views alone at this
+# SimCSE turns it into a good one within a few dozen steps: a real gain that fits in about 5
+# minutes on 2 CPU cores (README: 5.1 min). (A from-scratch BERT does not learn semantics from dropout views alone at this
 # scale: see scripts/quality_runs.py.)
 DEMO = {"batch_size": 64, "max_steps": 100, "eval_steps": 25}
 
@@ -90,6 +90,8 @@ def _add_train_options(p, demo: bool):
                         "packed where the model allows it, else sorted (default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
     p.add_argument("--resume-from", help="a run's output dir or its last/ checkpoint, to continue it")
+    p.add_argument("--resume-override", default=None, metavar="NAMES",
+                   help="comma-separated settings a resumed run may change (e.g. learning_rate,max_steps), or 'all'")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -98,10 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="SimCSE training and STS evaluation with fastcse's fused loss.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the 4-minute demo: unsupervised SimCSE on all-MiniLM-L6-v2",
+    demo = sub.add_parser("demo", help="the 5-minute demo: unsupervised SimCSE on all-MiniLM-L6-v2",
                           description="Unsupervised SimCSE (the paper's settings: cls pooler, batch 64, lr 3e-5) "
                                       "on <shared>/data/unsup/mixed-104k.txt from all-MiniLM-L6-v2, STS-B dev "
-                                      "([CLS]) before and after, the best model saved. About 4 minutes on 2 CPU "
+                                      "([CLS]) before and after, the best model saved. About 5 minutes on 2 CPU "
                                       "cores at the default --max-steps.")
     _add_common(demo)
     _add_train_options(demo, demo=True)
@@ -119,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--pooler", choices=POOLERS, default="cls", help="(default: %(default)s)")
     tr.add_argument("--mlp-only-train", choices=("auto", "yes", "no"), default="auto",
                     help="pooler cls: MLP head at training only (auto: yes for unsup, no for sup)")
+    tr.add_argument("--mlp-init", choices=("fresh", "pretrained"), default="fresh",
+                    help="pooler cls: SimCSE's MLP head freshly initialized (as the paper) or the encoder's "
+                         "pretrained pooler (default: %(default)s)")
     tr.add_argument("--temperature", type=float, default=0.05, help="(default: %(default)s)")
     tr.add_argument("--hard-negative-weight", type=float, default=0.0, help="(default: %(default)s)")
     tr.add_argument("--learning-rate", type=float, default=None, help="(default: 3e-5 unsup, 5e-5 sup)")
@@ -156,7 +161,14 @@ def _train_kwargs(args) -> dict:
     return dict(batch_size=args.batch_size, mini_batch_size=args.mini_batch_size,
                 mini_batch_tokens=args.mini_batch_tokens, encoding=args.encoding, max_steps=args.max_steps,
                 eval_steps=args.eval_steps, output_dir=args.output_dir, seed=args.seed,
-                resume_from=args.resume_from, progress=not args.no_progress, data_dir=_data_dir(args))
+                resume_from=args.resume_from, resume_override=_resume_override(args.resume_override),
+                progress=not args.no_progress, data_dir=_data_dir(args))
+
+
+def _resume_override(text: str | None):
+    if text is None:
+        return False
+    return True if text.strip().lower() == "all" else [name.strip() for name in text.split(",") if name.strip()]
 
 
 def run_demo(args) -> int:
@@ -195,7 +207,7 @@ def run_train(args) -> int:
                                         num_heads=max(1, args.scratch_hidden_size // 64), seed=args.seed)
     mlp = {"auto": None, "yes": True, "no": False}[args.mlp_only_train]
     eval_data = None if args.eval_data.lower() == "none" else args.eval_data
-    result = train(model, args.data, mode=args.mode, pooler=args.pooler, mlp_only_train=mlp,
+    result = train(model, args.data, mode=args.mode, pooler=args.pooler, mlp_only_train=mlp, mlp_init=args.mlp_init,
                    temperature=args.temperature, hard_negative_weight=args.hard_negative_weight,
                    learning_rate=args.learning_rate, epochs=args.epochs, max_seq_length=args.max_seq_length,
                    eval_data=eval_data, precision=args.precision, device=args.device, **_train_kwargs(args))

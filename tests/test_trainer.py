@@ -632,3 +632,35 @@ def test_cls_pooler_trains_a_fresh_mlp_head_by_default(tmp_path):
     with pytest.raises(ValueError, match="mlp_init must be one of"):
         train(tiny(), SENTENCES, batch_size=8, max_steps=1, eval_data=None, mlp_init="zeros",
               output_dir=tmp_path / "bad", progress=False)
+
+
+@pytest.mark.parametrize("precision, hint", [("fp32", False), ("bf16", True)])
+def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch, precision, hint):
+    """The check runs before optimizer.step(): the model in memory is the last finite one, and
+    only a reduced-precision run is told to try precision='fp32'."""
+    model, tok = tiny()
+    calls = {"n": 0}
+    real = fastcse.info_nce
+
+    def nan_on_second_step(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    snapshot = {}
+    real_step = torch.optim.AdamW.step
+
+    def remember_weights(self, *a, **k):  # the weights after the last update that did happen
+        out = real_step(self, *a, **k)
+        snapshot.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        return out
+
+    monkeypatch.setattr(fastcse, "info_nce", nan_on_second_step)
+    monkeypatch.setattr(torch.optim.AdamW, "step", remember_weights)
+    with pytest.raises(FloatingPointError, match="loss became nan at step 2") as error:
+        train((model, tok), SENTENCES, batch_size=8, max_steps=3, eval_data=None, learning_rate=1e-3,
+              output_dir=tmp_path / "run", progress=False, precision=precision)
+    assert ("precision='fp32'" in str(error.value)) == hint
+    assert snapshot and all(torch.isfinite(p).all() for p in model.parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), snapshot[name]), name  # no update from the NaN step
