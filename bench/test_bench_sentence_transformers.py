@@ -63,7 +63,9 @@ def make_loss(name: str, model, mini_batch_size: int):
         "mnrl": lambda: MultipleNegativesRankingLoss(model),
         "fastcse": lambda: InfoNCELoss(model),
         "cached_mnrl": lambda: CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch_size),
-        "fastcse_cached": lambda: InfoNCELoss(model, mini_batch_size=mini_batch_size),
+        # sort_by_length=False: CachedMNRL's own mini-batches, so the same seed draws the same
+        # dropout masks and the first-loss check below holds (sorted chunks draw others).
+        "fastcse_cached": lambda: InfoNCELoss(model, mini_batch_size=mini_batch_size, sort_by_length=False),
     }[name]()
 
 

@@ -112,9 +112,9 @@ def plan_units(lengths: Sequence[int], *, max_sequences: int | None = None, max_
 
 @dataclass
 class StepPlan:
-    """The units of a step and the way back to batch order: ``embeddings[order]`` are the
-    embeddings of the concatenated units, so ``batch[order[j]] = units[j]``, i.e.
-    ``batch = units_concatenated[inverse]``."""
+    """The units of a step and the way back to batch order. ``order[j]`` is the batch position
+    of row j of the units' concatenated embeddings; ``inverse`` undoes it:
+    ``batch_order_embeddings = units_concatenated[inverse]``."""
 
     units: list[list[int]]
 
