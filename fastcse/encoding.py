@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from fastcse.pooling import check_pooler, needs_hidden_states
+from fastcse.pooling import check_pooler, needs_hidden_states, pool
 
 ENCODINGS = ("auto", "packed", "sorted", "padded")
 # Models whose forward takes a 4-D attention mask and absolute ``position_ids`` that may restart
@@ -145,8 +145,6 @@ class PaddedUnit:
     inputs: dict[str, torch.Tensor]
 
     def pool(self, model, pooler: str, use_mlp: bool) -> torch.Tensor:
-        from fastcse.pooling import pool
-
         return pool(model, self.inputs, pooler, use_mlp=use_mlp)
 
 

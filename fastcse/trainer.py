@@ -195,10 +195,15 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 # Saving
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_text_atomically(path: Path, text: str) -> None:
+    """A reader (or a crash) sees the old file or the new one, never a half-written one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_text_atomically(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_sentence_transformers_files(folder: Path, model, tokenizer, eval_pooler: str) -> bool:
@@ -531,9 +536,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
                              "only the last line can be torn by a kill: the file is damaged") from None
         if record.get("step", 0) <= last_step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    _write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1367,8 +1370,9 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
         best_dir, last_dir = output_dir / "best", output_dir / "last"
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, scheduler = make_optimizer(params, learning_rate, weight_decay, warmup_steps, total_steps)
-        run_config = {"mode": mode, "batch_size": batch_size, "seed": seed, "num_examples": len(examples),
-                      "total_steps": total_steps, "world_size": world}
+        # The short record older checkpoints carry alone (read when "settings" is missing) + the world size.
+        run_config = {key: settings[key] for key in ("mode", "batch_size", "seed", "num_examples", "total_steps")}
+        run_config["world_size"] = world
         record = {"mode": mode, "pooler": pooler, "mlp_only_train": mlp_only_train, "mlp_init": mlp_init,
                   "eval_pooler": eval_pooler, "temperature": temperature, "batch_size": batch_size,
                   "max_seq_length": max_seq_length, "fastcse_version": fastcse.__version__}
