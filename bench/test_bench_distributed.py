@@ -53,6 +53,7 @@ def _worker(rank, port, commands, replies):
     import fastcse
     from fastcse.distributed import GatherGroup
     from fastcse.ops import info_nce_op
+    from fastcse.problem import Variant, encode_variant
 
     # torch.distributed.nn.functional.all_gather is deprecated, but it is the baseline asked for.
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather is deprecated")
@@ -70,8 +71,8 @@ def _worker(rank, port, commands, replies):
             loss = fastcse.info_nce(anchor, positive, negative, process_group=pg)
         elif method == "allgather_local":
             candidates = torch.cat(dist_nn.all_gather(positive, group) + dist_nn.all_gather(negative, group))
-            loss, *_ = info_nce_op(anchor, candidates, torch.tensor(0.05), start, total + start, 1, True, False,
-                                   0.0, "sum", True, "cpu")
+            loss, *_ = info_nce_op(anchor, candidates, anchor.new_empty((0, DIM)), torch.tensor(0.05), start,
+                                   total + start, 1, 0, True, 0.0, encode_variant(Variant()), "sum", True, "cpu")
             loss = loss / total
         elif method == "allgather_full":
             gathered = [torch.cat(dist_nn.all_gather(t, group)) for t in (anchor, positive, negative)]

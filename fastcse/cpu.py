@@ -1,14 +1,27 @@
 """CPU backend: the fused InfoNCE with blocked matrix products over anchor chunks.
 
-Memory is O((B + N) d) plus one R x N score block: the anchors are processed R rows at a
-time, each chunk's scores computed with one matmul, turned into exponentials in place, and
-consumed by the two gradient products. The BLAS does the FLOPs; the per-element work is a
-handful of passes over the (cache-sized) block. Implements the backend contract of
-``fastcse.ops``.
+Memory is O((B + N) d) plus one R x N score block per direction: the rows are processed R
+at a time, each chunk's scores computed with one matmul per direction, turned into
+exponentials in place, and consumed by the two gradient products. The BLAS does the FLOPs;
+the per-element work is a handful of passes over the (cache-sized) blocks. Implements the
+backend contract of ``fastcse.ops`` for every variant of ``fastcse.problem``.
 
-Folding trick (why no pass divides the block): with E = exp(S - m) and l = rowsum(E),
-P = E / l, so dA = (E @ C) / l - C[target] and dC = E^T (A / l) - A at the targets: the
+Folding trick (why no pass divides a block): with E = exp(S - m) and l = rowsum(E),
+P = E / l, so dQ = (E @ K) / l - K[target] and dK = E^T (Q / l) - Q at the targets: the
 1/l and the -1 of the one-hot are applied to R x d operands, never to the R x N block.
+
+Two sweeps:
+
+- Row sweeps (every variant): row i's directions are all row-local blocks (anchor i or
+  positive i against the candidates or the anchor keys), so one chunk holds whole rows and,
+  when the upstream gradient is a scalar, the gradients come out of the forward sweep itself:
+  3 B x n x d products per direction block of n keys (the floor). Otherwise (reduction="none",
+  or the backward of a call that did not need gradients) a statistics sweep and a gradient
+  sweep: 4 per block.
+- Column sweep (symmetric = query_to_doc + doc_to_query, per direction, in one process, no
+  hardness penalty): doc_to_query's rows are the columns of query_to_doc's positive block, so
+  a statistics sweep with column log-sum-exps and one gradient sweep cost 4 B x N x d in all,
+  against 3 (N + B) B d for two row blocks: fewer while N < 3 B (up to one hard negative).
 """
 
 from __future__ import annotations
@@ -17,97 +30,291 @@ import math
 
 import torch
 
-from fastcse.problem import LossProblem, describe
+from fastcse.problem import DOC_TO_DOC, DOC_TO_QUERY, QUERY_TO_DOC, QUERY_TO_QUERY, LossProblem
 
 EPS = 1e-12  # as F.normalize
 # Score block budget per chunk: small enough to stay cache-resident for the elementwise passes
 # (16 MiB measured best of 8/16/32/64 MiB here), at least MIN_ROWS rows so that the
-# dC += E^T A_chunk product (inner dim R) stays compute bound.
+# dK += E^T Q_chunk product (inner dim R) stays compute bound.
 BLOCK_BYTES = 16 * 2**20
 MIN_ROWS = 256
 SAFE_EXP = 40.0
+_ANCHOR_QUERIES = (QUERY_TO_DOC, QUERY_TO_QUERY)  # the other two directions query with the positives
+_CANDIDATE_KEYS = (QUERY_TO_DOC, DOC_TO_DOC)  # the other two score against the anchor keys
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _normalized(x: torch.Tensor, normalize: bool, dtype: torch.dtype, scale: float = 1.0):
-    """Returns (scale * x_hat, inv_norm or None, below-eps mask or None) in the compute dtype."""
-    x = x.to(dtype)
-    if not normalize:
-        return (x * scale if scale != 1.0 else x), None, None
-    norm = torch.linalg.vector_norm(x, dim=1)
-    inv = 1.0 / norm.clamp_min(EPS)
-    return x * (inv * scale)[:, None], inv, norm < EPS
+class _Normalized:
+    """x_hat = x / max(||x||, eps) in the compute dtype, and what its backward needs."""
 
+    def __init__(self, x: torch.Tensor, normalize: bool, dtype: torch.dtype):
+        x = x.to(dtype)
+        if not normalize:
+            self.hat, self.inv, self.small = x, None, None
+            return
+        norm = torch.linalg.vector_norm(x, dim=1)
+        self.inv = 1.0 / norm.clamp_min(EPS)
+        self.small = norm < EPS
+        self.hat = x * self.inv[:, None]
 
-def _normalize_backward(grad_hat, x_hat, inv, small):
-    """dx = (dx_hat - x_hat (x_hat . dx_hat)) / ||x||; below eps the norm is the constant eps."""
-    if inv is None:
+    def backward(self, grad_hat: torch.Tensor) -> torch.Tensor:
+        """dx = (dx_hat - x_hat (x_hat . dx_hat)) / ||x||; below eps the norm is the constant eps."""
+        if self.inv is None:
+            return grad_hat
+        dot = torch.bmm(self.hat.unsqueeze(1), grad_hat.unsqueeze(2)).squeeze(2)  # row dots, no [n, d] temporary
+        dot.masked_fill_(self.small[:, None], 0.0)
+        grad_hat.addcmul_(self.hat, dot, value=-1.0).mul_(self.inv[:, None])
         return grad_hat
-    dot = torch.bmm(x_hat.unsqueeze(1), grad_hat.unsqueeze(2)).squeeze(2)  # row dots, no [n, d] temporary
-    dot.masked_fill_(small[:, None], 0.0)
-    grad_hat.addcmul_(x_hat, dot, value=-1.0).mul_(inv[:, None])
-    return grad_hat
 
 
-def _rows_per_chunk(batch: int, num_candidates: int) -> int:
-    rows = BLOCK_BYTES // (4 * max(num_candidates, 1))
+def _rows_per_chunk(batch: int, width: int) -> int:
+    rows = BLOCK_BYTES // (4 * max(width, 1))
     return max(1, min(batch, max(MIN_ROWS, rows)))
 
 
 class _Problem:
-    """The normalized, temperature-scaled operands of a problem, shared by forward and backward."""
+    """The normalized operands of a problem, and its score blocks, shared by every sweep.
 
-    def __init__(self, anchor, candidates, spec: LossProblem):
+    Queries carry the temperature (S = (Q_hat / tau) K_hat^T): the scaled copies are the small
+    operands. Query-side gradient buffers hold tau * dQ_hat (finish_grads divides once)."""
+
+    def __init__(self, anchor, candidates, anchor_keys, spec: LossProblem):
         self.spec = spec
         self.dtype = _compute_dtype(anchor)
-        # S = (A_hat / tau) C_hat^T: the temperature rides on the small operand, and only the
-        # scaled copy of the anchors is kept (finish_grads turns it back into A_hat in place).
-        self.a_scaled, self.a_inv, self.a_small = _normalized(anchor, spec.normalize, self.dtype,
-                                                              scale=1.0 / spec.tau)
-        self.c_hat, self.c_inv, self.c_small = _normalized(candidates, spec.normalize, self.dtype)
-        self.rows = _rows_per_chunk(spec.batch, spec.num_candidates)
-        self._block = None
-        # Cosine logits are bounded by 1/tau + |w|: below SAFE_EXP, exp(S) neither overflows nor
-        # underflows in fp32 (N e^40 << 3e38, e^-40 >> 1e-38), so the row-max pass and the shift
-        # are skipped. Otherwise (small tau, dot products) the exact row max is used.
-        self.unshifted = spec.normalize and (1.0 / spec.tau + abs(spec.weight)) <= SAFE_EXP
+        self.anchors = _Normalized(anchor, spec.normalize, self.dtype)
+        self.candidates = _Normalized(candidates, spec.normalize, self.dtype)
+        self.a_scaled = self.anchors.hat / spec.tau
+        directions = spec.directions
+        if DOC_TO_QUERY in directions or DOC_TO_DOC in directions:
+            self.p_scaled = self.candidates.hat[spec.pos_start: spec.pos_start + spec.batch] / spec.tau
+        self.keys = None
+        if spec.variant.needs_anchor_keys:
+            self.keys = _Normalized(anchor_keys, spec.normalize, self.dtype) if spec.separate_anchor_keys \
+                else self.anchors
+        self.widths = {d: spec.num_anchor_keys if d in (QUERY_TO_QUERY, DOC_TO_QUERY) else spec.num_candidates
+                       for d in directions}
+        self.rows = _rows_per_chunk(spec.batch, sum(self.widths.values()))
+        self._blocks: dict[str, torch.Tensor] = {}
+        # Cosine logits are bounded by 1/tau + |w| + strength: below SAFE_EXP, exp(S) neither
+        # overflows nor underflows in fp32 (N e^40 << 3e38, e^-40 >> 1e-38), so the row-max pass
+        # and the shift are skipped. Otherwise (small tau, dot products) the exact row max is used.
+        bound = 1.0 / spec.tau + abs(spec.weight) + spec.hardness_strength
+        self.unshifted = spec.normalize and bound <= SAFE_EXP
 
     def chunks(self):
         for r0 in range(0, self.spec.batch, self.rows):
             yield r0, min(r0 + self.rows, self.spec.batch)
 
-    def scores(self, r0, r1):
-        """S[r0:r1] = A C^T / tau + bias, into the one (r1 - r0) x N block buffer of this problem.
+    def queries(self, direction: str) -> torch.Tensor:
+        return self.a_scaled if direction in _ANCHOR_QUERIES else self.p_scaled
 
-        Reusing one buffer (rather than a fresh block per chunk) keeps the allocator from
-        cycling large blocks, which shows up as extra resident memory."""
-        if self._block is None:
-            self._block = torch.empty(self.rows, self.spec.num_candidates, dtype=self.dtype)
-        block = torch.mm(self.a_scaled[r0:r1], self.c_hat.T, out=self._block[: r1 - r0])
-        if self.spec.weight:
-            rows = torch.arange(r1 - r0).repeat_interleave(self.spec.num_neg)
-            cols = self.spec.neg_start + torch.arange(r0 * self.spec.num_neg, r1 * self.spec.num_neg)
-            block[rows, cols] += self.spec.weight
-        return block
+    def key_hat(self, direction: str) -> torch.Tensor:
+        return self.candidates.hat if direction in _CANDIDATE_KEYS else self.keys.hat
 
     def targets(self, r0, r1):
         return torch.arange(r0, r1) + self.spec.pos_start
 
-    def finish_grads(self, grad_a_hat, grad_c_hat):
-        """Scales dA by 1/tau, returns (dA, dC, dtau) through the normalization."""
-        grad_a_hat.div_(self.spec.tau)
-        # The sweeps are done: reuse the buffer (with tau == 1 and no normalization it may be the
-        # caller's own tensor, which must not be touched).
-        a_hat = self.a_scaled.mul_(self.spec.tau) if self.spec.tau != 1.0 else self.a_scaled
-        # tau enters every score as (a_hat . c_hat) / tau, each score holding exactly one anchor
-        # (forward direction: the query; reverse: the candidate), so dtau = -sum(a_hat . dA_hat) / tau.
-        grad_tau = -torch.dot(a_hat.reshape(-1), grad_a_hat.reshape(-1)) / self.spec.tau
-        grad_a = _normalize_backward(grad_a_hat, a_hat, self.a_inv, self.a_small)
-        grad_c = _normalize_backward(grad_c_hat, self.c_hat, self.c_inv, self.c_small)
-        return grad_a, grad_c, grad_tau
+    def own_negatives(self, r0, r1):
+        """(rows, columns) of the chunk's own hard negatives in the candidates."""
+        k = self.spec.num_neg
+        return torch.arange(r1 - r0).repeat_interleave(k), self.spec.neg_start + torch.arange(r0 * k, r1 * k)
+
+    def scores(self, direction: str, r0: int, r1: int) -> torch.Tensor:
+        """The direction's logits of rows [r0, r1), into its one (r1 - r0) x n block buffer.
+
+        Reusing one buffer per direction (rather than a fresh block per chunk) keeps the
+        allocator from cycling large blocks, which shows up as extra resident memory."""
+        if direction not in self._blocks:
+            self._blocks[direction] = torch.empty(self.rows, self.widths[direction], dtype=self.dtype)
+        block = torch.mm(self.queries(direction)[r0:r1], self.key_hat(direction).T,
+                         out=self._blocks[direction][: r1 - r0])
+        rows = torch.arange(r1 - r0)
+        if direction == QUERY_TO_DOC:
+            self._penalize(block, r0, r1)
+            if self.spec.weight:
+                block[self.own_negatives(r0, r1)] += self.spec.weight
+        elif direction == QUERY_TO_QUERY:
+            block[rows, self.spec.anchor_start + torch.arange(r0, r1)] = -math.inf
+        elif direction == DOC_TO_DOC:
+            block[rows, self.targets(r0, r1)] = -math.inf
+            if self.spec.num_neg:
+                block[self.own_negatives(r0, r1)] = -math.inf
+        return block
+
+    def _penalize(self, block, r0, r1):
+        """Hardness: + strength * sim on the chosen negatives, i.e. S * (1 + strength tau) there."""
+        mode = self.spec.hardness_mode
+        if mode is None:
+            return
+        factor = 1.0 + self.spec.hardness_strength * self.spec.tau
+        if mode == "hard_negatives":
+            block[self.own_negatives(r0, r1)] *= factor
+            return
+        # in_batch_negatives spares the row's own documents, all_negatives its positive only.
+        spared = (torch.arange(r1 - r0), self.targets(r0, r1))
+        if mode == "in_batch_negatives" and self.spec.num_neg:
+            negative_rows, negative_cols = self.own_negatives(r0, r1)
+            spared = (torch.cat([spared[0], negative_rows]), torch.cat([spared[1], negative_cols]))
+        kept = block[spared]
+        block.mul_(factor)
+        block[spared] = kept
+
+    def finish_grads(self, grads: _Grads):
+        """(dA, dC, dK or None, dtau) through the normalization, from the sweeps' buffers."""
+        spec = self.spec
+        # Every logit depends on tau as q_hat . k_hat / tau (the penalty has no gradient), so
+        # dL/dtau = -(1/tau) sum_i q_hat_i . dq_hat_i over the query side alone.
+        grad_tau = -(torch.dot(self.a_scaled.reshape(-1), grads.anchor_queries.reshape(-1))) / spec.tau
+        grad_a_hat = grads.anchor_queries.div_(spec.tau)
+        grad_c_hat = grads.candidate_keys
+        if grads.doc_queries is not None:
+            grad_tau = grad_tau - torch.dot(self.p_scaled.reshape(-1), grads.doc_queries.reshape(-1)) / spec.tau
+            grad_c_hat[spec.pos_start: spec.pos_start + spec.batch].add_(grads.doc_queries, alpha=1.0 / spec.tau)
+        grad_k = None
+        if grads.anchor_keys is not None:
+            if spec.separate_anchor_keys:
+                grad_k = self.keys.backward(grads.anchor_keys)
+            else:
+                grad_a_hat.add_(grads.anchor_keys)
+        return self.anchors.backward(grad_a_hat), self.candidates.backward(grad_c_hat), grad_k, grad_tau
+
+
+class _Grads:
+    """Gradient buffers of the hat operands, by role: tau * dQ_hat for the queries, dK_hat for the keys."""
+
+    def __init__(self, prob: _Problem):
+        spec, dtype = prob.spec, prob.dtype
+        directions = spec.directions
+        self.anchor_queries = torch.zeros(spec.batch, spec.dim, dtype=dtype)
+        self.doc_queries = torch.zeros(spec.batch, spec.dim, dtype=dtype) \
+            if DOC_TO_QUERY in directions or DOC_TO_DOC in directions else None
+        self.candidate_keys = torch.zeros(spec.num_candidates, spec.dim, dtype=dtype)
+        self.anchor_keys = torch.zeros(spec.num_anchor_keys, spec.dim, dtype=dtype) \
+            if spec.variant.needs_anchor_keys else None
+
+    def query_buffer(self, direction):
+        return self.anchor_queries if direction in _ANCHOR_QUERIES else self.doc_queries
+
+    def key_buffer(self, direction):
+        return self.candidate_keys if direction in _CANDIDATE_KEYS else self.anchor_keys
+
+
+def _accumulate(prob: _Problem, grads: _Grads, direction: str, weights: torch.Tensor, row_scale, r0, r1):
+    """Adds a block's contribution: dS = weights * row_scale (rows), i.e. tau dQ += dS K_hat and
+    dK += dS^T Q_scaled, with row_scale on the R x d operands (folding trick)."""
+    keys = prob.key_hat(direction)
+    queries = prob.queries(direction)[r0:r1]
+    grads.query_buffer(direction)[r0:r1].addcmul_(torch.mm(weights, keys), row_scale[:, None])
+    grads.key_buffer(direction).addmm_(weights.T, queries * row_scale[:, None])
+
+
+def _subtract_targets(prob: _Problem, grads: _Grads, row_scale, r0, r1):
+    """The one-hot of -target: dS[i, pos_start + i] -= row_scale_i, on query_to_doc only."""
+    targets = prob.targets(r0, r1)
+    grads.anchor_queries[r0:r1].addcmul_(prob.candidates.hat[targets], row_scale[:, None], value=-1.0)
+    grads.candidate_keys.index_add_(0, targets, prob.a_scaled[r0:r1] * row_scale[:, None], alpha=-1.0)
+
+
+def _exp_in_place(prob: _Problem, blocks: dict, joint: bool):
+    """E = exp(S - m) for each block, in place; returns {direction: (lse, rowsum E)}.
+
+    m is 0 when unshifted, else the row max: one shared by all blocks when joint."""
+    stats = {}
+    if joint:
+        shift = None if prob.unshifted else torch.stack([b.amax(1) for b in blocks.values()]).amax(0)
+        total = 0.0
+        for block in blocks.values():
+            if shift is not None:
+                block.sub_(shift[:, None])
+            total = total + block.exp_().sum(1)
+        lse = torch.log(total) if shift is None else shift + torch.log(total)
+        return {d: (lse, total) for d in blocks}
+    for direction, block in blocks.items():
+        shift = None if prob.unshifted else block.amax(1, keepdim=True)
+        if shift is not None:
+            block.sub_(shift)
+        total = block.exp_().sum(1)
+        stats[direction] = (torch.log(total) if shift is None else shift.squeeze(1) + torch.log(total), total)
+    return stats
+
+
+def _row_loss(prob, lse_by_direction, target):
+    """The rows' losses from their (joint or per direction) LSEs and target logits."""
+    if prob.spec.joint:
+        return next(iter(lse_by_direction.values())) - target
+    return torch.stack(list(lse_by_direction.values())).mean(0) - target
+
+
+def _partition_rows(prob: _Problem, stats: dict) -> torch.Tensor:
+    """[P, R] LSEs as saved for backward: one row for joint, one per direction otherwise."""
+    lses = [lse for lse, _ in stats.values()]
+    return lses[0][None] if prob.spec.joint else torch.stack(lses)
+
+
+def _fused_row_sweep(prob: _Problem):
+    """Forward that also produces the gradients of sum(row_loss): one sweep, 3 products per block."""
+    spec = prob.spec
+    partitions = 1.0 if spec.joint else float(len(spec.directions))
+    row_loss = torch.empty(spec.batch, dtype=prob.dtype)
+    lse = torch.empty(spec.variant.num_partitions, spec.batch, dtype=prob.dtype)
+    grads = _Grads(prob)
+    for r0, r1 in prob.chunks():
+        blocks = {d: prob.scores(d, r0, r1) for d in spec.directions}
+        target = blocks[QUERY_TO_DOC][torch.arange(r1 - r0), prob.targets(r0, r1)]
+        stats = _exp_in_place(prob, blocks, spec.joint)
+        lse[:, r0:r1] = _partition_rows(prob, stats)
+        row_loss[r0:r1] = _row_loss(prob, {d: s[0] for d, s in stats.items()}, target)
+        for direction, block in blocks.items():
+            _accumulate(prob, grads, direction, block, 1.0 / (partitions * stats[direction][1]), r0, r1)
+        _subtract_targets(prob, grads, torch.ones(r1 - r0, dtype=prob.dtype), r0, r1)
+    return row_loss, lse, prob.finish_grads(grads)
+
+
+def _stats_row_sweep(prob: _Problem):
+    """Row losses and [P, B] LSEs, no gradients: 1 product per block."""
+    spec = prob.spec
+    row_loss = torch.empty(spec.batch, dtype=prob.dtype)
+    lse = torch.empty(spec.variant.num_partitions, spec.batch, dtype=prob.dtype)
+    for r0, r1 in prob.chunks():
+        blocks = {d: prob.scores(d, r0, r1) for d in spec.directions}
+        target = blocks[QUERY_TO_DOC][torch.arange(r1 - r0), prob.targets(r0, r1)]
+        if spec.joint:
+            joint = torch.logsumexp(torch.stack([torch.logsumexp(b, dim=1) for b in blocks.values()]), dim=0)
+            by_direction = {d: joint for d in blocks}
+        else:
+            by_direction = {d: torch.logsumexp(b, dim=1) for d, b in blocks.items()}
+        lse[:, r0:r1] = _partition_rows(prob, {d: (v, None) for d, v in by_direction.items()})
+        row_loss[r0:r1] = _row_loss(prob, by_direction, target)
+    return row_loss, lse
+
+
+def _grad_row_sweep(prob: _Problem, grad_rows, lse):
+    """Gradients for per-row upstream gradients, recomputing each block from the saved LSEs: 3 per block."""
+    spec = prob.spec
+    g = grad_rows.to(prob.dtype)
+    g_direction = g if spec.joint else g / len(spec.directions)
+    grads = _Grads(prob)
+    for r0, r1 in prob.chunks():
+        for p, direction in enumerate(spec.directions):
+            block = prob.scores(direction, r0, r1)
+            block.sub_(lse[0 if spec.joint else p, r0:r1, None]).exp_()  # P = exp(S - LSE)
+            _accumulate(prob, grads, direction, block, g_direction[r0:r1], r0, r1)
+        _subtract_targets(prob, grads, g[r0:r1], r0, r1)
+    return prob.finish_grads(grads)
+
+
+# --------------------------------------------------------------------------------------------
+# Column sweep: symmetric in one process
+# --------------------------------------------------------------------------------------------
+
+
+def _uses_column_sweep(spec: LossProblem) -> bool:
+    # The reverse direction reads query_to_doc's positive block: it must hold no bias or penalty.
+    return (spec.symmetric and not spec.separate_anchor_keys and spec.hardness_mode is None
+            and (spec.weight == 0.0 or spec.neg_start >= spec.batch))
 
 
 def _column_stats_update(col_max, col_sum, block):
@@ -118,111 +325,67 @@ def _column_stats_update(col_max, col_sum, block):
     col_max.copy_(new_max)
 
 
-def _stats_sweep(prob: _Problem):
-    """Row LSE and target logits (and the reverse direction's column LSE), no gradients."""
-    lse = torch.empty(prob.spec.batch, dtype=prob.dtype)
-    target = torch.empty(prob.spec.batch, dtype=prob.dtype)
-    col_max = torch.full((prob.spec.batch,), -math.inf, dtype=prob.dtype) if prob.spec.symmetric else None
-    col_sum = torch.zeros(prob.spec.batch, dtype=prob.dtype) if prob.spec.symmetric else None
+def _stats_column_sweep(prob: _Problem):
+    """Row LSE and target logits, and the reverse direction's column LSE: [2, B] LSEs."""
+    spec = prob.spec
+    lse = torch.empty(2, spec.batch, dtype=prob.dtype)
+    target = torch.empty(spec.batch, dtype=prob.dtype)
+    col_max = torch.full((spec.batch,), -math.inf, dtype=prob.dtype)
+    col_sum = torch.zeros(spec.batch, dtype=prob.dtype)
     for r0, r1 in prob.chunks():
-        block = prob.scores(r0, r1)
+        block = prob.scores(QUERY_TO_DOC, r0, r1)
         target[r0:r1] = block[torch.arange(r1 - r0), prob.targets(r0, r1)]
-        if prob.spec.symmetric:
-            _column_stats_update(col_max, col_sum, block[:, : prob.spec.batch])
-        lse[r0:r1] = torch.logsumexp(block, dim=1)
-    lse_rev = col_max + torch.log(col_sum) if prob.spec.symmetric else None
-    return lse, target, lse_rev
+        _column_stats_update(col_max, col_sum, block[:, spec.pos_start: spec.pos_start + spec.batch])
+        lse[0, r0:r1] = torch.logsumexp(block, dim=1)
+    lse[1] = col_max + torch.log(col_sum)
+    # The reverse target logit p_i . a_i / tau is the forward one (no bias on positives).
+    return (lse[0] + lse[1]) / 2 - target, lse
 
 
-def _fused_sweep(prob: _Problem):
-    """Non-symmetric forward that also produces the gradients of sum(row_loss): one sweep, 3 products."""
-    lse = torch.empty(prob.spec.batch, dtype=prob.dtype)
-    row_loss = torch.empty(prob.spec.batch, dtype=prob.dtype)
-    grad_a = torch.empty_like(prob.a_scaled)
-    grad_c = torch.zeros_like(prob.c_hat)
-    for r0, r1 in prob.chunks():
-        rows = torch.arange(r1 - r0)
-        targets = prob.targets(r0, r1)
-        block = prob.scores(r0, r1)
-        target_logit = block[rows, targets]
-        if not prob.unshifted:
-            row_max = block.amax(1, keepdim=True)
-            block.sub_(row_max)
-        block.exp_()  # E = exp(S - m) (m = 0 when unshifted), in place
-        total = block.sum(1)
-        lse[r0:r1] = torch.log(total) if prob.unshifted else row_max.squeeze(1) + torch.log(total)
-        row_loss[r0:r1] = lse[r0:r1] - target_logit
-        inv_total = (1.0 / total)[:, None]
-        # dA_hat * tau = (E C) / l - C[target]
-        torch.mm(block, prob.c_hat, out=grad_a[r0:r1])
-        grad_a[r0:r1].mul_(inv_total).sub_(prob.c_hat[targets])
-        # dC_hat = E^T (A / tau / l) - (A / tau) at the targets
-        scaled = prob.a_scaled[r0:r1] * inv_total
-        grad_c.addmm_(block.T, scaled)
-        grad_c.index_add_(0, targets, prob.a_scaled[r0:r1], alpha=-1.0)
-    return row_loss, lse, grad_a, grad_c
-
-
-def _grad_sweep(prob: _Problem, grad_rows, lse, lse_rev):
-    """Gradients for per-row upstream gradients, recomputing each score block from saved LSEs."""
-    grad_a = torch.empty_like(prob.a_scaled)
-    grad_c = torch.zeros_like(prob.c_hat)
+def _grad_column_sweep(prob: _Problem, grad_rows, lse):
+    """Both directions' gradients from one recompute of the forward blocks: 3 products."""
+    spec = prob.spec
     g = grad_rows.to(prob.dtype)
-    g_fwd = g / 2 if prob.spec.symmetric else g
+    half = g / 2
+    grads = _Grads(prob)
+    # One product serves each operand in both roles (below): no separate doc-query or key buffers.
+    grads.doc_queries = grads.anchor_keys = None
+    positives = slice(spec.pos_start, spec.pos_start + spec.batch)
     for r0, r1 in prob.chunks():
         rows = torch.arange(r1 - r0)
-        targets = prob.targets(r0, r1)
-        block = prob.scores(r0, r1)
-        if prob.spec.symmetric:
-            # Reverse direction: column j of the positive block is query p_j over all anchors.
-            reverse = (block[:, : prob.spec.batch] - lse_rev).exp_().mul_(g_fwd)
-        block.sub_(lse[r0:r1, None]).exp_()  # P = exp(S - LSE)
-        if prob.spec.symmetric:
-            block.mul_(g_fwd[r0:r1, None])
-            block[:, : prob.spec.batch].add_(reverse)
-            block[rows, targets] -= g[r0:r1]  # both directions' one-hot sit on the diagonal
-            torch.mm(block, prob.c_hat, out=grad_a[r0:r1])
-            grad_c.addmm_(block.T, prob.a_scaled[r0:r1])
-        else:
-            gr = g_fwd[r0:r1, None]
-            torch.mm(block, prob.c_hat, out=grad_a[r0:r1])
-            grad_a[r0:r1].sub_(prob.c_hat[targets]).mul_(gr)
-            scaled = prob.a_scaled[r0:r1] * gr
-            grad_c.addmm_(block.T, scaled)
-            grad_c.index_add_(0, targets, scaled, alpha=-1.0)
-    return grad_a, grad_c
+        block = prob.scores(QUERY_TO_DOC, r0, r1)
+        # Reverse direction: column j of the positive block is query p_j over all anchors.
+        reverse = (block[:, positives] - lse[1]).exp_().mul_(half)
+        block.sub_(lse[0, r0:r1, None]).exp_().mul_(half[r0:r1, None])
+        block[:, positives].add_(reverse)
+        block[rows, prob.targets(r0, r1)] -= g[r0:r1]  # both directions' one-hot sit on the diagonal
+        # The anchor's gradient as query (forward) and as key (reverse) come from one product.
+        grads.anchor_queries[r0:r1].add_(torch.mm(block, prob.candidates.hat))
+        grads.candidate_keys.addmm_(block.T, prob.a_scaled[r0:r1])
+    return prob.finish_grads(grads)
 
 
-def _empty(like, dtype):
-    return like.new_empty((0,), dtype=dtype)
+# --------------------------------------------------------------------------------------------
+# Backend entry points (the contract in fastcse.ops)
+# --------------------------------------------------------------------------------------------
 
 
-def forward(anchor, candidates, tau, *, pos_start, neg_start, num_neg, normalize, symmetric,
-            hard_negative_weight, compute_grad):
-    prob = _Problem(anchor, candidates, describe(anchor, candidates, tau, pos_start=pos_start, neg_start=neg_start,
-                                                 num_neg=num_neg, normalize=normalize, symmetric=symmetric,
-                                                 hard_negative_weight=hard_negative_weight))
-    if compute_grad and not symmetric:
-        row_loss, lse, grad_a_hat, grad_c_hat = _fused_sweep(prob)
-        grads = prob.finish_grads(grad_a_hat, grad_c_hat)
-        return row_loss, lse, _empty(anchor, prob.dtype), grads
-    lse, target, lse_rev = _stats_sweep(prob)
-    row_loss = lse - target
-    if symmetric:
-        # Reverse target logit p_i . a_i / tau is the forward one without bias (none on positives).
-        row_loss = (row_loss + lse_rev - target) / 2
-    grads = None
-    if compute_grad:  # symmetric: the column LSEs are final only now, so a second sweep
-        ones = torch.ones(prob.spec.batch, dtype=prob.dtype)
-        grads = prob.finish_grads(*_grad_sweep(prob, ones, lse, lse_rev))
-    return row_loss, lse, lse_rev if symmetric else _empty(anchor, prob.dtype), grads
+def forward(anchor, candidates, anchor_keys, spec: LossProblem, *, compute_grad):
+    prob = _Problem(anchor, candidates, anchor_keys, spec)
+    if _uses_column_sweep(spec):
+        row_loss, lse = _stats_column_sweep(prob)
+        # The column LSEs are final only at the end: gradients take a second sweep.
+        grads = _grad_column_sweep(prob, torch.ones(spec.batch, dtype=prob.dtype), lse) if compute_grad else None
+        return row_loss, lse, grads
+    if compute_grad:
+        return _fused_row_sweep(prob)
+    row_loss, lse = _stats_row_sweep(prob)
+    return row_loss, lse, None
 
 
-def backward(grad_rows, anchor, candidates, tau, lse, lse_rev, *, pos_start, neg_start, num_neg, normalize,
-             symmetric, hard_negative_weight):
-    prob = _Problem(anchor, candidates, describe(anchor, candidates, tau, pos_start=pos_start, neg_start=neg_start,
-                                                 num_neg=num_neg, normalize=normalize, symmetric=symmetric,
-                                                 hard_negative_weight=hard_negative_weight))
+def backward(grad_rows, anchor, candidates, anchor_keys, spec: LossProblem, lse):
+    prob = _Problem(anchor, candidates, anchor_keys, spec)
     lse = lse.to(prob.dtype)
-    lse_rev = lse_rev.to(prob.dtype) if symmetric else None
-    return prob.finish_grads(*_grad_sweep(prob, grad_rows, lse, lse_rev))
+    if _uses_column_sweep(spec):
+        return _grad_column_sweep(prob, grad_rows, lse)
+    return _grad_row_sweep(prob, grad_rows, lse)

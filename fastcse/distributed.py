@@ -5,7 +5,8 @@ Layout and convention (see DESIGN.md, "Distributed negatives"). Rank r holds B_r
 starts at global row start_r = B_0 + ... + B_{r-1}; B_t = sum of all B_r. The candidates of all
 ranks are gathered (the C++ op ``fastcse::gather_rows``, ``kernels/gather_rows.cpp``) into one
 tensor, block-major and rank-ordered: [positives of rank 0, 1, ..., negatives of rank 0, 1, ...,
-and for ``symmetric`` anchors of rank 0, 1, ...], so anchor i of rank r has its positive at
+and, for the directions that score against anchors (``query_to_query``, ``doc_to_query``, so also
+``symmetric``), anchors of rank 0, 1, ...], so anchor i of rank r has its positive at
 column start_r + i and its hard negatives at B_t + (start_r + i) * k + t, exactly the columns
 of the single-process loss over the concatenated batch. Each rank computes only its own rows
 (local anchors x global candidates).
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 
 from fastcse.loss import _needs_grad
 from fastcse.ops import info_nce_op
+from fastcse.problem import encode_variant
 
 _BUILD_HINT = ("run `pip install --no-build-isolation -e .` in the fastcse checkout (needs a C++ compiler; "
                "CUDA_HOME for the CUDA pack kernel), or point FASTCSE_EXTENSION at a library built with "
@@ -166,10 +168,10 @@ def _normalized(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.to(compute), dim=1, eps=1e-12).to(x.dtype)
 
 
-def distributed_info_nce(anchor, positive, negative, *, num_neg, temperature, normalize, symmetric,
+def distributed_info_nce(anchor, positive, negative, *, num_neg, temperature, normalize, variant,
                          hard_negative_weight, reduction, backend, process_group):
     """``info_nce`` over the concatenated batch of all ranks (inputs already checked by ``loss.py``,
-    ``temperature`` already a 0-dim tensor)."""
+    ``temperature`` already a 0-dim tensor, ``variant`` canonical)."""
     group, bf16_transport = resolve_group(process_group)
     batch, dim = anchor.shape
     needs_grad = _needs_grad(anchor, positive, negative, temperature)
@@ -177,10 +179,10 @@ def distributed_info_nce(anchor, positive, negative, *, num_neg, temperature, no
     parts = [positive]
     if num_neg:
         parts.append(negative.reshape(batch * num_neg, dim))
-    if symmetric:
+    if variant.needs_anchor_keys:  # query_to_query / doc_to_query score against every rank's anchors
         parts.append(anchor)
     # Checked across ranks by the gather's header exchange: a mismatch raises on every rank.
-    options = (f"k={num_neg} symmetric={int(bool(symmetric))} weight={float(hard_negative_weight)!r} "
+    options = (f"k={num_neg} variant={encode_variant(variant)} weight={float(hard_negative_weight)!r} "
                f"tau={float(temperature.detach())!r} reduction={reduction}")
     gathered, counts = gather_rows(parts, group, normalize=normalize, bf16_transport=bf16_transport, options=options)
     sizes = counts[:, 0].tolist()
@@ -193,20 +195,16 @@ def distributed_info_nce(anchor, positive, negative, *, num_neg, temperature, no
     if batch == 0:
         zero = _zero_loss_on(gathered, anchor, temperature)
         return zero.expand(0) if reduction == "none" else _global(zero, reduction, total, group)
-    if symmetric:
-        anchors_all = gathered[total * (1 + num_neg):]
-        queries = anchors_all[start:start + batch]
+    if variant.needs_anchor_keys:
+        anchor_keys = gathered[total * (1 + num_neg):]
+        queries = anchor_keys[start:start + batch]  # this rank's anchors as they were sent
     else:
+        anchor_keys = anchor.new_empty((0, dim))
         queries = _normalized(anchor) if normalize else anchor.contiguous()
     # The rows are normalized already (pack kernel / _normalized): the op runs with normalize=False.
-    local, *_ = info_nce_op(queries, candidates, temperature, start, total + start * num_neg, num_neg, False, False,
-                            float(hard_negative_weight), op_reduction, grad_in_forward, backend)
-    if symmetric:
-        # Reverse direction: this rank's positives as queries against every rank's anchors, no bias.
-        positives_local = gathered[start:start + batch]
-        reverse, *_ = info_nce_op(positives_local, anchors_all, temperature, start, total, 0, False, False, 0.0,
-                                  op_reduction, grad_in_forward, backend)
-        local = (local + reverse) / 2
+    local, *_ = info_nce_op(queries, candidates, anchor_keys, temperature, start, total + start * num_neg, num_neg,
+                            start, False, float(hard_negative_weight), encode_variant(variant), op_reduction,
+                            grad_in_forward, backend)
     if reduction == "none":
         return local
     return _global(local, reduction, total, group)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fastcse.ops import info_nce_op
+from fastcse.problem import encode_variant, resolve_variant
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -65,8 +66,9 @@ def _check_temperature(temperature) -> None:
 
 
 def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
-                 distributed=False):
-    """Validates the user's arguments; returns (resolved backend, number of hard negatives per anchor).
+                 distributed=False, variant_options=None):
+    """Validates the user's arguments; returns (resolved backend, number of hard negatives per anchor,
+    the canonical loss variant of ``variant_options``: resolve_variant's keywords).
 
     ``distributed``: a rank may hold no anchors (the last batch of an epoch); raising here would
     leave the other ranks waiting in the gather, so B = 0 is allowed and the gather checks ranks."""
@@ -104,6 +106,7 @@ def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, 
         raise ValueError("hard_negative_weight is non-zero but negative is None: the weight applies to hard negatives")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    variant = resolve_variant(**(variant_options or {}), num_neg=num_neg)
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -118,16 +121,16 @@ def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, 
 
             if os.environ.get("TRITON_INTERPRET") != "1":
                 raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
-    return backend, num_neg
+    return backend, num_neg, variant
 
 
 def _check_inputs_on_every_rank(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
-                                process_group):
+                                process_group, variant_options):
     """check_inputs; under a process group a failure is also announced to the other ranks, which
     would otherwise wait for this rank in the gather until the group's timeout."""
     try:
         return check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
-                            distributed=process_group is not None)
+                            distributed=process_group is not None, variant_options=variant_options)
     except (TypeError, ValueError) as error:
         if process_group is not None:
             from fastcse.distributed import announce_input_error
@@ -155,6 +158,10 @@ def info_nce(
     normalize: bool = True,
     symmetric: bool = False,
     hard_negative_weight: float = 0.0,
+    directions: tuple[str, ...] | None = None,
+    partition_mode: Literal["joint", "per_direction"] | None = None,
+    hardness_mode: Literal["in_batch_negatives", "hard_negatives", "all_negatives"] | None = None,
+    hardness_strength: float = 0.0,
     reduction: Literal["mean", "sum", "none"] = "mean",
     backend: Literal["auto", "cpu", "triton"] = "auto",
     process_group=None,
@@ -168,8 +175,18 @@ def info_nce(
             one candidate set (candidates = positives then negatives; anchor i's target is i).
         temperature: positive float, or a 0-dim tensor (its gradient is returned).
         normalize: cosine similarity (True) or plain dot products (False).
-        symmetric: also the positive->anchor direction, averaged with anchor->candidate.
+        symmetric: also the positive->anchor direction, averaged with anchor->candidate:
+            shorthand for ``directions=("query_to_doc", "doc_to_query"),
+            partition_mode="per_direction"`` (give one or the other).
         hard_negative_weight: added to the logits of anchor i with its own hard negatives.
+        directions: sentence-transformers 6's ``directions``, any of "query_to_doc" (required),
+            "query_to_query", "doc_to_query", "doc_to_doc" (see ``fastcse.problem``). Default
+            ("query_to_doc",).
+        partition_mode: "joint" (default: one softmax over every direction per anchor) or
+            "per_direction" (one per direction, averaged; only query_to_doc / doc_to_query).
+        hardness_mode: None, "in_batch_negatives", "hard_negatives" or "all_negatives": adds
+            ``hardness_strength * sim`` (no gradient) to those query_to_doc negative logits.
+        hardness_strength: the penalty's non-negative strength (alpha in Lan et al. 2025).
         reduction: "mean", "sum" or "none" (per-anchor losses, fp32).
         backend: "auto" (Triton for CUDA tensors, CPU otherwise), "cpu" or "triton".
         process_group: a ``torch.distributed`` group: score the local anchors against the
@@ -178,8 +195,11 @@ def info_nce(
     Returns:
         The fp32 loss: a scalar, or [B] with reduction="none".
     """
-    backend, num_neg = _check_inputs_on_every_rank(anchor, positive, negative, temperature, hard_negative_weight,
-                                                   reduction, backend, process_group)
+    variant_options = dict(symmetric=symmetric, directions=directions, partition_mode=partition_mode,
+                           hardness_mode=hardness_mode, hardness_strength=hardness_strength)
+    backend, num_neg, variant = _check_inputs_on_every_rank(anchor, positive, negative, temperature,
+                                                            hard_negative_weight, reduction, backend, process_group,
+                                                            variant_options)
     if not isinstance(temperature, torch.Tensor):
         # fp64 so that the value the kernels read back is exactly the user's float.
         temperature = torch.tensor(float(temperature), dtype=torch.float64)
@@ -188,15 +208,16 @@ def info_nce(
         from fastcse.distributed import distributed_info_nce
 
         return distributed_info_nce(anchor, positive, negative, num_neg=num_neg, temperature=temperature,
-                                    normalize=normalize, symmetric=symmetric,
+                                    normalize=normalize, variant=variant,
                                     hard_negative_weight=hard_negative_weight, reduction=reduction,
                                     backend=backend, process_group=process_group)
     candidates = _candidates(positive, negative, num_neg)
     anchor = anchor.contiguous()
     grad_in_forward = reduction != "none" and _needs_grad(anchor, candidates, temperature)
     batch = anchor.shape[0]
-    loss, *_ = info_nce_op(anchor, candidates, temperature, 0, batch, num_neg, bool(normalize), bool(symmetric),
-                           float(hard_negative_weight), reduction, grad_in_forward, backend)
+    loss, *_ = info_nce_op(anchor, candidates, anchor.new_empty((0, anchor.shape[1])), temperature, 0, batch,
+                           num_neg, 0, bool(normalize), float(hard_negative_weight), encode_variant(variant),
+                           reduction, grad_in_forward, backend)
     return loss
 
 
@@ -204,13 +225,22 @@ class InfoNCE(nn.Module):
     """Module form of :func:`info_nce`; ``temperature`` may be an ``nn.Parameter``."""
 
     def __init__(self, temperature: float | torch.Tensor = 0.05, *, normalize: bool = True, symmetric: bool = False,
-                 hard_negative_weight: float = 0.0, reduction: str = "mean", backend: str = "auto",
+                 hard_negative_weight: float = 0.0, directions: tuple[str, ...] | None = None,
+                 partition_mode: str | None = None, hardness_mode: str | None = None,
+                 hardness_strength: float = 0.0, reduction: str = "mean", backend: str = "auto",
                  process_group=None):
         super().__init__()
+        # Checked now, so that a bad variant fails at construction rather than at the first step.
+        resolve_variant(symmetric=symmetric, directions=directions, partition_mode=partition_mode,
+                        hardness_mode=hardness_mode, hardness_strength=hardness_strength)
         self.temperature = temperature
         self.normalize = normalize
         self.symmetric = symmetric
         self.hard_negative_weight = hard_negative_weight
+        self.directions = directions
+        self.partition_mode = partition_mode
+        self.hardness_mode = hardness_mode
+        self.hardness_strength = hardness_strength
         self.reduction = reduction
         self.backend = backend
         self.process_group = process_group
@@ -218,8 +248,15 @@ class InfoNCE(nn.Module):
     def forward(self, anchor, positive, negative=None):
         return info_nce(anchor, positive, negative, temperature=self.temperature, normalize=self.normalize,
                         symmetric=self.symmetric, hard_negative_weight=self.hard_negative_weight,
+                        directions=self.directions, partition_mode=self.partition_mode,
+                        hardness_mode=self.hardness_mode, hardness_strength=self.hardness_strength,
                         reduction=self.reduction, backend=self.backend, process_group=self.process_group)
 
     def extra_repr(self) -> str:
+        variant = ""
+        if self.directions is not None or self.partition_mode is not None:
+            variant = f", directions={self.directions}, partition_mode={self.partition_mode!r}"
+        if self.hardness_mode is not None:
+            variant += f", hardness_mode={self.hardness_mode!r}, hardness_strength={self.hardness_strength}"
         return (f"temperature={self.temperature}, normalize={self.normalize}, symmetric={self.symmetric}, "
-                f"hard_negative_weight={self.hard_negative_weight}, reduction={self.reduction!r}")
+                f"hard_negative_weight={self.hard_negative_weight}{variant}, reduction={self.reduction!r}")

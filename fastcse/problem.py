@@ -2,20 +2,134 @@
 
 ``fastcse.ops`` states the backend contract; :func:`describe` is its one validated description,
 shared by ``fastcse.cpu`` and ``fastcse.triton_info_nce`` so that both accept exactly the same
-problems (each backend adds only what it supports, e.g. its dtypes).
+problems (each backend adds only what it supports, e.g. its dtypes). :func:`resolve_variant`
+turns the user's loss-variant keywords (sentence-transformers 6's names) into the canonical
+form the description holds; ``fastcse.loss``, ``fastcse.reference`` and the sentence-transformers
+integration all call it, so a variant means the same thing everywhere.
+
+The loss family (sentence-transformers' ``MultipleNegativesRankingLoss`` with ``directions``,
+``partition_mode`` and ``hardness_mode``). Row i has up to four *directions* of scores, each a
+query against a key set, all divided by the temperature:
+
+- ``query_to_doc``: anchor i against every candidate (the positives, then the hard negatives);
+  its own hard negatives get ``hard_negative_weight`` (SimCSE), and the hardness penalty
+  ``hardness_strength * sim`` (no gradient) is added to the negatives ``hardness_mode`` picks.
+  Its column ``pos_start + i`` is the positive: the target of every row's loss.
+- ``query_to_query``: anchor i against every anchor but itself.
+- ``doc_to_query``: positive i against every anchor (``symmetric``'s reverse direction).
+- ``doc_to_doc``: positive i against every candidate except its own row's documents (its
+  positive and its own hard negatives).
+
+``joint``: row i's loss is one log-sum-exp over the concatenated directions minus the target
+logit. Per direction: the mean of the directions' log-sum-exps minus the target logit.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+QUERY_TO_DOC = "query_to_doc"
+QUERY_TO_QUERY = "query_to_query"
+DOC_TO_QUERY = "doc_to_query"
+DOC_TO_DOC = "doc_to_doc"
+DIRECTIONS = (QUERY_TO_DOC, QUERY_TO_QUERY, DOC_TO_QUERY, DOC_TO_DOC)  # the canonical order
+PARTITION_MODES = ("joint", "per_direction")
+HARDNESS_MODES = ("in_batch_negatives", "hard_negatives", "all_negatives")
+SYMMETRIC_DIRECTIONS = (QUERY_TO_DOC, DOC_TO_QUERY)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A loss variant in canonical form: directions in DIRECTIONS order, one direction always
+    joint, the hardness mode None whenever it cannot change the loss."""
+
+    directions: tuple[str, ...] = (QUERY_TO_DOC,)
+    joint: bool = True
+    hardness_mode: str | None = None
+    hardness_strength: float = 0.0
+
+    @property
+    def symmetric(self) -> bool:
+        """The classic symmetric InfoNCE: query_to_doc and doc_to_query, averaged."""
+        return self.directions == SYMMETRIC_DIRECTIONS and not self.joint
+
+    @property
+    def num_partitions(self) -> int:
+        """How many log-sum-exps each row has (the backends save one [B] statistic per partition)."""
+        return 1 if self.joint else len(self.directions)
+
+    @property
+    def needs_anchor_keys(self) -> bool:
+        """Whether some direction scores against the anchors."""
+        return QUERY_TO_QUERY in self.directions or DOC_TO_QUERY in self.directions
+
+
+def _check_directions(directions) -> tuple[str, ...]:
+    if isinstance(directions, str) or not isinstance(directions, (tuple, list)):
+        raise TypeError(f"directions must be a tuple of direction names (any of {DIRECTIONS}), got {directions!r}")
+    if len(directions) == 0:
+        raise ValueError(f"directions must name at least one direction (any of {DIRECTIONS}), got ()")
+    unknown = [d for d in directions if d not in DIRECTIONS]
+    if unknown:
+        raise ValueError(f"directions holds unknown name(s) {unknown}: valid names are {DIRECTIONS}")
+    if len(set(directions)) != len(directions):
+        raise ValueError(f"directions names a direction twice: {tuple(directions)}")
+    if QUERY_TO_DOC not in directions:
+        raise ValueError("directions must include 'query_to_doc': it holds each anchor's positive pair, "
+                         f"got {tuple(directions)}")
+    return tuple(d for d in DIRECTIONS if d in directions)
+
+
+def resolve_variant(*, symmetric=False, directions=None, partition_mode=None, hardness_mode=None,
+                    hardness_strength=0.0, num_neg: int = 0) -> Variant:
+    """The canonical variant of the user's keywords, or a ValueError/TypeError naming the argument.
+
+    ``symmetric=True`` is shorthand for ``directions=("query_to_doc", "doc_to_query"),
+    partition_mode="per_direction"``; giving it with either keyword is an error. Defaults:
+    ``("query_to_doc",)`` and ``"joint"`` (sentence-transformers' defaults)."""
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+    if symmetric and (directions is not None or partition_mode is not None):
+        raise ValueError("symmetric=True is shorthand for directions=('query_to_doc', 'doc_to_query'), "
+                         "partition_mode='per_direction': give either symmetric or directions/partition_mode, "
+                         "not both")
+    if symmetric:
+        directions, partition_mode = SYMMETRIC_DIRECTIONS, "per_direction"
+    directions = _check_directions((QUERY_TO_DOC,) if directions is None else directions)
+    partition_mode = "joint" if partition_mode is None else partition_mode
+    if partition_mode not in PARTITION_MODES:
+        raise ValueError(f"partition_mode must be one of {PARTITION_MODES}, got {partition_mode!r}")
+    if partition_mode == "per_direction" and {QUERY_TO_QUERY, DOC_TO_DOC} & set(directions):
+        # sentence-transformers' reason, as it refuses the same combination.
+        raise ValueError("partition_mode='per_direction' requires every direction's candidate pool to include the "
+                         "positive pair; 'query_to_query' and 'doc_to_doc' only contain same-type similarities and "
+                         "never include the positive, making the per-direction loss ill-defined. Use "
+                         "partition_mode='joint' instead.")
+    if hardness_mode is not None and hardness_mode not in HARDNESS_MODES:
+        raise ValueError(f"hardness_mode must be None or one of {HARDNESS_MODES}, got {hardness_mode!r}")
+    if isinstance(hardness_strength, bool) or not isinstance(hardness_strength, (int, float)) \
+            or not math.isfinite(hardness_strength) or hardness_strength < 0:
+        raise ValueError(f"hardness_strength must be a finite non-negative float, got {hardness_strength!r}")
+    strength = float(hardness_strength)
+    # As in sentence-transformers: no mode, a zero strength, or hard_negatives without any hard
+    # negative leave the logits untouched.
+    if hardness_mode is None or strength == 0.0 or (hardness_mode == "hard_negatives" and num_neg == 0):
+        hardness_mode, strength = None, 0.0
+    return Variant(directions=directions, joint=partition_mode == "joint" or len(directions) == 1,
+                   hardness_mode=hardness_mode, hardness_strength=strength)
 
 
 @dataclass(frozen=True)
 class LossProblem:
     """Row i's target is candidate pos_start + i; its own hard negatives are candidates
-    neg_start + i * num_neg + t (t < num_neg), whose logits get ``weight``."""
+    neg_start + i * num_neg + t (t < num_neg), whose query_to_doc logits get ``weight``.
+
+    The anchors as keys (query_to_query, doc_to_query) are ``num_anchor_keys`` rows in which
+    row i's own anchor is ``anchor_start + i``: the anchors themselves in one process, every
+    rank's anchors under ``torch.distributed``."""
 
     batch: int
     dim: int
@@ -25,8 +139,11 @@ class LossProblem:
     neg_start: int
     num_neg: int
     normalize: bool
-    symmetric: bool
     weight: float  # the hard negatives' logit bias; 0.0 without hard negatives
+    variant: Variant = Variant()
+    num_anchor_keys: int = 0
+    anchor_start: int = 0
+    separate_anchor_keys: bool = False  # the anchor keys are a tensor of their own (distributed)
 
     @property
     def inv_tau(self) -> float:
@@ -36,23 +153,69 @@ class LossProblem:
     def has_bias(self) -> bool:
         return self.num_neg > 0 and self.weight != 0.0
 
+    @property
+    def symmetric(self) -> bool:
+        return self.variant.symmetric
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return self.variant.directions
+
+    @property
+    def joint(self) -> bool:
+        return self.variant.joint
+
+    @property
+    def hardness_mode(self) -> str | None:
+        return self.variant.hardness_mode
+
+    @property
+    def hardness_strength(self) -> float:
+        return self.variant.hardness_strength
+
+
+def encode_variant(variant: Variant) -> str:
+    """The variant as the custom op's one string argument (torch.library schemas take no tuples
+    of strings): 'query_to_doc,doc_to_query;per_direction;hardness_mode;strength'."""
+    return ";".join((",".join(variant.directions), "joint" if variant.joint else "per_direction",
+                     variant.hardness_mode or "", repr(float(variant.hardness_strength))))
+
+
+def decode_variant(text: str) -> Variant:
+    directions, partition, mode, strength = text.split(";")
+    return Variant(directions=tuple(directions.split(",")), joint=partition == "joint", hardness_mode=mode or None,
+                   hardness_strength=float(strength))
+
 
 def describe(anchor: torch.Tensor, candidates: torch.Tensor, tau: float, *, pos_start: int, neg_start: int,
-             num_neg: int, normalize: bool, symmetric: bool, hard_negative_weight: float) -> LossProblem:
-    """The checked description of a backend call (the public checks are in ``fastcse.loss``)."""
+             num_neg: int, normalize: bool, hard_negative_weight: float, variant: Variant = Variant(),
+             anchor_keys: torch.Tensor | None = None, anchor_start: int = 0) -> LossProblem:
+    """The checked description of a backend call (the public checks are in ``fastcse.loss``).
+
+    ``anchor_keys`` None: the anchors themselves are the keys of query_to_query / doc_to_query."""
     if candidates.dtype != anchor.dtype:
         raise TypeError(f"candidates have dtype {candidates.dtype} but anchor has {anchor.dtype}")
     batch, dim = anchor.shape
     if candidates.dim() != 2 or candidates.shape[1] != dim:
         raise ValueError(f"candidates must be [N, {dim}] like the anchors, got {tuple(candidates.shape)}")
     num_candidates = candidates.shape[0]
+    if not 0 <= pos_start <= num_candidates - batch:
+        raise ValueError(f"the positives [pos_start, pos_start + B) = [{pos_start}, {pos_start + batch}) must lie "
+                         f"among the {num_candidates} candidates")
+    if num_neg and not 0 <= neg_start <= num_candidates - batch * num_neg:
+        raise ValueError(f"the hard negatives starting at {neg_start} must lie among the {num_candidates} candidates")
     weight = float(hard_negative_weight) if num_neg else 0.0
-    if symmetric and (pos_start != 0 or num_candidates < batch):
-        raise ValueError("symmetric needs the positives as the first B candidates")
-    if symmetric and weight and neg_start < batch:
-        # The reverse direction (over the positive block) is unbiased; the backends score the
-        # positive block once for both directions, so a bias inside it would leak into the reverse.
-        raise ValueError("symmetric with hard_negative_weight needs the hard negatives after the positives")
+    if anchor_keys is None:
+        num_anchor_keys, anchor_start = (batch if variant.needs_anchor_keys else 0), 0
+    else:
+        if anchor_keys.dtype != anchor.dtype or anchor_keys.dim() != 2 or anchor_keys.shape[1] != dim:
+            raise ValueError(f"anchor_keys must be [M, {dim}] of dtype {anchor.dtype}, got "
+                             f"{tuple(anchor_keys.shape)} {anchor_keys.dtype}")
+        num_anchor_keys = anchor_keys.shape[0]
+        if not 0 <= anchor_start <= num_anchor_keys - batch:
+            raise ValueError(f"the local anchors [anchor_start, anchor_start + B) = [{anchor_start}, "
+                             f"{anchor_start + batch}) must lie among the {num_anchor_keys} anchor keys")
     return LossProblem(batch=batch, dim=dim, num_candidates=num_candidates, tau=float(tau), pos_start=pos_start,
-                       neg_start=neg_start, num_neg=num_neg, normalize=bool(normalize), symmetric=bool(symmetric),
-                       weight=weight)
+                       neg_start=neg_start, num_neg=num_neg, normalize=bool(normalize), weight=weight,
+                       variant=variant, num_anchor_keys=num_anchor_keys, anchor_start=anchor_start,
+                       separate_anchor_keys=anchor_keys is not None)

@@ -57,6 +57,25 @@ def _cases(world):
     cases += [dict(sizes=empty_rank, k=2, weight=0.5, symmetric=symmetric, bf16=False, reduction=reduction,
                    tau_grad=True, normalize=True, dtype=torch.float32)
               for symmetric, reduction in ((False, "mean"), (True, "none"))]
+    # sentence-transformers 6's variants (#11): every direction's keys gathered across ranks.
+    gte = dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), partition_mode="joint")
+    base = dict(sizes=unequal, bf16=False, tau_grad=True, normalize=True, dtype=torch.float32, symmetric=False)
+    cases += [
+        dict(base, k=2, weight=0.5, reduction="mean", variant=dict(gte, hardness_mode="all_negatives",
+                                                                   hardness_strength=3.0)),
+        dict(base, k=0, weight=0.0, reduction="none", variant=dict(directions=("query_to_doc", "query_to_query"))),
+        dict(base, k=1, weight=0.0, reduction="sum", variant=dict(directions=("query_to_doc", "doc_to_query"),
+                                                                  partition_mode="joint",
+                                                                  hardness_mode="in_batch_negatives",
+                                                                  hardness_strength=2.0)),
+        dict(base, k=2, weight=-0.3, reduction="mean", variant=dict(directions=("query_to_doc", "doc_to_query"),
+                                                                    partition_mode="per_direction",
+                                                                    hardness_mode="hard_negatives",
+                                                                    hardness_strength=5.0)),
+        dict(base, sizes=empty_rank, k=2, weight=0.0, reduction="none",
+             variant=dict(directions=("query_to_doc", "doc_to_doc"))),
+        dict(base, k=1, weight=0.0, reduction="mean", variant=gte, backend="triton"),
+    ]
     # fp16, unnormalized and large (the gathered rows sum past fp16's 65504): the empty rank's
     # zero-valued loss must stay 0, not inf * 0 = NaN spread to every rank by the all-reduce.
     cases.append(dict(sizes=empty_rank, k=2, weight=0.5, symmetric=False, bf16=False, reduction="mean",
@@ -92,7 +111,7 @@ def _check_case(case, seed, group):
     anchor, positive, negative, row_weights = _global_batch(case, seed)
     tau_value = 0.1
     options = dict(normalize=case["normalize"], symmetric=case["symmetric"], hard_negative_weight=case["weight"],
-                   reduction=case["reduction"])
+                   reduction=case["reduction"], **case.get("variant", {}))
     backend = case.get("backend", "cpu")
 
     def local(x):
@@ -301,6 +320,10 @@ def test_cases_cover_the_issue():
     assert {c["reduction"] for c in cases} == {"mean", "sum", "none"}
     assert any(0 in c["sizes"] for c in cases) and any(c.get("backend") == "triton" for c in cases)
     assert any(0 in c["sizes"] and c["dtype"] == torch.float16 and not c["normalize"] for c in cases)
+    directions = {d for c in cases for d in c.get("variant", {}).get("directions", ())}
+    assert directions == {"query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"}
+    assert {c.get("variant", {}).get("hardness_mode") for c in cases} >= {"all_negatives", "in_batch_negatives",
+                                                                          "hard_negatives"}
 
 
 def test_unbuilt_extension_says_how_to_build():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import itertools
 import json
 import math
 import os
@@ -138,6 +139,81 @@ def test_cached_matches_cached_mnrl(tiny_model, num_neg, symmetric, mini_batch_s
         lambda m: CachedMultipleNegativesRankingLoss(m, mini_batch_size=mini_batch_size, **extra), tiny_model, texts)
     actual = loss_and_grads(lambda m: InfoNCELoss(m, symmetric=symmetric, mini_batch_size=mini_batch_size,
                                                   sort_by_length=False), tiny_model, texts)
+    assert_same(expected, actual)
+
+
+# ---------------------------------------------------------------- sentence-transformers 6 variants (#11)
+_EXTRA = ("query_to_query", "doc_to_query", "doc_to_doc")
+ST_VARIANTS = [dict(directions=("query_to_doc",) + extra, partition_mode=partition, hardness_mode=mode,
+                    hardness_strength=strength)
+               for r in range(4) for extra in itertools.combinations(_EXTRA, r)
+               for partition in ("joint", "per_direction")
+               for mode, strength in [(None, 0.0), ("in_batch_negatives", 9.0), ("hard_negatives", 5.0),
+                                      ("all_negatives", 3.0)]]
+
+
+def _mnrl_accepts(variant) -> bool:
+    try:
+        MultipleNegativesRankingLoss(None, **variant)
+    except ValueError:
+        return False
+    return True
+
+
+def _embedding_loss_and_grads(loss_module, embeddings):
+    leaves = [e.detach().clone().requires_grad_() for e in embeddings]
+    if isinstance(loss_module, InfoNCELoss):
+        loss = loss_module.calculate_loss([[e] for e in leaves])
+    else:
+        loss = loss_module.compute_loss_from_embeddings(leaves, None)
+    loss.backward()
+    return loss.detach(), [e.grad for e in leaves]
+
+
+@pytest.mark.parametrize("num_neg", [0, 1, 3])
+def test_every_variant_mnrl_accepts_matches_it(num_neg):
+    """Every combination MNRL accepts, on the same embeddings (fp64): equal loss and gradients of
+    every column; every combination it refuses, refused by InfoNCELoss too (ValueError)."""
+    gen = torch.Generator().manual_seed(num_neg)
+    embeddings = [torch.randn(7, 12, generator=gen, dtype=torch.float64) for _ in range(2 + num_neg)]
+    accepted = 0
+    for variant in ST_VARIANTS:
+        if not _mnrl_accepts(variant):
+            with pytest.raises(ValueError, match="per_direction"):
+                InfoNCELoss(None, **variant)
+            continue
+        accepted += 1
+        theirs = _embedding_loss_and_grads(MultipleNegativesRankingLoss(None, **variant), embeddings)
+        ours = _embedding_loss_and_grads(InfoNCELoss(None, **variant), embeddings)
+        torch.testing.assert_close(ours[0], theirs[0], rtol=1e-10, atol=1e-10, msg=lambda m: f"{variant}: {m}")
+        for got, want in zip(ours[1], theirs[1]):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda m: f"{variant}: {m}")
+    assert accepted == 40  # 8 direction sets joint + 2 per_direction, x 4 hardness settings
+
+
+MODEL_VARIANTS = [
+    dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), partition_mode="joint"),
+    dict(directions=("query_to_doc", "doc_to_query"), partition_mode="joint", hardness_mode="in_batch_negatives",
+         hardness_strength=9.0),
+    dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction",
+         hardness_mode="hard_negatives", hardness_strength=5.0),
+    dict(directions=("query_to_doc", "doc_to_doc"), hardness_mode="all_negatives", hardness_strength=3.0),
+]
+
+
+@pytest.mark.parametrize("variant", MODEL_VARIANTS, ids=["gte", "q2d+d2q-joint-inbatch", "symmetric-hard",
+                                                         "q2d+d2d-all"])
+@pytest.mark.parametrize("mini_batch_size", [None, 4])
+def test_variants_match_mnrl_on_a_model(tiny_model, variant, mini_batch_size):
+    """Parameter gradients of a BERT, dropout on: MNRL (or CachedMNRL with the same mini-batches)."""
+    texts = columns(2)
+    if mini_batch_size is None:
+        expected = loss_and_grads(lambda m: MultipleNegativesRankingLoss(m, **variant), tiny_model, texts)
+    else:
+        expected = loss_and_grads(lambda m: CachedMultipleNegativesRankingLoss(m, mini_batch_size=mini_batch_size,
+                                                                               **variant), tiny_model, texts)
+    actual = loss_and_grads(lambda m: InfoNCELoss(m, mini_batch_size=mini_batch_size, sort_by_length=False,
+                                                  **variant), tiny_model, texts)
     assert_same(expected, actual)
 
 
@@ -275,6 +351,8 @@ texts = json.loads(sys.argv[2])
 share = len(texts[0]) // world
 local = [column[rank * share:(rank + 1) * share] for column in texts]
 SYMMETRIC = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
+GTE = dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), partition_mode="joint",
+           hardness_mode="all_negatives", hardness_strength=3.0)
 
 def run(make_loss):
     model = copy.deepcopy(base).train()
@@ -292,6 +370,8 @@ for name, theirs, ours in [
      lambda m: InfoNCELoss(m, symmetric=True, gather_across_devices=True)),
     ("cached", lambda m: CachedMultipleNegativesRankingLoss(m, mini_batch_size=2, gather_across_devices=True),
      lambda m: InfoNCELoss(m, mini_batch_size=2, gather_across_devices=True, sort_by_length=False)),
+    ("gte", lambda m: MultipleNegativesRankingLoss(m, gather_across_devices=True, **GTE),
+     lambda m: InfoNCELoss(m, gather_across_devices=True, **GTE)),
 ]:
     (loss_e, grads_e), (loss_a, grads_a) = run(theirs), run(ours)
     largest = max(g.norm() for g in grads_e.values())
@@ -334,6 +414,12 @@ def test_gather_across_devices_matches_mnrl_on_two_ranks(tiny_model, tmp_path):
     (dict(mini_batch_size=2.5), "mini_batch_size must be None"),
     (dict(hard_negative_weight=float("nan")), "hard_negative_weight must be a finite"),
     (dict(mini_batch_num_tokens=0), "mini_batch_num_tokens must be None or a positive int"),
+    (dict(directions=("query_to_doc", "query_to_query"), partition_mode="per_direction"), "per_direction"),
+    (dict(directions=("doc_to_query",)), "must include 'query_to_doc'"),
+    (dict(directions=("query_to_doc", "doc_to_doc", "doc_to_doc")), "twice"),
+    (dict(hardness_mode="hardest"), "hardness_mode must be None or one of"),
+    (dict(hardness_mode="all_negatives", hardness_strength=-1.0), "hardness_strength must be"),
+    (dict(symmetric=True, partition_mode="per_direction"), "give either symmetric"),
 ])
 def test_bad_arguments(tiny_model, kwargs, match):
     with pytest.raises(ValueError, match=match):

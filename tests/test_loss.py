@@ -153,30 +153,42 @@ def test_duplicate_rows():
     check_against_reference(anchor, positive, negative, symmetric=True)
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
+CHUNKED_VARIANTS = [
+    dict(),
+    dict(symmetric=True),  # the column sweep
+    dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction",
+         hardness_mode="in_batch_negatives", hardness_strength=2.0),  # symmetric by row sweeps
+    dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), partition_mode="joint",
+         hardness_mode="all_negatives", hardness_strength=3.0),
+]
+
+
+@pytest.mark.parametrize("variant", CHUNKED_VARIANTS, ids=["q2d", "symmetric", "symmetric-rows", "gte"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_multiple_chunks(monkeypatch, symmetric, reduction):
+def test_multiple_chunks(monkeypatch, variant, reduction):
     """Force several row chunks (the production block budget fits these shapes in one)."""
     monkeypatch.setattr(cpu, "BLOCK_BYTES", 4 * 40 * 3)  # 3 rows of the 40 candidates' fp32 scores
     monkeypatch.setattr(cpu, "MIN_ROWS", 1)
     blocks = []
     scores = cpu._Problem.scores
 
-    def recording_scores(prob, r0, r1):
-        blocks.append((r0, r1))
-        return scores(prob, r0, r1)
+    def recording_scores(prob, direction, r0, r1):
+        if direction == "query_to_doc":
+            blocks.append((r0, r1))
+        return scores(prob, direction, r0, r1)
 
     monkeypatch.setattr(cpu._Problem, "scores", recording_scores)
     anchor, positive, negative = make_inputs(20, 7, 1)
     for tau in (0.05, 0.01):  # the unshifted and the row-max paths
-        check_against_reference(anchor, positive, negative, tau, symmetric=symmetric, reduction=reduction,
-                                hard_negative_weight=0.4)
+        check_against_reference(anchor, positive, negative, tau, reduction=reduction, hard_negative_weight=0.4,
+                                **variant)
     # Every sweep ran chunk after chunk over all 20 rows, none past the 3-row budget.
     sweeps = [[]]
     for r0, r1 in blocks:
         if r0 == 0 and sweeps[-1]:
             sweeps.append([])
         sweeps[-1].append((r0, r1))
+    assert len(sweeps) >= 2
     for sweep in sweeps:
         assert [r0 for r0, _ in sweep] == [0] + [r1 for _, r1 in sweep[:-1]] and sweep[-1][1] == 20, sweep
         assert all(1 <= r1 - r0 <= 3 for r0, r1 in sweep), sweep
@@ -260,14 +272,24 @@ def test_torch_compile_fullgraph():
 
 def test_custom_op_passes_opcheck():
     from fastcse.ops import info_nce_op
+    from fastcse.problem import encode_variant, resolve_variant
 
     anchor, positive, negative = make_inputs(6, 5, 1, neg_2d=True)
     candidates = torch.cat([positive, negative])
-    for grad_in_forward, reduction in [(True, "mean"), (False, "none")]:
-        args = (anchor.requires_grad_(), candidates.requires_grad_(), torch.tensor(0.05), 0, 6, 1, True, False,
-                0.3, reduction, grad_in_forward, "cpu")
+    variants = [resolve_variant(), resolve_variant(symmetric=True),
+                resolve_variant(directions=("query_to_doc", "query_to_query", "doc_to_doc"), partition_mode="joint",
+                                hardness_mode="all_negatives", hardness_strength=2.0, num_neg=1)]
+    for (grad_in_forward, reduction), variant in itertools.product([(True, "mean"), (False, "none")], variants):
+        args = (anchor.requires_grad_(), candidates.requires_grad_(), anchor.new_empty((0, 5)), torch.tensor(0.05),
+                0, 6, 1, 0, True, 0.3, encode_variant(variant), reduction, grad_in_forward, "cpu")
         torch.library.opcheck(info_nce_op, args, test_utils=("test_schema", "test_faketensor",
                                                              "test_autograd_registration"))
+    # Separate anchor keys (the distributed layout): the local anchors at anchor_start.
+    keys = torch.cat([torch.randn(3, 5), anchor.detach()]).requires_grad_()
+    args = (anchor, candidates, keys, torch.tensor(0.05), 0, 6, 1, 3, True, 0.0, encode_variant(variants[2]),
+            "none", False, "cpu")
+    torch.library.opcheck(info_nce_op, args, test_utils=("test_schema", "test_faketensor",
+                                                         "test_autograd_registration"))
 
 
 # ---------------------------------------------------------------- property test

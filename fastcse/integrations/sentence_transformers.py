@@ -23,6 +23,9 @@ the logits never materialized. Correspondences with sentence-transformers 6.2:
 - MNRL stacks the negative columns column by column (all first negatives, then all second
   negatives); fastcse's layout is negative[i, t] at column B + i*k + t. The candidate order
   does not change a softmax loss, so both give the same value and gradients.
+- ``directions``, ``partition_mode``, ``hardness_mode``, ``hardness_strength``: MNRL's (and
+  CachedMNRL's) keywords, defaults and meanings, on the fused kernel (``fastcse.problem``);
+  the combinations MNRL refuses raise the same ValueError, with its reason.
 - ``hard_negative_weight`` is SimCSE's constant added to the logits of each anchor with its own
   hard negatives. It has no MNRL counterpart (MNRL's ``hardness_mode="hard_negatives"`` adds
   ``strength * stop_grad(cos)`` instead); 0.0 (the default) is plain MNRL.
@@ -30,6 +33,7 @@ the logits never materialized. Correspondences with sentence-transformers 6.2:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -38,6 +42,9 @@ import torch
 from torch import Tensor, nn
 
 from fastcse.loss import info_nce
+from fastcse.problem import resolve_variant
+
+logger = logging.getLogger(__name__)
 
 _INSTALL = "pip install 'fastcse[sentence-transformers]'"
 _MIN_VERSION = "6.0"  # the first release with base.losses.CachedLossMixin and embed_columns; tested on 6.2
@@ -100,7 +107,10 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
         temperature: softmax temperature; give this or ``scale`` (= 1 / temperature), not both.
             Default 0.05 (MNRL's ``scale=20``).
         scale: sentence-transformers' name for 1 / temperature.
-        symmetric: add the positive -> anchor direction and average the two (MNSRL).
+        symmetric: add the positive -> anchor direction and average the two (MNSRL): shorthand
+            for ``directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"``.
+        directions, partition_mode, hardness_mode, hardness_strength: as in
+            ``MultipleNegativesRankingLoss`` (sentence-transformers 6).
         hard_negative_weight: SimCSE's constant added to each anchor's logits with its own hard
             negatives (the dataset's third and later columns). 0.0 is MNRL.
         mini_batch_size: None for the plain loss; an int for the gradient-cached loss, whose
@@ -133,6 +143,10 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
         gather_across_devices: bool = False,
         mini_batch_num_tokens: int | None = None,
         sort_by_length: bool = True,
+        directions: tuple[str, ...] = ("query_to_doc",),
+        partition_mode: str = "joint",
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
     ) -> None:
         super().__init__()
         if temperature is not None and scale is not None:
@@ -143,6 +157,20 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
         self.temperature = 0.05 if temperature is None else _positive_finite("temperature", temperature)
         if not isinstance(symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+        if symmetric and (tuple(directions) != ("query_to_doc",) or partition_mode != "joint"):
+            raise ValueError("symmetric=True is shorthand for directions=('query_to_doc', 'doc_to_query'), "
+                             "partition_mode='per_direction': give either symmetric or directions/partition_mode, "
+                             "not both")
+        # The checks (and reasons) of MNRL's constructor; the variant is resolved per batch, when
+        # the number of negative columns is known.
+        self._variant_options = dict(directions=None if symmetric else tuple(directions),
+                                     partition_mode=None if symmetric else partition_mode,
+                                     hardness_mode=hardness_mode, hardness_strength=hardness_strength,
+                                     symmetric=symmetric)
+        resolve_variant(**self._variant_options, num_neg=1)
+        if hardness_mode is not None and hardness_strength == 0.0:
+            logger.warning(f"hardness_mode={hardness_mode!r} is set but hardness_strength=0.0, so hardness "
+                           "weighting has no effect. Set hardness_strength to a positive value to enable it.")
         if isinstance(hard_negative_weight, bool) or not isinstance(hard_negative_weight, (int, float)) \
                 or not math.isfinite(hard_negative_weight):
             raise ValueError(f"hard_negative_weight must be a finite float, got {hard_negative_weight!r}")
@@ -164,6 +192,10 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
                              "StaticEmbedding model's do not: use mini_batch_size=None")
         self.model = model
         self.symmetric = symmetric
+        self.directions = ("query_to_doc", "doc_to_query") if symmetric else tuple(directions)
+        self.partition_mode = "per_direction" if symmetric else partition_mode
+        self.hardness_mode = hardness_mode
+        self.hardness_strength = float(hardness_strength)
         self.hard_negative_weight = float(hard_negative_weight)
         self._mini_batch_size_given = mini_batch_size
         # CachedLossMixin reads both; with a token budget only, the count bound is the batch.
@@ -216,8 +248,8 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
         # [B, k, d]: negative[i, t] is row i of negative column t, anchor i's own t-th hard negative
         negative = torch.stack(negatives, dim=1) if negatives else None
         group, world_size = self._process_group()
-        loss = info_nce(anchor, positive, negative, temperature=self.temperature, symmetric=self.symmetric,
-                        hard_negative_weight=self.hard_negative_weight, process_group=group)
+        loss = info_nce(anchor, positive, negative, temperature=self.temperature,
+                        hard_negative_weight=self.hard_negative_weight, process_group=group, **self._variant_options)
         if world_size > 1:
             # fastcse's distributed loss hands each rank the gradient of the global mean; the
             # Trainer's DDP then averages gradients over ranks. Scale the gradient (not the
@@ -238,6 +270,10 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
         return {
             "temperature": self.temperature,
             "symmetric": self.symmetric,
+            "directions": self.directions,
+            "partition_mode": self.partition_mode,
+            "hardness_mode": self.hardness_mode,
+            "hardness_strength": self.hardness_strength,
             "hard_negative_weight": self.hard_negative_weight,
             "mini_batch_size": self._mini_batch_size_given,
             "mini_batch_num_tokens": self.mini_batch_num_tokens,
