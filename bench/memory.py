@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 _CHILD = r"""
-import json, sys
+import json, sys, time
 import torch
 sys.path.insert(0, {bench_dir!r})
 import {module} as m
@@ -41,17 +41,28 @@ def rss_kib():
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the high-water mark to the current RSS
 before = rss_kib()
-run(state)
-print(json.dumps({{"extra_peak_mib": (hwm_kib() - before) / 1024}}))
+start = time.perf_counter()
+result = run(state)
+seconds = time.perf_counter() - start
+report = {{"extra_peak_mib": (hwm_kib() - before) / 1024, "seconds": seconds}}
+if isinstance(result, torch.Tensor) and result.numel() == 1:
+    report["value"] = float(result)  # a loss, to check that implementations agree
+print(json.dumps(report))
 """
 
 
 def extra_peak_mib(module: str, factory: str, timeout: float = 3600, **kwargs) -> float:
     """Extra peak RSS (MiB) of ``factory(**kwargs)``'s run step, measured in a fresh process."""
+    return measure_in_fresh_process(module, factory, timeout, **kwargs)["extra_peak_mib"]
+
+
+def measure_in_fresh_process(module: str, factory: str, timeout: float = 3600, **kwargs) -> dict:
+    """{"extra_peak_mib", "seconds"[, "value": the scalar run returned]} of one run of ``factory(**kwargs)`` in a fresh process (after
+    a warm-up at a tiny size): each implementation's time and memory are its own."""
     bench_dir = str(Path(__file__).resolve().parent)
     code = _CHILD.format(bench_dir=bench_dir, module=module, factory=factory, kwargs=json.dumps(kwargs))
     env = dict(os.environ)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"memory probe failed ({module}.{factory} {kwargs}):\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["extra_peak_mib"]
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -366,6 +366,25 @@ def _grad_column_sweep(prob: _Problem, grad_rows, lse):
 
 
 # --------------------------------------------------------------------------------------------
+# Cost model
+# --------------------------------------------------------------------------------------------
+
+
+def matrix_products(spec: LossProblem, *, grad_in_forward: bool = True) -> list[tuple[str, int]]:
+    """The B x n x d matrix products forward + backward costs, as (kind, n) with kind one of
+    "scores" (Q K^T), "dq" (dS K) and "dk" (dS^T Q): the count the benchmarks' floor runs.
+
+    ``grad_in_forward``: a scalar upstream gradient (reduction mean/sum), gradients in the
+    forward sweep; otherwise a statistics sweep, then a gradient sweep in the backward."""
+    if _uses_column_sweep(spec):
+        return [("scores", spec.num_candidates)] * 2 + [("dq", spec.num_candidates), ("dk", spec.num_candidates)]
+    widths = [spec.num_anchor_keys if d in (QUERY_TO_QUERY, DOC_TO_QUERY) else spec.num_candidates
+              for d in spec.directions]
+    recompute = [] if grad_in_forward else [("scores", n) for n in widths]
+    return recompute + [(kind, n) for n in widths for kind in ("scores", "dq", "dk")]
+
+
+# --------------------------------------------------------------------------------------------
 # Backend entry points (the contract in fastcse.ops)
 # --------------------------------------------------------------------------------------------
 

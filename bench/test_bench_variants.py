@@ -1,0 +1,115 @@
+"""sentence-transformers 6's loss variants: fastcse.info_nce vs MNRL vs CachedMNRL vs the floor.
+
+    pytest bench/test_bench_variants.py --benchmark-only -s   # FASTCSE_BENCH_JSON=out.json saves rows
+
+Forward + backward of each variant (bench/variant_workloads.py) on the same embeddings: B
+anchors, B positives, one hard negative each (N = 2B candidates), d = 768, fp32, CPU.
+Every measurement runs in a fresh process (bench/memory.py: warm-up at a tiny size, then one
+timed run with its extra peak RSS), and the rounds alternate (every implementation of a group
+once, then again), so a change of the machine's load hits all of them alike. ``x_floor`` is the
+time over the floor of the same round: fastcse's own matrix products (``fastcse.cpu.
+matrix_products``) as bare matmuls. MNRL is skipped where its materialized score matrices
+(about 5 x 4 B sum(n) bytes) would not fit in 70% of the available memory.
+
+Settings: FASTCSE_BENCH_VARIANT_SIZES ("4096,16384"), FASTCSE_BENCH_ROUNDS (2 at B <= 4096, 1
+above), FASTCSE_BENCH_VARIANTS (comma-separated names of variant_workloads.VARIANTS).
+"""
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+import pytest
+from conftest import QUICK
+from memory import measure_in_fresh_process
+from variant_workloads import VARIANTS, products
+
+pytest.importorskip("sentence_transformers")
+
+SIZES = [int(b) for b in os.environ.get("FASTCSE_BENCH_VARIANT_SIZES", "64" if QUICK else "4096,16384").split(",")]
+DIM = 32 if QUICK else 768
+# The smoke run (QUICK) keeps one cheap and one four-direction variant: each measurement is a
+# fresh process that imports torch and sentence-transformers (seconds).
+_DEFAULT_NAMES = ["symmetric", "GTE: all four joint"] if QUICK else list(VARIANTS)
+NAMES = [v for v in os.environ.get("FASTCSE_BENCH_VARIANTS", ",".join(_DEFAULT_NAMES)).split(",") if v]
+IMPLEMENTATIONS = [("floor", {}), ("fastcse", {}), ("mnrl", {}), ("cached_mnrl", dict(mini_batch_size=32)),
+                   ("cached_mnrl", dict(mini_batch_size=256))]
+if QUICK:
+    IMPLEMENTATIONS = IMPLEMENTATIONS[:4]
+
+
+def _rounds(batch: int) -> int:
+    default = 1 if QUICK or batch > 4096 else 2
+    return int(os.environ.get("FASTCSE_BENCH_ROUNDS", default))
+
+
+def _label(impl: str, options: dict) -> str:
+    return impl if not options else f"{impl} mini_batch_size={options['mini_batch_size']}"
+
+
+def _mnrl_fits(batch: int, variant: str) -> bool:
+    width = sum(n for kind, n in products(variant, batch, DIM) if kind == "scores")
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    return 5 * 4 * batch * width <= 0.7 * available
+
+
+CASES = [(batch, variant, r, impl, options) for batch in SIZES for variant in NAMES for r in range(_rounds(batch))
+         for impl, options in IMPLEMENTATIONS]
+RESULTS: dict[tuple, list[dict]] = {}
+
+
+@pytest.mark.parametrize("batch, variant, round_, impl, options", CASES,
+                         ids=[f"B{b}-{v}-r{r}-{_label(i, o)}" for b, v, r, i, o in CASES])
+def test_variant_step(benchmark, batch, variant, round_, impl, options):
+    benchmark.group = f"B={batch} d={DIM} k=1 {variant}"
+    if impl == "mnrl" and not _mnrl_fits(batch, variant):
+        pytest.skip("MNRL's materialized score matrices would not fit in memory")
+    factory = {"floor": "floor", "fastcse": "fastcse_loss", "mnrl": "mnrl", "cached_mnrl": "cached_mnrl"}[impl]
+    result = benchmark.pedantic(measure_in_fresh_process, args=("variant_workloads", factory),
+                                kwargs=dict(batch=batch, dim=DIM, variant=variant, **options),
+                                rounds=1, iterations=1)
+    key = (batch, variant)
+    RESULTS.setdefault(key, []).append(dict(result, implementation=_label(impl, options), round=round_))
+    same_round = {r["implementation"]: r for r in RESULTS[key] if r["round"] == round_}
+    if "floor" in same_round and impl != "floor":
+        result["x_floor"] = round(result["seconds"] / same_round["floor"]["seconds"], 3)
+    if impl != "floor" and "fastcse" in same_round and "value" in result:
+        # Same embeddings, same variant: every implementation computes the same loss.
+        assert result["value"] == pytest.approx(same_round["fastcse"]["value"], rel=1e-4), (impl, result)
+    benchmark.extra_info.update(result, batch=batch, variant=variant, products=len(products(variant, batch, DIM)))
+
+
+def summary_rows() -> list[dict]:
+    rows = []
+    for (batch, variant), runs in RESULTS.items():
+        by_impl: dict[str, list[dict]] = {}
+        for r in runs:
+            by_impl.setdefault(r["implementation"], []).append(r)
+        floor = [r["seconds"] for r in by_impl.get("floor", [])]
+        for impl, rs in by_impl.items():
+            seconds = [r["seconds"] for r in rs]
+            row = dict(batch=batch, variant=variant, implementation=impl, rounds=len(rs), min_s=min(seconds),
+                       median_s=statistics.median(seconds), extra_peak_mib=max(r["extra_peak_mib"] for r in rs))
+            if floor:
+                row["x_floor_median"] = round(statistics.median(seconds) / statistics.median(floor), 3)
+            rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def print_side_by_side():
+    """After the module's benchmarks (a fixture, not a test: --benchmark-only skips plain tests)."""
+    yield
+    if not RESULTS:
+        return
+    rows = summary_rows()
+    out = os.environ.get("FASTCSE_BENCH_JSON")
+    if out:
+        Path(out).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    print(f"\nloss variants, forward + backward, d={DIM}, one hard negative")
+    print(f"{'B':>6} {'variant':<34} {'implementation':<28} {'min s':>8} {'median':>8} {'x floor':>8} {'peak MiB':>9}")
+    for r in rows:
+        print(f"{r['batch']:>6} {r['variant']:<34} {r['implementation']:<28} {r['min_s']:8.2f} {r['median_s']:8.2f} "
+              f"{r.get('x_floor_median', float('nan')):8.2f} {r['extra_peak_mib']:9.0f}")

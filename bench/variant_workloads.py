@@ -1,0 +1,118 @@
+"""The workloads of bench/test_bench_variants.py: sentence-transformers 6's loss variants,
+forward + backward on the same embeddings, each factory returning (setup, run).
+
+- floor: the variant's matrix products (``fastcse.cpu.matrix_products``: scores and the two
+  gradient products per direction block) as bare matmuls on preallocated inputs.
+- fastcse: ``fastcse.info_nce`` with the variant (CPU backend).
+- mnrl: sentence-transformers' ``MultipleNegativesRankingLoss.compute_loss_from_embeddings``.
+- cached_mnrl: ``CachedMultipleNegativesRankingLoss.calculate_loss(..., with_backward=True)``,
+  its loss over the whole batch computed ``mini_batch_size`` rows of the score matrix at a
+  time (the part of CachedMNRL that replaces MNRL's loss; the embedding passes are not timed).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import fastcse
+from fastcse.cpu import matrix_products
+from fastcse.problem import describe, resolve_variant
+
+GTE = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+# name -> MultipleNegativesRankingLoss keywords (fastcse.info_nce takes the same ones).
+VARIANTS = {
+    "query_to_doc": dict(),
+    "symmetric": dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"),
+    "query_to_doc+doc_to_query joint": dict(directions=("query_to_doc", "doc_to_query"), partition_mode="joint"),
+    "GTE: all four joint": dict(directions=GTE, partition_mode="joint"),
+    "in_batch_negatives 9": dict(hardness_mode="in_batch_negatives", hardness_strength=9.0),
+    "hard_negatives 5": dict(hardness_mode="hard_negatives", hardness_strength=5.0),
+}
+TEMPERATURE = 0.05
+
+
+def _embeddings(batch: int, dim: int, seed: int = 0):
+    """anchor, positive, one hard negative per anchor: [B, d] each, leaves that require grad."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, dim, generator=gen).requires_grad_() for _ in range(3)]
+
+
+def _zero_grads(tensors):
+    for t in tensors:
+        t.grad = None
+
+
+def products(variant: str, batch: int, dim: int) -> list[tuple[str, int]]:
+    """fastcse's matrix products for this variant (B anchors, one hard negative each)."""
+    anchor = torch.empty(batch, dim)
+    candidates = torch.empty(2 * batch, dim)
+    spec = describe(anchor, candidates, TEMPERATURE, pos_start=0, neg_start=batch, num_neg=1, normalize=True,
+                    hard_negative_weight=0.0, variant=resolve_variant(**VARIANTS[variant], num_neg=1))
+    return matrix_products(spec)
+
+
+def floor(batch: int, dim: int, variant: str = "query_to_doc"):
+    plan = products(variant, batch, dim)
+
+    def setup():
+        gen = torch.Generator().manual_seed(0)
+        queries = torch.randn(batch, dim, generator=gen)
+        keys = {n: torch.randn(n, dim, generator=gen) for _, n in plan}
+        return queries, keys
+
+    def run(state):
+        queries, keys = state
+        scores = {}
+        for kind, n in plan:
+            if kind == "scores":
+                scores[n] = queries @ keys[n].T
+            elif kind == "dq":
+                scores[n] @ keys[n]
+            else:
+                scores[n].T @ queries
+
+    return setup, run
+
+
+def fastcse_loss(batch: int, dim: int, variant: str = "query_to_doc"):
+    options = VARIANTS[variant]
+
+    def run(state):
+        _zero_grads(state)
+        loss = fastcse.info_nce(*state, temperature=TEMPERATURE, **options)
+        loss.backward()
+        return loss
+
+    return lambda: _embeddings(batch, dim), run
+
+
+def mnrl(batch: int, dim: int, variant: str = "query_to_doc"):
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    loss_fn = MultipleNegativesRankingLoss(None, scale=1.0 / TEMPERATURE, **VARIANTS[variant])
+
+    def run(state):
+        _zero_grads(state)
+        loss = loss_fn.compute_loss_from_embeddings(list(state), None)
+        loss.backward()
+        return loss
+
+    return lambda: _embeddings(batch, dim), run
+
+
+def cached_mnrl(batch: int, dim: int, variant: str = "query_to_doc", mini_batch_size: int = 32):
+    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+
+    # The loss never calls the model here; its constructor only inspects the first module.
+    stand_in = torch.nn.Sequential(torch.nn.Identity())
+    loss_fn = CachedMultipleNegativesRankingLoss(stand_in, scale=1.0 / TEMPERATURE, mini_batch_size=mini_batch_size,
+                                                 **VARIANTS[variant])
+
+    def run(state):
+        _zero_grads(state)
+        return loss_fn.calculate_loss([[t] for t in state], None, with_backward=True)
+
+    return lambda: _embeddings(batch, dim), run
+
+
+FACTORIES = {"floor": floor, "fastcse": fastcse_loss, "mnrl": mnrl, "cached_mnrl": cached_mnrl}
