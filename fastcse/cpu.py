@@ -40,7 +40,6 @@ BLOCK_BYTES = 16 * 2**20
 MIN_ROWS = 256
 SAFE_EXP = 40.0
 _ANCHOR_QUERIES = (QUERY_TO_DOC, QUERY_TO_QUERY)  # the other two directions query with the positives
-_CANDIDATE_KEYS = (QUERY_TO_DOC, DOC_TO_DOC)  # the other two score against the anchor keys
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -81,8 +80,9 @@ class _Problem:
     Queries carry the temperature (S = (Q_hat / tau) K_hat^T): the scaled copies are the small
     operands. Query-side gradient buffers hold tau * dQ_hat (finish_grads divides once)."""
 
-    def __init__(self, anchor, candidates, anchor_keys, spec: LossProblem):
+    def __init__(self, anchor, candidates, anchor_keys, ids, spec: LossProblem):
         self.spec = spec
+        self.ids = ids
         self.dtype = _compute_dtype(anchor)
         self.anchors = _Normalized(anchor, spec.normalize, self.dtype)
         self.candidates = _Normalized(candidates, spec.normalize, self.dtype)
@@ -94,8 +94,9 @@ class _Problem:
         if spec.variant.needs_anchor_keys:
             self.keys = _Normalized(anchor_keys, spec.normalize, self.dtype) if spec.separate_anchor_keys \
                 else self.anchors
-        self.widths = {d: spec.num_anchor_keys if d in (QUERY_TO_QUERY, DOC_TO_QUERY) else spec.num_candidates
-                       for d in directions}
+        self.widths = {QUERY_TO_DOC: spec.num_candidates, QUERY_TO_QUERY: spec.num_anchor_keys,
+                       DOC_TO_QUERY: spec.num_anchor_keys, DOC_TO_DOC: spec.num_documents}
+        self.widths = {d: self.widths[d] for d in directions}
         self.rows = _rows_per_chunk(spec.batch, sum(self.widths.values()))
         self._blocks: dict[str, torch.Tensor] = {}
         # Cosine logits are bounded by 1/tau + |w| + strength: below SAFE_EXP, exp(S) neither
@@ -112,7 +113,25 @@ class _Problem:
         return self.a_scaled if direction in _ANCHOR_QUERIES else self.p_scaled
 
     def key_hat(self, direction: str) -> torch.Tensor:
-        return self.candidates.hat if direction in _CANDIDATE_KEYS else self.keys.hat
+        if direction == DOC_TO_DOC:  # not the extra negatives
+            return self.candidates.hat[: self.spec.num_documents]
+        return self.candidates.hat if direction == QUERY_TO_DOC else self.keys.hat
+
+    def same_id(self, r0, r1) -> torch.Tensor:
+        """[R, P] bool: the positive block's (and anchor keys') rows with each chunk row's id."""
+        row_ids = self.ids[self.spec.pos_start + r0: self.spec.pos_start + r1]
+        return row_ids[:, None] == self.ids[None, :]
+
+    def label_weights(self, r0, r1) -> torch.Tensor:
+        """[R, P]: 1 / |positives of row i| on each of them (labels), the target's averaging."""
+        same = self.same_id(r0, r1).to(self.dtype)
+        return same / same.sum(1, keepdim=True)
+
+    def target_logits(self, block, r0, r1) -> torch.Tensor:
+        """Each row's target: its positive's logit, or the mean over its label's positives."""
+        if self.spec.id_mode == "label":
+            return (block[:, : self.spec.num_positives] * self.label_weights(r0, r1)).sum(1)
+        return block[torch.arange(r1 - r0), self.targets(r0, r1)]
 
     def targets(self, r0, r1):
         return torch.arange(r0, r1) + self.spec.pos_start
@@ -142,7 +161,15 @@ class _Problem:
             block[rows, self.targets(r0, r1)] = -math.inf
             if self.spec.num_neg:
                 block[self.own_negatives(r0, r1)] = -math.inf
+        if self.spec.id_mode == "group":
+            self._mask_group(block, r0, r1)
         return block
+
+    def _mask_group(self, block, r0, r1):
+        """-inf on the keys j != i of row i's group: positives, or anchors (the same rows)."""
+        same = self.same_id(r0, r1)
+        same[torch.arange(r1 - r0), self.targets(r0, r1)] = False  # the row's own pair stays
+        block[:, : self.spec.num_positives].masked_fill_(same, -math.inf)
 
     def _penalize(self, block, r0, r1):
         """Hardness: + strength * sim on the chosen negatives, i.e. S * (1 + strength tau) there."""
@@ -153,14 +180,20 @@ class _Problem:
         if mode == "hard_negatives":
             block[self.own_negatives(r0, r1)] *= factor
             return
-        # in_batch_negatives spares the row's own documents, all_negatives its positive only.
-        spared = (torch.arange(r1 - r0), self.targets(r0, r1))
-        if mode == "in_batch_negatives" and self.spec.num_neg:
-            negative_rows, negative_cols = self.own_negatives(r0, r1)
-            spared = (torch.cat([spared[0], negative_rows]), torch.cat([spared[1], negative_cols]))
-        kept = block[spared]
+        # in_batch_negatives spares the row's own documents, all_negatives its positive(s) only.
+        spared = [self.own_negatives(r0, r1)] if mode == "in_batch_negatives" and self.spec.num_neg else []
+        if self.spec.id_mode == "label":
+            same_label = self.same_id(r0, r1)
+            positives = block[:, : self.spec.num_positives]
+            kept_positives = positives[same_label]
+        else:
+            spared.append((torch.arange(r1 - r0), self.targets(r0, r1)))
+        kept = [block[cells] for cells in spared]
         block.mul_(factor)
-        block[spared] = kept
+        for cells, values in zip(spared, kept):
+            block[cells] = values
+        if self.spec.id_mode == "label":
+            positives[same_label] = kept_positives
 
     def finish_grads(self, grads: _Grads):
         """(dA, dC, dK or None, dtau) through the normalization, from the sweeps' buffers."""
@@ -194,12 +227,15 @@ class _Grads:
         self.candidate_keys = torch.zeros(spec.num_candidates, spec.dim, dtype=dtype)
         self.anchor_keys = torch.zeros(spec.num_anchor_keys, spec.dim, dtype=dtype) \
             if spec.variant.needs_anchor_keys else None
+        self.num_documents = spec.num_documents
 
     def query_buffer(self, direction):
         return self.anchor_queries if direction in _ANCHOR_QUERIES else self.doc_queries
 
     def key_buffer(self, direction):
-        return self.candidate_keys if direction in _CANDIDATE_KEYS else self.anchor_keys
+        if direction == DOC_TO_DOC:
+            return self.candidate_keys[: self.num_documents]
+        return self.candidate_keys if direction == QUERY_TO_DOC else self.anchor_keys
 
 
 def _accumulate(prob: _Problem, grads: _Grads, direction: str, weights: torch.Tensor, row_scale, r0, r1):
@@ -212,7 +248,14 @@ def _accumulate(prob: _Problem, grads: _Grads, direction: str, weights: torch.Te
 
 
 def _subtract_targets(prob: _Problem, grads: _Grads, row_scale, r0, r1):
-    """The one-hot of -target: dS[i, pos_start + i] -= row_scale_i, on query_to_doc only."""
+    """The one-hot of -target: dS[i, pos_start + i] -= row_scale_i, on query_to_doc only (with
+    labels, -row_scale_i / |P_i| on each of row i's positives: two R x P x d products)."""
+    if prob.spec.id_mode == "label":
+        weights = prob.label_weights(r0, r1).mul_(row_scale[:, None])
+        positives = prob.candidates.hat[: prob.spec.num_positives]
+        grads.anchor_queries[r0:r1].addmm_(weights, positives, alpha=-1.0)
+        grads.candidate_keys[: prob.spec.num_positives].addmm_(weights.T, prob.a_scaled[r0:r1], alpha=-1.0)
+        return
     targets = prob.targets(r0, r1)
     grads.anchor_queries[r0:r1].addcmul_(prob.candidates.hat[targets], row_scale[:, None], value=-1.0)
     grads.candidate_keys.index_add_(0, targets, prob.a_scaled[r0:r1] * row_scale[:, None], alpha=-1.0)
@@ -263,7 +306,7 @@ def _fused_row_sweep(prob: _Problem):
     grads = _Grads(prob)
     for r0, r1 in prob.chunks():
         blocks = {d: prob.scores(d, r0, r1) for d in spec.directions}
-        target = blocks[QUERY_TO_DOC][torch.arange(r1 - r0), prob.targets(r0, r1)]
+        target = prob.target_logits(blocks[QUERY_TO_DOC], r0, r1)
         stats = _exp_in_place(prob, blocks, spec.joint)
         lse[:, r0:r1] = _partition_rows(prob, stats)
         row_loss[r0:r1] = _row_loss(prob, {d: s[0] for d, s in stats.items()}, target)
@@ -280,7 +323,7 @@ def _stats_row_sweep(prob: _Problem):
     lse = torch.empty(spec.variant.num_partitions, spec.batch, dtype=prob.dtype)
     for r0, r1 in prob.chunks():
         blocks = {d: prob.scores(d, r0, r1) for d in spec.directions}
-        target = blocks[QUERY_TO_DOC][torch.arange(r1 - r0), prob.targets(r0, r1)]
+        target = prob.target_logits(blocks[QUERY_TO_DOC], r0, r1)
         if spec.joint:
             joint = torch.logsumexp(torch.stack([torch.logsumexp(b, dim=1) for b in blocks.values()]), dim=0)
             by_direction = {d: joint for d in blocks}
@@ -334,7 +377,7 @@ def _stats_column_sweep(prob: _Problem):
     col_sum = torch.zeros(spec.batch, dtype=prob.dtype)
     for r0, r1 in prob.chunks():
         block = prob.scores(QUERY_TO_DOC, r0, r1)
-        target[r0:r1] = block[torch.arange(r1 - r0), prob.targets(r0, r1)]
+        target[r0:r1] = prob.target_logits(block, r0, r1)
         _column_stats_update(col_max, col_sum, block[:, spec.pos_start: spec.pos_start + spec.batch])
         lse[0, r0:r1] = torch.logsumexp(block, dim=1)
     lse[1] = col_max + torch.log(col_sum)
@@ -358,7 +401,10 @@ def _grad_column_sweep(prob: _Problem, grad_rows, lse):
         reverse = (block[:, positives] - lse[1]).exp_().mul_(half)
         block.sub_(lse[0, r0:r1, None]).exp_().mul_(half[r0:r1, None])
         block[:, positives].add_(reverse)
-        block[rows, prob.targets(r0, r1)] -= g[r0:r1]  # both directions' one-hot sit on the diagonal
+        if spec.id_mode == "label":  # the target's weights, on the positive block
+            block[:, positives].sub_(prob.label_weights(r0, r1).mul_(g[r0:r1, None]))
+        else:
+            block[rows, prob.targets(r0, r1)] -= g[r0:r1]  # both directions' one-hot sit on the diagonal
         # The anchor's gradient as query (forward) and as key (reverse) come from one product.
         grads.anchor_queries[r0:r1].add_(torch.mm(block, prob.candidates.hat))
         grads.candidate_keys.addmm_(block.T, prob.a_scaled[r0:r1])
@@ -378,10 +424,12 @@ def matrix_products(spec: LossProblem, *, grad_in_forward: bool = True) -> list[
     forward sweep; otherwise a statistics sweep, then a gradient sweep in the backward."""
     if _uses_column_sweep(spec):
         return [("scores", spec.num_candidates)] * 2 + [("dq", spec.num_candidates), ("dk", spec.num_candidates)]
-    widths = [spec.num_anchor_keys if d in (QUERY_TO_QUERY, DOC_TO_QUERY) else spec.num_candidates
-              for d in spec.directions]
+    widths = {QUERY_TO_DOC: spec.num_candidates, QUERY_TO_QUERY: spec.num_anchor_keys,
+              DOC_TO_QUERY: spec.num_anchor_keys, DOC_TO_DOC: spec.num_documents}
+    widths = [widths[d] for d in spec.directions]
     recompute = [] if grad_in_forward else [("scores", n) for n in widths]
-    return recompute + [(kind, n) for n in widths for kind in ("scores", "dq", "dk")]
+    labels = [("dq", spec.num_positives), ("dk", spec.num_positives)] if spec.id_mode == "label" else []
+    return recompute + [(kind, n) for n in widths for kind in ("scores", "dq", "dk")] + labels
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,8 +437,8 @@ def matrix_products(spec: LossProblem, *, grad_in_forward: bool = True) -> list[
 # --------------------------------------------------------------------------------------------
 
 
-def forward(anchor, candidates, anchor_keys, spec: LossProblem, *, compute_grad):
-    prob = _Problem(anchor, candidates, anchor_keys, spec)
+def forward(anchor, candidates, anchor_keys, spec: LossProblem, *, compute_grad, ids=None):
+    prob = _Problem(anchor, candidates, anchor_keys, ids, spec)
     if _uses_column_sweep(spec):
         row_loss, lse = _stats_column_sweep(prob)
         # The column LSEs are final only at the end: gradients take a second sweep.
@@ -402,8 +450,8 @@ def forward(anchor, candidates, anchor_keys, spec: LossProblem, *, compute_grad)
     return row_loss, lse, None
 
 
-def backward(grad_rows, anchor, candidates, anchor_keys, spec: LossProblem, lse):
-    prob = _Problem(anchor, candidates, anchor_keys, spec)
+def backward(grad_rows, anchor, candidates, anchor_keys, spec: LossProblem, lse, *, ids=None):
+    prob = _Problem(anchor, candidates, anchor_keys, ids, spec)
     lse = lse.to(prob.dtype)
     if _uses_column_sweep(spec):
         return _grad_column_sweep(prob, grad_rows, lse)

@@ -169,12 +169,14 @@ def _normalized(x: torch.Tensor) -> torch.Tensor:
 
 
 def distributed_info_nce(anchor, positive, negative, *, num_neg, temperature, normalize, variant,
-                         hard_negative_weight, reduction, backend, process_group):
+                         hard_negative_weight, reduction, backend, process_group, ids=None, id_mode=None,
+                         extra_negatives=None):
     """``info_nce`` over the concatenated batch of all ranks (inputs already checked by ``loss.py``,
-    ``temperature`` already a 0-dim tensor, ``variant`` canonical)."""
+    ``temperature`` already a 0-dim tensor, ``variant`` canonical). ``ids`` (group ids or labels)
+    are gathered and compared globally; ``extra_negatives`` are this rank's own, not gathered."""
     group, bf16_transport = resolve_group(process_group)
     batch, dim = anchor.shape
-    needs_grad = _needs_grad(anchor, positive, negative, temperature)
+    needs_grad = _needs_grad(anchor, positive, negative, temperature, extra_negatives)
 
     parts = [positive]
     if num_neg:
@@ -183,17 +185,25 @@ def distributed_info_nce(anchor, positive, negative, *, num_neg, temperature, no
         parts.append(anchor)
     # Checked across ranks by the gather's header exchange: a mismatch raises on every rank.
     options = (f"k={num_neg} variant={encode_variant(variant)} weight={float(hard_negative_weight)!r} "
-               f"tau={float(temperature.detach())!r} reduction={reduction}")
+               f"tau={float(temperature.detach())!r} reduction={reduction} ids={id_mode or ''}")
     gathered, counts = gather_rows(parts, group, normalize=normalize, bf16_transport=bf16_transport, options=options)
     sizes = counts[:, 0].tolist()
     rank = group.rank()
     start, total = sum(sizes[:rank]), sum(sizes)
+    # Every rank takes part, the one without rows too (the ids are a collective of their own).
+    all_ids = _gather_ids(ids, sizes, group) if id_mode else _NO_IDS.to(anchor.device)
     candidates = gathered[: total * (1 + num_neg)]
+    num_extra = 0
+    if extra_negatives is not None:
+        extra = _normalized(extra_negatives) if normalize else extra_negatives
+        candidates, num_extra = torch.cat([candidates, extra]), extra.shape[0]
 
     op_reduction = "none" if reduction == "none" else "sum"
     grad_in_forward = op_reduction == "sum" and needs_grad
     if batch == 0:
         zero = _zero_loss_on(gathered, anchor, temperature)
+        if extra_negatives is not None:
+            zero = zero + extra_negatives[:0].sum().float()
         return zero.expand(0) if reduction == "none" else _global(zero, reduction, total, group)
     if variant.needs_anchor_keys:
         anchor_keys = gathered[total * (1 + num_neg):]
@@ -202,12 +212,24 @@ def distributed_info_nce(anchor, positive, negative, *, num_neg, temperature, no
         anchor_keys = anchor.new_empty((0, dim))
         queries = _normalized(anchor) if normalize else anchor.contiguous()
     # The rows are normalized already (pack kernel / _normalized): the op runs with normalize=False.
-    local, *_ = info_nce_op(queries, candidates, anchor_keys, temperature, start, total + start * num_neg, num_neg,
-                            start, False, float(hard_negative_weight), encode_variant(variant), op_reduction,
-                            grad_in_forward, backend)
+    local, *_ = info_nce_op(queries, candidates, anchor_keys, all_ids, temperature, start, total + start * num_neg,
+                            num_neg, start, num_extra, False, float(hard_negative_weight), encode_variant(variant),
+                            id_mode or "", op_reduction, grad_in_forward, backend)
     if reduction == "none":
         return local
     return _global(local, reduction, total, group)
+
+
+_NO_IDS = torch.empty(0, dtype=torch.int64)
+
+
+def _gather_ids(ids: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Every rank's [B_r] int64 ids, in rank order (padded to the largest B_r for all_gather)."""
+    padded = ids.new_zeros(max(sizes))
+    padded[: ids.shape[0]] = ids
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
 def _zero_loss_on(gathered, anchor, temperature):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
 
 from fastcse.ops import info_nce_op
-from fastcse.problem import encode_variant, resolve_variant
+from fastcse.problem import Variant, encode_variant, resolve_variant
+
+NO_IDS = torch.empty(0, dtype=torch.int64)  # the op's ids argument when there are none
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -65,10 +67,48 @@ def _check_temperature(temperature) -> None:
         raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
 
 
+class CheckedInputs(NamedTuple):
+    backend: str  # resolved: "cpu" or "triton"
+    num_neg: int  # hard negatives per anchor
+    variant: Variant  # canonical
+    ids: torch.Tensor | None  # int64 group ids or labels, [B]
+    id_mode: str | None  # "group", "label" or None
+    extra_negatives: torch.Tensor | None  # [Q, d], Q >= 1
+
+
+def _check_row_ids(name: str, ids, anchor: torch.Tensor) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer ids, got {type(ids).__name__}")
+    _check_dense(name, ids)
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"{name} must hold integer ids (torch.long), got dtype {ids.dtype}")
+    if ids.shape != (anchor.shape[0],):
+        raise ValueError(f"{name} must be [B] = [{anchor.shape[0]}], one id per anchor, got {tuple(ids.shape)}")
+    if ids.device != anchor.device:
+        raise ValueError(f"{name} is on {ids.device} but anchor is on {anchor.device}: put all inputs on one device")
+    return ids.to(torch.int64).contiguous()
+
+
+def _check_extra_negatives(extra_negatives, anchor: torch.Tensor) -> torch.Tensor | None:
+    if extra_negatives is None:
+        return None
+    _check_matrix("extra_negatives", extra_negatives, 2)
+    if extra_negatives.shape[1] != anchor.shape[1]:
+        raise ValueError(f"extra_negatives must be [Q, d] with the anchors' d = {anchor.shape[1]}, got "
+                         f"{tuple(extra_negatives.shape)}")
+    if extra_negatives.device != anchor.device:
+        raise ValueError(f"extra_negatives is on {extra_negatives.device} but anchor is on {anchor.device}: put all "
+                         "inputs on one device")
+    if extra_negatives.dtype != anchor.dtype:
+        raise TypeError(f"extra_negatives has dtype {extra_negatives.dtype} but anchor has {anchor.dtype}: all "
+                        "inputs must share a dtype")
+    return extra_negatives if extra_negatives.shape[0] > 0 else None
+
+
 def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
-                 distributed=False, variant_options=None):
-    """Validates the user's arguments; returns (resolved backend, number of hard negatives per anchor,
-    the canonical loss variant of ``variant_options``: resolve_variant's keywords).
+                 distributed=False, variant_options=None, group_ids=None, labels=None,
+                 extra_negatives=None) -> CheckedInputs:
+    """Validates the user's arguments; returns them resolved (``variant_options``: resolve_variant's keywords).
 
     ``distributed``: a rank may hold no anchors (the last batch of an epoch); raising here would
     leave the other ranks waiting in the gather, so B = 0 is allowed and the gather checks ranks."""
@@ -107,6 +147,15 @@ def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, 
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     variant = resolve_variant(**(variant_options or {}), num_neg=num_neg)
+    if group_ids is not None and labels is not None:
+        raise ValueError("give group_ids (rows that are not each other's negatives) or labels (rows that are each "
+                         "other's positives), not both")
+    ids, id_mode = None, None
+    if group_ids is not None:
+        ids, id_mode = _check_row_ids("group_ids", group_ids, anchor), "group"
+    elif labels is not None:
+        ids, id_mode = _check_row_ids("labels", labels, anchor), "label"
+    extra_negatives = _check_extra_negatives(extra_negatives, anchor)
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -121,16 +170,16 @@ def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, 
 
             if os.environ.get("TRITON_INTERPRET") != "1":
                 raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
-    return backend, num_neg, variant
+    return CheckedInputs(backend, num_neg, variant, ids, id_mode, extra_negatives)
 
 
 def _check_inputs_on_every_rank(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
-                                process_group, variant_options):
+                                process_group, variant_options, row_options):
     """check_inputs; under a process group a failure is also announced to the other ranks, which
     would otherwise wait for this rank in the gather until the group's timeout."""
     try:
         return check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
-                            distributed=process_group is not None, variant_options=variant_options)
+                            distributed=process_group is not None, variant_options=variant_options, **row_options)
     except (TypeError, ValueError) as error:
         if process_group is not None:
             from fastcse.distributed import announce_input_error
@@ -139,10 +188,14 @@ def _check_inputs_on_every_rank(anchor, positive, negative, temperature, hard_ne
         raise
 
 
-def _candidates(positive, negative, num_neg):
-    if negative is None:
-        return positive.contiguous()
-    return torch.cat([positive, negative.reshape(positive.shape[0] * num_neg, positive.shape[1])])
+def _candidates(positive, negative, num_neg, extra_negatives=None):
+    """[positives; hard negatives row-major; extra negatives]."""
+    blocks = [positive]
+    if negative is not None:
+        blocks.append(negative.reshape(positive.shape[0] * num_neg, positive.shape[1]))
+    if extra_negatives is not None:
+        blocks.append(extra_negatives)
+    return torch.cat(blocks) if len(blocks) > 1 else positive.contiguous()
 
 
 def _needs_grad(*tensors) -> bool:
@@ -162,6 +215,9 @@ def info_nce(
     partition_mode: Literal["joint", "per_direction"] | None = None,
     hardness_mode: Literal["in_batch_negatives", "hard_negatives", "all_negatives"] | None = None,
     hardness_strength: float = 0.0,
+    group_ids: torch.Tensor | None = None,
+    extra_negatives: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
     reduction: Literal["mean", "sum", "none"] = "mean",
     backend: Literal["auto", "cpu", "triton"] = "auto",
     process_group=None,
@@ -187,6 +243,17 @@ def info_nce(
         hardness_mode: None, "in_batch_negatives", "hard_negatives" or "all_negatives": adds
             ``hardness_strength * sim`` (no gradient) to those query_to_doc negative logits.
         hardness_strength: the penalty's non-negative strength (alpha in Lan et al. 2025).
+        group_ids: None or [B] integer ids: rows with one id are not each other's negatives
+            (false negatives: duplicates, rows sharing a premise); in every direction, their
+            positives / anchors are left out of each other's softmax. Hard and extra negatives
+            are never masked. Under ``process_group`` the ids are compared across ranks.
+        extra_negatives: None or [Q, d] more candidates (e.g. a queue of earlier batches'
+            embeddings), after the hard negatives, scored by every anchor in the query_to_doc
+            direction; they get gradients if they require grad. Under ``process_group`` each
+            rank scores its own (pass the same queue on every rank): they are not gathered.
+        labels: None or [B] integer labels: anchor i's positives are every positive with its
+            label (itself included), its loss the mean of their -log softmax (SupCon's L_out).
+            Not with ``group_ids``.
         reduction: "mean", "sum" or "none" (per-anchor losses, fp32).
         backend: "auto" (Triton for CUDA tensors, CPU otherwise), "cpu" or "triton".
         process_group: a ``torch.distributed`` group: score the local anchors against the
@@ -197,9 +264,10 @@ def info_nce(
     """
     variant_options = dict(symmetric=symmetric, directions=directions, partition_mode=partition_mode,
                            hardness_mode=hardness_mode, hardness_strength=hardness_strength)
-    backend, num_neg, variant = _check_inputs_on_every_rank(anchor, positive, negative, temperature,
-                                                            hard_negative_weight, reduction, backend, process_group,
-                                                            variant_options)
+    row_options = dict(group_ids=group_ids, labels=labels, extra_negatives=extra_negatives)
+    checked = _check_inputs_on_every_rank(anchor, positive, negative, temperature, hard_negative_weight, reduction,
+                                          backend, process_group, variant_options, row_options)
+    backend, num_neg, variant = checked.backend, checked.num_neg, checked.variant
     if not isinstance(temperature, torch.Tensor):
         # fp64 so that the value the kernels read back is exactly the user's float.
         temperature = torch.tensor(float(temperature), dtype=torch.float64)
@@ -210,14 +278,18 @@ def info_nce(
         return distributed_info_nce(anchor, positive, negative, num_neg=num_neg, temperature=temperature,
                                     normalize=normalize, variant=variant,
                                     hard_negative_weight=hard_negative_weight, reduction=reduction,
-                                    backend=backend, process_group=process_group)
-    candidates = _candidates(positive, negative, num_neg)
+                                    backend=backend, process_group=process_group, ids=checked.ids,
+                                    id_mode=checked.id_mode, extra_negatives=checked.extra_negatives)
+    extra = checked.extra_negatives
+    candidates = _candidates(positive, negative, num_neg, extra)
     anchor = anchor.contiguous()
     grad_in_forward = reduction != "none" and _needs_grad(anchor, candidates, temperature)
     batch = anchor.shape[0]
-    loss, *_ = info_nce_op(anchor, candidates, anchor.new_empty((0, anchor.shape[1])), temperature, 0, batch,
-                           num_neg, 0, bool(normalize), float(hard_negative_weight), encode_variant(variant),
-                           reduction, grad_in_forward, backend)
+    ids = checked.ids if checked.ids is not None else NO_IDS.to(anchor.device)
+    loss, *_ = info_nce_op(anchor, candidates, anchor.new_empty((0, anchor.shape[1])), ids, temperature, 0, batch,
+                           num_neg, 0, 0 if extra is None else extra.shape[0], bool(normalize),
+                           float(hard_negative_weight), encode_variant(variant), checked.id_mode or "", reduction,
+                           grad_in_forward, backend)
     return loss
 
 
@@ -245,11 +317,12 @@ class InfoNCE(nn.Module):
         self.backend = backend
         self.process_group = process_group
 
-    def forward(self, anchor, positive, negative=None):
+    def forward(self, anchor, positive, negative=None, *, group_ids=None, extra_negatives=None, labels=None):
         return info_nce(anchor, positive, negative, temperature=self.temperature, normalize=self.normalize,
                         symmetric=self.symmetric, hard_negative_weight=self.hard_negative_weight,
                         directions=self.directions, partition_mode=self.partition_mode,
                         hardness_mode=self.hardness_mode, hardness_strength=self.hardness_strength,
+                        group_ids=group_ids, extra_negatives=extra_negatives, labels=labels,
                         reduction=self.reduction, backend=self.backend, process_group=self.process_group)
 
     def extra_repr(self) -> str:

@@ -6,12 +6,12 @@ from the user's (anchor, positive, negative) and ``distributed.py`` from gathere
 Backend contract (``fastcse.cpu`` and ``fastcse.triton_info_nce`` both implement it)::
 
     forward(anchor [B, d], candidates [N, d], anchor_keys [M, d] or None, spec: LossProblem,
-            *, compute_grad)
+            *, compute_grad, ids: [P] or None = None)
         -> row_loss [B], lse [P, B] (P = spec.variant.num_partitions),
            grads: None, or (grad_anchor [B, d], grad_candidates [N, d],
                             grad_anchor_keys [M, d] or None, grad_tau 0-dim)
                   = the gradients of row_loss.sum()
-    backward(grad_rows [B], anchor, candidates, anchor_keys, spec, lse)
+    backward(grad_rows [B], anchor, candidates, anchor_keys, spec, lse, *, ids=None)
         -> (grad_anchor, grad_candidates, grad_anchor_keys or None, grad_tau)
 
 Every returned tensor is fp32 (fp64 for fp64 inputs: the CPU path, for gradcheck); the
@@ -20,7 +20,9 @@ autograd glue casts gradients back to the inputs' dtypes. ``spec`` is the one de
 anchor keys); ``lse`` holds each row's log-sum-exp per partition, all that backward needs
 besides the inputs. ``anchor_keys`` None: the anchors themselves are the keys of the
 query_to_query / doc_to_query directions (one process); under ``torch.distributed`` they are
-every rank's anchors, with this rank's at ``anchor_start``.
+every rank's anchors, with this rank's at ``anchor_start``. ``ids``: the int64 group ids or
+labels of the positive block (``spec.id_mode``); the last ``spec.num_extra`` candidates are the
+extra negatives.
 """
 
 from __future__ import annotations
@@ -47,6 +49,19 @@ def _backend(name: str):
 _EMPTY = (0,)
 
 
+def _backend_for(name: str, spec: LossProblem):
+    impl = _backend(name)
+    if name == "triton" and (spec.id_mode or spec.num_extra):
+        raise NotImplementedError("group_ids, labels and extra_negatives run on backend='cpu' only for now: their "
+                                  "Triton kernels are not written yet (issue #12)")
+    return impl
+
+
+def _ids(ids: torch.Tensor, id_mode: str) -> dict:
+    """The backends' ids keyword: only with an id mode (older call sites pass none)."""
+    return {"ids": ids} if id_mode else {}
+
+
 def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -54,18 +69,21 @@ def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
 # Defined with torch.library.Library rather than the @custom_op decorator: the decorator wraps
 # the implementation in torch._disable_dynamo, which imports torch._dynamo (3 s, 150 MB) on the
 # first eager call of a loss that should cost nothing to import.
-# anchor_keys with no rows means "the anchors themselves" (one process). variant is
-# fastcse.problem.encode_variant's string (schemas take no tuples of strings).
+# anchor_keys with no rows means "the anchors themselves" (one process), ids with no entries no
+# ids (id_mode ""). variant is fastcse.problem.encode_variant's string (schemas take no tuples
+# of strings).
 _LIB = torch.library.Library("fastcse", "FRAGMENT")
 _LIB.define(
-    "info_nce(Tensor anchor, Tensor candidates, Tensor anchor_keys, Tensor temperature, int pos_start, "
-    "int neg_start, int num_neg, int anchor_start, bool normalize, float hard_negative_weight, str variant, "
-    "str reduction, bool grad_in_forward, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "info_nce(Tensor anchor, Tensor candidates, Tensor anchor_keys, Tensor ids, Tensor temperature, int pos_start, "
+    "int neg_start, int num_neg, int anchor_start, int num_extra, bool normalize, float hard_negative_weight, "
+    "str variant, str id_mode, str reduction, bool grad_in_forward, str backend) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _LIB.define(
-    "info_nce_backward(Tensor grad_rows, Tensor anchor, Tensor candidates, Tensor anchor_keys, "
-    "Tensor temperature, Tensor lse, int pos_start, int neg_start, int num_neg, int anchor_start, bool normalize, "
-    "float hard_negative_weight, str variant, str backend) -> (Tensor, Tensor, Tensor, Tensor)"
+    "info_nce_backward(Tensor grad_rows, Tensor anchor, Tensor candidates, Tensor anchor_keys, Tensor ids, "
+    "Tensor temperature, Tensor lse, int pos_start, int neg_start, int num_neg, int anchor_start, int num_extra, "
+    "bool normalize, float hard_negative_weight, str variant, str id_mode, str backend) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -73,15 +91,16 @@ def _keys_or_none(anchor_keys: torch.Tensor) -> torch.Tensor | None:
     return anchor_keys if anchor_keys.shape[0] > 0 else None
 
 
-def _spec(anchor, candidates, anchor_keys, temperature, pos_start, neg_start, num_neg, anchor_start, normalize,
-          hard_negative_weight, variant) -> LossProblem:
+def _spec(anchor, candidates, anchor_keys, ids, temperature, pos_start, neg_start, num_neg, anchor_start, num_extra,
+          normalize, hard_negative_weight, variant, id_mode) -> LossProblem:
     return describe(anchor, candidates, float(temperature), pos_start=pos_start, neg_start=neg_start,
                     num_neg=num_neg, normalize=normalize, hard_negative_weight=hard_negative_weight,
-                    variant=decode_variant(variant), anchor_keys=anchor_keys, anchor_start=anchor_start)
+                    variant=decode_variant(variant), anchor_keys=anchor_keys, anchor_start=anchor_start,
+                    ids=ids if id_mode else None, id_mode=id_mode or None, num_extra=num_extra)
 
 
-def _info_nce_impl(anchor, candidates, anchor_keys, temperature, pos_start, neg_start, num_neg, anchor_start,
-                   normalize, hard_negative_weight, variant, reduction, grad_in_forward, backend):
+def _info_nce_impl(anchor, candidates, anchor_keys, ids, temperature, pos_start, neg_start, num_neg, anchor_start,
+                   num_extra, normalize, hard_negative_weight, variant, id_mode, reduction, grad_in_forward, backend):
     """Returns (loss, lse, grad_anchor, grad_candidates, grad_anchor_keys, grad_tau).
 
     loss is reduced ('mean' over the B rows, 'sum') or per row ('none'). With
@@ -90,9 +109,10 @@ def _info_nce_impl(anchor, candidates, anchor_keys, temperature, pos_start, neg_
     are empty and backward recomputes from the saved LSE statistics.
     """
     keys = _keys_or_none(anchor_keys)
-    spec = _spec(anchor, candidates, keys, temperature, pos_start, neg_start, num_neg, anchor_start, normalize,
-                 hard_negative_weight, variant)
-    row_loss, lse, grads = _backend(backend).forward(anchor, candidates, keys, spec, compute_grad=grad_in_forward)
+    spec = _spec(anchor, candidates, keys, ids, temperature, pos_start, neg_start, num_neg, anchor_start, num_extra,
+                 normalize, hard_negative_weight, variant, id_mode)
+    row_loss, lse, grads = _backend_for(backend, spec).forward(anchor, candidates, keys, spec,
+                                                               compute_grad=grad_in_forward, **_ids(ids, id_mode))
     scale = 1.0 / anchor.shape[0] if reduction == "mean" else 1.0
     loss = row_loss if reduction == "none" else row_loss.sum() * scale
     if grads is None:
@@ -114,8 +134,8 @@ def _num_partitions(variant: str) -> int:
 
 
 @torch.library.register_fake("fastcse::info_nce", lib=_LIB)
-def _info_nce_fake(anchor, candidates, anchor_keys, temperature, pos_start, neg_start, num_neg, anchor_start,
-                   normalize, hard_negative_weight, variant, reduction, grad_in_forward, backend):
+def _info_nce_fake(anchor, candidates, anchor_keys, ids, temperature, pos_start, neg_start, num_neg, anchor_start,
+                   num_extra, normalize, hard_negative_weight, variant, id_mode, reduction, grad_in_forward, backend):
     batch, dim = anchor.shape
     f32 = dict(dtype=_accumulate_dtype(anchor), device=anchor.device)
     loss = anchor.new_empty((batch,) if reduction == "none" else (), **f32)
@@ -129,13 +149,14 @@ def _info_nce_fake(anchor, candidates, anchor_keys, temperature, pos_start, neg_
     return (loss, lse, *grads)
 
 
-def _info_nce_backward_impl(grad_rows, anchor, candidates, anchor_keys, temperature, lse, pos_start, neg_start,
-                            num_neg, anchor_start, normalize, hard_negative_weight, variant, backend):
+def _info_nce_backward_impl(grad_rows, anchor, candidates, anchor_keys, ids, temperature, lse, pos_start,
+                            neg_start, num_neg, anchor_start, num_extra, normalize, hard_negative_weight, variant,
+                            id_mode, backend):
     keys = _keys_or_none(anchor_keys)
-    spec = _spec(anchor, candidates, keys, temperature, pos_start, neg_start, num_neg, anchor_start, normalize,
-                 hard_negative_weight, variant)
-    grads = _backend(backend).backward(grad_rows.to(_accumulate_dtype(anchor)).contiguous(), anchor, candidates,
-                                       keys, spec, lse)
+    spec = _spec(anchor, candidates, keys, ids, temperature, pos_start, neg_start, num_neg, anchor_start, num_extra,
+                 normalize, hard_negative_weight, variant, id_mode)
+    grads = _backend_for(backend, spec).backward(grad_rows.to(_accumulate_dtype(anchor)).contiguous(), anchor,
+                                                 candidates, keys, spec, lse, **_ids(ids, id_mode))
     grad_anchor, grad_candidates, grad_keys, grad_tau = grads
     if grad_keys is None:
         grad_keys = anchor.new_empty(_EMPTY, dtype=grad_anchor.dtype)
@@ -143,8 +164,9 @@ def _info_nce_backward_impl(grad_rows, anchor, candidates, anchor_keys, temperat
 
 
 @torch.library.register_fake("fastcse::info_nce_backward", lib=_LIB)
-def _info_nce_backward_fake(grad_rows, anchor, candidates, anchor_keys, temperature, lse, pos_start, neg_start,
-                            num_neg, anchor_start, normalize, hard_negative_weight, variant, backend):
+def _info_nce_backward_fake(grad_rows, anchor, candidates, anchor_keys, ids, temperature, lse, pos_start,
+                            neg_start, num_neg, anchor_start, num_extra, normalize, hard_negative_weight, variant,
+                            id_mode, backend):
     f32 = dict(dtype=_accumulate_dtype(anchor), device=anchor.device)
     keys_shape = tuple(anchor_keys.shape) if anchor_keys.shape[0] > 0 else _EMPTY
     return (anchor.new_empty(tuple(anchor.shape), **f32), anchor.new_empty(tuple(candidates.shape), **f32),
@@ -152,10 +174,11 @@ def _info_nce_backward_fake(grad_rows, anchor, candidates, anchor_keys, temperat
 
 
 def _setup_context(ctx, inputs, output):
-    (anchor, candidates, anchor_keys, temperature, pos_start, neg_start, num_neg, anchor_start, normalize,
-     hard_negative_weight, variant, reduction, grad_in_forward, backend) = inputs
+    (anchor, candidates, anchor_keys, ids, temperature, pos_start, neg_start, num_neg, anchor_start, num_extra,
+     normalize, hard_negative_weight, variant, id_mode, reduction, grad_in_forward, backend) = inputs
     _, lse, grad_anchor, grad_candidates, grad_keys, grad_tau = output
-    ctx.options = (pos_start, neg_start, num_neg, anchor_start, normalize, hard_negative_weight, variant, backend)
+    ctx.options = (pos_start, neg_start, num_neg, anchor_start, num_extra, normalize, hard_negative_weight, variant,
+                   id_mode, backend)
     ctx.reduction = reduction
     ctx.grad_in_forward = grad_in_forward
     ctx.dtypes = (anchor.dtype, candidates.dtype, anchor_keys.dtype, temperature.dtype)
@@ -163,7 +186,7 @@ def _setup_context(ctx, inputs, output):
     if grad_in_forward:
         ctx.save_for_backward(grad_anchor, grad_candidates, grad_keys, grad_tau)
     else:
-        ctx.save_for_backward(anchor, candidates, anchor_keys, temperature, lse)
+        ctx.save_for_backward(anchor, candidates, anchor_keys, ids, temperature, lse)
 
 
 def _backward(ctx, grad_loss, *unused_grads):
@@ -180,7 +203,7 @@ def _backward(ctx, grad_loss, *unused_grads):
             scale = grad_loss.to(grads[0].dtype)
             grads = tuple(g * scale for g in grads)
     else:
-        anchor, candidates, anchor_keys, temperature, lse = ctx.saved_tensors
+        anchor, candidates, anchor_keys, ids, temperature, lse = ctx.saved_tensors
         batch = anchor.shape[0]
         grad_loss = grad_loss.to(lse.dtype)
         if ctx.reduction == "none":
@@ -188,13 +211,13 @@ def _backward(ctx, grad_loss, *unused_grads):
         else:
             scale = 1.0 / batch if ctx.reduction == "mean" else 1.0
             grad_rows = (grad_loss * scale).expand(batch)
-        grads = info_nce_backward_op(grad_rows.contiguous(), anchor, candidates, anchor_keys, temperature, lse,
+        grads = info_nce_backward_op(grad_rows.contiguous(), anchor, candidates, anchor_keys, ids, temperature, lse,
                                      *ctx.options)
     grad_anchor, grad_candidates, grad_keys, grad_tau = grads
     anchor_dtype, candidates_dtype, keys_dtype, tau_dtype = ctx.dtypes
     grad_keys = grad_keys.to(keys_dtype) if ctx.has_keys else None
-    return (grad_anchor.to(anchor_dtype), grad_candidates.to(candidates_dtype), grad_keys, grad_tau.to(tau_dtype),
-            None, None, None, None, None, None, None, None, None, None)
+    return (grad_anchor.to(anchor_dtype), grad_candidates.to(candidates_dtype), grad_keys, None,
+            grad_tau.to(tau_dtype)) + (None,) * 12
 
 
 for _device in ("CPU", "CUDA"):

@@ -22,6 +22,20 @@ query against a key set, all divided by the temperature:
 
 ``joint``: row i's loss is one log-sum-exp over the concatenated directions minus the target
 logit. Per direction: the mean of the directions' log-sum-exps minus the target logit.
+
+Per-row ids (issue #12), over the positive block (candidates [0, P)) and the anchor keys
+([0, P) as well: both hold every row in the same order), row i being id ``ids[pos_start + i]``:
+
+- ``id_mode="group"`` (false negatives): in every direction, the keys j != i of the positive
+  block / anchor keys with row i's id are left out of row i's softmax. Hard negatives and extra
+  negatives are never masked.
+- ``id_mode="label"`` (several positives, SupCon's L_out): the target logit is the mean of
+  query_to_doc's scores over the positive columns with row i's label (itself included); those
+  are spared by the hardness penalty. Nothing is masked.
+
+Extra negatives (a queue): the last ``num_extra`` candidates, scored by query_to_doc only (not
+by doc_to_doc), never anyone's own documents (so in_batch_negatives and all_negatives penalize
+them, hard_negatives does not).
 """
 
 from __future__ import annotations
@@ -144,6 +158,14 @@ class LossProblem:
     num_anchor_keys: int = 0
     anchor_start: int = 0
     separate_anchor_keys: bool = False  # the anchor keys are a tensor of their own (distributed)
+    id_mode: str | None = None  # None, "group" or "label"
+    num_positives: int = 0  # P: the positive block [0, P) the ids cover (with id_mode)
+    num_extra: int = 0  # extra negatives: the last num_extra candidates
+
+    @property
+    def num_documents(self) -> int:
+        """The candidates doc_to_doc scores: all but the extra negatives."""
+        return self.num_candidates - self.num_extra
 
     @property
     def inv_tau(self) -> float:
@@ -187,12 +209,17 @@ def decode_variant(text: str) -> Variant:
                    hardness_strength=float(strength))
 
 
+ID_MODES = ("group", "label")
+
+
 def describe(anchor: torch.Tensor, candidates: torch.Tensor, tau: float, *, pos_start: int, neg_start: int,
              num_neg: int, normalize: bool, hard_negative_weight: float, variant: Variant = Variant(),
-             anchor_keys: torch.Tensor | None = None, anchor_start: int = 0) -> LossProblem:
+             anchor_keys: torch.Tensor | None = None, anchor_start: int = 0, ids: torch.Tensor | None = None,
+             id_mode: str | None = None, num_extra: int = 0) -> LossProblem:
     """The checked description of a backend call (the public checks are in ``fastcse.loss``).
 
-    ``anchor_keys`` None: the anchors themselves are the keys of query_to_query / doc_to_query."""
+    ``anchor_keys`` None: the anchors themselves are the keys of query_to_query / doc_to_query.
+    ``ids``: the [P] ids of the positive block with ``id_mode`` "group" or "label"."""
     if candidates.dtype != anchor.dtype:
         raise TypeError(f"candidates have dtype {candidates.dtype} but anchor has {anchor.dtype}")
     batch, dim = anchor.shape
@@ -215,7 +242,23 @@ def describe(anchor: torch.Tensor, candidates: torch.Tensor, tau: float, *, pos_
         if not 0 <= anchor_start <= num_anchor_keys - batch:
             raise ValueError(f"the local anchors [anchor_start, anchor_start + B) = [{anchor_start}, "
                              f"{anchor_start + batch}) must lie among the {num_anchor_keys} anchor keys")
+    if not 0 <= num_extra <= num_candidates - batch:
+        raise ValueError(f"num_extra = {num_extra} extra negatives do not fit after the positives among the "
+                         f"{num_candidates} candidates")
+    num_positives = 0
+    if (ids is None) != (id_mode is None):
+        raise ValueError("ids and id_mode go together")
+    if ids is not None:
+        if id_mode not in ID_MODES:
+            raise ValueError(f"id_mode must be one of {ID_MODES}, got {id_mode!r}")
+        num_positives = ids.shape[0]
+        if ids.dim() != 1 or not pos_start + batch <= num_positives <= num_candidates - num_extra:
+            raise ValueError(f"ids must be [P] for the positive block [0, P) holding rows [{pos_start}, "
+                             f"{pos_start + batch}), got {tuple(ids.shape)}")
+        if variant.needs_anchor_keys and num_anchor_keys != num_positives:
+            raise ValueError(f"ids cover {num_positives} positives but there are {num_anchor_keys} anchor keys")
     return LossProblem(batch=batch, dim=dim, num_candidates=num_candidates, tau=float(tau), pos_start=pos_start,
                        neg_start=neg_start, num_neg=num_neg, normalize=bool(normalize), weight=weight,
                        variant=variant, num_anchor_keys=num_anchor_keys, anchor_start=anchor_start,
-                       separate_anchor_keys=anchor_keys is not None)
+                       separate_anchor_keys=anchor_keys is not None, id_mode=id_mode, num_positives=num_positives,
+                       num_extra=int(num_extra))

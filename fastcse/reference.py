@@ -22,24 +22,9 @@ import torch.nn.functional as F
 from fastcse.problem import DOC_TO_DOC, DOC_TO_QUERY, QUERY_TO_DOC, QUERY_TO_QUERY, resolve_variant
 
 
-def _own_documents(batch: int, num_neg: int, device) -> torch.Tensor:
-    """[B, N] bool: row i's own documents (its positive and its hard negatives)."""
-    own = torch.eye(batch, dtype=torch.bool, device=device)
-    if num_neg:
-        own_negatives = torch.eye(batch, dtype=torch.bool, device=device).repeat_interleave(num_neg, dim=1)
-        own = torch.cat([own, own_negatives], dim=1)
-    return own
-
-
-def _penalized(hardness_mode: str | None, own_documents: torch.Tensor, own_negatives: torch.Tensor):
-    """[B, N] bool: the query_to_doc negatives that get the hardness penalty, or None."""
-    if hardness_mode is None:
-        return None
-    if hardness_mode == "hard_negatives":
-        return own_negatives
-    if hardness_mode == "in_batch_negatives":
-        return ~own_documents  # every other row's documents
-    return ~(own_documents & ~own_negatives)  # all_negatives: all but the positive
+def _pad_columns(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """mask [B, n] widened to [B, width] with False (the extra negatives' columns)."""
+    return torch.cat([mask, mask.new_zeros(mask.shape[0], width - mask.shape[1])], dim=1)
 
 
 def info_nce_reference(
@@ -55,42 +40,65 @@ def info_nce_reference(
     partition_mode: str | None = None,
     hardness_mode: str | None = None,
     hardness_strength: float = 0.0,
+    group_ids: torch.Tensor | None = None,
+    extra_negatives: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """InfoNCE with materialized logits. Computes in the inputs' dtype (pass fp64 for a reference);
-    the per-row losses come out in fp32 for 16-bit inputs."""
+    the per-row losses come out in fp32 for 16-bit inputs.
+
+    ``group_ids`` [B]: rows of one group are not each other's negatives (masked to -inf in every
+    direction; hard and extra negatives never are). ``extra_negatives`` [Q, d]: more candidates
+    after the hard negatives, query_to_doc only. ``labels`` [B]: every positive of the same label
+    is a positive (the target is the mean of their logits; SupCon's L_out)."""
+    if group_ids is not None and labels is not None:
+        raise ValueError("give group_ids or labels, not both")
     batch, dim = anchor.shape
     num_neg = 0 if negative is None else (1 if negative.dim() == 2 else negative.shape[1])
     variant = resolve_variant(symmetric=symmetric, directions=directions, partition_mode=partition_mode,
                               hardness_mode=hardness_mode, hardness_strength=hardness_strength, num_neg=num_neg)
+    device = anchor.device
     if normalize:
         anchor = F.normalize(anchor, dim=-1)
         positive = F.normalize(positive, dim=-1)
-        if negative is not None:
-            negative = F.normalize(negative, dim=-1)
+        negative = None if negative is None else F.normalize(negative, dim=-1)
+        extra_negatives = None if extra_negatives is None else F.normalize(extra_negatives, dim=-1)
     documents = positive if negative is None else torch.cat([positive, negative.reshape(batch * num_neg, dim)])
-    own_documents = _own_documents(batch, num_neg, anchor.device)
-    eye = torch.eye(batch, dtype=torch.bool, device=anchor.device)
+    candidates = documents if extra_negatives is None else torch.cat([documents, extra_negatives])
+    width = candidates.shape[0]
 
-    sim = anchor @ documents.T
+    eye = torch.eye(batch, dtype=torch.bool, device=device)
+    own_negatives = eye.repeat_interleave(num_neg, dim=1)  # [B, B k]: row i's own hard negatives
+    own_documents = torch.cat([eye, own_negatives], dim=1)  # [B, B (1 + k)]
+    same_label = eye if labels is None else labels[:, None] == labels[None, :]  # row i's positives
+    same_group = torch.zeros_like(eye) if group_ids is None else (group_ids[:, None] == group_ids[None, :]) & ~eye
+    positives_cells = _pad_columns(torch.cat([same_label, torch.zeros_like(own_negatives)], dim=1), width)
+
+    sim = anchor @ candidates.T
     query_to_doc = sim / temperature
-    own_negatives = own_documents.clone()
-    own_negatives[:, :batch] = False
-    if num_neg and hard_negative_weight != 0.0:
-        query_to_doc = query_to_doc + hard_negative_weight * own_negatives.to(query_to_doc.dtype)
-    penalized = _penalized(variant.hardness_mode, own_documents, own_negatives)
-    if penalized is not None:  # after the temperature, without gradient (Lan et al. 2025, eq. 5)
+    if hard_negative_weight != 0.0:
+        bias = _pad_columns(torch.cat([torch.zeros_like(eye), own_negatives], dim=1), width)
+        query_to_doc = query_to_doc + hard_negative_weight * bias.to(query_to_doc.dtype)
+    if variant.hardness_mode is not None:  # after the temperature, without gradient (Lan et al. 2025, eq. 5)
+        penalized = {"hard_negatives": _pad_columns(torch.cat([torch.zeros_like(eye), own_negatives], dim=1), width),
+                     "in_batch_negatives": ~_pad_columns(own_documents, width) & ~positives_cells,
+                     "all_negatives": ~positives_cells}[variant.hardness_mode]
         query_to_doc = query_to_doc + variant.hardness_strength * sim.detach() * penalized.to(sim.dtype)
-    scores = {QUERY_TO_DOC: query_to_doc}
+    group_mask = _pad_columns(same_group, width)
+    scores = {QUERY_TO_DOC: query_to_doc.masked_fill(group_mask, float("-inf"))}
     if QUERY_TO_QUERY in variant.directions:
-        scores[QUERY_TO_QUERY] = (anchor @ anchor.T / temperature).masked_fill(eye, float("-inf"))
+        scores[QUERY_TO_QUERY] = (anchor @ anchor.T / temperature).masked_fill(eye | same_group, float("-inf"))
     if DOC_TO_QUERY in variant.directions:
-        scores[DOC_TO_QUERY] = positive @ anchor.T / temperature
+        scores[DOC_TO_QUERY] = (positive @ anchor.T / temperature).masked_fill(same_group, float("-inf"))
     if DOC_TO_DOC in variant.directions:
-        scores[DOC_TO_DOC] = (positive @ documents.T / temperature).masked_fill(own_documents, float("-inf"))
+        masked = own_documents | _pad_columns(same_group, documents.shape[0])
+        scores[DOC_TO_DOC] = (positive @ documents.T / temperature).masked_fill(masked, float("-inf"))
     if anchor.dtype != torch.float64:
         scores = {name: s.float() for name, s in scores.items()}
-    target = scores[QUERY_TO_DOC].diagonal()  # column i: positive i, never biased or penalized
+    # The positives' logits (never biased or penalized), averaged over each row's positives.
+    positive_logits = scores[QUERY_TO_DOC][:, :batch]
+    target = torch.where(same_label, positive_logits, 0.0).sum(1) / same_label.sum(1)
     if variant.joint:
         log_z = torch.logsumexp(torch.cat(list(scores.values()), dim=1), dim=1)
     else:

@@ -76,6 +76,16 @@ def _cases(world):
              variant=dict(directions=("query_to_doc", "doc_to_doc"))),
         dict(base, k=1, weight=0.0, reduction="mean", variant=gte, backend="triton"),
     ]
+    # False negatives, a queue, several positives (#12): ids compared across ranks; the same
+    # queue on every rank, not gathered.
+    cases += [
+        dict(base, k=1, weight=0.4, reduction="mean", ids="group"),
+        dict(base, k=0, weight=0.0, reduction="none", ids="label", queue=5),
+        dict(base, k=2, weight=0.0, reduction="mean", ids="group", queue=3, variant=dict(gte, hardness_mode="all_negatives",
+                                                                                       hardness_strength=2.0)),
+        dict(base, k=1, weight=0.0, reduction="sum", ids="label", symmetric=True),
+        dict(base, sizes=empty_rank, k=1, weight=0.0, reduction="mean", ids="group", queue=4),
+    ]
     # fp16, unnormalized and large (the gathered rows sum past fp16's 65504): the empty rank's
     # zero-valued loss must stay 0, not inf * 0 = NaN spread to every rank by the all-reduce.
     cases.append(dict(sizes=empty_rank, k=2, weight=0.5, symmetric=False, bf16=False, reduction="mean",
@@ -94,6 +104,9 @@ def _global_batch(case, seed, dim=16):
     elif case["k"] > 1:
         negative = torch.randn(total, case["k"], dim, generator=gen)
     row_weights = torch.rand(total, generator=gen) + 0.5  # upstream gradient for reduction="none"
+    # Few distinct ids, so groups / labels span ranks; one queue for every rank.
+    ids = torch.randint(0, max(total // 2, 1), (total,), generator=gen)
+    queue = torch.randn(case.get("queue", 0), dim, generator=gen)
     if "magnitude" in case:
         # Positive entries of about `magnitude`, rounded to the case's dtype so that the fp64
         # reference sees the very values the ranks hold.
@@ -101,14 +114,14 @@ def _global_batch(case, seed, dim=16):
             return None if x is None else ((x.abs() + 1.0) * case["magnitude"]).to(case["dtype"]).float()
 
         anchor, positive, negative = large(anchor), large(positive), large(negative)
-    return anchor, positive, negative, row_weights
+    return anchor, positive, negative, row_weights, ids, queue
 
 
 def _check_case(case, seed, group):
     rank = group.rank()
     sizes = case["sizes"]
     start, batch = sum(sizes[:rank]), sizes[rank]
-    anchor, positive, negative, row_weights = _global_batch(case, seed)
+    anchor, positive, negative, row_weights, ids, queue = _global_batch(case, seed)
     tau_value = 0.1
     options = dict(normalize=case["normalize"], symmetric=case["symmetric"], hard_negative_weight=case["weight"],
                    reduction=case["reduction"], **case.get("variant", {}))
@@ -118,14 +131,24 @@ def _check_case(case, seed, group):
         return x[start:start + batch].to(case["dtype"]).requires_grad_()
 
     mine = [local(anchor), local(positive)] + ([local(negative)] if negative is not None else [])
+    id_key = {"group": "group_ids", "label": "labels"}.get(case.get("ids"))
+    row_options, ref_row_options = {}, {}
+    if id_key:
+        row_options[id_key], ref_row_options[id_key] = ids[start:start + batch], ids
+    my_queue = ref_queue = None
+    if queue.shape[0]:
+        my_queue = queue.to(case["dtype"]).clone().requires_grad_()
+        ref_queue = queue.double().requires_grad_()
+        row_options["extra_negatives"], ref_row_options["extra_negatives"] = my_queue, ref_queue
     tau = torch.tensor(tau_value, requires_grad=True) if case["tau_grad"] else tau_value
     process_group = GatherGroup(group, bf16_transport=True) if case["bf16"] else group
     # A rank without rows goes through the public call too: under a process group B = 0 is allowed.
-    loss = fastcse.info_nce(*mine, temperature=tau, process_group=process_group, backend=backend, **options)
+    loss = fastcse.info_nce(*mine, temperature=tau, process_group=process_group, backend=backend, **options,
+                            **row_options)
 
     full = [t.double().requires_grad_() for t in (anchor, positive) + ((negative,) if negative is not None else ())]
     ref_tau = torch.tensor(tau_value, dtype=torch.float64, requires_grad=True) if case["tau_grad"] else tau_value
-    ref = fastcse.info_nce_reference(*full, temperature=ref_tau, **options)
+    ref = fastcse.info_nce_reference(*full, temperature=ref_tau, **options, **ref_row_options)
     if case["reduction"] == "none":
         # Each rank back-propagates its rows' weighted losses; together they are the global sum.
         (loss * row_weights[start:start + batch]).sum().backward()
@@ -146,6 +169,12 @@ def _check_case(case, seed, group):
         scale = ref_t.grad.abs().max().item() or 1.0
         torch.testing.assert_close(mine_t.grad.double() / scale, ref_t.grad[start:start + batch] / scale,
                                    **grad_tol, msg=lambda m, n=name: f"grad {n}: {m}")
+    if my_queue is not None:  # each rank holds its rows' part of the queue's gradient
+        queue_grad = my_queue.grad.detach().clone()
+        dist.all_reduce(queue_grad, group=group)
+        scale = ref_queue.grad.abs().max().item() or 1.0
+        torch.testing.assert_close(queue_grad.double() / scale, ref_queue.grad / scale, **grad_tol,
+                                   msg=lambda m: f"grad queue: {m}")
     if case["tau_grad"]:
         tau_grad = tau.grad.detach().clone()
         dist.all_reduce(tau_grad, group=group)  # every rank holds its own part of dL/dtau
@@ -320,6 +349,8 @@ def test_cases_cover_the_issue():
     assert {c["reduction"] for c in cases} == {"mean", "sum", "none"}
     assert any(0 in c["sizes"] for c in cases) and any(c.get("backend") == "triton" for c in cases)
     assert any(0 in c["sizes"] and c["dtype"] == torch.float16 and not c["normalize"] for c in cases)
+    assert {c.get("ids") for c in cases} >= {"group", "label"} and any(c.get("queue") for c in cases)
+    assert any(c.get("ids") and 0 in c["sizes"] for c in cases)
     directions = {d for c in cases for d in c.get("variant", {}).get("directions", ())}
     assert directions == {"query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"}
     assert {c.get("variant", {}).get("hardness_mode") for c in cases} >= {"all_negatives", "in_batch_negatives",

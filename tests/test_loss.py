@@ -275,19 +275,24 @@ def test_custom_op_passes_opcheck():
     from fastcse.problem import encode_variant, resolve_variant
 
     anchor, positive, negative = make_inputs(6, 5, 1, neg_2d=True)
-    candidates = torch.cat([positive, negative])
+    queue = torch.randn(3, 5)
+    candidates = torch.cat([positive, negative, queue])
+    no_ids, ids = torch.empty(0, dtype=torch.int64), torch.tensor([0, 1, 0, 2, 1, 3])
     variants = [resolve_variant(), resolve_variant(symmetric=True),
                 resolve_variant(directions=("query_to_doc", "query_to_query", "doc_to_doc"), partition_mode="joint",
                                 hardness_mode="all_negatives", hardness_strength=2.0, num_neg=1)]
-    for (grad_in_forward, reduction), variant in itertools.product([(True, "mean"), (False, "none")], variants):
-        args = (anchor.requires_grad_(), candidates.requires_grad_(), anchor.new_empty((0, 5)), torch.tensor(0.05),
-                0, 6, 1, 0, True, 0.3, encode_variant(variant), reduction, grad_in_forward, "cpu")
+    row_options = [(no_ids, ""), (ids, "group"), (ids, "label")]
+    for (grad_in_forward, reduction), variant, (row_ids, id_mode) in itertools.product(
+            [(True, "mean"), (False, "none")], variants, row_options):
+        args = (anchor.requires_grad_(), candidates.requires_grad_(), anchor.new_empty((0, 5)), row_ids,
+                torch.tensor(0.05), 0, 6, 1, 0, 3, True, 0.3, encode_variant(variant), id_mode, reduction,
+                grad_in_forward, "cpu")
         torch.library.opcheck(info_nce_op, args, test_utils=("test_schema", "test_faketensor",
                                                              "test_autograd_registration"))
     # Separate anchor keys (the distributed layout): the local anchors at anchor_start.
     keys = torch.cat([torch.randn(3, 5), anchor.detach()]).requires_grad_()
-    args = (anchor, candidates, keys, torch.tensor(0.05), 0, 6, 1, 3, True, 0.0, encode_variant(variants[2]),
-            "none", False, "cpu")
+    args = (anchor, candidates[:12], keys, no_ids, torch.tensor(0.05), 0, 6, 1, 3, 0, True, 0.0,
+            encode_variant(variants[2]), "", "none", False, "cpu")
     torch.library.opcheck(info_nce_op, args, test_utils=("test_schema", "test_faketensor",
                                                          "test_autograd_registration"))
 
