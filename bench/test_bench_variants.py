@@ -11,6 +11,10 @@ time over the floor of the same round: fastcse's own matrix products (``fastcse.
 matrix_products``) as bare matmuls. MNRL is skipped where its materialized score matrices
 (about 5 x 4 B sum(n) bytes) would not fit in 70% of the available memory.
 
+The fastcse-only options of issue #12 (``group_ids`` with every id 4 times; a queue of
+Q = 65536 extra negatives) run beside the floor of their own products; their ratio to the plain
+query_to_doc call of the same size is in the summary (``x_plain``).
+
 Settings: FASTCSE_BENCH_VARIANT_SIZES ("4096,16384"), FASTCSE_BENCH_ROUNDS (2 at B <= 4096, 1
 above), FASTCSE_BENCH_VARIANTS (comma-separated names of variant_workloads.VARIANTS).
 """
@@ -23,7 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import QUICK
 from memory import measure_in_fresh_process
-from variant_workloads import VARIANTS, products
+from variant_workloads import ROW_OPTIONS, VARIANTS, products
 
 pytest.importorskip("sentence_transformers")
 
@@ -31,7 +35,7 @@ SIZES = [int(b) for b in os.environ.get("FASTCSE_BENCH_VARIANT_SIZES", "64" if Q
 DIM = 32 if QUICK else 768
 # The smoke run (QUICK) keeps one cheap and one four-direction variant: each measurement is a
 # fresh process that imports torch and sentence-transformers (seconds).
-_DEFAULT_NAMES = ["symmetric", "GTE: all four joint"] if QUICK else list(VARIANTS)
+_DEFAULT_NAMES = ["symmetric", "GTE: all four joint", *ROW_OPTIONS] if QUICK else list(VARIANTS) + list(ROW_OPTIONS)
 NAMES = [v for v in os.environ.get("FASTCSE_BENCH_VARIANTS", ",".join(_DEFAULT_NAMES)).split(",") if v]
 IMPLEMENTATIONS = [("floor", {}), ("fastcse", {}), ("mnrl", {}), ("cached_mnrl", dict(mini_batch_size=32)),
                    ("cached_mnrl", dict(mini_batch_size=256))]
@@ -55,8 +59,14 @@ def _mnrl_fits(batch: int, variant: str) -> bool:
     return 5 * 4 * batch * width <= 0.7 * available
 
 
+def _implementations(variant: str):
+    """fastcse-only options run against the floor and fastcse's plain query_to_doc call (its
+    own case, the same round), not against sentence-transformers."""
+    return IMPLEMENTATIONS[:2] if variant in ROW_OPTIONS else IMPLEMENTATIONS
+
+
 CASES = [(batch, variant, r, impl, options) for batch in SIZES for variant in NAMES for r in range(_rounds(batch))
-         for impl, options in IMPLEMENTATIONS]
+         for impl, options in _implementations(variant)]
 RESULTS: dict[tuple, list[dict]] = {}
 
 
@@ -94,6 +104,9 @@ def summary_rows() -> list[dict]:
                        median_s=statistics.median(seconds), extra_peak_mib=max(r["extra_peak_mib"] for r in rs))
             if floor:
                 row["x_floor_median"] = round(statistics.median(seconds) / statistics.median(floor), 3)
+            plain = [r["seconds"] for r in RESULTS.get((batch, "query_to_doc"), []) if r["implementation"] == "fastcse"]
+            if variant in ROW_OPTIONS and impl == "fastcse" and plain:
+                row["x_plain_median"] = round(statistics.median(seconds) / statistics.median(plain), 3)
             rows.append(row)
     return rows
 
@@ -109,7 +122,9 @@ def print_side_by_side():
     if out:
         Path(out).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     print(f"\nloss variants, forward + backward, d={DIM}, one hard negative")
-    print(f"{'B':>6} {'variant':<34} {'implementation':<28} {'min s':>8} {'median':>8} {'x floor':>8} {'peak MiB':>9}")
+    print(f"{'B':>6} {'variant':<34} {'implementation':<28} {'min s':>8} {'median':>8} {'x floor':>8} "
+          f"{'x plain':>8} {'peak MiB':>9}")
     for r in rows:
         print(f"{r['batch']:>6} {r['variant']:<34} {r['implementation']:<28} {r['min_s']:8.2f} {r['median_s']:8.2f} "
-              f"{r.get('x_floor_median', float('nan')):8.2f} {r['extra_peak_mib']:9.0f}")
+              f"{r.get('x_floor_median', float('nan')):8.2f} {r.get('x_plain_median', float('nan')):8.2f} "
+              f"{r['extra_peak_mib']:9.0f}")

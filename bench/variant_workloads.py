@@ -3,7 +3,8 @@ forward + backward on the same embeddings, each factory returning (setup, run).
 
 - floor: the variant's matrix products (``fastcse.cpu.matrix_products``: scores and the two
   gradient products per direction block) as bare matmuls on preallocated inputs.
-- fastcse: ``fastcse.info_nce`` with the variant (CPU backend).
+- fastcse: ``fastcse.info_nce`` with the variant (CPU backend), or with one of ROW_OPTIONS
+  (group ids, a queue: fastcse only, compared with its own plain call and the floor).
 - mnrl: sentence-transformers' ``MultipleNegativesRankingLoss.compute_loss_from_embeddings``.
 - cached_mnrl: ``CachedMultipleNegativesRankingLoss.calculate_loss(..., with_backward=True)``,
   its loss over the whole batch computed ``mini_batch_size`` rows of the score matrix at a
@@ -28,7 +29,28 @@ VARIANTS = {
     "in_batch_negatives 9": dict(hardness_mode="in_batch_negatives", hardness_strength=9.0),
     "hard_negatives 5": dict(hardness_mode="hard_negatives", hardness_strength=5.0),
 }
+# fastcse-only options (issue #12; no sentence-transformers counterpart): name -> how to build them.
+QUEUE = 65536
+ROW_OPTIONS = {
+    "group_ids (groups of 4)": "groups",
+    f"extra_negatives Q={QUEUE}": "queue",
+}
 TEMPERATURE = 0.05
+
+
+def queue_size(variant: str, batch: int) -> int:
+    """The queue of a row-option case (scaled down with B for the smoke run)."""
+    return min(QUEUE, 4 * batch) if ROW_OPTIONS.get(variant) == "queue" else 0
+
+
+def _row_options(variant: str, batch: int, dim: int) -> dict:
+    kind = ROW_OPTIONS.get(variant)
+    gen = torch.Generator().manual_seed(1)
+    if kind == "groups":  # every id 4 times, in random rows: 3 false negatives per row to mask
+        return dict(group_ids=torch.randperm(batch, generator=gen) // 4)
+    if kind == "queue":  # detached, as a trainer's queue is
+        return dict(extra_negatives=torch.randn(queue_size(variant, batch), dim, generator=gen))
+    return {}
 
 
 def _embeddings(batch: int, dim: int, seed: int = 0):
@@ -45,9 +67,11 @@ def _zero_grads(tensors):
 def products(variant: str, batch: int, dim: int) -> list[tuple[str, int]]:
     """fastcse's matrix products for this variant (B anchors, one hard negative each)."""
     anchor = torch.empty(batch, dim)
-    candidates = torch.empty(2 * batch, dim)
+    extra = queue_size(variant, batch)
+    candidates = torch.empty(2 * batch + extra, dim)
     spec = describe(anchor, candidates, TEMPERATURE, pos_start=0, neg_start=batch, num_neg=1, normalize=True,
-                    hard_negative_weight=0.0, variant=resolve_variant(**VARIANTS[variant], num_neg=1))
+                    hard_negative_weight=0.0, variant=resolve_variant(**VARIANTS.get(variant, {}), num_neg=1),
+                    num_extra=extra)
     return matrix_products(spec)
 
 
@@ -75,7 +99,7 @@ def floor(batch: int, dim: int, variant: str = "query_to_doc"):
 
 
 def fastcse_loss(batch: int, dim: int, variant: str = "query_to_doc"):
-    options = VARIANTS[variant]
+    options = dict(VARIANTS.get(variant, {}), **_row_options(variant, batch, dim))
 
     def run(state):
         _zero_grads(state)
