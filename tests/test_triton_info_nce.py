@@ -3,11 +3,16 @@
 conftest.py sets TRITON_INTERPRET=1, so backend="triton" launches the very kernels that run on
 GPUs, program by program, on CPU tensors (with 16 x 16 x 16 tiles, so small shapes cross
 several tiles). Every loss and gradient (anchor, positive, negative, learnable temperature) is
-compared with info_nce_reference computed in fp64 from the same (rounded) inputs.
+compared with info_nce_reference computed in fp64 from the same (rounded) inputs, for every loss
+variant (directions x partition mode x hardness mode x hard negatives); separate anchor keys
+(the distributed layout) are checked through the backend contract against the reference on the
+concatenated problem. The interpreter costs ~70 ms per kernel launch: the cross product runs at
+one tiny shape, odd shapes and dtypes on a sample.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -15,11 +20,29 @@ import torch
 
 import fastcse
 from fastcse import cpu, triton_info_nce
+from fastcse.problem import DIRECTIONS, describe, resolve_variant
 from fastcse.reference import info_nce_reference
+
+# A direction without any cell in some row (B = 1's query_to_query) or a split of keys without one
+# has LSE log(0) = -inf, which numpy, running the interpreter's kernels, reports as a warning.
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 
 # fp32: the issue's 2e-4; 16-bit: the inputs are exact in the reference, the error is the
 # kernels' rounding of dS to the input dtype before the two gradient products.
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+
+Q2D, Q2Q, D2Q, D2D = DIRECTIONS
+# Every directions subset with query_to_doc (joint), and per_direction where it is allowed (the
+# subsets of {query_to_doc, doc_to_query} with two directions: one direction is always joint).
+SUBSETS = [(Q2D,) + rest for n in range(4) for rest in itertools.combinations((Q2Q, D2Q, D2D), n)]
+VARIANTS = [(d, "joint") for d in SUBSETS] + [((Q2D, D2Q), "per_direction")]
+HARDNESS = (None, "in_batch_negatives", "hard_negatives", "all_negatives")
+GTE = dict(directions=(Q2D, Q2Q, D2Q, D2D), partition_mode="joint")  # GTE's improved contrastive loss
+
+
+def _variant_id(directions, partition):
+    return "+".join(d.replace("query", "q").replace("doc", "d").replace("_to_", "2") for d in directions) + \
+        ("" if partition == "joint" else "/per_dir")
 
 
 def _inputs(batch, num_neg, dim, dtype, seed, scale=1.0):
@@ -47,33 +70,339 @@ def _loss_and_grads(fn, tensors, tau, upstream, dtype=None, **options):
 def _assert_close(name, actual, expected, tol, floor=1e-2):
     assert torch.isfinite(actual).all(), f"{name}: non-finite values {actual}"
     actual = actual.double()
-    scale = expected.abs().max().item()
-    err = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
     # Relative to the element and to the tensor's scale (gradients of a mean are ~1/B each), which
     # is stricter than the issue's absolute tol unless the tensor's scale is below the floor.
     ok = torch.allclose(actual, expected, rtol=tol, atol=tol * max(scale, floor))
     assert ok, f"{name}: max abs error {err:.3g} (tensor scale {scale:.3g}, tol {tol})"
 
 
-def check_against_reference(batch, num_neg, dim, *, dtype=torch.float32, tau=0.05, normalize=True,
-                            symmetric=False, weight=0.0, reduction="mean", seed=0, scale=1.0, tensors=None,
-                            floor=1e-2):
+def _temperature_floor(row_weights: torch.Tensor, tau: float) -> float:
+    """The scale below which d(tau) is cancellation, not signal. d(tau) = -(1/tau) sum_cells G s
+    with |s| <= 1/tau (cosine): terms of size g_i / tau^2 cancel within and across rows (exact
+    fp32 arithmetic, the reference's included, errs by ~1e-5 relative to them at these shapes),
+    so d(tau) is checked against sum_i |g_i| / tau, tau times below the terms' size."""
+    return row_weights.abs().sum().item() / tau
+
+
+def check_against_reference(batch, num_neg, dim, *, dtype=torch.float32, tau=0.05, normalize=True, weight=0.0,
+                            reduction="mean", seed=0, scale=1.0, tensors=None, floor=1e-2, **variant):
+    """fastcse.info_nce(backend="triton") against the fp64 reference: "mean"/"sum" take the
+    gradients-in-forward path, "none" (per-row upstream gradients) the backward's recompute."""
     tensors = tensors if tensors is not None else _inputs(batch, num_neg, dim, dtype, seed, scale)
     gen = torch.Generator().manual_seed(seed + 1)
     # "none" gets per-row upstream gradients (the recompute path); scalar reductions a non-unit scalar.
     upstream = torch.rand(batch, generator=gen) + 0.5 if reduction == "none" else torch.tensor(1.7)
-    options = dict(normalize=normalize, symmetric=symmetric, hard_negative_weight=weight, reduction=reduction)
+    options = dict(normalize=normalize, hard_negative_weight=weight, reduction=reduction, **variant)
     loss, grads = _loss_and_grads(fastcse.info_nce, tensors, tau, upstream, backend="triton", **options)
     ref_loss, ref_grads = _loss_and_grads(info_nce_reference, tensors, tau, upstream.double(), dtype=torch.float64,
                                           **options)
     assert loss.dtype == torch.float32
     tol = TOL[dtype]
     _assert_close("loss", loss, ref_loss, tol, floor)
+    row_weights = upstream.expand(batch) / (batch if reduction == "mean" else 1)
     for name, g, ref in zip(("anchor", "positive", "negative")[: len(grads) - 1] + ("temperature",), grads,
                             ref_grads):
         assert g.dtype == (dtype if name != "temperature" else torch.float32)
-        _assert_close(f"d{name}", g, ref, tol, floor)
+        tau_floor = _temperature_floor(row_weights, tau) if name == "temperature" and normalize else 0.0
+        _assert_close(f"d{name}", g, ref, tol, max(floor, tau_floor))
 
+
+# --------------------------------------------------------------------------------------------
+# The loss variants (issue #11)
+# --------------------------------------------------------------------------------------------
+
+# (k, weight): no hard negatives, one without the bias, three with it.
+_HARD_CASES = [(0, 0.0), (1, 0.0), (3, 0.7)]
+_CROSS = [(directions, partition, mode, k, w) for directions, partition in VARIANTS for mode in HARDNESS
+          for k, w in _HARD_CASES
+          if not (mode == "hard_negatives" and k == 0)]  # resolves to no hardness: the None case
+# The reductions rotate, so both gradient paths ("mean"/"sum": in the forward; "none": the
+# backward's recompute with per-row upstream gradients) see every variant family.
+CROSS_CASES = [pytest.param(*case, ("mean", "none", "sum")[i % 3],
+                            id=f"{_variant_id(*case[:2])}-{case[2]}-k{case[3]}-w{case[4]}")
+               for i, case in enumerate(_CROSS)]
+
+
+@pytest.mark.parametrize("directions,partition,mode,num_neg,weight,reduction", CROSS_CASES)
+def test_variants(directions, partition, mode, num_neg, weight, reduction):
+    """The whole cross product at one tiny shape: 5 rows, 5 to 20 candidates (two tiles of 16), d = 16."""
+    check_against_reference(5, num_neg, 16, weight=weight, reduction=reduction, directions=directions,
+                            partition_mode=partition, hardness_mode=mode, hardness_strength=3.0,
+                            seed=len(directions) + num_neg)
+
+
+@pytest.mark.parametrize("batch,num_neg,dim,variant,reduction", [
+    # B = 1: query_to_query's one key is the anchor itself, doc_to_doc's keys are all its own
+    # documents: those directions hold no cell (LSE -inf), joint's union still has query_to_doc.
+    (1, 0, 24, dict(GTE, hardness_mode="all_negatives"), "none"),
+    (1, 2, 40, dict(GTE, hardness_mode="in_batch_negatives"), "mean"),
+    (1, 1, 16, dict(symmetric=True, hardness_mode="all_negatives"), "sum"),
+    # 17 rows: row 16 is alone in its row block and in the last key tile of query_to_query, where
+    # its only key is itself: a tile without a finite logit (the online softmax's -inf guard).
+    (17, 0, 24, dict(directions=(Q2D, Q2Q), hardness_mode="in_batch_negatives"), "none"),
+    (17, 3, 40, dict(GTE, hardness_mode="hard_negatives"), "none"),
+    (17, 1, 24, dict(directions=(Q2D, D2Q, D2D), hardness_mode="all_negatives"), "mean"),
+    (19, 2, 16, dict(directions=(Q2D, D2Q), partition_mode="per_direction", hardness_mode="in_batch_negatives"),
+     "none"),
+    (19, 2, 40, dict(directions=(Q2D, D2Q), partition_mode="joint", hardness_mode="hard_negatives"), "sum"),
+    (13, 3, 100, dict(directions=(Q2D, D2D), hardness_mode="in_batch_negatives"), "none"),  # several d chunks
+])
+def test_variants_odd_shapes(batch, num_neg, dim, variant, reduction):
+    check_against_reference(batch, num_neg, dim, weight=0.4 if num_neg else 0.0, reduction=reduction,
+                            hardness_strength=3.0 if variant.get("hardness_mode") else 0.0, seed=batch + dim,
+                            **variant)
+
+
+@pytest.mark.parametrize("variant,reduction", [
+    (dict(GTE, hardness_mode="in_batch_negatives"), "none"),  # the penalty is strength * dot product
+    (dict(symmetric=True, hardness_mode="all_negatives"), "mean"),  # doc_to_query by its own sweep
+    (dict(directions=(Q2D, D2Q), partition_mode="joint"), "none"),
+    (dict(directions=(Q2D, Q2Q, D2D), hardness_mode="hard_negatives"), "sum"),
+])
+def test_variants_normalize_off(variant, reduction):
+    check_against_reference(18, 2, 24, normalize=False, weight=0.3, reduction=reduction, scale=0.15, seed=43,
+                            hardness_strength=3.0 if variant.get("hardness_mode") else 0.0, **variant)
+
+
+@pytest.mark.parametrize("tau,variant,reduction", [
+    # 2/tau = 200: doc_to_query's LSE needs its own online sweep, not the fixed max.
+    (0.01, dict(symmetric=True, hardness_mode="in_batch_negatives"), "none"),
+    (0.01, dict(directions=(Q2D, D2Q), partition_mode="joint", hardness_mode="all_negatives"), "mean"),
+    (0.01, dict(GTE, hardness_mode="all_negatives"), "none"),
+    (0.025, dict(GTE, hardness_mode="in_batch_negatives"), "sum"),  # the fused fixed-max path's limit
+    (1.0, dict(directions=(Q2D, Q2Q, D2Q), hardness_mode="hard_negatives"), "none"),
+])
+def test_variants_temperatures(tau, variant, reduction):
+    check_against_reference(20, 1, 24, tau=tau, weight=0.3, reduction=reduction, hardness_strength=3.0, seed=47,
+                            **variant)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant,normalize,reduction", [
+    (dict(GTE, hardness_mode="in_batch_negatives"), True, "none"),
+    (dict(symmetric=True, hardness_mode="all_negatives"), True, "mean"),
+    (dict(directions=(Q2D, D2Q, D2D), hardness_mode="hard_negatives"), False, "sum"),
+])
+def test_variants_half_precision(dtype, variant, normalize, reduction):
+    check_against_reference(18, 2, 40, dtype=dtype, normalize=normalize, weight=0.4, reduction=reduction,
+                            scale=1.0 if normalize else 0.15, hardness_strength=3.0, seed=53, **variant)
+
+
+# --------------------------------------------------------------------------------------------
+# Separate anchor keys: the distributed layout, through the backend contract
+# --------------------------------------------------------------------------------------------
+
+
+def _world(sizes, num_neg, dim, seed):
+    """Every rank's (anchors, positives, negatives [B_r, k, d]), concatenated in rank order."""
+    total = sum(sizes)
+    gen = torch.Generator().manual_seed(seed)
+    anchor = torch.randn(total, dim, generator=gen)
+    positive = anchor + 0.8 * torch.randn(total, dim, generator=gen)
+    negative = anchor[:, None] + 1.2 * torch.randn(total, num_neg, dim, generator=gen)
+    return anchor, positive, negative
+
+
+def _distributed_spec(sizes, rank, anchor, positive, negative, tau, weight, variant_kw, normalize=True):
+    """Rank ``rank``'s call as distributed.py makes it: its anchors against every rank's gathered
+    candidates (positives of all ranks, then negatives of all ranks), every rank's anchors as keys."""
+    total, num_neg, dim = anchor.shape[0], negative.shape[1], anchor.shape[1]
+    start, batch = sum(sizes[:rank]), sizes[rank]
+    candidates = torch.cat([positive, negative.reshape(total * num_neg, dim)])
+    local = anchor[start:start + batch].clone()
+    variant = resolve_variant(num_neg=num_neg, **variant_kw)
+    spec = describe(local, candidates, tau, pos_start=start, neg_start=total + start * num_neg, num_neg=num_neg,
+                    normalize=normalize, hard_negative_weight=weight, variant=variant, anchor_keys=anchor,
+                    anchor_start=start)
+    return local, candidates, spec
+
+
+@pytest.mark.parametrize("variant", [
+    dict(symmetric=True, hardness_mode="in_batch_negatives", hardness_strength=3.0),  # distributed symmetric
+    dict(directions=(Q2D, D2Q), partition_mode="joint", hardness_mode="all_negatives", hardness_strength=3.0),
+    dict(directions=(Q2D, Q2Q), hardness_mode="hard_negatives", hardness_strength=3.0),
+    dict(GTE, hardness_mode="in_batch_negatives", hardness_strength=3.0),
+    dict(GTE),
+    dict(directions=(Q2D, D2D), hardness_mode="all_negatives", hardness_strength=3.0),  # keys given, unused
+], ids=["symmetric", "q2d+d2q", "q2d+q2q", "gte-hard", "gte", "q2d+d2d"])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_separate_anchor_keys(variant, rank):
+    """A rank's rows of the single-process problem: row_loss and lse, d(candidates) and d(tau)
+    exactly as the reference's rows; d(anchor keys) plus d(anchor) at anchor_start is the
+    reference's d(anchors) (the gather's backward adds the two on the owner)."""
+    sizes, num_neg, dim, tau, weight = [5, 7, 4], 2, 24, 0.04, 0.5
+    anchor, positive, negative = _world(sizes, num_neg, dim, seed=59 + rank)
+    local, candidates, spec = _distributed_spec(sizes, rank, anchor, positive, negative, tau, weight, variant)
+    start, batch = spec.anchor_start, spec.batch
+    gen = torch.Generator().manual_seed(61)
+    grad_rows = torch.rand(batch, generator=gen) + 0.5
+
+    leaves = [x.double().requires_grad_() for x in (anchor, positive, negative)]
+    temperature = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
+    ref = info_nce_reference(*leaves, temperature=temperature, hard_negative_weight=weight, reduction="none",
+                             **variant)
+    ref_rows = ref[start:start + batch]
+
+    row_loss, lse, grads = triton_info_nce.forward(local, candidates, anchor, spec, compute_grad=True)
+    assert lse.shape == (spec.variant.num_partitions, batch) and lse.dtype == torch.float32
+    _assert_close("row_loss", row_loss, ref_rows.detach(), 2e-4)
+    back = triton_info_nce.backward(grad_rows, local, candidates, anchor, spec, lse)
+    for kind, got, weights in [("fused", grads, torch.ones(batch)), ("backward", back, grad_rows)]:
+        upstream = torch.zeros(sum(sizes), dtype=torch.float64)
+        upstream[start:start + batch] = weights.double()
+        want = torch.autograd.grad(ref, leaves + [temperature], upstream, retain_graph=True)
+        grad_anchor, grad_candidates, grad_keys, grad_tau = got
+        if spec.variant.needs_anchor_keys:
+            assert grad_keys.shape == anchor.shape and grad_keys.dtype == torch.float32
+            grad_all_anchors = grad_keys.clone()
+        else:
+            assert grad_keys is None
+            grad_all_anchors = torch.zeros_like(anchor)
+        grad_all_anchors[start:start + batch] += grad_anchor
+        _assert_close(f"{kind} d(anchor keys) + d(anchor)", grad_all_anchors, want[0], 2e-4)
+        _assert_close(f"{kind} d(candidates)", grad_candidates,
+                      torch.cat([want[1], want[2].reshape(-1, dim)]), 2e-4)
+        _assert_close(f"{kind} d(tau)", grad_tau, want[3], 2e-4, _temperature_floor(weights, tau))
+
+
+def test_separate_anchor_keys_equal_to_the_anchors():
+    """Anchor keys given as a tensor of their own that holds just the anchors: the same loss, and
+    d(anchor) + d(anchor keys) equals the one-process d(anchor) (keys None)."""
+    anchor, positive, negative = _inputs(11, 2, 24, torch.float32, seed=67)
+    candidates = torch.cat([positive, negative.reshape(-1, 24)])
+    variant = resolve_variant(num_neg=2, hardness_mode="in_batch_negatives", hardness_strength=3.0, **GTE)
+    options = dict(pos_start=0, neg_start=11, num_neg=2, normalize=True, hard_negative_weight=0.3, variant=variant)
+    spec = describe(anchor, candidates, 0.05, **options)
+    keyed = describe(anchor, candidates, 0.05, anchor_keys=anchor, **options)
+    loss, lse, (ga, gc, gk, gt) = triton_info_nce.forward(anchor, candidates, None, spec, compute_grad=True)
+    loss2, lse2, (ga2, gc2, gk2, gt2) = triton_info_nce.forward(anchor, candidates, anchor.clone(), keyed,
+                                                                compute_grad=True)
+    assert gk is None
+    for name, x, y in [("row_loss", loss2, loss), ("lse", lse2, lse), ("d(anchor)", ga2 + gk2, ga),
+                       ("d(candidates)", gc2, gc), ("d(tau)", gt2, gt)]:
+        _assert_close(name, x, y.double(), 1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# The backend contract, launches and products
+# --------------------------------------------------------------------------------------------
+
+_CONTRACT_VARIANTS = [
+    dict(),
+    dict(symmetric=True),
+    dict(symmetric=True, hardness_mode="all_negatives", hardness_strength=2.0),
+    dict(GTE, hardness_mode="in_batch_negatives", hardness_strength=2.0),
+]
+
+
+@pytest.mark.parametrize("variant", _CONTRACT_VARIANTS, ids=["q2d", "symmetric", "symmetric-hard", "gte"])
+def test_backend_contract_against_cpu(variant):
+    """forward/backward called directly against the CPU backend in fp64, with the targets not at
+    column i (a rank > 0: its positives sit after another rank's)."""
+    gen = torch.Generator().manual_seed(29)
+    batch, num_neg, dim = 11, 2, 24
+    pos_start = batch
+    anchor = torch.randn(batch, dim, generator=gen)
+    candidates = torch.randn(3 * batch + batch * num_neg, dim, generator=gen)
+    spec_variant = resolve_variant(num_neg=num_neg, **variant)
+    spec = describe(anchor, candidates, 0.04, pos_start=pos_start, neg_start=3 * batch, num_neg=num_neg,
+                    normalize=True, hard_negative_weight=0.6, variant=spec_variant)
+    spec64 = describe(anchor.double(), candidates.double(), 0.04, pos_start=pos_start, neg_start=3 * batch,
+                      num_neg=num_neg, normalize=True, hard_negative_weight=0.6, variant=spec_variant)
+    grad_rows = torch.rand(batch, generator=gen)
+    row_loss, lse, grads = triton_info_nce.forward(anchor, candidates, None, spec, compute_grad=True)
+    ref_loss, ref_lse, ref_grads = cpu.forward(anchor.double(), candidates.double(), None, spec64, compute_grad=True)
+    back = triton_info_nce.backward(grad_rows, anchor, candidates, None, spec, lse)
+    ref_back = cpu.backward(grad_rows.double(), anchor.double(), candidates.double(), None, spec64, ref_lse)
+    assert row_loss.dtype == torch.float32 and row_loss.shape == (batch,)
+    assert lse.dtype == torch.float32 and lse.shape == (spec_variant.num_partitions, batch)
+    _assert_close("row_loss", row_loss, ref_loss, 2e-4)
+    _assert_close("lse", lse, ref_lse, 2e-4)
+    for kind, got, want in [("fused", grads, ref_grads), ("backward", back, ref_back)]:
+        assert got[2] is None and want[2] is None
+        for name, x, ref in zip(("anchor", "candidates", "_", "tau"), got, want):
+            if name == "_":
+                continue
+            assert x.dtype == torch.float32 and x.shape == ref.shape, (kind, name, x.dtype, x.shape)
+            _assert_close(f"{kind} d{name}", x, ref, 2e-4,
+                          1e-2 if name != "tau" else _temperature_floor(torch.ones(batch), 0.04))
+
+
+def test_rejects_float64():
+    anchor, candidates = torch.randn(4, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+    spec = describe(anchor, candidates, 0.05, pos_start=0, neg_start=4, num_neg=1, normalize=True,
+                    hard_negative_weight=0.0)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        triton_info_nce.forward(anchor, candidates, None, spec, compute_grad=False)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        triton_info_nce.backward(torch.ones(4), anchor, candidates, None, spec, torch.zeros(1, 4))
+
+
+
+@pytest.mark.parametrize("extra", [dict(ids=torch.arange(4), id_mode="group"), dict(num_extra=2)],
+                         ids=["group_ids", "extra_negatives"])
+def test_refuses_issue_12_problems(extra):
+    """Ids (false negatives, labels) and extra negatives have no kernels yet: a clear error, not a wrong loss."""
+    anchor, candidates = torch.randn(4, 8), torch.randn(10, 8)
+    spec = describe(anchor, candidates, 0.05, pos_start=0, neg_start=4, num_neg=1, normalize=True,
+                    hard_negative_weight=0.0, **extra)
+    ids = extra.get("ids")
+    with pytest.raises(NotImplementedError, match="issue #12"):
+        triton_info_nce.forward(anchor, candidates, None, spec, compute_grad=False, ids=ids)
+    with pytest.raises(NotImplementedError, match="issue #12"):
+        triton_info_nce.backward(torch.ones(4), anchor, candidates, None, spec, torch.zeros(1, 4), ids=ids)
+
+def _count_launches(monkeypatch):
+    """Records (direction, fused doc_to_query) per forward launch and per backward launch."""
+    launches = {"forward": [], "backward": []}
+    forward, backward = triton_info_nce._launch_forward, triton_info_nce._launch_backward
+
+    def recording_forward(sweep, spec, cfg, col_sum=None):
+        launches["forward"].append((sweep.direction, col_sum is not None))
+        return forward(sweep, spec, cfg, col_sum)
+
+    def recording_backward(sweep, spec, cfg, lse, g, g_scale, grad_q, grad_k, lse_rev=None):
+        launches["backward"].append((sweep.direction, lse_rev is not None))
+        return backward(sweep, spec, cfg, lse, g, g_scale, grad_q, grad_k, lse_rev=lse_rev)
+
+    monkeypatch.setattr(triton_info_nce, "_launch_forward", recording_forward)
+    monkeypatch.setattr(triton_info_nce, "_launch_backward", recording_backward)
+    return launches
+
+
+@pytest.mark.parametrize("variant,separate,tau,forward_launches,backward_launches", [
+    # query_to_doc alone: one B x N x d sweep forward, one tile pass (3 products) backward.
+    (dict(), False, 0.05, [(Q2D, False)], [(Q2D, False)]),
+    # symmetric (either partition, any hardness), one process: doc_to_query rides on query_to_doc's tiles.
+    (dict(symmetric=True, hardness_mode="in_batch_negatives", hardness_strength=2.0), False, 0.05,
+     [(Q2D, True)], [(Q2D, True)]),
+    (dict(directions=(Q2D, D2Q), partition_mode="joint"), False, 0.05, [(Q2D, True)], [(Q2D, True)]),
+    # below tau = 0.025 the fixed max is unsafe: doc_to_query's B x B sweep in the forward only.
+    (dict(symmetric=True), False, 0.02, [(Q2D, False), (D2Q, False)], [(Q2D, True)]),
+    # distributed symmetric: the keys are every rank's anchors, doc_to_query sweeps them.
+    (dict(symmetric=True), True, 0.05, [(Q2D, False), (D2Q, False)], [(Q2D, False), (D2Q, False)]),
+    (GTE, False, 0.05, [(Q2D, True), (Q2Q, False), (D2D, False)], [(Q2D, True), (Q2Q, False), (D2D, False)]),
+])
+def test_launches_per_variant(monkeypatch, variant, separate, tau, forward_launches, backward_launches):
+    """The fast paths keep their product counts (the module docstring's table): one forward and
+    one backward sweep per direction, none for doc_to_query when the keys are the anchors."""
+    launches = _count_launches(monkeypatch)
+    anchor, positive, negative = _inputs(6, 1, 16, torch.float32, seed=71)
+    candidates = torch.cat([positive, negative])
+    keys = torch.cat([torch.randn(3, 16), anchor]) if separate else None
+    spec = describe(anchor, candidates, tau, pos_start=0, neg_start=6, num_neg=1, normalize=True,
+                    hard_negative_weight=0.5, variant=resolve_variant(num_neg=1, **variant), anchor_keys=keys,
+                    anchor_start=3 if separate else 0)
+    triton_info_nce.forward(anchor, candidates, keys, spec, compute_grad=True)
+    assert launches["forward"] == forward_launches
+    assert launches["backward"] == backward_launches
+
+
+# --------------------------------------------------------------------------------------------
+# The classic options (query_to_doc, symmetric), edge cases and numerics
+# --------------------------------------------------------------------------------------------
 
 # Every combination of normalize x symmetric x (k, weight), reductions rotating through them.
 _HARD = [(0, 0.0), (1, 0.7), (3, -0.4)]
@@ -91,15 +420,9 @@ def test_options_fp32(normalize, symmetric, num_neg, weight, reduction):
                             reduction=reduction, scale=1.0 if normalize else 0.15)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_reductions_symmetric_hard_negatives(reduction):
-    check_against_reference(21, 2, 20, symmetric=True, weight=0.5, reduction=reduction, seed=3)
-
-
 @pytest.mark.parametrize("tau,symmetric,reduction", [
     (0.01, True, "none"),   # 2/tau = 200: the reverse LSE needs the column sweep, not the fixed max
     (0.01, False, "mean"),
-    (0.02, True, "mean"),
     (0.025, True, "sum"),   # the smallest tau on the fused fixed-max path (2/tau = 80)
     (1.0, True, "mean"),
 ])
@@ -117,7 +440,8 @@ def test_reverse_direction_far_below_the_fixed_max(tau):
     positive = -torch.randn(18, 20, generator=gen).abs()
     positive[4] = -anchor[4]  # the exact opposite: s = -1/tau, the bound
     negative = torch.randn(18, 20, generator=gen)
-    check_against_reference(18, 1, 20, tau=tau, symmetric=True, reduction="none", tensors=(anchor, positive, negative))
+    check_against_reference(18, 1, 20, tau=tau, symmetric=True, hardness_mode="all_negatives", hardness_strength=2.0,
+                            reduction="none", tensors=(anchor, positive, negative))
 
 
 @pytest.mark.parametrize("batch,num_neg,dim,symmetric", [
@@ -125,7 +449,6 @@ def test_reverse_direction_far_below_the_fixed_max(tau):
     (1, 2, 5, True),
     (17, 0, 7, True),
     (31, 1, 37, False),  # primes everywhere
-    (13, 3, 100, True),  # d not a power of two, several d chunks
 ])
 def test_odd_shapes(batch, num_neg, dim, symmetric):
     check_against_reference(batch, num_neg, dim, symmetric=symmetric, weight=0.2 if num_neg else 0.0,
@@ -141,8 +464,9 @@ def test_dim_one(normalize):
     anchor = torch.tensor([[1.5], [-0.7], [0.2]])
     positive = torch.tensor([[0.9], [-1.1], [-0.4]])
     negative = torch.tensor([[-2.0], [0.3], [0.8]])
-    check_against_reference(3, 1, 1, normalize=normalize, symmetric=True, weight=0.4, tau=0.1, reduction="none",
-                            tensors=(anchor, positive, negative), floor=1.0)
+    check_against_reference(3, 1, 1, normalize=normalize, weight=0.4, tau=0.1, reduction="none",
+                            tensors=(anchor, positive, negative), floor=1.0, hardness_mode="in_batch_negatives",
+                            hardness_strength=1.5, **GTE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -158,29 +482,33 @@ def test_half_precision(dtype, normalize, symmetric, num_neg, reduction, tau):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_large_dot_product_logits_do_not_overflow(dtype):
-    # normalize=False with logits up to several hundred (1/tau = 100 and beyond): online softmax.
-    check_against_reference(20, 1, 32, dtype=dtype, tau=0.01, normalize=False, symmetric=True, scale=0.6,
-                            reduction="none", seed=11)
+    # normalize=False with logits up to several hundred (1/tau = 100 and beyond): online softmax,
+    # in every direction (the masked ones with their -inf cells too).
+    check_against_reference(20, 1, 32, dtype=dtype, tau=0.01, normalize=False, scale=0.6, reduction="none",
+                            seed=11, hardness_mode="all_negatives", hardness_strength=3.0, **GTE)
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_zero_rows(symmetric):
+@pytest.mark.parametrize("variant", [dict(), dict(symmetric=True), dict(GTE, hardness_mode="all_negatives",
+                                                                        hardness_strength=3.0)],
+                         ids=["q2d", "symmetric", "gte"])
+def test_zero_rows(variant):
     anchor, positive, negative = _inputs(12, 2, 24, torch.float32, seed=13)
     anchor[3] = 0.0
     positive[5] = 0.0
     negative[7, 1] = 0.0
     anchor[6] *= 5e-13 / anchor[6].norm()  # 0 < ||x|| < eps: x_hat = x / eps, no projection in the backward
-    check_against_reference(12, 2, 24, symmetric=symmetric, weight=0.3, reduction="none",
-                            tensors=(anchor, positive, negative))
+    check_against_reference(12, 2, 24, weight=0.3, reduction="none", tensors=(anchor, positive, negative),
+                            **variant)
 
 
 def test_zero_rows_low_precision_loss_is_finite():
     anchor, positive, _ = _inputs(9, 0, 16, torch.bfloat16, seed=17)
     anchor[0] = 0.0
     positive[:4] = 0.0
-    loss = fastcse.info_nce(anchor, positive, symmetric=True, reduction="none", backend="triton")
-    ref = info_nce_reference(anchor.double(), positive.double(), symmetric=True, reduction="none")
-    _assert_close("loss", loss, ref, TOL[torch.bfloat16])
+    for variant in (dict(symmetric=True), GTE):
+        loss = fastcse.info_nce(anchor, positive, reduction="none", backend="triton", **variant)
+        ref = info_nce_reference(anchor.double(), positive.double(), reduction="none", **variant)
+        _assert_close("loss", loss, ref, TOL[torch.bfloat16])
 
 
 def test_duplicate_rows():
@@ -188,12 +516,16 @@ def test_duplicate_rows():
     anchor[9] = anchor[2]
     positive[9] = positive[2]       # two identical candidates: tied logits
     negative[4] = positive[4]       # a hard negative equal to its own positive
-    check_against_reference(14, 1, 24, symmetric=True, weight=0.5, reduction="none",
-                            tensors=(anchor, positive, negative))
+    check_against_reference(14, 1, 24, weight=0.5, reduction="none", tensors=(anchor, positive, negative),
+                            hardness_mode="in_batch_negatives", hardness_strength=3.0, **GTE)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_production_block_sizes(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype,batch,variant", [
+    (torch.float32, 130, dict(symmetric=True)),
+    (torch.float16, 130, dict(symmetric=True, hardness_mode="in_batch_negatives", hardness_strength=3.0)),
+    (torch.float32, 70, dict(GTE, hardness_mode="hard_negatives", hardness_strength=3.0)),
+], ids=["fp32-symmetric", "fp16-symmetric-hard", "fp32-gte"])
+def test_production_block_sizes(dtype, batch, variant, monkeypatch):
     """The GPU tile configuration (64 x 64 / 64 x 32 tiles, 16/32-wide d chunks), masked at every edge."""
     small_config = triton_info_nce.select_config
 
@@ -202,70 +534,9 @@ def test_production_block_sizes(dtype, monkeypatch):
 
     monkeypatch.setattr(triton_info_nce, "select_config", gpu_config)
     assert triton_info_nce.select_config(dtype, 80).fwd.block_m > 16
-    # 130 rows: three row blocks of 64, the last of 2 rows; 260 candidates; d = 80: 3 or 5 chunks.
-    check_against_reference(130, 1, 80, dtype=dtype, symmetric=True, weight=0.3, reduction="none", seed=23)
-
-
-def _backend_args(batch, num_neg, pos_start):
-    return dict(pos_start=pos_start, neg_start=3 * batch, num_neg=num_neg, normalize=True,
-                hard_negative_weight=0.6)
-
-
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_backend_contract_against_cpu(symmetric):
-    """forward/backward called directly, as distributed.py does (targets not at column i)."""
-    gen = torch.Generator().manual_seed(29)
-    batch, num_neg, dim = 11, 2, 24
-    pos_start = 0 if symmetric else batch  # a rank > 0: its positives sit after another rank's
-    anchor = torch.randn(batch, dim, generator=gen)
-    candidates = torch.randn(3 * batch + batch * num_neg, dim, generator=gen)
-    options = dict(_backend_args(batch, num_neg, pos_start), symmetric=symmetric)
-    tau = 0.04
-    grad_rows = torch.rand(batch, generator=gen)
-    row_loss, lse, lse_rev, grads = triton_info_nce.forward(anchor, candidates, tau, compute_grad=True, **options)
-    ref_loss, ref_lse, ref_lse_rev, ref_grads = cpu.forward(anchor.double(), candidates.double(), tau,
-                                                            compute_grad=True, **options)
-    back = triton_info_nce.backward(grad_rows, anchor, candidates, tau, lse, lse_rev, **options)
-    ref_back = cpu.backward(grad_rows.double(), anchor.double(), candidates.double(), tau, ref_lse, ref_lse_rev,
-                            **options)
-    for name, x, ref in [("row_loss", row_loss, ref_loss), ("lse", lse, ref_lse)]:
-        assert x.dtype == torch.float32 and x.shape == (batch,)
-        _assert_close(name, x, ref, 2e-4)
-    if symmetric:
-        _assert_close("lse_rev", lse_rev, ref_lse_rev, 2e-4)
-    else:
-        assert lse_rev.numel() == 0
-    for kind, got, want in [("fused", grads, ref_grads), ("backward", back, ref_back)]:
-        for name, x, ref in zip(("anchor", "candidates", "tau"), got, want):
-            assert x.dtype == torch.float32 and x.shape == ref.shape, (kind, name, x.dtype, x.shape)
-            _assert_close(f"{kind} d{name}", x, ref, 2e-4)
-
-
-_INVALID_PROBLEMS = [  # (anchor rows, candidates shape, dtype of the candidates, options, error, match)
-    (4, (12, 8), torch.float32, dict(pos_start=0, neg_start=2, num_neg=2, symmetric=True, hard_negative_weight=0.5),
-     ValueError, "hard negatives after the positives"),
-    (4, (12, 8), torch.float32, dict(pos_start=4, neg_start=8, num_neg=1, symmetric=True, hard_negative_weight=0.0),
-     ValueError, "positives as the first B candidates"),
-    (4, (3, 8), torch.float32, dict(pos_start=0, neg_start=4, num_neg=0, symmetric=True, hard_negative_weight=0.0),
-     ValueError, "positives as the first B candidates"),
-    (4, (12, 8), torch.float16, dict(pos_start=0, neg_start=4, num_neg=2, symmetric=False, hard_negative_weight=0.5),
-     TypeError, "candidates have dtype"),
-    (4, (12, 6), torch.float32, dict(pos_start=0, neg_start=4, num_neg=2, symmetric=False, hard_negative_weight=0.5),
-     ValueError, "candidates must be"),
-]
-
-
-@pytest.mark.parametrize("backend", [cpu, triton_info_nce], ids=["cpu", "triton"])
-@pytest.mark.parametrize("batch,shape,dtype,options,error,match", _INVALID_PROBLEMS)
-def test_backends_reject_the_same_problems(backend, batch, shape, dtype, options, error, match):
-    """One problem description (fastcse.problem) for both backends: the CPU one used to accept a
-    hard-negative bias inside the positive block with symmetric, which leaks into the reverse direction."""
-    anchor, candidates = torch.randn(batch, 8), torch.randn(*shape).to(dtype)
-    with pytest.raises(error, match=match):
-        backend.forward(anchor, candidates, 0.05, normalize=True, compute_grad=False, **options)
-    lse = torch.zeros(batch)
-    with pytest.raises(error, match=match):
-        backend.backward(torch.ones(batch), anchor, candidates, 0.05, lse, lse, normalize=True, **options)
+    # 130 rows: three row blocks of 64, the last of 2 rows; 260 candidates; d = 80: 3 or 5 chunks
+    # (70 rows: two blocks, the last of 6).
+    check_against_reference(batch, 1, 80, dtype=dtype, weight=0.3, reduction="none", seed=23, **variant)
 
 
 @pytest.mark.parametrize("tau,fused", [(0.025, True), (0.0249, False)])
@@ -274,23 +545,16 @@ def test_fixed_max_path_selection(monkeypatch, tau, fused):
     (every reverse score at the bound -1/tau, exp(s - M) = exp(-80)) its reverse LSE is exact."""
     assert triton_info_nce._fixed_max_is_safe(True, tau) == fused
     assert not triton_info_nce._fixed_max_is_safe(False, 1.0)
-    launches = []
-    launch = triton_info_nce._launch_forward
-
-    def recording_launch(*args, **kwargs):
-        launches.append(kwargs.get("col_sum") is not None)
-        return launch(*args, **kwargs)
-
-    monkeypatch.setattr(triton_info_nce, "_launch_forward", recording_launch)
+    launches = _count_launches(monkeypatch)
     batch = 18
     anchor = torch.randn(1, 20).abs().expand(batch, 20).contiguous()  # all one direction
     candidates = torch.cat([-anchor, torch.randn(batch, 20)])  # positive i = -anchor i: s_rev = -1/tau
-    _, _, lse_rev, _ = triton_info_nce.forward(anchor, candidates, tau, pos_start=0, neg_start=batch, num_neg=1,
-                                               normalize=True, symmetric=True, hard_negative_weight=0.0,
-                                               compute_grad=False)
-    assert launches == ([True] if fused else [False, False])
+    spec = describe(anchor, candidates, tau, pos_start=0, neg_start=batch, num_neg=1, normalize=True,
+                    hard_negative_weight=0.0, variant=resolve_variant(symmetric=True))
+    _, lse, _ = triton_info_nce.forward(anchor, candidates, None, spec, compute_grad=False)
+    assert launches["forward"] == ([(Q2D, True)] if fused else [(Q2D, False), (D2Q, False)])
     expected = torch.full((batch,), -1 / tau + math.log(batch), dtype=torch.float64)  # LSE of B equal terms
-    _assert_close("lse_rev", lse_rev, expected, 2e-4)
+    _assert_close("lse_rev", lse[1], expected, 2e-4)
 
 
 def test_column_splits_cover_every_tile_without_empty_splits():
@@ -307,7 +571,8 @@ def test_column_splits_cover_every_tile_without_empty_splits():
 
 
 def test_no_tensor_of_batch_times_candidates_size():
-    """Every tensor the launch code creates (statistics, partials, gradients) is O((B + N) d)."""
+    """Every tensor the launch code creates (statistics, partials, gradients) is O((B + N + M) d),
+    for every direction (and doc_to_query's own sweep at a small tau)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class LargestTensor(TorchDispatchMode):
@@ -321,16 +586,17 @@ def test_no_tensor_of_batch_times_candidates_size():
                     LargestTensor.largest = max(LargestTensor.largest, t.numel() * t.element_size())
             return out
 
-    batch, num_neg, dim = 40, 3, 12  # N = 160 candidates: B N = 6400 > N d = 1920
+    batch, num_neg, dim = 20, 3, 12  # N = 80 candidates: B N = 1600 > N d = 960
     anchor, positive, negative = _inputs(batch, num_neg, dim, torch.float32, seed=37)
     candidates = torch.cat([positive, negative.reshape(-1, dim)])
-    options = dict(pos_start=0, neg_start=batch, num_neg=num_neg, normalize=True, symmetric=True,
-                   hard_negative_weight=0.5)
+    variant = resolve_variant(num_neg=num_neg, hardness_mode="in_batch_negatives", hardness_strength=2.0, **GTE)
+    spec = describe(anchor, candidates, 0.01, pos_start=0, neg_start=batch, num_neg=num_neg, normalize=True,
+                    hard_negative_weight=0.5, variant=variant)
     with LargestTensor():
-        _, lse, lse_rev, grads = triton_info_nce.forward(anchor, candidates, 0.01, compute_grad=True, **options)
-        triton_info_nce.backward(torch.ones(batch), anchor, candidates, 0.01, lse, lse_rev, **options)
+        _, lse, grads = triton_info_nce.forward(anchor, candidates, None, spec, compute_grad=True)
+        triton_info_nce.backward(torch.ones(batch), anchor, candidates, None, spec, lse)
     assert grads is not None
-    # The largest is d(candidates), [N, d] fp32; a score block would be B N fp32 (3.3x more).
+    # The largest is d(candidates), [N, d] fp32; a score block would be B N fp32 (1.7x more).
     assert LargestTensor.largest == candidates.numel() * 4, LargestTensor.largest
 
 
@@ -350,8 +616,12 @@ def _assert_rows_close(name, actual, expected, tol, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("symmetric,reduction", [(False, "none"), (True, "mean")])
-def test_zero_and_tiny_rows_half_precision_gradients(dtype, symmetric, reduction):
+@pytest.mark.parametrize("variant,reduction", [
+    (dict(), "none"),
+    (dict(symmetric=True), "mean"),
+    (dict(GTE, hardness_mode="all_negatives", hardness_strength=3.0), "none"),
+], ids=["q2d", "symmetric", "gte"])
+def test_zero_and_tiny_rows_half_precision_gradients(dtype, variant, reduction):
     """A zero row and rows of norm 4e-5 in 16-bit inputs: every gradient row matches the fp64
     reference (1 / ||x|| up to 1e12 never multiplies a 16-bit operand of the gradient products)."""
     anchor, positive, negative = _inputs(12, 2, 24, torch.float32, seed=41)
@@ -361,7 +631,7 @@ def test_zero_and_tiny_rows_half_precision_gradients(dtype, symmetric, reduction
         x[row] *= 4e-5 / x[row].norm()
     tensors = [x.to(dtype) for x in (anchor, positive, negative)]
     upstream = torch.rand(12) + 0.5 if reduction == "none" else torch.tensor(1.0)
-    options = dict(symmetric=symmetric, hard_negative_weight=0.3, reduction=reduction)
+    options = dict(hard_negative_weight=0.3, reduction=reduction, **variant)
     loss, grads = _loss_and_grads(fastcse.info_nce, tensors, 0.05, upstream, backend="triton", **options)
     ref_loss, ref_grads = _loss_and_grads(info_nce_reference, tensors, 0.05, upstream.double(),
                                           dtype=torch.float64, **options)
