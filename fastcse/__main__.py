@@ -34,6 +34,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: a size where 0 means off (e.g. --negative-queue-size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 def torch_device(text: str) -> str:
     """argparse type: a device string torch knows and this machine has (checked before any loading)."""
     import torch
@@ -113,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "SimCSE; evaluates on STS-B dev and keeps the best checkpoint.")
     tr.add_argument("--model", required=True, help="model folder or Hub id (AutoModel); with --from-scratch, "
                                                     "the tokenizer to build a fresh BERT around")
-    tr.add_argument("--data", required=True, help="unsup: text file, one sentence a line; sup: CSV sent0,sent1[,hard_neg]")
+    tr.add_argument("--data", required=True,
+                    help="unsup: text file, one sentence a line; sup: CSV sent0,sent1[,hard_neg][,label] (label: "
+                         "integer ids, equal ids are positives)")
     tr.add_argument("--mode", choices=("unsup", "sup"), default="unsup", help="(default: %(default)s)")
     tr.add_argument("--from-scratch", action="store_true", help="train a randomly initialized BERT with --model's tokenizer")
     tr.add_argument("--scratch-hidden-size", type=positive_int, default=256, help="(default: %(default)s)")
@@ -126,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "pretrained pooler (default: %(default)s)")
     tr.add_argument("--temperature", type=float, default=0.05, help="(default: %(default)s)")
     tr.add_argument("--hard-negative-weight", type=float, default=0.0, help="(default: %(default)s)")
+    tr.add_argument("--mask-duplicates", action=argparse.BooleanOptionalAction, default=True,
+                    help="leave rows that share an anchor or positive text out of each other's negatives (false "
+                         "negatives); no effect on data with labels (default: on)")
+    tr.add_argument("--negative-queue-size", type=non_negative_int, default=0, metavar="Q",
+                    help="score the last Q queued positives of earlier batches as extra negatives (XBM); "
+                         "0: no queue (default: %(default)s)")
     tr.add_argument("--learning-rate", type=float, default=None, help="(default: 3e-5 unsup, 5e-5 sup)")
     tr.add_argument("--epochs", type=positive_int, default=None, help="(default: 1 unsup, 3 sup)")
     tr.add_argument("--max-seq-length", type=positive_int, default=32, help="(default: %(default)s)")
@@ -150,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--alignment-uniformity", action="store_true", help="also Wang & Isola's metrics on STS-B test")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     _add_common(ev)
+
+    from fastcse.gpu_check import add_arguments as add_gpu_check_arguments
+
+    add_gpu_check_arguments(sub.add_parser(
+        "gpu-check", help="prove the kernels on this machine's GPU: correctness, speed, memory (~4-8 min)",
+        description="Correctness of the Triton kernels against the fp64 reference, determinism, torch.compile, "
+                    "the CUDA pack kernel and NCCL, speed and memory against plain PyTorch, Inf-CL and "
+                    "cut-cross-entropy, and a sentence-transformers step; writes <out>/gpu_check.json and .md. "
+                    "Exit 1 if a correctness check fails, 2 without a CUDA device (unless --interpret)."))
     return parser
 
 
@@ -209,6 +237,7 @@ def run_train(args) -> int:
     eval_data = None if args.eval_data.lower() == "none" else args.eval_data
     result = train(model, args.data, mode=args.mode, pooler=args.pooler, mlp_only_train=mlp, mlp_init=args.mlp_init,
                    temperature=args.temperature, hard_negative_weight=args.hard_negative_weight,
+                   mask_duplicates=args.mask_duplicates, negative_queue_size=args.negative_queue_size,
                    learning_rate=args.learning_rate, epochs=args.epochs, max_seq_length=args.max_seq_length,
                    eval_data=eval_data, precision=args.precision, device=args.device, **_train_kwargs(args))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank holds the result; one prints it
@@ -240,13 +269,19 @@ def run_eval(args) -> int:
     return 0
 
 
+def run_gpu_check(args) -> int:
+    from fastcse.gpu_check import run
+
+    return run(args)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return {"demo": run_demo, "train": run_train, "eval": run_eval}[args.command](args)
+        return {"demo": run_demo, "train": run_train, "eval": run_eval, "gpu-check": run_gpu_check}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

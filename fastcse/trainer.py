@@ -1,8 +1,10 @@
 """``fastcse.train``: unsupervised and supervised SimCSE over Hugging Face encoders.
 
-A thin trainer: AdamW with linear decay, the fused ``fastcse.info_nce`` loss, optional gradient
-caching (``mini_batch_size``), STS-B dev evaluation every ``eval_steps`` keeping the best
-checkpoint, atomic checkpoints, ``resume_from``, a tqdm bar and a JSON-lines metrics file.
+A thin trainer: AdamW with linear decay, the fused ``fastcse.info_nce`` loss (a batch's duplicate
+texts masked out of each other's negatives, an optional queue of recent positives as extra
+negatives, integer labels as several positives), optional gradient caching
+(``mini_batch_size``), STS-B dev evaluation every ``eval_steps`` keeping the best checkpoint,
+atomic checkpoints, ``resume_from``, a tqdm bar and a JSON-lines metrics file.
 Defaults follow the SimCSE paper.
 
 Multi-process training (``torchrun``, any ``torch.distributed`` backend; tested on CPU with gloo):
@@ -67,7 +69,12 @@ DEFAULT_EPOCHS = {"unsup": 1, "sup": 3}
 # device, the world size, eval_steps, mlp_init (the checkpoint's weights win).
 RESUME_SETTINGS = ("mode", "data", "num_examples", "batch_size", "seed", "total_steps", "learning_rate",
                    "weight_decay", "warmup_steps", "max_grad_norm", "temperature", "hard_negative_weight", "pooler",
-                   "mlp_only_train", "max_seq_length", "precision", "eval_data")
+                   "mlp_only_train", "max_seq_length", "precision", "eval_data", "mask_duplicates",
+                   "negative_queue_size")
+# What a checkpoint saved before a setting existed ran with: compared as such, so that resuming a
+# run of an earlier fastcse (which never masked duplicates) with mask_duplicates=True is refused
+# like any other change of the loss, rather than passing unnoticed.
+EARLIER_SETTINGS = {"mask_duplicates": False, "negative_queue_size": 0}
 
 
 @dataclass
@@ -813,6 +820,13 @@ class BatchOrder:
         return epoch, self._batches[position]
 
 
+def row_texts(examples, ids: list[int], mode: str) -> list[tuple[str, str]]:
+    """The (anchor, positive) texts of the rows ``ids``: unsupervised, the sentence twice."""
+    if mode == "unsup":
+        return [(examples[i], examples[i]) for i in ids]
+    return [(examples[i][0], examples[i][1]) for i in ids]
+
+
 def step_texts(examples, ids: list[int], mode: str) -> tuple[list[str], int]:
     """(the texts to tokenize, how many sequences each stands for): unsupervised sentences are
     tokenized once and encoded twice (the two dropout views); supervised examples are flattened
@@ -853,6 +867,121 @@ class TokenizedBatches:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+@dataclass(frozen=True)
+class StepRows:
+    """What a step's loss needs to know about its rows besides their embeddings.
+
+    ``group_ids``: this rank's rows' duplicate groups (ids of the global batch), None when the
+    global batch has no duplicates (the plain loss). ``labels``: this rank's rows' labels.
+    ``queue_keys``: the texts of every rank's positives in global row order, pushed to the
+    negative queue with their embeddings. ``queue_exclude``: the texts of the global batch; a
+    queued entry that repeats one is left out of the step's extra negatives."""
+
+    group_ids: tuple[int, ...] | None = None
+    labels: tuple[int, ...] | None = None
+    queue_keys: tuple[str, ...] = ()
+    queue_exclude: frozenset[str] = frozenset()
+
+
+NO_ROWS = StepRows()
+
+
+class BatchRows:
+    """The :class:`StepRows` of each step, computed from the global batch, so that they are the
+    same on every rank (the group ids and labels are compared globally by ``info_nce``, and
+    every rank must push the same rows to its queue). Pure Python: O(batch) hashing a step.
+    Holds its own :class:`BatchOrder`: the one of :class:`TokenizedBatches` is used by its
+    background thread, and a BatchOrder is not safe to share between threads."""
+
+    def __init__(self, examples, mode: str, labels: list[int] | None, order: BatchOrder, shard: tuple[int, int],
+                 *, mask_duplicates: bool, queue: bool):
+        self.examples, self.mode, self.labels, self.order, self.shard = examples, mode, labels, order, shard
+        self.mask_duplicates, self.queue = mask_duplicates, queue
+
+    def __call__(self, step: int) -> StepRows:
+        _, ids = self.order(step)
+        labels = None if self.labels is None else self._local([self.labels[i] for i in ids])
+        if not (self.mask_duplicates or self.queue):
+            return StepRows(labels=labels)
+        texts = row_texts(self.examples, ids, self.mode)
+        return StepRows(group_ids=self._group_ids(texts) if self.mask_duplicates else None, labels=labels,
+                        queue_keys=tuple(positive for _, positive in texts) if self.queue else (),
+                        queue_exclude=self._repeated_in_queue(texts))
+
+    def _local(self, values: list) -> tuple:
+        """This rank's share of a global batch's values."""
+        return tuple(values[self.shard[0]:self.shard[1]])
+
+    def _group_ids(self, texts: list[tuple[str, str]]) -> tuple[int, ...] | None:
+        groups = datalib.duplicate_groups(texts)
+        return self._local(groups) if len(set(groups)) < len(groups) else None
+
+    def _repeated_in_queue(self, texts: list[tuple[str, str]]) -> frozenset[str]:
+        """The texts a queued row must not repeat: the batch's own, when duplicates are masked."""
+        if not (self.queue and self.mask_duplicates):
+            return frozenset()
+        return frozenset(text for row in texts for text in row)
+
+
+class NegativeQueue:
+    """A FIFO of the detached embeddings of the most recent batches' positives (XBM, Wang et al.
+    2020), which every anchor of the following steps scores as extra negatives. A step pushes
+    its positives after its loss, so its own positives are never scored twice. Each row keeps
+    the text it embeds: a step leaves out the entries that repeat one of its own texts (they
+    are false negatives of the anchor with that text). Oldest rows first."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.rows: torch.Tensor | None = None
+        self.keys: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def negatives(self, exclude: frozenset[str] = frozenset()) -> torch.Tensor | None:
+        """The queued rows, less those whose text is in ``exclude``; None when none are left."""
+        if self.rows is None:
+            return None
+        if exclude and not exclude.isdisjoint(self.keys):
+            keep = [i for i, key in enumerate(self.keys) if key not in exclude]
+            return self.rows[keep] if keep else None
+        return self.rows
+
+    def push(self, rows: torch.Tensor, keys) -> None:
+        """Appends ``rows`` (with ``keys``, their texts) and drops the oldest past the capacity."""
+        keys = list(keys)
+        if len(keys) != len(rows):
+            raise ValueError(f"the queue takes one text per row: {len(rows)} rows, {len(keys)} texts")
+        rows = rows.detach()
+        self.rows = rows[-self.capacity:] if self.rows is None else torch.cat([self.rows, rows])[-self.capacity:]
+        self.keys = (self.keys + keys)[-self.capacity:]
+
+    def state_dict(self) -> dict:
+        return {"rows": None if self.rows is None else self.rows.cpu(), "keys": list(self.keys)}
+
+    def load_state_dict(self, state: dict | None, device: torch.device) -> None:
+        """A checkpoint's queue (None: a checkpoint without one, the queue starts empty); a
+        smaller capacity than the checkpoint's (resume_override) keeps the newest rows."""
+        self.rows, self.keys = None, []
+        if state is not None and state["rows"] is not None:
+            self.push(state["rows"].to(device), state["keys"])
+
+
+def gather_from_ranks(rows: torch.Tensor, rank_rows: list[int], process_group) -> torch.Tensor:
+    """Every rank's ``rows`` in rank order, detached (ranks may hold different counts,
+    ``rank_rows``: all_gather takes equal shapes, so each rank's block is padded to the largest)."""
+    padded = rows.new_zeros((max(rank_rows), rows.shape[1]))
+    padded[:len(rows)] = rows.detach()
+    blocks = [torch.empty_like(padded) for _ in rank_rows]
+    dist.all_gather(blocks, padded, group=process_group)
+    return torch.cat([block[:n] for block, n in zip(blocks, rank_rows)])
+
+
+def rows_per_rank(batch_size: int, world: int) -> list[int]:
+    """How many of a global batch's rows each rank holds (rank r: rows [r*B//W, (r+1)*B//W))."""
+    return [(r + 1) * batch_size // world - r * batch_size // world for r in range(world)]
+
+
 # --------------------------------------------------------------------------------------------
 # One step: encode (length-aware, cached or not), loss over the whole batch, backward
 
@@ -862,7 +991,8 @@ class ContrastiveStep:
     """Encodes a step's sequences in the units of :func:`fastcse.encoding.plan_step`, puts the
     embeddings back in batch order, computes ``info_nce`` over the whole batch and
     back-propagates into the parameters (gradient caching when the cache bounds cut the batch
-    into several units)."""
+    into several units). With a ``queue``, the step's positives (every rank's, ``rank_rows``
+    under a process group) are pushed to it after the backward."""
 
     model: torch.nn.Module
     pooler: str
@@ -875,11 +1005,14 @@ class ContrastiveStep:
     device: torch.device
     mini_batch_sequences: int | None = None
     mini_batch_tokens: int | None = None
+    queue: NegativeQueue | None = None
+    rank_rows: list[int] | None = None
 
     def __post_init__(self):
         self.cuda_devices = cuda_devices_of(self.model)
         self.pad_id = getattr(self.model.config, "pad_token_id", None) or 0
         self.float_mask = getattr(self.model.config, "_attn_implementation", None) == "eager"
+        self._positives: torch.Tensor | None = None  # the step's positives, from its loss to the queue
 
     @property
     def caching(self) -> bool:
@@ -901,22 +1034,51 @@ class ContrastiveStep:
         with ctx:
             return unit.pool(self.model, self.pooler, use_mlp=True)
 
-    def loss(self, plan: encoding_lib.StepPlan, unit_embeddings: torch.Tensor) -> torch.Tensor:
+    def loss(self, plan: encoding_lib.StepPlan, unit_embeddings: torch.Tensor, rows: StepRows = NO_ROWS
+             ) -> torch.Tensor:
         emb = plan.to_batch_order(unit_embeddings)
         emb = emb.view(-1, self.views, emb.shape[-1])  # view 0 anchors, 1 positives, 2 hard negatives
+        anchor, positive = emb[:, 0], emb[:, 1]
         negative = emb[:, 2] if self.views == 3 else None
-        return fastcse.info_nce(emb[:, 0], emb[:, 1], negative, temperature=self.temperature,
-                                hard_negative_weight=self.hard_negative_weight, process_group=self.process_group)
+        self._positives = positive.detach()
+        return fastcse.info_nce(anchor, positive, negative, temperature=self.temperature,
+                                hard_negative_weight=self.hard_negative_weight, process_group=self.process_group,
+                                **self._row_options(rows, anchor))
 
-    def __call__(self, ids: list[list[int]]) -> torch.Tensor:
+    def _row_options(self, rows: StepRows, anchor: torch.Tensor) -> dict:
+        """The ``info_nce`` keywords of the step's rows, only those in use: a step without
+        duplicates, labels or queued rows is the plain call, bit for bit."""
+        options = {}
+        if rows.group_ids is not None:
+            options["group_ids"] = torch.tensor(rows.group_ids, dtype=torch.long, device=anchor.device)
+        if rows.labels is not None:
+            options["labels"] = torch.tensor(rows.labels, dtype=torch.long, device=anchor.device)
+        queued = self.queue.negatives(rows.queue_exclude) if self.queue is not None else None
+        if queued is not None:
+            options["extra_negatives"] = queued.to(anchor.dtype)  # under autocast a stored row may be bf16
+        return options
+
+    def __call__(self, ids: list[list[int]], rows: StepRows = NO_ROWS) -> torch.Tensor:
         """Accumulates the parameter gradients of the step's loss; returns the detached loss."""
         plan = self.plan(ids)
         units = encoding_lib.build_units(ids, plan.units, self.encoding, self.pad_id, self.device,
                                          float_mask=self.float_mask)
-        loss_fn = functools.partial(self.loss, plan)
+        loss_fn = functools.partial(self.loss, plan, rows=rows)
         if len(units) > 1 and self.caching:
-            return cached_step(self.encode, units, loss_fn, cuda_devices=self.cuda_devices)
-        return uncached_step(self.encode, units, loss_fn)  # several units: each keeps its graph
+            loss = cached_step(self.encode, units, loss_fn, cuda_devices=self.cuda_devices)
+        else:
+            loss = uncached_step(self.encode, units, loss_fn)  # several units: each keeps its graph
+        if self.queue is not None:  # after the loss: a step does not score its own positives twice
+            self.queue.push(self._positives_of_all_ranks(), rows.queue_keys)
+        self._positives = None
+        return loss
+
+    def _positives_of_all_ranks(self) -> torch.Tensor:
+        """The step's positives in global row order: under a process group every rank queues
+        every rank's, so that all ranks score the same queue (the single-process loss)."""
+        if self.process_group is None:
+            return self._positives
+        return gather_from_ranks(self._positives, self.rank_rows, self.process_group)
 
 
 # --------------------------------------------------------------------------------------------
@@ -998,14 +1160,15 @@ class Evaluator:
 
 class Checkpointer:
     """``last/``: the model and everything :func:`train` needs to continue bit-identically (the
-    optimizer, the schedule, the run state, every rank's dropout random streams, and the run's
-    settings, which a resumed run must share)."""
+    optimizer, the schedule, the run state, every rank's dropout random streams, the negative
+    queue, and the run's settings, which a resumed run must share)."""
 
     def __init__(self, model, tokenizer, optimizer, scheduler, run_config, settings, record, last_dir, device,
-                 world, rank):
+                 world, rank, queue: NegativeQueue | None = None):
         self.model, self.tokenizer, self.optimizer, self.scheduler = model, tokenizer, optimizer, scheduler
         self.run_config, self.settings, self.record = run_config, settings, record
         self.last_dir, self.device, self.world, self.rank = last_dir, device, world, rank
+        self.queue = queue
 
     def save(self, state: RunState) -> None:
         rng_cpu = torch.get_rng_state()
@@ -1021,6 +1184,8 @@ class Checkpointer:
         if rng_ranks is not None:
             trainer_state["rng_cpu_ranks"] = [r[0] for r in rng_ranks]
             trainer_state["rng_cuda_ranks"] = [r[1] for r in rng_ranks]
+        if self.queue is not None:  # the same on every rank: rank 0's is the run's
+            trainer_state["negative_queue"] = self.queue.state_dict()
         _on_rank0(self.world, self.rank, save_checkpoint, self.last_dir, self.model, self.tokenizer,
                   dict(self.record, step=state.step), trainer_state)
 
@@ -1039,6 +1204,8 @@ class Checkpointer:
                                self.settings["weight_decay"])
         state = RunState(saved["step"], saved["best_metric"], saved["best_step"], saved["history"])
         self._restore_random_streams(saved, state.step, seed)
+        if self.queue is not None:
+            self.queue.load_state_dict(saved.get("negative_queue"), self.device)
         if self.rank == 0:
             logger.info("resumed from %s at step %d", folder, state.step)
         return state
@@ -1085,12 +1252,15 @@ def _resume_folder(resume_from, output_dir: Path) -> Path | None:
                             "checkpoint: pass a checkpoint folder or the output_dir of a run")
 
 
-def _data_fingerprint(examples) -> str:
-    """A short hash of the training examples in order: resuming on other data is another run."""
+def _data_fingerprint(examples, labels: list[int] | None = None) -> str:
+    """A short hash of the training examples in order (and their labels, when they have some:
+    data without labels hashes as before): resuming on other data is another run."""
     digest = hashlib.sha256()
     for example in examples:
         text = example if isinstance(example, str) else "\x1f".join(example)
         digest.update(text.encode("utf-8") + b"\x1e")
+    if labels is not None:
+        digest.update(b"labels:" + ",".join(map(str, labels)).encode("ascii"))
     return digest.hexdigest()[:16]
 
 
@@ -1100,6 +1270,7 @@ def _check_resume_settings(saved: dict, settings: dict, override, folder: Path) 
     check, a new max_steps, learning rate, temperature... silently changed the run mid-way or
     was overridden by the checkpoint's)."""
     old = saved.get("settings") or saved["config"]  # before the full record: mode, batch, seed, count, steps
+    old = {**EARLIER_SETTINGS, **old}
     changed = [name for name in RESUME_SETTINGS if name in old and old[name] != settings[name]]
 
     def describe(name):
@@ -1169,6 +1340,7 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
           mini_batch_size: int | None = None, mini_batch_tokens: int | None = None, encoding: str = "auto",
           temperature: float = 0.05, pooler: str = "cls",
           mlp_only_train: bool | None = None, mlp_init: str = "fresh", hard_negative_weight: float = 0.0,
+          mask_duplicates: bool = True, negative_queue_size: int = 0,
           learning_rate: float | None = None, weight_decay: float = 0.0, warmup_steps: int = 0,
           max_grad_norm: float | None = 1.0, epochs: int | None = None, max_steps: int | None = None,
           max_seq_length: int = 32, eval_steps: int = 125, eval_data="STSBenchmark-dev", data_dir=None,
@@ -1182,7 +1354,12 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
         data: ``mode="unsup"``: a text file (one sentence a line), a ``datasets.Dataset`` with a
             ``text`` column or a list of sentences; each sentence is encoded twice with dropout
             on and the two views are a positive pair. ``mode="sup"``: a ``sent0,sent1[,hard_neg]``
-            CSV (SimCSE's NLI layout), a Dataset with those columns or a list of tuples.
+            CSV (SimCSE's NLI layout), a Dataset with those columns or a list of tuples. With a
+            ``label`` column (CSV or Dataset; tuples: an int last, ``(sent0, sent1, 7)``), the
+            labels are integer ids and every in-batch positive with the anchor's label is one of
+            its positives (``info_nce(labels=...)``, SupCon's L_out: the loss is the mean over
+            them); hard negatives and queued rows stay negatives. Non-integer labels (class
+            names) are refused naming the row: map them to ints first.
         batch_size: sentences (unsup) or examples (sup) per optimizer step: the in-batch negatives.
             Under ``torchrun`` this is the GLOBAL batch: each of the W ranks encodes its
             batch_size / W rows (rank order) and scores them against all batch_size candidates.
@@ -1202,6 +1379,26 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
             where the model allows it, else sorted). The cached chunks are length-sorted too.
             Every choice gives the same loss and gradients up to float roundoff.
         temperature, hard_negative_weight: passed to ``fastcse.info_nce``.
+        mask_duplicates: leave a batch's duplicates out of each other's negatives (default
+            True): rows that share an anchor or a positive text (unsupervised: the same
+            sentence; supervised: the same premise or entailment), directly or through a chain
+            of such rows, form a group (union-find over the global batch), and
+            ``info_nce(group_ids=...)`` drops the in-batch candidates of an anchor's own group
+            other than its positive. True by default because it only ever removes false
+            negatives (the same sentence scored as a negative of itself, whose gradient pushes
+            an embedding away from itself), costs O(batch) hashing a step, and changes nothing,
+            bit for bit, in a batch without duplicates (no group ids are passed then). Hard
+            negatives are never masked. With labels it has no effect: the labels define the
+            positives. Compared on resume (a checkpoint of an earlier fastcse counts as False).
+        negative_queue_size: keep the detached embeddings of the most recent batches'
+            positives, up to this many rows (0, the default: no queue), and score them as extra
+            negatives of every anchor (``info_nce(extra_negatives=...)``; XBM, Wang et al. 2020):
+            many more negatives than the batch holds, for the cost of a [B, Q] product, at the
+            price of slightly stale embeddings. A step's positives join the queue after its
+            loss; with ``mask_duplicates``, queued rows that repeat a text of the current batch
+            are left out of its step. The queue is saved in ``last/`` (resume stays
+            bit-identical). Under torchrun every rank queues every rank's positives, so all
+            score the same queue. Works with gradient caching.
         pooler: ``cls`` (with the MLP head while training), ``cls_before_pooler``, ``avg``,
             ``avg_first_last``, ``avg_top2``.
         mlp_only_train: with ``pooler="cls"``, use the MLP head while training only and evaluate
@@ -1241,9 +1438,10 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
             restart. Resuming into another output_dir copies the run's ``best`` checkpoint and
             metrics there (refused if its best checkpoint cannot be found).
         resume_override: the settings a resumed run must share with its checkpoint are compared
-            (``RESUME_SETTINGS``: mode, the data, batch size, seed, total steps (max_steps /
-            epochs), learning rate, weight decay, warmup, max_grad_norm, temperature,
-            hard_negative_weight, pooler, mlp_only_train, max_seq_length, precision, eval_data);
+            (``RESUME_SETTINGS``: mode, the data and its labels, batch size, seed, total steps
+            (max_steps / epochs), learning rate, weight decay, warmup, max_grad_norm, temperature,
+            hard_negative_weight, pooler, mlp_only_train, max_seq_length, precision, eval_data,
+            mask_duplicates, negative_queue_size);
             a difference is refused, naming every differing setting with both values. Pass a
             list of setting names (or True for all) to continue with the new values instead: the
             new learning rate, weight decay and schedule apply from the resumed step. Memory
@@ -1297,6 +1495,9 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
     override = _check_resume_override(resume_override)
     eval_tasks = _eval_tasks(eval_data, data_dir)
     _positive_int("seed", seed, minimum=0)
+    if not isinstance(mask_duplicates, bool):
+        raise TypeError(f"mask_duplicates must be True or False, got {mask_duplicates!r}")
+    _positive_int("negative_queue_size", negative_queue_size, minimum=0)
     rank, world = _world()
     is_main = rank == 0
     device = rank_device(device, world, _local_rank(rank) if world > 1 else None, torch.cuda.is_available())
@@ -1316,7 +1517,7 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
     _on_rank0(world, rank, RunLock(output_dir).refuse_if_held)  # a second run stops here, before the model loads
     shard = (rank * batch_size // world, (rank + 1) * batch_size // world)
 
-    examples = datalib.load_unsup(data) if mode == "unsup" else datalib.load_sup(data)
+    examples, labels = (datalib.load_unsup(data), None) if mode == "unsup" else datalib.load_sup_with_labels(data)
     if len(examples) < batch_size:
         raise ValueError(f"the dataset has {len(examples)} examples, fewer than batch_size={batch_size}: "
                          "one contrastive batch needs batch_size examples")
@@ -1343,13 +1544,14 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
     # ---- the run's settings; a checkpoint to resume must share them (checked before any write)
     order = BatchOrder(len(examples), batch_size, seed)
     total_steps = max_steps if max_steps is not None else epochs * order.steps_per_epoch
-    settings = {"mode": mode, "data": _data_fingerprint(examples), "num_examples": len(examples),
+    settings = {"mode": mode, "data": _data_fingerprint(examples, labels), "num_examples": len(examples),
                 "batch_size": batch_size, "seed": seed, "total_steps": total_steps, "learning_rate": learning_rate,
                 "weight_decay": float(weight_decay), "warmup_steps": warmup_steps,
                 "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
                 "temperature": float(temperature), "hard_negative_weight": float(hard_negative_weight),
                 "pooler": pooler, "mlp_only_train": mlp_only_train, "max_seq_length": max_seq_length,
                 "precision": "bf16" if autocast_dtype else "fp32", "eval_data": eval_tasks,
+                "mask_duplicates": mask_duplicates, "negative_queue_size": negative_queue_size,
                 # not compared (see RESUME_SETTINGS), kept to describe the run
                 "max_steps": max_steps, "epochs": None if max_steps is not None else epochs, "mlp_init": mlp_init,
                 "mini_batch_size": mini_batch_size, "mini_batch_tokens": mini_batch_tokens, "encoding": encoding,
@@ -1361,6 +1563,8 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
         _broadcast_model(model)
     if mode == "unsup" and is_main and getattr(model.config, "hidden_dropout_prob", 0.1) == 0:
         logger.warning("unsupervised SimCSE uses dropout as its augmentation, but the model's dropout is 0")
+    if labels is not None and mask_duplicates and is_main:
+        logger.info("the data has labels: they define the positives, so mask_duplicates has no effect")
 
     # ---- the output folder: locked for the run, then readied (nothing above wrote to it)
     with _locked_output_dir(output_dir, world, rank):
@@ -1376,30 +1580,36 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
         record = {"mode": mode, "pooler": pooler, "mlp_only_train": mlp_only_train, "mlp_init": mlp_init,
                   "eval_pooler": eval_pooler, "temperature": temperature, "batch_size": batch_size,
                   "max_seq_length": max_seq_length, "fastcse_version": fastcse.__version__}
+        queue = NegativeQueue(negative_queue_size) if negative_queue_size else None
         checkpointer = Checkpointer(model, tokenizer, optimizer, scheduler, run_config, settings, record, last_dir,
-                                    device, world, rank)
+                                    device, world, rank, queue)
         evaluator = Evaluator(model, tokenizer, eval_tasks, data_dir, eval_pooler, record, best_dir, metrics_path,
                               world, rank) if eval_tasks else None
         contrastive_step = ContrastiveStep(
             model, pooler, encoding, views, float(temperature), float(hard_negative_weight),
             dist.group.WORLD if world > 1 else None, autocast_dtype, device,
             mini_batch_sequences=mini_batch_size * views if mini_batch_size else None,
-            mini_batch_tokens=mini_batch_tokens)
+            mini_batch_tokens=mini_batch_tokens, queue=queue, rank_rows=rows_per_rank(batch_size, world))
 
         torch.manual_seed(seed + rank)  # dropout masks: a different stream per rank
         state = checkpointer.resume(saved, resume_folder, seed) if saved is not None else RunState()
         if is_main:
-            logger.info("training %s SimCSE: %d examples, batch %d%s%s, %d steps, lr %g, pooler %s, %s encoding, "
-                        "precision %s", mode, len(examples), batch_size,
+            logger.info("training %s SimCSE: %d examples%s, batch %d%s%s, %d steps, lr %g, pooler %s, %s encoding, "
+                        "precision %s, %s, negative queue %s", mode, len(examples),
+                        " (labelled)" if labels is not None else "", batch_size,
                         f" over {world} processes ({batch_size // world}{'+' if batch_size % world else ''} each)"
                         if world > 1 else "",
                         f" (gradient caching: mini-batch {mini_batch_size or '-'}, {mini_batch_tokens or '-'} tokens)"
                         if contrastive_step.caching else "", total_steps, learning_rate, pooler, encoding,
-                        "bf16" if autocast_dtype else "fp32")
+                        "bf16" if autocast_dtype else "fp32",
+                        "duplicates masked" if mask_duplicates and labels is None else "duplicates not masked",
+                        negative_queue_size or "off")
 
         batches = TokenizedBatches(examples, mode, tokenizer, max_seq_length, order, shard, total_steps)
+        rows = BatchRows(examples, mode, labels, BatchOrder(len(examples), batch_size, seed), shard,
+                         mask_duplicates=mask_duplicates and labels is None, queue=queue is not None)
         try:
-            throughput = _train_loop(model, params, optimizer, scheduler, contrastive_step, batches, state,
+            throughput = _train_loop(model, params, optimizer, scheduler, contrastive_step, batches, rows, state,
                                      total_steps=total_steps, max_grad_norm=max_grad_norm, eval_steps=eval_steps,
                                      evaluator=evaluator, checkpointer=checkpointer if save_last else None,
                                      metrics_path=metrics_path if is_main else None,
@@ -1422,8 +1632,8 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
 
 
 def _train_loop(model, params, optimizer, scheduler, contrastive_step: ContrastiveStep, batches: TokenizedBatches,
-                state: RunState, *, total_steps: int, max_grad_norm, eval_steps: int, evaluator, checkpointer,
-                metrics_path, sentences_per_step: int, world: int, progress: bool,
+                rows: BatchRows, state: RunState, *, total_steps: int, max_grad_norm, eval_steps: int, evaluator,
+                checkpointer, metrics_path, sentences_per_step: int, world: int, progress: bool,
                 precision_hint: bool) -> tuple[float, int]:
     """Steps ``state`` to ``total_steps``: each step's loss and update, evaluation and ``last/``
     every ``eval_steps`` (and at the end). Returns (training seconds, sentences encoded)."""
@@ -1439,7 +1649,7 @@ def _train_loop(model, params, optimizer, scheduler, contrastive_step: Contrasti
         while state.step < total_steps:
             t0 = time.perf_counter()
             epoch, ids = batches(state.step)
-            loss = contrastive_step(ids)
+            loss = contrastive_step(ids, rows(state.step))
             loss_value = float(loss)
             if not math.isfinite(loss_value):  # before the update: the model in memory stays finite
                 optimizer.zero_grad(set_to_none=True)

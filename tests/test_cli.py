@@ -120,3 +120,24 @@ def test_demo_help_mentions_only_options_the_demo_takes(capsys):
     demo = build_parser()._subparsers._group_actions[0].choices["demo"]
     accepted = {s for action in demo._actions for s in action.option_strings}
     assert set(re.findall(r"--[a-z][a-z-]*", help_text)) <= accepted
+
+
+def test_train_passes_the_duplicate_masking_and_queue_flags(monkeypatch):
+    import fastcse.trainer
+
+    seen = []
+
+    def fake_train(model, data, **kwargs):
+        seen.append(kwargs)
+        raise ValueError("stop here")  # the CLI's handled error: exit code 2, nothing trained
+
+    monkeypatch.setattr(fastcse.trainer, "train", fake_train)
+    assert main(TRAIN + ["--output-dir", "unused"]) == 2
+    assert main(TRAIN + ["--no-mask-duplicates", "--negative-queue-size", "64", "--output-dir", "unused"]) == 2
+    assert [(k["mask_duplicates"], k["negative_queue_size"]) for k in seen] == [(True, 0), (False, 64)]
+
+
+@pytest.mark.parametrize("value", ["-1", "2.5", "many"])
+def test_negative_queue_size_must_be_a_non_negative_int(capsys, value):
+    err = _usage_error(capsys, TRAIN + ["--negative-queue-size", value])
+    assert "argument --negative-queue-size" in err and f"expected a non-negative integer, got {value!r}" in err

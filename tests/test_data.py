@@ -1,6 +1,6 @@
 import pytest
 
-from fastcse.data import batch_order, load_sup, load_unsup
+from fastcse.data import batch_order, duplicate_groups, load_sup, load_sup_with_labels, load_unsup
 from fastcse.evaluation import shared_dir
 
 NLI = shared_dir() / "data" / "nli" / "snli-dev-triples.csv"
@@ -138,3 +138,49 @@ def test_csv_quoting_that_balances_still_loads(tmp_path):
     path = tmp_path / "ok.csv"
     path.write_text('sent0,sent1\r\n"a man, a plan","he said ""hi"""\r\nplain,row\r\n', encoding="utf-8")
     assert load_sup(path) == [("a man, a plan", 'he said "hi"'), ("plain", "row")]
+
+
+# Labels (issue #12): integer ids, equal ids are positives of each other.
+
+
+def test_sup_labels_from_a_csv_column(tmp_path):
+    path = tmp_path / "labelled.csv"
+    path.write_text("sent0,sent1,hard_neg,label\na,b,c,7\n,skipped,x,8\nd,e,f, -2 \n", encoding="utf-8")
+    assert load_sup_with_labels(path) == ([("a", "b", "c"), ("d", "e", "f")], [7, -2])  # skipped rows lose their label
+    assert load_sup(path) == [("a", "b", "c"), ("d", "e", "f")]
+    assert load_sup_with_labels(NLI)[1] is None  # no label column: no labels
+
+
+@pytest.mark.parametrize("value", ["dog", "1.5", "", "0x10"])
+def test_sup_csv_labels_must_be_integers(tmp_path, value):
+    path = tmp_path / "bad.csv"
+    path.write_text(f"sent0,sent1,label\na,b,1\nc,d,{value}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"bad.csv, line 3: label must be an integer id.*{value!r}.*map class names"):
+        load_sup_with_labels(path)
+
+
+def test_sup_labels_from_a_dataset_and_tuples():
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"sent0": ["a", "c"], "sent1": ["b", "d"], "label": [3, 3]})
+    assert load_sup_with_labels(ds) == ([("a", "b"), ("c", "d")], [3, 3])
+    with pytest.raises(ValueError, match=r"Dataset column 'label', row 0 must be an integer id .*got 0.5"):
+        load_sup_with_labels(Dataset.from_dict({"sent0": ["a"], "sent1": ["b"], "label": [0.5]}))
+    assert load_sup_with_labels([("a", "b", 1), ("c", "d", 2)]) == ([("a", "b"), ("c", "d")], [1, 2])
+    assert load_sup_with_labels([("a", "b", "n", 1)]) == ([("a", "b", "n")], [1])
+    assert load_sup_with_labels([("a", "b", "n")]) == ([("a", "b", "n")], None)  # a str last is a hard negative
+    with pytest.raises(ValueError, match=r"mix tuples with an int label and tuples without \(example 1"):
+        load_sup_with_labels([("a", "b", 1), ("c", "d")])
+    with pytest.raises(TypeError, match="example 0 fields must be a string"):
+        load_sup_with_labels([("a", "b", True)])  # a bool is no label (and no sentence)
+    with pytest.raises(ValueError, match="example 0: label must fit in int64"):
+        load_sup_with_labels([("a", "b", 2 ** 63)])
+
+
+def test_duplicate_groups_are_connected_components_named_by_their_first_row():
+    assert duplicate_groups([("x", "x"), ("y", "y"), ("x", "x"), ("z", "z")]) == [0, 1, 0, 3]
+    # rows 1 and 3 share a premise, 3 and 0 an entailment: 0 and 1 share no text, yet are one group
+    rows = [("p0", "e0"), ("p1", "e1"), ("p2", "e2"), ("p1", "e0"), ("p4", "e2")]
+    assert duplicate_groups(rows) == [0, 0, 2, 0, 2]
+    assert duplicate_groups([("a", "b"), ("b", "c"), ("c", "d")]) == [0, 0, 0]  # an anchor repeating a positive
+    assert duplicate_groups([]) == []

@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import fastcse  # noqa: E402
 import fastcse.trainer as train_module  # noqa: E402
+from fastcse.data import batch_order  # noqa: E402
 from fastcse.evaluation import encode, shared_dir  # noqa: E402
 from fastcse.trainer import build_bert_from_scratch, save_checkpoint, train  # noqa: E402
 
@@ -102,9 +103,12 @@ def test_cached_training_equals_uncached_with_dropout_off(tmp_path, monkeypatch)
     assert moved > 10  # the comparison is between trained weights, not two copies of the start
 
 
-def test_resume_continues_to_the_same_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("queue", [0, 12])
+def test_resume_continues_to_the_same_weights(tmp_path, monkeypatch, queue):
+    """Also with a negative queue: the checkpoint at step 2 holds the queue (the last 12 of the 16
+    positives of steps 1-2) that step 3 scores; without it the resumed step 3 would differ."""
     common = dict(batch_size=8, mini_batch_size=4, max_steps=4, eval_steps=2, eval_data=None, learning_rate=1e-3,
-                  progress=False, seed=7)
+                  progress=False, seed=7, negative_queue_size=queue)
     straight = train(tiny(), SENTENCES, output_dir=tmp_path / "straight", **common)
 
     real_step = train_module.cached_step
@@ -121,6 +125,11 @@ def test_resume_continues_to_the_same_weights(tmp_path, monkeypatch):
         train(tiny(), SENTENCES, output_dir=tmp_path / "resumed", **common)
     monkeypatch.setattr(train_module, "cached_step", real_step)
     run = tmp_path / "resumed"
+    saved_queue = torch.load(run / "last" / "trainer_state.pt", weights_only=True).get("negative_queue")
+    if queue:
+        assert saved_queue["rows"].shape == (12, 32) and len(saved_queue["keys"]) == 12
+    else:
+        assert saved_queue is None
     # What a kill can leave besides: a torn last metrics line (killed mid-append) and the temporary
     # folders, links and trash of a killed process (another pid): the next start cleans them.
     with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -203,6 +212,10 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (dict(batch_size=64), ValueError, "fewer than batch_size=64"),
     (dict(precision="fp16"), ValueError, "precision must be one of"),
     (dict(resume_from="nowhere"), FileNotFoundError, "trainer_state"),
+    (dict(negative_queue_size=-1), ValueError, "negative_queue_size must be an int >= 0, got -1"),
+    (dict(negative_queue_size=2.5), ValueError, "negative_queue_size must be an int >= 0, got 2.5"),
+    (dict(mask_duplicates="yes"), TypeError, "mask_duplicates must be True or False, got 'yes'"),
+    (dict(mask_duplicates=None), TypeError, "mask_duplicates must be True or False, got None"),
 ])
 def test_bad_arguments_fail_before_training(tmp_path, kwargs, error, match):
     kwargs = dict(dict(batch_size=8, max_steps=1, eval_data=None, progress=False, output_dir=tmp_path / "out"), **kwargs)
@@ -216,9 +229,13 @@ def test_bad_data_fails_before_training(tmp_path):
     empty.write_text("\n", encoding="utf-8")
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("premise,hypothesis\na,b\n", encoding="utf-8")
+    named = tmp_path / "named.csv"
+    named.write_text("sent0,sent1,label\n" + "".join(f"a{i},b{i},{i % 2}\n" for i in range(8)) + "a,b,dog\n",
+                     encoding="utf-8")
     cases = [(dict(data=tmp_path / "nope.txt"), FileNotFoundError, "nope.txt"),
              (dict(data=empty), ValueError, "no sentences"),
              (dict(data=wrong, mode="sup"), ValueError, "sent0,sent1"),
+             (dict(data=named, mode="sup"), ValueError, "named.csv, line 10: label must be an integer id"),
              (dict(data=SENTENCES, model=str(tmp_path / "no-model")), FileNotFoundError, "no-model")]
     for case, error, match in cases:
         args = dict(dict(model=tiny(), batch_size=8, max_steps=1, eval_data=None, progress=False,
@@ -438,7 +455,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path):
 
 
 def test_the_lock_is_released_when_the_run_fails(tmp_path, monkeypatch):
-    def crash(self, ids):
+    def crash(self, *args):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(train_module.ContrastiveStep, "__call__", crash)
@@ -474,12 +491,12 @@ def crash_at_step(monkeypatch):
     def arm(n):
         real, calls = train_module.ContrastiveStep.__call__, {"n": 0}
 
-        def call(self, ids):
+        def call(self, *args):
             calls["n"] += 1
             if calls["n"] == n:
                 monkeypatch.setattr(train_module.ContrastiveStep, "__call__", real)
                 raise KeyboardInterrupt("simulated kill")
-            return real(self, ids)
+            return real(self, *args)
 
         monkeypatch.setattr(train_module.ContrastiveStep, "__call__", call)
 
@@ -501,7 +518,7 @@ def test_resume_refuses_other_settings_naming_each_unless_overridden(tmp_path, c
     with pytest.raises(ValueError, match=r"total_steps 4 -> 6 \(max_steps 4 -> 6\)"):
         train(tiny(), SENTENCES, output_dir=run, resume_from=run, **dict(common, max_steps=6))
     for changed in (dict(warmup_steps=1), dict(weight_decay=0.01), dict(pooler="avg"), dict(max_seq_length=16),
-                    dict(data=SENTENCES[::-1])):
+                    dict(data=SENTENCES[::-1]), dict(mask_duplicates=False), dict(negative_queue_size=16)):
         kwargs = dict(dict(common, data=SENTENCES), **changed)
         with pytest.raises(ValueError, match="other settings"):
             train(tiny(), kwargs.pop("data"), output_dir=run, resume_from=run, **kwargs)
@@ -664,3 +681,140 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch, 
     assert snapshot and all(torch.isfinite(p).all() for p in model.parameters())
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), snapshot[name]), name  # no update from the NaN step
+
+
+# ---- false negatives, a negative queue, several positives (issue #12)
+
+
+class RecordedLosses:
+    """Stands in for ``fastcse.info_nce``: computes the real loss and keeps each call's detached
+    anchors, positives and keywords (group_ids, labels, extra_negatives)."""
+
+    def __init__(self, monkeypatch):
+        self.calls, self.real = [], fastcse.info_nce
+        monkeypatch.setattr(fastcse, "info_nce", self)
+
+    def __call__(self, anchor, positive, negative=None, **kwargs):
+        self.calls.append({"anchor": anchor.detach().clone(), "positive": positive.detach().clone(),
+                           **{k: v.detach().clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}})
+        return self.real(anchor, positive, negative, **kwargs)
+
+
+def step_losses(result) -> list[float]:
+    return [r["loss"] for r in map(json.loads, open(result.metrics_path, encoding="utf-8")) if "loss" in r]
+
+
+def batch_rows(examples, batch_size, seed, step=0):
+    """The example indices of (first-epoch) step ``step``, as the trainer orders them."""
+    return batch_order(len(examples), batch_size, seed=seed, epoch=0)[step]
+
+
+def first_occurrence_ids(texts) -> torch.Tensor:
+    """Group ids by exact text, written independently of the trainer: the first row holding the text."""
+    first = {}
+    return torch.tensor([first.setdefault(text, i) for i, text in enumerate(texts)])
+
+
+def reference_loss(call, **kwargs) -> float:
+    """``info_nce_reference`` in float64 on a recorded call's embeddings."""
+    return float(fastcse.info_nce_reference(call["anchor"].double(), call["positive"].double(), **kwargs))
+
+
+def test_mask_duplicates_leaves_a_batchs_repeated_sentences_out_of_its_negatives(tmp_path, monkeypatch):
+    unique = SENTENCES[:12]
+    data = tmp_path / "repeated.txt"
+    data.write_text("\n".join(unique * 4) + "\n", encoding="utf-8")  # every sentence 4 times
+    args = dict(batch_size=16, max_steps=1, eval_data=None, progress=False, seed=3)
+    texts = [(unique * 4)[i] for i in batch_rows(unique * 4, 16, seed=3)]
+    groups = first_occurrence_ids(texts)
+    assert len(set(groups.tolist())) < 16  # the first batch repeats sentences
+
+    recorded = RecordedLosses(monkeypatch)
+    masked = step_losses(train(tiny(), data, output_dir=tmp_path / "masked", **args))[0]
+    call = recorded.calls[0]
+    # the deduplicated problem: each anchor's copies are neither its negatives nor its positives
+    assert masked == pytest.approx(reference_loss(call, group_ids=groups), rel=1e-5)
+    assert masked != pytest.approx(reference_loss(call), rel=1e-3)
+    assert torch.equal(call["group_ids"], groups)
+
+    recorded.calls.clear()
+    plain = step_losses(train(tiny(), data, output_dir=tmp_path / "plain", mask_duplicates=False, **args))[0]
+    assert "group_ids" not in recorded.calls[0]
+    assert plain == pytest.approx(reference_loss(recorded.calls[0]), rel=1e-5)
+    assert plain > masked  # the copies scored as negatives of themselves only add to the loss
+
+
+def test_supervised_rows_sharing_a_premise_or_an_entailment_are_one_group(tmp_path, monkeypatch):
+    """Connected components: row 1 shares row 0's premise and row 2's entailment, so 0, 1, 2 are one
+    group although 0 and 2 share no text; a hard negative repeating a sentence links nothing."""
+    linked = [("p0", "e0", "n0"), ("p0", "e1", "n1"), ("p2", "e1", "n2"), ("p3", "e3", "e0")]
+    data = linked + [(f"premise {i}", f"entailment {i}", f"contradiction {i}") for i in range(4, 8)]
+    recorded = RecordedLosses(monkeypatch)
+    train(tiny(), data, mode="sup", batch_size=8, max_steps=1, eval_data=None, progress=False, seed=1,
+          output_dir=tmp_path / "run")
+    order = batch_rows(data, 8, seed=1)
+    group_of = {0: 0, 1: 0, 2: 0}  # example -> group; the others are alone
+    first_row = {}
+    expected = [first_row.setdefault(group_of.get(i, ("alone", i)), row) for row, i in enumerate(order)]
+    assert recorded.calls[0]["group_ids"].tolist() == expected
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 4])
+def test_negative_queue_scores_the_previous_positives_as_extra_negatives(tmp_path, monkeypatch, mini_batch_size):
+    recorded = RecordedLosses(monkeypatch)
+    result = train(tiny(), SENTENCES, batch_size=8, max_steps=3, eval_data=None, learning_rate=1e-3, progress=False,
+                   negative_queue_size=12, mini_batch_size=mini_batch_size, output_dir=tmp_path / "run")
+    first, second, third = recorded.calls
+    assert "extra_negatives" not in first  # the queue starts empty; a step never scores its own positives
+    assert torch.equal(second["extra_negatives"], first["positive"])
+    # FIFO: the 12 newest rows, oldest first
+    assert torch.equal(third["extra_negatives"], torch.cat([first["positive"], second["positive"]])[-12:])
+    losses = step_losses(result)
+    for loss, call in zip(losses[1:], (second, third)):
+        assert loss == pytest.approx(reference_loss(call, extra_negatives=call["extra_negatives"].double()), rel=1e-5)
+        assert loss > reference_loss(call) + 1e-3  # more negatives, a larger loss on the same embeddings
+
+
+def test_queued_rows_repeating_a_text_of_the_batch_are_left_out(tmp_path, monkeypatch):
+    repeated = SENTENCES[:12] * 2
+    recorded = RecordedLosses(monkeypatch)
+    train(tiny(), repeated, batch_size=8, max_steps=2, eval_data=None, progress=False, seed=4,
+          negative_queue_size=64, output_dir=tmp_path / "run")
+    first_texts = [repeated[i] for i in batch_rows(repeated, 8, seed=4, step=0)]
+    second_texts = set(repeated[i] for i in batch_rows(repeated, 8, seed=4, step=1))
+    kept = [row for row, text in enumerate(first_texts) if text not in second_texts]
+    assert 0 < len(kept) < 8  # the check below has rows to keep and rows to leave out
+    assert torch.equal(recorded.calls[1]["extra_negatives"], recorded.calls[0]["positive"][kept])
+
+
+def test_labels_from_a_csv_column_are_the_positives(tmp_path, monkeypatch):
+    data = tmp_path / "labelled.csv"
+    rows = [(f"a sentence about {w}", f"another one on {w}", i % 3) for i, w in enumerate(SENTENCES[:16])]
+    data.write_text("sent0,sent1,label\n" + "".join(f'"{a}","{b}",{label}\n' for a, b, label in rows),
+                    encoding="utf-8")
+    recorded = RecordedLosses(monkeypatch)
+    result = train(tiny(), data, mode="sup", batch_size=8, max_steps=1, eval_data=None, progress=False, seed=2,
+                   output_dir=tmp_path / "run")
+    call = recorded.calls[0]
+    labels = torch.tensor([rows[i][2] for i in batch_rows(rows, 8, seed=2)])
+    assert torch.equal(call["labels"], labels) and "group_ids" not in call  # labels replace the masking
+    assert step_losses(result)[0] == pytest.approx(reference_loss(call, labels=labels), rel=1e-5)
+    saved = torch.load(tmp_path / "run" / "last" / "trainer_state.pt", weights_only=True)["settings"]
+    unlabelled = train_module._data_fingerprint([r[:2] for r in rows])
+    assert saved["data"] != unlabelled  # other labels are other data: a resume compares them
+
+
+def test_a_checkpoint_from_before_the_masking_counts_as_unmasked(tmp_path):
+    """An earlier fastcse saved no mask_duplicates / negative_queue_size and never masked: resuming
+    it with the new default is a change of the loss, refused like any other."""
+    args = dict(batch_size=8, max_steps=2, eval_steps=2, eval_data=None, progress=False)
+    run = tmp_path / "run"
+    train(tiny(), SENTENCES, output_dir=run, **args)
+    state_file = (run / "last").resolve() / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    for name in ("mask_duplicates", "negative_queue_size"):
+        del state["settings"][name]
+    torch.save(state, state_file)
+    with pytest.raises(ValueError, match=r"mask_duplicates False -> True.*resume_override=\['mask_duplicates'\]"):
+        train(tiny(), SENTENCES, output_dir=run, resume_from=run, **args)
+    assert train(tiny(), SENTENCES, output_dir=run, resume_from=run, mask_duplicates=False, **args).steps == 2
