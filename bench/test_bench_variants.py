@@ -16,7 +16,8 @@ Q = 65536 extra negatives) run beside the floor of their own products; their rat
 query_to_doc call of the same size is in the summary (``x_plain``).
 
 Settings: FASTCSE_BENCH_VARIANT_SIZES ("4096,16384"), FASTCSE_BENCH_ROUNDS (2 at B <= 4096, 1
-above), FASTCSE_BENCH_VARIANTS (comma-separated names of variant_workloads.VARIANTS).
+above), FASTCSE_BENCH_VARIANTS (comma-separated names of variant_workloads.VARIANTS),
+FASTCSE_BENCH_IMPLEMENTATIONS (e.g. "floor,fastcse,mnrl,cached_mnrl 256").
 """
 
 import json
@@ -41,6 +42,10 @@ IMPLEMENTATIONS = [("floor", {}), ("fastcse", {}), ("mnrl", {}), ("cached_mnrl",
                    ("cached_mnrl", dict(mini_batch_size=256))]
 if QUICK:
     IMPLEMENTATIONS = IMPLEMENTATIONS[:4]
+if os.environ.get("FASTCSE_BENCH_IMPLEMENTATIONS"):  # e.g. "floor,fastcse,mnrl,cached_mnrl 256"
+    _wanted = os.environ["FASTCSE_BENCH_IMPLEMENTATIONS"].split(",")
+    IMPLEMENTATIONS = [(i, o) for i, o in IMPLEMENTATIONS
+                       if i in _wanted or f"{i} {o.get('mini_batch_size', '')}".strip() in _wanted]
 
 
 def _rounds(batch: int) -> int:
