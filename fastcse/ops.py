@@ -49,14 +49,6 @@ def _backend(name: str):
 _EMPTY = (0,)
 
 
-def _backend_for(name: str, spec: LossProblem):
-    impl = _backend(name)
-    if name == "triton" and (spec.id_mode or spec.num_extra):
-        raise NotImplementedError("group_ids, labels and extra_negatives run on backend='cpu' only for now: their "
-                                  "Triton kernels are not written yet (issue #12)")
-    return impl
-
-
 def _ids(ids: torch.Tensor, id_mode: str) -> dict:
     """The backends' ids keyword: only with an id mode (older call sites pass none)."""
     return {"ids": ids} if id_mode else {}
@@ -111,7 +103,7 @@ def _info_nce_impl(anchor, candidates, anchor_keys, ids, temperature, pos_start,
     keys = _keys_or_none(anchor_keys)
     spec = _spec(anchor, candidates, keys, ids, temperature, pos_start, neg_start, num_neg, anchor_start, num_extra,
                  normalize, hard_negative_weight, variant, id_mode)
-    row_loss, lse, grads = _backend_for(backend, spec).forward(anchor, candidates, keys, spec,
+    row_loss, lse, grads = _backend(backend).forward(anchor, candidates, keys, spec,
                                                                compute_grad=grad_in_forward, **_ids(ids, id_mode))
     scale = 1.0 / anchor.shape[0] if reduction == "mean" else 1.0
     loss = row_loss if reduction == "none" else row_loss.sum() * scale
@@ -155,7 +147,7 @@ def _info_nce_backward_impl(grad_rows, anchor, candidates, anchor_keys, ids, tem
     keys = _keys_or_none(anchor_keys)
     spec = _spec(anchor, candidates, keys, ids, temperature, pos_start, neg_start, num_neg, anchor_start, num_extra,
                  normalize, hard_negative_weight, variant, id_mode)
-    grads = _backend_for(backend, spec).backward(grad_rows.to(_accumulate_dtype(anchor)).contiguous(), anchor,
+    grads = _backend(backend).backward(grad_rows.to(_accumulate_dtype(anchor)).contiguous(), anchor,
                                                  candidates, keys, spec, lse, **_ids(ids, id_mode))
     grad_anchor, grad_candidates, grad_keys, grad_tau = grads
     if grad_keys is None:

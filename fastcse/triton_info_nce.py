@@ -2,9 +2,9 @@
 
 Implements the backend contract in ``fastcse.ops`` for every loss variant of
 ``fastcse.problem`` (directions, partition modes, hardness), with the CPU backend's semantics
-(``fastcse.cpu`` is the executable spec); ids (group_ids, labels) and extra negatives (issue
-#12) are refused with NotImplementedError for now. Memory is O((B + N + M) d): no B x N tensor ever
-exists, the scores only as register tiles.
+(``fastcse.cpu`` is the executable spec), and issue #12's per-row ids (group_ids, labels) and
+extra negatives (a queue). Memory is O((B + N + M) d): no B x N tensor ever exists, the scores
+only as register tiles.
 
 Directions as tile sweeps. Each direction of row i is a row-local block: a query row (anchor
 a_i or positive p_i) against a key set (the N candidates or the M anchor keys). One generalized
@@ -14,10 +14,12 @@ kernel pair serves all four, specialized by constexprs rather than runtime branc
     query_to_doc     anchors   candidates    none                          yes
     query_to_query   anchors   anchor keys   self (key anchor_start + i)   no
     doc_to_query     positives anchor keys   none                          no
-    doc_to_doc       positives candidates    own documents of row i        no
+    doc_to_doc       positives documents     own documents of row i        no
 
-The positives are the candidates' rows pos_start..pos_start + B (a view, so their dQ atomics
-land directly in those rows of d(candidates)). PENALTY (query_to_doc only) picks the cells that
+(the documents: the candidates less the extra negatives; IDS adds the group mask to every
+direction, the label target to query_to_doc). The positives are the candidates' rows
+pos_start..pos_start + B (a view, so their dQ atomics land directly in those rows of
+d(candidates)). PENALTY (query_to_doc only) picks the cells that
 get the stop-gradient hardness term strength * sim: none / in-batch negatives / own hard
 negatives / all but the positive; a penalized logit is s * (1 + strength * tau) with s = sim / tau,
 and the backward treats it as a constant (dL/ds = G / tau with G from the penalized
@@ -65,13 +67,35 @@ in the backward (recompute, dQ, dK), 4 in all, so forward + backward is
                                                                        or normalize=False)
     + doc_to_query with separate anchor keys (distributed)  4 B N d + 4 B M d
     + query_to_query                                        + 4 B M d
-    + doc_to_doc                                            + 4 B N d
+    + doc_to_doc                                            + 4 B (N - Q) d
 
 e.g. all four directions in one process: 8 B N d + 4 B^2 d. ``forward(compute_grad=True)`` runs
 the statistics pass, then the backward with g = 1: the probabilities need each row's final LSE
 (for joint: over every direction), so gradients in the same sweep would need either full score
 rows (the CPU path's chunks: O(R N) scratch) or rescaling [B, d] and [N, d] accumulators as the
 running max moves; the two passes cost the same as forward + backward and no extra memory.
+
+Issue #12, and what each option costs (no launch, no product, no B x N tensor added):
+
+- Ids (``ids`` [P] over the positive block and the anchor keys, row i's id ids[pos_start + i])
+  are made dense int32 once per call with torch (sort + searchsorted: O(P log P), no host sync;
+  equal ids get equal dense ids whatever int64 values they hold). Every tile of a direction with
+  ids loads its rows' ids ([BLOCK_M]) and its columns' ([BLOCK_N], columns j < P) and compares
+  them in registers (constexpr IDS, ``_same_id``): one compare and select per cell.
+- group_ids (IDS_GROUP, every direction): the same-id cells but the row's own key pos_start + i
+  get -inf, like the MASK cells (so the online softmax takes the all--inf-tile guard). The
+  fused doc_to_query reads query_to_doc's positive block: there pos_start = 0 (P = M = B), the
+  mask's cells are symmetric, and the reverse cells drop the same ones, in the fixed-max column
+  sums and in the backward.
+- labels (IDS_LABEL, query_to_doc only): nothing is masked; the target is the mean of the row's
+  same-label positive logits (the forward sums them per tile and scales by 1 / |P_i|, a [B]
+  vector computed once with the dense ids), the penalty spares those cells instead of the
+  diagonal, and the backward's one-hot becomes the label-match weight: dS -= g_i / |P_i| on the
+  same-label cells, folded into dS before the two products, so labels add nothing to them. The
+  target is shared by every direction: doc_to_query (fused or not) gets no target term.
+- extra negatives (the last Q = num_extra candidates): more query_to_doc columns, no bias, no
+  own-negative penalty, never masked, gradients through d(candidates) like any column;
+  doc_to_doc's keys are the first N - Q candidates (a prefix view, its gradient rows the same).
 
 Under ``TRITON_INTERPRET=1`` (the tests) the kernels run on CPU tensors; 16-bit tiles are
 upcast to fp32 right after loading (the interpreter's bf16 dot and sums are wrong), and
@@ -108,6 +132,12 @@ PENALTY_HARD = tl.constexpr(2)  # row i's own hard negatives
 PENALTY_ALL = tl.constexpr(3)  # every column but the positive pos_start + i
 PENALTY_MODES = {None: PENALTY_NONE.value, "in_batch_negatives": PENALTY_IN_BATCH.value,
                  "hard_negatives": PENALTY_HARD.value, "all_negatives": PENALTY_ALL.value}
+# A direction's use of the per-row ids (constexpr IDS; issue #12): none, the group mask (every
+# direction: keys j < P with row i's id, j != pos_start + i, are -inf), or query_to_doc's label
+# target (the mean logit over the same-label positives, which the penalty spares).
+IDS_NONE = tl.constexpr(0)
+IDS_GROUP = tl.constexpr(1)
+IDS_LABEL = tl.constexpr(2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,19 +220,41 @@ def _own_negatives(rows, cols, neg_start, num_neg):
 
 
 @triton.jit
-def _logits(s, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,
-            HAS_BIAS: tl.constexpr, PENALTY: tl.constexpr, MASK: tl.constexpr):
+def _same_id(ids_ptr, rows, cols, n_rows, pos_start, num_positives):
+    """The cells (i, j), j < P, whose key j has row i's id ids[pos_start + i] (its own key
+    included): one [BLOCK_M] and one [BLOCK_N] load of the int32 dense ids, compared in registers.
+    Padding rows and columns get different sentinels (the dense ids are >= 0): never equal."""
+    row_id = tl.load(ids_ptr + pos_start + rows, mask=rows < n_rows, other=-1)
+    col_id = tl.load(ids_ptr + cols, mask=cols < num_positives, other=-2)
+    return row_id[:, None] == col_id[None, :]
+
+
+@triton.jit
+def _group_masked(same, rows, cols, pos_start):
+    """The group mask's cells: row i's id, but not its own key pos_start + i."""
+    return same & ~_diagonal(rows, cols, pos_start)
+
+
+@triton.jit
+def _logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,
+            HAS_BIAS: tl.constexpr, PENALTY: tl.constexpr, MASK: tl.constexpr, IDS: tl.constexpr):
     """A direction's logits from its plain scores s = sim / tau: the hardness penalty, the
-    hard-negative bias, then the mask. The penalty strength * sim is s * strength * tau, so a
+    hard-negative bias, then the masks. The penalty strength * sim is s * strength * tau, so a
     penalized logit is s * penalty_scale, penalty_scale = 1 + strength * tau: one multiply, and
-    the backward needs no separate sim. Applied before the bias, which is not a similarity."""
+    the backward needs no separate sim. Applied before the bias, which is not a similarity.
+    ``same`` (_same_id's tile, read only with IDS): with labels the row's positives are its
+    label's cells, which the penalty spares; with groups, _group_masked's cells are -inf."""
     if PENALTY != PENALTY_NONE:
+        if IDS == IDS_LABEL:
+            positives = same
+        else:
+            positives = _diagonal(rows, cols, pos_start)
         if PENALTY == PENALTY_HARD:
             penalized = _own_negatives(rows, cols, neg_start, num_neg)
         elif PENALTY == PENALTY_IN_BATCH:
-            penalized = ~(_diagonal(rows, cols, pos_start) | _own_negatives(rows, cols, neg_start, num_neg))
+            penalized = ~(positives | _own_negatives(rows, cols, neg_start, num_neg))
         else:
-            penalized = ~_diagonal(rows, cols, pos_start)
+            penalized = ~positives
         s = tl.where(penalized, s * penalty_scale, s)
     if HAS_BIAS:
         s += tl.where(_own_negatives(rows, cols, neg_start, num_neg), weight, 0.0)
@@ -211,6 +263,8 @@ def _logits(s, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale,
     elif MASK == MASK_OWN_DOCUMENTS:
         own = _diagonal(rows, cols, pos_start) | _own_negatives(rows, cols, neg_start, num_neg)
         s = tl.where(own, float("-inf"), s)
+    if IDS == IDS_GROUP:
+        s = tl.where(_group_masked(same, rows, cols, pos_start), float("-inf"), s)
     return s
 
 
@@ -271,17 +325,20 @@ def _row_norms(x: torch.Tensor, cfg: "_Config") -> torch.Tensor:
 
 
 @triton.jit
-def _forward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, target_ptr, col_sum_ptr,
+def _forward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, target_ptr, col_sum_ptr, ids_ptr, inv_count_ptr,
                     n_rows, n_cols, dim, stride_q, stride_k, cols_per_split,
-                    inv_tau, pos_start, neg_start, num_neg, weight, penalty_scale, self_start, fixed_max,
+                    inv_tau, pos_start, neg_start, num_neg, weight, penalty_scale, self_start, num_positives,
+                    fixed_max,
                     NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PENALTY: tl.constexpr, MASK: tl.constexpr,
-                    HAS_TARGET: tl.constexpr, FUSED_REVERSE: tl.constexpr,
+                    HAS_TARGET: tl.constexpr, IDS: tl.constexpr, FUSED_REVERSE: tl.constexpr,
                     EPS_: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One direction's LSE (and with HAS_TARGET the target logit) of a block of query rows over
     one split of the keys (program_id(1)), stored at [split, row]. FUSED_REVERSE (query_to_doc
     with local anchor keys) also adds, for the positive block's columns pos_start + j (j < n_rows),
-    sum_i exp(s_ij - fixed_max) into col_sum[j]: doc_to_query's row sums, from the plain scores."""
+    sum_i exp(s_ij - fixed_max) into col_sum[j]: doc_to_query's row sums, from the plain scores
+    (less the group mask's cells, which are symmetric: pos_start = 0 there). With IDS_LABEL the
+    target is sum over the row's label cells of the logit, times inv_count[i] = 1 / |P_i|."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split_start = tl.program_id(1) * cols_per_split
     split_end = tl.minimum(split_start + cols_per_split, n_cols)
@@ -294,20 +351,32 @@ def _forward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, target_ptr, c
         s, inv_q, inv_k = _scores(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, rows, cols, n_rows, n_cols, dim,
                                   stride_q, stride_k, inv_tau, NORMALIZE, EPS_, BLOCK_M, BLOCK_N, BLOCK_D,
                                   UPCAST, PRECISION)
+        if IDS != IDS_NONE:
+            same = _same_id(ids_ptr, rows, cols, n_rows, pos_start, num_positives)
+        else:
+            same = 0  # unread
         if FUSED_REVERSE:
             overlaps, rev, rev_ok = _reverse_columns(j0, cols, pos_start, n_rows, BLOCK_N)
             if overlaps:
-                e = tl.exp(tl.where(row_ok[:, None] & rev_ok[None, :], s - fixed_max, float("-inf")))
+                cell_ok = row_ok[:, None] & rev_ok[None, :]
+                if IDS == IDS_GROUP:
+                    cell_ok = cell_ok & ~_group_masked(same, rows, cols, pos_start)
+                e = tl.exp(tl.where(cell_ok, s - fixed_max, float("-inf")))
                 tl.atomic_add(col_sum_ptr + rev, tl.sum(e, axis=0), mask=rev_ok)
-        s = _logits(s, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,
-                    HAS_BIAS, PENALTY, MASK)
+        s = _logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,
+                    HAS_BIAS, PENALTY, MASK, IDS)
         if HAS_TARGET:
-            target += tl.sum(tl.where(_diagonal(rows, cols, pos_start), s, 0.0), axis=1)
+            if IDS == IDS_LABEL:
+                target += tl.sum(tl.where(same, s, 0.0), axis=1)
+            else:
+                target += tl.sum(tl.where(_diagonal(rows, cols, pos_start), s, 0.0), axis=1)
         s = tl.where(cols[None, :] < n_cols, s, float("-inf"))
-        m_i, l_i = _online_lse_update(m_i, l_i, s, MASK != MASK_NONE)
+        m_i, l_i = _online_lse_update(m_i, l_i, s, (MASK != MASK_NONE) or (IDS == IDS_GROUP))
     out = tl.program_id(1) * n_rows + rows
     tl.store(lse_ptr + out, m_i + tl.log(l_i), mask=row_ok)
     if HAS_TARGET:
+        if IDS == IDS_LABEL:
+            target *= tl.load(inv_count_ptr + rows, mask=row_ok, other=0.0)
         tl.store(target_ptr + out, target, mask=row_ok)
 
 
@@ -337,6 +406,8 @@ class _Sweep(NamedTuple):
     keys: torch.Tensor
     k_norm: torch.Tensor | None
     mask: int  # MASK_*
+    ids: torch.Tensor | None = None  # int32 dense ids of the positive block [P] (group or label)
+    inv_count: torch.Tensor | None = None  # fp32 [B]: 1 / |P_i| with labels
 
     @property
     def is_query_to_doc(self) -> bool:
@@ -348,10 +419,16 @@ def _cell_args(sweep: _Sweep, spec: LossProblem):
     """(runtime scalars, constexprs) of a direction's cell rules, shared by both kernels."""
     q2d = sweep.is_query_to_doc
     penalty = PENALTY_MODES[spec.hardness_mode] if q2d else PENALTY_NONE.value
+    # Groups mask every direction; labels change query_to_doc's target and penalty only.
+    ids = IDS_NONE.value
+    if spec.id_mode == "group":
+        ids = IDS_GROUP.value
+    elif spec.id_mode == "label" and q2d:
+        ids = IDS_LABEL.value
     scalars = (spec.pos_start, spec.neg_start, spec.num_neg, spec.weight,
-               1.0 + spec.hardness_strength * spec.tau, spec.anchor_start)
+               1.0 + spec.hardness_strength * spec.tau, spec.anchor_start, spec.num_positives)
     constexprs = dict(NORMALIZE=spec.normalize, HAS_BIAS=q2d and spec.has_bias, PENALTY=penalty, MASK=sweep.mask,
-                      HAS_TARGET=q2d, EPS_=EPS)
+                      HAS_TARGET=q2d, IDS=ids, EPS_=EPS)
     return scalars, constexprs
 
 
@@ -369,6 +446,7 @@ def _launch_forward(sweep: _Sweep, spec: LossProblem, cfg: "_Config", col_sum=No
     scalars, constexprs = _cell_args(sweep, spec)
     _forward_kernel[(n_row_blocks, splits)](
         queries, keys, _or(sweep.q_norm, lse), _or(sweep.k_norm, lse), lse, _or(target, lse), _or(col_sum, lse),
+        _or(sweep.ids, lse), _or(sweep.inv_count, lse),
         n_rows, n_cols, queries.shape[1], queries.stride(0), keys.stride(0), cols_per_split,
         spec.inv_tau, *scalars, spec.inv_tau,
         FUSED_REVERSE=col_sum is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
@@ -390,20 +468,23 @@ def _or(x, placeholder):
 
 
 @triton.jit
-def _backward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, lse_rev_ptr, g_ptr,
+def _backward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, lse_rev_ptr, g_ptr, ids_ptr, inv_count_ptr,
                      grad_q_ptr, grad_k_ptr,
                      n_rows, n_cols, dim, stride_q, stride_k,
-                     inv_tau, pos_start, neg_start, num_neg, weight, penalty_scale, self_start, g_scale,
+                     inv_tau, pos_start, neg_start, num_neg, weight, penalty_scale, self_start, num_positives,
+                     g_scale,
                      NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PENALTY: tl.constexpr, MASK: tl.constexpr,
-                     HAS_TARGET: tl.constexpr, REVERSE: tl.constexpr,
+                     HAS_TARGET: tl.constexpr, IDS: tl.constexpr, REVERSE: tl.constexpr,
                      EPS_: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Adds this tile's share of dQ_hat = dS K_hat / tau and dK_hat = dS^T Q_hat / tau (fp32, atomics).
 
     dS = g_scale * g_i * exp(logit - lse_i) (g_scale = 1 joint, 1 / P per_direction), minus g_i
-    at the target with HAS_TARGET. REVERSE (query_to_doc with local anchor keys) adds
-    doc_to_query's dS, g_scale * g_j * exp(s_ij - lse_rev_j), on the positive block's column
-    pos_start + j: the query p_j against anchor i, the transposed cell of the same plain score."""
+    at the target with HAS_TARGET (IDS_LABEL: minus g_i * inv_count[i] = g_i / |P_i| on each of
+    the row's label cells: the one-hot becomes a label-match weight, no extra product). REVERSE
+    (query_to_doc with local anchor keys) adds doc_to_query's dS, g_scale * g_j * exp(s_ij -
+    lse_rev_j), on the positive block's column pos_start + j: the query p_j against anchor i, the
+    transposed cell of the same plain score (but for the group mask's cells, symmetric there)."""
     # Column blocks vary fastest, so programs running together share their query rows.
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     j0 = tl.program_id(0) * BLOCK_N
@@ -415,6 +496,10 @@ def _backward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, lse_rev_ptr,
                               UPCAST, PRECISION)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+    if IDS != IDS_NONE:
+        same = _same_id(ids_ptr, rows, cols, n_rows, pos_start, num_positives)
+    else:
+        same = 0  # unread
     if REVERSE:
         # From the plain scores, before the penalty and bias turn s into query_to_doc's logits.
         ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -422,13 +507,16 @@ def _backward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, lse_rev_ptr,
         if overlaps:
             lse_rev = tl.load(lse_rev_ptr + rev, mask=rev_ok, other=0.0)
             g_rev = tl.load(g_ptr + rev, mask=rev_ok, other=0.0) * g_scale
-            rev_arg = tl.where(row_ok[:, None] & rev_ok[None, :], s - lse_rev[None, :], float("-inf"))
+            cell_ok = row_ok[:, None] & rev_ok[None, :]
+            if IDS == IDS_GROUP:
+                cell_ok = cell_ok & ~_group_masked(same, rows, cols, pos_start)
+            rev_arg = tl.where(cell_ok, s - lse_rev[None, :], float("-inf"))
             ds = tl.exp(rev_arg) * g_rev[None, :]
-    s = _logits(s, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,
-                HAS_BIAS, PENALTY, MASK)
+    s = _logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,
+                HAS_BIAS, PENALTY, MASK, IDS)
     # Mask the exponents, not the products: padding scores are arbitrary and exp of them may be
-    # inf. The saved lse is finite (joint includes query_to_doc; per_direction has no masks), so
-    # masked cells (-inf) get exactly 0.
+    # inf. The saved lse is finite (joint includes query_to_doc; per_direction's query_to_doc and
+    # doc_to_query keep each row's own pair under any mask), so masked cells (-inf) get exactly 0.
     p = tl.exp(tl.where(tile_ok, s - lse[:, None], float("-inf"))) * (g * g_scale)[:, None]
     if REVERSE:
         ds += p
@@ -436,8 +524,13 @@ def _backward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, lse_rev_ptr,
         ds = p
     if HAS_TARGET:
         # The one-hot: -g_i at (i, pos_start + i), once per row whatever the partition (the
-        # reverse direction's target logit is the same cell).
-        ds = tl.where(_diagonal(rows, cols, pos_start), ds - g[:, None], ds)
+        # reverse direction's target logit is the same cell); with labels -g_i / |P_i| on each
+        # same-label positive (the target is shared by every direction too).
+        if IDS == IDS_LABEL:
+            w = g * tl.load(inv_count_ptr + rows, mask=row_ok, other=0.0)
+            ds = tl.where(same, ds - w[:, None], ds)
+        else:
+            ds = tl.where(_diagonal(rows, cols, pos_start), ds - g[:, None], ds)
     ds = tl.where(tile_ok, ds, 0.0)
     # dS enters the products in the input dtype with neither 1/tau nor 1/||x|| folded in: both
     # can be large (1/||x|| = 1e12 for a zero row) and fp16 would overflow to inf, then inf * 0 =
@@ -470,7 +563,8 @@ def _launch_backward(sweep: _Sweep, spec: LossProblem, cfg: "_Config", lse, g, g
     scalars, constexprs = _cell_args(sweep, spec)
     grid = (triton.cdiv(n_cols, t.block_n), triton.cdiv(n_rows, t.block_m))
     _backward_kernel[grid](
-        queries, keys, _or(sweep.q_norm, lse), _or(sweep.k_norm, lse), lse, _or(lse_rev, lse), g, grad_q, grad_k,
+        queries, keys, _or(sweep.q_norm, lse), _or(sweep.k_norm, lse), lse, _or(lse_rev, lse), g,
+        _or(sweep.ids, lse), _or(sweep.inv_count, lse), grad_q, grad_k,
         n_rows, n_cols, queries.shape[1], queries.stride(0), keys.stride(0),
         spec.inv_tau, *scalars, float(g_scale),
         REVERSE=lse_rev is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
@@ -602,9 +696,9 @@ class _Problem:
     def __init__(self, anchor, candidates, anchor_keys, spec: LossProblem, ids=None):
         if anchor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"the Triton backend takes float16, bfloat16 or float32, got {anchor.dtype}")
-        if ids is not None or spec.id_mode or spec.num_extra:
-            raise NotImplementedError("group_ids, labels and extra_negatives run on backend='cpu' only for now: "
-                                      "their Triton kernels are not written yet (issue #12)")
+        if (ids is None) != (spec.id_mode is None):
+            raise ValueError(f"ids and spec.id_mode go together, got ids {'None' if ids is None else 'given'} "
+                             f"and id_mode {spec.id_mode!r}")
         self.spec = spec
         self.cfg = select_config(anchor.dtype, spec.dim)
         self.anchor = anchor.contiguous()
@@ -613,6 +707,9 @@ class _Problem:
         positives = slice(spec.pos_start, spec.pos_start + spec.batch)
         self.positives = self.candidates[positives]
         self.p_norm = None if self.c_norm is None else self.c_norm[positives]
+        # doc_to_doc's keys stop before the extra negatives (a prefix view: same rows, same gradient buffer).
+        self.documents = self.candidates[: spec.num_documents]
+        self.d_norm = None if self.c_norm is None else self.c_norm[: spec.num_documents]
         # The anchor keys' gradient has a buffer of its own only when they are a tensor of their own.
         self.separate_keys = spec.separate_anchor_keys and spec.variant.needs_anchor_keys
         if self.separate_keys:
@@ -624,19 +721,24 @@ class _Problem:
         # block transposed: no sweep of its own in the backward, none in the forward when the
         # fixed max is safe.
         self.reverse_in_query_to_doc = DOC_TO_QUERY in spec.directions and not spec.separate_anchor_keys
+        # With ids and local anchor keys, P = M = B, so pos_start = 0 and the group mask's cells
+        # of query_to_doc's positive block are exactly doc_to_query's, transposed.
+        assert not (spec.id_mode and self.reverse_in_query_to_doc and spec.pos_start != 0)
+        self.ids, self.inv_count = (None, None) if ids is None else _dense_ids(ids, spec, self.anchor.device)
 
     def _norms(self, x):
         return _row_norms(x, self.cfg) if self.spec.normalize else None
 
     def sweep(self, direction: str) -> _Sweep:
+        ids = dict(ids=self.ids, inv_count=self.inv_count if direction == QUERY_TO_DOC else None)
         if direction == QUERY_TO_DOC:
-            return _Sweep(direction, self.anchor, self.a_norm, self.candidates, self.c_norm, MASK_NONE.value)
+            return _Sweep(direction, self.anchor, self.a_norm, self.candidates, self.c_norm, MASK_NONE.value, **ids)
         if direction == QUERY_TO_QUERY:
-            return _Sweep(direction, self.anchor, self.a_norm, self.keys, self.k_norm, MASK_SELF.value)
+            return _Sweep(direction, self.anchor, self.a_norm, self.keys, self.k_norm, MASK_SELF.value, **ids)
         if direction == DOC_TO_QUERY:
-            return _Sweep(direction, self.positives, self.p_norm, self.keys, self.k_norm, MASK_NONE.value)
-        return _Sweep(direction, self.positives, self.p_norm, self.candidates, self.c_norm,
-                      MASK_OWN_DOCUMENTS.value)
+            return _Sweep(direction, self.positives, self.p_norm, self.keys, self.k_norm, MASK_NONE.value, **ids)
+        return _Sweep(direction, self.positives, self.p_norm, self.documents, self.d_norm,
+                      MASK_OWN_DOCUMENTS.value, **ids)
 
     def stats(self):
         """(row_loss [B], lse [P, B]): one forward launch per direction (doc_to_query fused when it can be)."""
@@ -689,6 +791,22 @@ class _Problem:
             dots = dots + _normalize_backward(self.keys, self.k_norm, grad_k, self.cfg).sum()
         grad_tau = -dots / (2.0 * spec.tau)
         return grad_a, grad_c, grad_k if self.separate_keys else None, grad_tau
+
+
+def _dense_ids(ids: torch.Tensor, spec: LossProblem, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(int32 [P] dense ids, fp32 [B] 1 / |P_i| with labels, else None), with torch in
+    O(P log P) and no host sync: an id's dense id is its first position in the sorted ids (equal
+    ids, equal dense ids; >= 0), and a label's count the width of its run there. int32 halves
+    the kernels' id registers and loads, whatever values (hashes) the int64 ids hold."""
+    ids = ids.to(device=device, dtype=torch.int64).contiguous()
+    sorted_ids = torch.sort(ids).values
+    first = torch.searchsorted(sorted_ids, ids)
+    inv_count = None
+    if spec.id_mode == "label":
+        rows = slice(spec.pos_start, spec.pos_start + spec.batch)
+        count = torch.searchsorted(sorted_ids, ids[rows], right=True) - first[rows]
+        inv_count = 1.0 / count.to(torch.float32)
+    return first.to(torch.int32), inv_count
 
 
 def _on_device(x: torch.Tensor):

@@ -350,10 +350,10 @@ def test_variants_are_planned_from_the_signatures():
 
 def test_a_declared_gap_is_skipped_with_its_reason_not_failed(monkeypatch):
     def not_yet(*args, **kwargs):
-        raise NotImplementedError("labels run on backend='cpu' only for now (issue #12)")
+        raise NotImplementedError("a new option runs on backend='cpu' only for now (issue #99)")
 
     monkeypatch.setattr(fastcse, "info_nce", not_yet)
-    with pytest.raises(gc.Skip, match=r"not implemented on backend=.triton.: labels run on .*\(issue #12\)"):
+    with pytest.raises(gc.Skip, match=r"not implemented on backend=.triton.: a new option runs on .*\(issue #99\)"):
         gc.check_loss_case(gc.LossCase(4, 0, 8), torch.device("cpu"))
 
 

@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 # smaller d only shrink the chunk, which lowers register and shared-memory use.
 DIM = 768
 _TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-_INPUT_POINTERS = ("q_ptr", "k_ptr", "x_ptr")  # the embeddings; every other pointer is fp32 statistics
+_INPUT_POINTERS = ("q_ptr", "k_ptr", "x_ptr")  # the embeddings; ids_ptr is int32, every other pointer fp32
 _FLOAT_SCALARS = ("inv_tau", "weight", "penalty_scale", "fixed_max", "g_scale")
 _DIVISIBLE_INTS = ("dim", "stride", "stride_q", "stride_k", "cols_per_split")  # as the JIT specializes d = 768
 
@@ -41,16 +42,21 @@ def _score_specializations():
     specializations (every NORMALIZE x HAS_BIAS x fused doc_to_query), each hardness PENALTY at
     its heaviest (bias and the fused doc_to_query tiles too: the most live tiles) and every other
     direction's MASK, those with NORMALIZE, which uses the most registers (the norm vectors and
-    the scaled operand tiles: up to +67 on sm_80 in the classic kernels). ``REV`` is
-    FUSED_REVERSE in the forward and REVERSE in the backward."""
+    the scaled operand tiles: up to +67 on sm_80 in the classic kernels). Issue #12's IDS: the
+    group mask and the label target at query_to_doc's heaviest cell rules (in-batch penalty,
+    bias, fused doc_to_query), and the group mask on doc_to_doc (own documents and group: the
+    most masks), whose fp32 backward is the tightest kernel on sm_80 (241 registers, like the
+    other anchor-key directions', with or without the mask; query_to_doc's is 237 with either
+    id mode). ``REV`` is FUSED_REVERSE in the forward and REVERSE in the backward."""
     from fastcse import triton_info_nce as k
 
     none, self_, own = k.MASK_NONE.value, k.MASK_SELF.value, k.MASK_OWN_DOCUMENTS.value
     out = []
 
-    def add(label, normalize, bias, penalty, mask, target, rev):
+    def add(label, normalize, bias, penalty, mask, target, rev, ids=k.IDS_NONE.value):
         out.append((f"{label} norm={int(normalize)} bias={int(bias)} rev={int(rev)}",
-                    dict(NORMALIZE=normalize, HAS_BIAS=bias, PENALTY=penalty, MASK=mask, HAS_TARGET=target, REV=rev)))
+                    dict(NORMALIZE=normalize, HAS_BIAS=bias, PENALTY=penalty, MASK=mask, HAS_TARGET=target, IDS=ids,
+                         REV=rev)))
 
     for normalize in (True, False):
         for bias in (True, False):
@@ -59,9 +65,12 @@ def _score_specializations():
     for mode, penalty in k.PENALTY_MODES.items():
         if mode is not None:
             add(f"query_to_doc {mode}", True, True, penalty, none, True, True)
+    for name, ids in (("group", k.IDS_GROUP.value), ("label", k.IDS_LABEL.value)):
+        add(f"query_to_doc in_batch_negatives {name}", True, True, k.PENALTY_IN_BATCH.value, none, True, True, ids)
     add("query_to_query", True, False, k.PENALTY_NONE.value, self_, False, False)
     add("doc_to_query", True, False, k.PENALTY_NONE.value, none, False, False)
     add("doc_to_doc", True, False, k.PENALTY_NONE.value, own, False, False)
+    add("doc_to_doc group", True, False, k.PENALTY_NONE.value, own, False, False, k.IDS_GROUP.value)
     return out
 
 
@@ -100,6 +109,9 @@ def _signature(fn, constexprs, dtype_name):
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name == "ids_ptr":  # the dense int32 ids (group / label)
+            sig[name] = "*i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name.endswith("_ptr"):
             sig[name] = "*" + (_TRITON_TYPES[dtype_name] if name in _INPUT_POINTERS else "fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -128,6 +140,7 @@ def _compile_all(capability: int) -> list[dict]:
             record = dict(sm=capability, dtype=dtype_name, kernel=label, warps=warps, stages=stages,
                           blocks={n: v for n, v in constexprs.items() if n.startswith("BLOCK")})
             log = io.StringIO()
+            started = time.perf_counter()
             try:
                 with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG prints ptxas -v here
                     compiled = triton.compile(triton.compiler.ASTSource(fn, sig, constexprs, attrs), target=target,
@@ -146,7 +159,7 @@ def _compile_all(capability: int) -> list[dict]:
             else:
                 record.update(registers=int(regs.group(1)), spill_stores=int(spill_st.group(1)),
                               spill_loads=int(spill_ld.group(1)), stack=int(stack.group(1)) if stack else 0,
-                              shared=compiled.metadata.shared)
+                              shared=compiled.metadata.shared, seconds=round(time.perf_counter() - started, 1))
             records.append(record)
     return records
 
@@ -181,14 +194,15 @@ def test_kernels_compile_for_gpu_without_spills(capability, compile_jobs):
     records = [json.loads(line[len("AOT "):]) for line in stdout.splitlines() if line.startswith("AOT ")]
     expected = sum(len(_variants(d)) for d in DTYPES)
     assert len(records) == expected, f"expected {expected} kernels, got {len(records)}:\n{stdout[-3000:]}"
-    print(f"\nsm_{capability}: dtype | kernel | blocks | warps x stages | registers | spill st/ld | stack | shared")
+    print(f"\nsm_{capability}: dtype | kernel | blocks | warps x stages | registers | spill st/ld | stack | shared | s")
     for r in records:
         if "error" in r:
             print(f"sm_{capability} {r['dtype']:8} {r['kernel']:66} ERROR")
             continue
         blocks = "x".join(str(v) for v in r["blocks"].values())
         print(f"sm_{capability} {r['dtype']:8} {r['kernel']:66} {blocks:10} {r['warps']}x{r['stages']} "
-              f"{r['registers']:4} {r['spill_stores']}/{r['spill_loads']} {r['stack']:4} {r['shared']:7}")
+              f"{r['registers']:4} {r['spill_stores']}/{r['spill_loads']} {r['stack']:4} {r['shared']:7} "
+              f"{r['seconds']:5}")
     errors = [f"{r['dtype']} {r['kernel']}: {r['error']}" for r in records if "error" in r]
     assert not errors, "compile errors:\n" + "\n".join(errors)
     spills = [f"{r['dtype']} {r['kernel']}: {r['spill_stores']}/{r['spill_loads']} bytes spilled, "

@@ -59,9 +59,13 @@ def _inputs(batch, num_neg, dim, dtype, seed, scale=1.0):
 
 
 def _loss_and_grads(fn, tensors, tau, upstream, dtype=None, **options):
+    """tensors: (anchor, positive, negative) and optionally a 4th, the extra negatives (a queue
+    that requires grad)."""
     leaves = [x.detach().to(dtype or x.dtype).requires_grad_() if x is not None else None for x in tensors]
     temperature = torch.tensor(tau, dtype=dtype or torch.float32, requires_grad=True)
-    loss = fn(*leaves, temperature=temperature, **options)
+    if len(leaves) == 4:
+        options = dict(options, extra_negatives=leaves[3])
+    loss = fn(*leaves[:3], temperature=temperature, **options)
     loss.backward(upstream.to(loss.dtype))
     grads = [x.grad for x in leaves if x is not None] + [temperature.grad]
     return loss.detach(), grads
@@ -87,10 +91,15 @@ def _temperature_floor(row_weights: torch.Tensor, tau: float) -> float:
 
 
 def check_against_reference(batch, num_neg, dim, *, dtype=torch.float32, tau=0.05, normalize=True, weight=0.0,
-                            reduction="mean", seed=0, scale=1.0, tensors=None, floor=1e-2, **variant):
+                            reduction="mean", seed=0, scale=1.0, tensors=None, floor=1e-2, queue=0, **variant):
     """fastcse.info_nce(backend="triton") against the fp64 reference: "mean"/"sum" take the
-    gradients-in-forward path, "none" (per-row upstream gradients) the backward's recompute."""
+    gradients-in-forward path, "none" (per-row upstream gradients) the backward's recompute.
+    ``queue``: that many extra negatives, requiring grad (their gradient is checked too);
+    ``variant`` may hold group_ids / labels."""
     tensors = tensors if tensors is not None else _inputs(batch, num_neg, dim, dtype, seed, scale)
+    if queue:
+        gen = torch.Generator().manual_seed(seed + 2)
+        tensors = list(tensors) + [(torch.randn(queue, dim, generator=gen) * scale).to(dtype)]
     gen = torch.Generator().manual_seed(seed + 1)
     # "none" gets per-row upstream gradients (the recompute path); scalar reductions a non-unit scalar.
     upstream = torch.rand(batch, generator=gen) + 0.5 if reduction == "none" else torch.tensor(1.7)
@@ -102,8 +111,9 @@ def check_against_reference(batch, num_neg, dim, *, dtype=torch.float32, tau=0.0
     tol = TOL[dtype]
     _assert_close("loss", loss, ref_loss, tol, floor)
     row_weights = upstream.expand(batch) / (batch if reduction == "mean" else 1)
-    for name, g, ref in zip(("anchor", "positive", "negative")[: len(grads) - 1] + ("temperature",), grads,
-                            ref_grads):
+    names = [n for n, x in zip(("anchor", "positive", "negative", "queue"), tensors) if x is not None]
+    assert len(names) == len(grads) - 1
+    for name, g, ref in zip(names + ["temperature"], grads, ref_grads):
         assert g.dtype == (dtype if name != "temperature" else torch.float32)
         tau_floor = _temperature_floor(row_weights, tau) if name == "temperature" and normalize else 0.0
         _assert_close(f"d{name}", g, ref, tol, max(floor, tau_floor))
@@ -286,6 +296,178 @@ def test_separate_anchor_keys_equal_to_the_anchors():
 
 
 # --------------------------------------------------------------------------------------------
+# group_ids (false negatives), labels (several positives), extra negatives (a queue): issue #12
+# --------------------------------------------------------------------------------------------
+
+# 19 rows (two row blocks of 16): groups of 4, 3, 3, 2, 2 and singletons, one group across both
+# row blocks. As int64 values far outside int32 (and negative): the kernels compare dense int32
+# ranks of them.
+ROW_IDS = torch.tensor([0, 1, 0, 2, 3, 1, 0, 4, 5, 6, 2, 0, 1, 7, 8, 9, 3, 2, 10]) * 7_000_000_000_123 - 3
+ID_VARIANTS = {
+    "q2d": dict(),
+    "symmetric": dict(symmetric=True),  # doc_to_query fused on query_to_doc's tiles (fixed max)
+    "symmetric-hard": dict(symmetric=True, hardness_mode="in_batch_negatives", hardness_strength=3.0),
+    "gte-all": dict(GTE, hardness_mode="all_negatives", hardness_strength=3.0),
+}
+
+
+def _row_options(kind, batch=None):
+    ids = ROW_IDS if batch is None else ROW_IDS[:batch]
+    return {"group": dict(group_ids=ids), "label": dict(labels=ids), "queue": {}}[kind]
+
+
+# kind x variant x k; group and label get the queue with k = 2 (so each appears with and without
+# it), "queue" is the queue alone; the reductions rotate.
+_ID_CROSS = [(kind, name, k) for kind in ("group", "label", "queue") for name in ID_VARIANTS for k in (0, 2)]
+ID_CASES = [pytest.param(kind, name, k, ("mean", "none", "sum")[i % 3], id=f"{kind}-{name}-k{k}")
+            for i, (kind, name, k) in enumerate(_ID_CROSS)]
+
+
+@pytest.mark.parametrize("kind,variant,num_neg,reduction", ID_CASES)
+def test_ids_and_queue(kind, variant, num_neg, reduction):
+    """19 rows, up to 19 * 3 + 5 = 62 candidates, d = 24 (two chunks), a learnable temperature, the
+    queue's gradient (it requires grad)."""
+    queue = 5 if kind == "queue" or num_neg == 2 else 0
+    check_against_reference(19, num_neg, 24, weight=0.5 if num_neg else 0.0, reduction=reduction, queue=queue,
+                            seed=79 + num_neg, **_row_options(kind), **ID_VARIANTS[variant])
+
+
+@pytest.mark.parametrize("kind,variant,options", [
+    # 2/tau = 200: doc_to_query's forward LSE by its own (group-masked) sweep, the backward fused.
+    ("group", "symmetric-hard", dict(tau=0.01, reduction="none")),
+    ("label", "symmetric", dict(tau=0.01, reduction="mean")),
+    ("group", "gte-all", dict(normalize=False, scale=0.15, reduction="sum")),  # online softmax everywhere
+    ("label", "gte-all", dict(normalize=False, scale=0.15, reduction="none")),
+    ("group", "gte-all", dict(dtype=torch.float16, reduction="none")),
+    ("label", "symmetric-hard", dict(dtype=torch.bfloat16, reduction="mean")),
+    ("group", "q2d", dict(dtype=torch.bfloat16, normalize=False, scale=0.15, reduction="sum")),
+], ids=["group-tau0.01", "label-tau0.01", "group-dot", "label-dot", "group-fp16", "label-bf16", "group-bf16-dot"])
+def test_ids_and_queue_options(kind, variant, options):
+    check_against_reference(19, 2, 24, weight=0.4, queue=4, seed=83, **_row_options(kind), **ID_VARIANTS[variant],
+                            **options)
+
+
+@pytest.mark.parametrize("kind,batch,variant", [
+    # One group for everyone: only the own pair and the hard / extra negatives are left; query_to_query
+    # has no cell at all (LSE -inf), whole tiles of every direction are masked.
+    ("group", 17, "gte-all"),
+    ("group", 17, "symmetric"),
+    ("label", 17, "gte-all"),  # one label: every positive is a positive, the penalty spares them all
+    ("group", 1, "gte-all"),
+    ("label", 1, "symmetric-hard"),
+])
+def test_ids_one_group(kind, batch, variant):
+    ids = torch.full((batch,), 12345678901, dtype=torch.long)
+    options = {"group": dict(group_ids=ids), "label": dict(labels=ids)}[kind]
+    check_against_reference(batch, 1, 16, weight=0.3, reduction="none", queue=3, seed=89, **options,
+                            **ID_VARIANTS[variant])
+
+
+def test_ids_production_block_sizes(monkeypatch):
+    """The GPU tile configuration (64 x 32 fp32 backward tiles): 70 rows, two row blocks."""
+    small_config = triton_info_nce.select_config
+    monkeypatch.setattr(triton_info_nce, "select_config",
+                        lambda dt, dim, **kw: small_config(dt, dim, interpret=True, small=False))
+    ids = torch.arange(70) % 23  # groups of 3 and 4, spread over both row blocks
+    for options in (dict(group_ids=ids, **ID_VARIANTS["gte-all"]), dict(labels=ids, **ID_VARIANTS["symmetric"])):
+        check_against_reference(70, 1, 40, weight=0.3, reduction="none", queue=9, seed=97, **options)
+
+
+@pytest.mark.parametrize("kind", ["group", "label"])
+def test_ids_backend_contract_against_cpu(kind):
+    """forward/backward called directly against the CPU backend in fp64, with this rank's rows at
+    pos_start = B of P = 2 B positives (row i's id is ids[pos_start + i]), an extra-negative queue
+    and doc_to_doc (whose keys stop before it)."""
+    gen = torch.Generator().manual_seed(101)
+    batch, num_neg, dim, queue = 11, 2, 24, 5
+    anchor = torch.randn(batch, dim, generator=gen)
+    candidates = torch.randn(2 * batch + 2 * batch * num_neg + queue, dim, generator=gen)
+    ids = torch.cat([ROW_IDS[:batch].flip(0), ROW_IDS[:batch]])
+    variant = resolve_variant(num_neg=num_neg, directions=(Q2D, D2D), hardness_mode="all_negatives",
+                              hardness_strength=2.0)
+    options = dict(pos_start=batch, neg_start=2 * batch + batch * num_neg, num_neg=num_neg, normalize=True,
+                   hard_negative_weight=0.6, variant=variant, id_mode=kind, num_extra=queue)
+    spec = describe(anchor, candidates, 0.04, ids=ids, **options)
+    spec64 = describe(anchor.double(), candidates.double(), 0.04, ids=ids, **options)
+    grad_rows = torch.rand(batch, generator=gen)
+    row_loss, lse, grads = triton_info_nce.forward(anchor, candidates, None, spec, compute_grad=True, ids=ids)
+    ref_loss, ref_lse, ref_grads = cpu.forward(anchor.double(), candidates.double(), None, spec64, compute_grad=True,
+                                               ids=ids)
+    back = triton_info_nce.backward(grad_rows, anchor, candidates, None, spec, lse, ids=ids)
+    ref_back = cpu.backward(grad_rows.double(), anchor.double(), candidates.double(), None, spec64, ref_lse, ids=ids)
+    _assert_close("row_loss", row_loss, ref_loss, 2e-4)
+    _assert_close("lse", lse, ref_lse, 2e-4)
+    for label, got, want, weights in [("fused", grads, ref_grads, torch.ones(batch)),
+                                      ("backward", back, ref_back, grad_rows)]:
+        assert got[2] is None
+        _assert_close(f"{label} d(anchor)", got[0], want[0], 2e-4)
+        _assert_close(f"{label} d(candidates)", got[1], want[1], 2e-4)
+        assert got[1][-queue:].abs().sum() > 0  # the queue gets gradients like any candidate
+        _assert_close(f"{label} d(tau)", got[3], want[3], 2e-4, _temperature_floor(weights, 0.04))
+
+
+@pytest.mark.parametrize("kind,variant,rank", [
+    ("group", "symmetric-hard", 0),  # distributed symmetric: doc_to_query sweeps every rank's anchors
+    ("label", "symmetric-hard", 1),
+    ("group", "gte-all", 1),
+    ("label", "gte-all", 2),
+    ("group", "q2d", 2),
+    ("label", "q2d", 0),
+])
+def test_ids_separate_anchor_keys(kind, variant, rank):
+    """The distributed layout: ids covering the gathered positives (and anchor keys), the rank's own
+    queue after every rank's negatives; a rank's rows of the single-process problem as in
+    test_separate_anchor_keys, d(queue) included."""
+    sizes, num_neg, dim, tau, weight, queue = [5, 7, 4], 2, 24, 0.04, 0.5, 4
+    total = sum(sizes)
+    anchor, positive, negative = _world(sizes, num_neg, dim, seed=103 + rank)
+    extra = torch.randn(queue, dim, generator=torch.Generator().manual_seed(107))
+    ids = ROW_IDS[:total]
+    variant_kw = ID_VARIANTS[variant]
+    local, candidates, spec = _distributed_spec(sizes, rank, anchor, positive, negative, tau, weight, variant_kw)
+    candidates = torch.cat([candidates, extra])
+    spec = describe(local, candidates, tau, pos_start=spec.pos_start, neg_start=spec.neg_start, num_neg=num_neg,
+                    normalize=True, hard_negative_weight=weight, variant=spec.variant, anchor_keys=anchor,
+                    anchor_start=spec.anchor_start, ids=ids, id_mode=kind, num_extra=queue)
+    start, batch = spec.anchor_start, spec.batch
+    grad_rows = torch.rand(batch, generator=torch.Generator().manual_seed(109)) + 0.5
+
+    leaves = [x.double().requires_grad_() for x in (anchor, positive, negative, extra)]
+    temperature = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
+    ref = info_nce_reference(*leaves[:3], temperature=temperature, hard_negative_weight=weight, reduction="none",
+                             extra_negatives=leaves[3], **_row_options(kind, total), **variant_kw)
+    row_loss, lse, grads = triton_info_nce.forward(local, candidates, anchor, spec, compute_grad=True, ids=ids)
+    _assert_close("row_loss", row_loss, ref[start:start + batch].detach(), 2e-4)
+    back = triton_info_nce.backward(grad_rows, local, candidates, anchor, spec, lse, ids=ids)
+    for label, got, weights in [("fused", grads, torch.ones(batch)), ("backward", back, grad_rows)]:
+        upstream = torch.zeros(total, dtype=torch.float64)
+        upstream[start:start + batch] = weights.double()
+        want = torch.autograd.grad(ref, leaves + [temperature], upstream, retain_graph=True)
+        grad_anchor, grad_candidates, grad_keys, grad_tau = got
+        grad_all_anchors = grad_keys.clone() if spec.variant.needs_anchor_keys else torch.zeros_like(anchor)
+        grad_all_anchors[start:start + batch] += grad_anchor
+        _assert_close(f"{label} d(anchor keys) + d(anchor)", grad_all_anchors, want[0], 2e-4)
+        _assert_close(f"{label} d(candidates)", grad_candidates,
+                      torch.cat([want[1], want[2].reshape(-1, dim), want[3]]), 2e-4)
+        _assert_close(f"{label} d(tau)", grad_tau, want[4], 2e-4, _temperature_floor(weights, tau))
+
+
+@pytest.mark.parametrize("kind", ["group", "label"])
+def test_ids_keep_the_fused_launches(monkeypatch, kind):
+    """Ids and a queue add no launch: symmetric in one process stays one sweep per pass."""
+    launches = _count_launches(monkeypatch)
+    anchor, positive, negative = _inputs(6, 1, 16, torch.float32, seed=71)
+    candidates = torch.cat([positive, negative, torch.randn(3, 16)])
+    ids = torch.tensor([4, 2, 4, 9, 2, 4])
+    spec = describe(anchor, candidates, 0.05, pos_start=0, neg_start=6, num_neg=1, normalize=True,
+                    hard_negative_weight=0.5, variant=resolve_variant(num_neg=1, symmetric=True), ids=ids,
+                    id_mode=kind, num_extra=3)
+    triton_info_nce.forward(anchor, candidates, None, spec, compute_grad=True, ids=ids)
+    assert launches["forward"] == [(Q2D, True)]
+    assert launches["backward"] == [(Q2D, True)]
+
+
+# --------------------------------------------------------------------------------------------
 # The backend contract, launches and products
 # --------------------------------------------------------------------------------------------
 
@@ -339,20 +521,6 @@ def test_rejects_float64():
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         triton_info_nce.backward(torch.ones(4), anchor, candidates, None, spec, torch.zeros(1, 4))
 
-
-
-@pytest.mark.parametrize("extra", [dict(ids=torch.arange(4), id_mode="group"), dict(num_extra=2)],
-                         ids=["group_ids", "extra_negatives"])
-def test_refuses_issue_12_problems(extra):
-    """Ids (false negatives, labels) and extra negatives have no kernels yet: a clear error, not a wrong loss."""
-    anchor, candidates = torch.randn(4, 8), torch.randn(10, 8)
-    spec = describe(anchor, candidates, 0.05, pos_start=0, neg_start=4, num_neg=1, normalize=True,
-                    hard_negative_weight=0.0, **extra)
-    ids = extra.get("ids")
-    with pytest.raises(NotImplementedError, match="issue #12"):
-        triton_info_nce.forward(anchor, candidates, None, spec, compute_grad=False, ids=ids)
-    with pytest.raises(NotImplementedError, match="issue #12"):
-        triton_info_nce.backward(torch.ones(4), anchor, candidates, None, spec, torch.zeros(1, 4), ids=ids)
 
 def _count_launches(monkeypatch):
     """Records (direction, fused doc_to_query) per forward launch and per backward launch."""
