@@ -71,8 +71,10 @@ def _worker(rank, port, commands, replies):
             loss = fastcse.info_nce(anchor, positive, negative, process_group=pg)
         elif method == "allgather_local":
             candidates = torch.cat(dist_nn.all_gather(positive, group) + dist_nn.all_gather(negative, group))
-            loss, *_ = info_nce_op(anchor, candidates, anchor.new_empty((0, DIM)), torch.tensor(0.05), start,
-                                   total + start, 1, 0, True, 0.0, encode_variant(Variant()), "sum", True, "cpu")
+            no_ids = torch.empty(0, dtype=torch.int64)
+            loss, *_ = info_nce_op(anchor, candidates, anchor.new_empty((0, DIM)), no_ids, torch.tensor(0.05), start,
+                                   total + start, 1, 0, 0, True, 0.0, encode_variant(Variant()), "", "sum", True,
+                                   "cpu")
             loss = loss / total
         elif method == "allgather_full":
             gathered = [torch.cat(dist_nn.all_gather(t, group)) for t in (anchor, positive, negative)]
