@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import QUICK
+from conftest import QUICK, save_summary
 
 WORKER = Path(__file__).resolve().parents[1] / "scripts" / "trainer_bench_worker.py"
 BATCH = 8 if QUICK else 64
@@ -118,9 +118,7 @@ def print_side_by_side():
     if not RESULTS:
         return
     rows = summary_rows()
-    out = os.environ.get("FASTCSE_BENCH_JSON")
-    if out:
-        Path(out).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    save_summary(rows)
     print(f"\nSimCSE training step, all-MiniLM-L6-v2, seq 32, {ROUNDS} round(s) of {STEPS} steps ({WARMUP} untimed)")
     print(f"{'group':<36} {'implementation':<44} {'seq/s':>7} {'s/step min':>10} {'median':>7} {'peak RSS MB':>11}")
     for r in rows:

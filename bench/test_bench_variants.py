@@ -20,13 +20,11 @@ above), FASTCSE_BENCH_VARIANTS (comma-separated names of variant_workloads.VARIA
 FASTCSE_BENCH_IMPLEMENTATIONS (e.g. "floor,fastcse,mnrl,cached_mnrl 256").
 """
 
-import json
 import os
 import statistics
-from pathlib import Path
 
 import pytest
-from conftest import QUICK
+from conftest import QUICK, save_summary
 from memory import measure_in_fresh_process
 from variant_workloads import ROW_OPTIONS, VARIANTS, products
 
@@ -123,9 +121,7 @@ def print_side_by_side():
     if not RESULTS:
         return
     rows = summary_rows()
-    out = os.environ.get("FASTCSE_BENCH_JSON")
-    if out:
-        Path(out).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    save_summary(rows)
     print(f"\nloss variants, forward + backward, d={DIM}, one hard negative")
     print(f"{'B':>6} {'variant':<34} {'implementation':<28} {'min s':>8} {'median':>8} {'x floor':>8} "
           f"{'x plain':>8} {'peak MiB':>9}")

@@ -69,6 +69,13 @@ class _Normalized:
         return grad_hat
 
 
+def direction_widths(spec: LossProblem) -> dict[str, int]:
+    """How many keys each of the problem's directions scores (its block's columns)."""
+    widths = {QUERY_TO_DOC: spec.num_candidates, QUERY_TO_QUERY: spec.num_anchor_keys,
+              DOC_TO_QUERY: spec.num_anchor_keys, DOC_TO_DOC: spec.num_documents}
+    return {d: widths[d] for d in spec.directions}
+
+
 def _rows_per_chunk(batch: int, width: int) -> int:
     rows = BLOCK_BYTES // (4 * max(width, 1))
     return max(1, min(batch, max(MIN_ROWS, rows)))
@@ -94,9 +101,7 @@ class _Problem:
         if spec.variant.needs_anchor_keys:
             self.keys = _Normalized(anchor_keys, spec.normalize, self.dtype) if spec.separate_anchor_keys \
                 else self.anchors
-        self.widths = {QUERY_TO_DOC: spec.num_candidates, QUERY_TO_QUERY: spec.num_anchor_keys,
-                       DOC_TO_QUERY: spec.num_anchor_keys, DOC_TO_DOC: spec.num_documents}
-        self.widths = {d: self.widths[d] for d in directions}
+        self.widths = direction_widths(spec)
         self.rows = _rows_per_chunk(spec.batch, sum(self.widths.values()))
         self._blocks: dict[str, torch.Tensor] = {}
         # Cosine logits are bounded by 1/tau + |w| + strength: below SAFE_EXP, exp(S) neither
@@ -424,9 +429,7 @@ def matrix_products(spec: LossProblem, *, grad_in_forward: bool = True) -> list[
     forward sweep; otherwise a statistics sweep, then a gradient sweep in the backward."""
     if _uses_column_sweep(spec):
         return [("scores", spec.num_candidates)] * 2 + [("dq", spec.num_candidates), ("dk", spec.num_candidates)]
-    widths = {QUERY_TO_DOC: spec.num_candidates, QUERY_TO_QUERY: spec.num_anchor_keys,
-              DOC_TO_QUERY: spec.num_anchor_keys, DOC_TO_DOC: spec.num_documents}
-    widths = [widths[d] for d in spec.directions]
+    widths = list(direction_widths(spec).values())
     recompute = [] if grad_in_forward else [("scores", n) for n in widths]
     labels = [("dq", spec.num_positives), ("dk", spec.num_positives)] if spec.id_mode == "label" else []
     return recompute + [(kind, n) for n in widths for kind in ("scores", "dq", "dk")] + labels

@@ -191,7 +191,7 @@ def distributed_info_nce(anchor, positive, negative, *, num_neg, temperature, no
     rank = group.rank()
     start, total = sum(sizes[:rank]), sum(sizes)
     # Every rank takes part, the one without rows too (the ids are a collective of their own).
-    all_ids = _gather_ids(ids, sizes, group) if id_mode else _NO_IDS.to(anchor.device)
+    all_ids = gather_variable(ids, sizes, group) if id_mode else _NO_IDS.to(anchor.device)
     candidates = gathered[: total * (1 + num_neg)]
     num_extra = 0
     if extra_negatives is not None:
@@ -223,10 +223,12 @@ def distributed_info_nce(anchor, positive, negative, *, num_neg, temperature, no
 _NO_IDS = torch.empty(0, dtype=torch.int64)
 
 
-def _gather_ids(ids: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
-    """Every rank's [B_r] int64 ids, in rank order (padded to the largest B_r for all_gather)."""
-    padded = ids.new_zeros(max(sizes))
-    padded[: ids.shape[0]] = ids
+def gather_variable(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+    """Every rank's ``x`` ([sizes[r], ...] on rank r), detached, concatenated in rank order.
+
+    all_gather takes equal shapes, so each rank's block is padded to the largest size."""
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x.detach()
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded, group=group)
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])

@@ -44,6 +44,7 @@ import torch.distributed as dist
 import fastcse
 from fastcse import data as datalib
 from fastcse import encoding as encoding_lib
+from fastcse.distributed import gather_variable
 from fastcse.evaluation import DEV_TASKS, SENTEVAL_TASKS, evaluate_loaded, load_model, load_task, max_model_length
 from fastcse.gradcache import cached_step, cuda_devices_of, uncached_step
 from fastcse.pooling import check_pooler, has_mlp_head
@@ -967,16 +968,6 @@ class NegativeQueue:
             self.push(state["rows"].to(device), state["keys"])
 
 
-def gather_from_ranks(rows: torch.Tensor, rank_rows: list[int], process_group) -> torch.Tensor:
-    """Every rank's ``rows`` in rank order, detached (ranks may hold different counts,
-    ``rank_rows``: all_gather takes equal shapes, so each rank's block is padded to the largest)."""
-    padded = rows.new_zeros((max(rank_rows), rows.shape[1]))
-    padded[:len(rows)] = rows.detach()
-    blocks = [torch.empty_like(padded) for _ in rank_rows]
-    dist.all_gather(blocks, padded, group=process_group)
-    return torch.cat([block[:n] for block, n in zip(blocks, rank_rows)])
-
-
 def rows_per_rank(batch_size: int, world: int) -> list[int]:
     """How many of a global batch's rows each rank holds (rank r: rows [r*B//W, (r+1)*B//W))."""
     return [(r + 1) * batch_size // world - r * batch_size // world for r in range(world)]
@@ -1078,7 +1069,7 @@ class ContrastiveStep:
         every rank's, so that all ranks score the same queue (the single-process loss)."""
         if self.process_group is None:
             return self._positives
-        return gather_from_ranks(self._positives, self.rank_rows, self.process_group)
+        return gather_variable(self._positives, self.rank_rows, self.process_group)
 
 
 # --------------------------------------------------------------------------------------------
