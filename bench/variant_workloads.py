@@ -4,7 +4,8 @@ forward + backward on the same embeddings, each factory returning (setup, run).
 - floor: the variant's matrix products (``fastcse.cpu.matrix_products``: scores and the two
   gradient products per direction block) as bare matmuls on preallocated inputs.
 - fastcse: ``fastcse.info_nce`` with the variant (CPU backend), or with one of ROW_OPTIONS
-  (group ids, a queue: fastcse only, compared with its own plain call and the floor).
+  (group ids, a queue: fastcse only, compared with the floor and with the same call without
+  the option, ``without_row_option=True``).
 - mnrl: sentence-transformers' ``MultipleNegativesRankingLoss.compute_loss_from_embeddings``.
 - cached_mnrl: ``CachedMultipleNegativesRankingLoss.calculate_loss(..., with_backward=True)``,
   its loss over the whole batch computed ``mini_batch_size`` rows of the score matrix at a
@@ -98,8 +99,10 @@ def floor(batch: int, dim: int, variant: str = "query_to_doc"):
     return setup, run
 
 
-def fastcse_loss(batch: int, dim: int, variant: str = "query_to_doc"):
-    options = dict(VARIANTS.get(variant, {}), **_row_options(variant, batch, dim))
+def fastcse_loss(batch: int, dim: int, variant: str = "query_to_doc", without_row_option: bool = False):
+    """``without_row_option``: a row-option case's plain call (the same inputs, no ids / queue)."""
+    row_options = {} if without_row_option else _row_options(variant, batch, dim)
+    options = dict(VARIANTS.get(variant, {}), **row_options)
 
     def run(state):
         _zero_grads(state)

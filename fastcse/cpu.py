@@ -81,6 +81,49 @@ def _rows_per_chunk(batch: int, width: int) -> int:
     return max(1, min(batch, max(MIN_ROWS, rows)))
 
 
+class _GroupCells:
+    """The (row, key) cells a group mask hides, listed once per call: row i's group mates j != i.
+
+    Small groups (duplicates, a shared premise: a few rows each) leave B (g - 1) cells, and
+    writing them costs far less than comparing each chunk's R x P ids and filling the block
+    through a mask, which also pushes the cache-sized block out of cache. Large groups fall
+    back to that dense compare (``build`` returns None)."""
+
+    # Per-cell indexed writes cost ~10-20x a dense compare's per-element pass: list the cells
+    # only while a row has fewer mates than P / 32.
+    MAX_CELLS_PER_ROW_FRACTION = 1 / 32
+
+    def __init__(self, rows: torch.Tensor, keys: torch.Tensor, row_offsets: torch.Tensor):
+        self.rows, self.keys, self.row_offsets = rows, keys, row_offsets
+
+    @classmethod
+    def build(cls, ids: torch.Tensor, spec: LossProblem):
+        """Row i (id ids[pos_start + i]) against the P keys' ids: None when the cells are too many."""
+        _, group_of, group_size = torch.unique(ids, return_inverse=True, return_counts=True)
+        mates = group_size[group_of[spec.pos_start: spec.pos_start + spec.batch]] - 1  # per local row
+        total = int(mates.sum())
+        if total > cls.MAX_CELLS_PER_ROW_FRACTION * spec.num_positives * spec.batch:
+            return None
+        # Keys sorted by group: row i's group is the run members[start[g]: start[g] + size[g]].
+        members = torch.argsort(group_of, stable=True)
+        start = torch.cumsum(group_size, 0) - group_size
+        row_group = group_of[spec.pos_start: spec.pos_start + spec.batch]
+        count = group_size[row_group]  # cells per row, its own key included (dropped below)
+        rows = torch.repeat_interleave(torch.arange(spec.batch), count)
+        first = torch.cumsum(count, 0) - count
+        rank = torch.arange(int(count.sum())) - torch.repeat_interleave(first, count)
+        keys = members[torch.repeat_interleave(start[row_group], count) + rank]
+        kept = keys != rows + spec.pos_start  # the row's own pair stays
+        row_offsets = torch.zeros(spec.batch + 1, dtype=torch.int64)
+        row_offsets[1:] = torch.cumsum(mates, 0)
+        return cls(rows[kept], keys[kept], row_offsets)
+
+    def of_rows(self, r0: int, r1: int):
+        """(chunk-local rows, keys) of the cells of rows [r0, r1)."""
+        lo, hi = int(self.row_offsets[r0]), int(self.row_offsets[r1])
+        return self.rows[lo:hi] - r0, self.keys[lo:hi]
+
+
 class _Problem:
     """The normalized operands of a problem, and its score blocks, shared by every sweep.
 
@@ -103,6 +146,7 @@ class _Problem:
                 else self.anchors
         self.widths = direction_widths(spec)
         self.rows = _rows_per_chunk(spec.batch, sum(self.widths.values()))
+        self.group_cells = _GroupCells.build(ids, spec) if spec.id_mode == "group" else None
         self._blocks: dict[str, torch.Tensor] = {}
         # Cosine logits are bounded by 1/tau + |w| + strength: below SAFE_EXP, exp(S) neither
         # overflows nor underflows in fp32 (N e^40 << 3e38, e^-40 >> 1e-38), so the row-max pass
@@ -172,6 +216,9 @@ class _Problem:
 
     def _mask_group(self, block, r0, r1):
         """-inf on the keys j != i of row i's group: positives, or anchors (the same rows)."""
+        if self.group_cells is not None:
+            block[self.group_cells.of_rows(r0, r1)] = -math.inf
+            return
         same = self.same_id(r0, r1)
         same[torch.arange(r1 - r0), self.targets(r0, r1)] = False  # the row's own pair stays
         block[:, : self.spec.num_positives].masked_fill_(same, -math.inf)

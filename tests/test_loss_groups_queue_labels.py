@@ -9,7 +9,8 @@ import pytest
 import torch
 from test_loss import check_against_reference, make_inputs
 
-from fastcse import info_nce, info_nce_reference
+from fastcse import cpu, info_nce, info_nce_reference
+from fastcse.problem import describe
 
 IDS = torch.tensor([0, 1, 0, 2, 3, 1, 0, 4, 5, 6, 2])  # groups of 3, 2, 2 and singletons
 VARIANTS = {
@@ -23,14 +24,22 @@ VARIANTS = {
 
 
 def _row_options(kind):
-    return {"group": dict(group_ids=IDS), "label": dict(labels=IDS), "none": {}}[kind]
+    return {"group": dict(group_ids=IDS), "group-dense": dict(group_ids=IDS), "label": dict(labels=IDS),
+            "none": {}}[kind]
+
+
+def _force_group_mask_path(monkeypatch, kind):
+    """"group": the CPU backend's listed cells (any group size); "group-dense": its dense compare."""
+    if kind.startswith("group"):
+        monkeypatch.setattr(cpu._GroupCells, "MAX_CELLS_PER_ROW_FRACTION", 1.0 if kind == "group" else 0.0)
 
 
 @pytest.mark.parametrize("queue", [0, 6])
-@pytest.mark.parametrize("kind", ["group", "label", "none"])
+@pytest.mark.parametrize("kind", ["group", "group-dense", "label", "none"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_matches_reference(variant, kind, queue):
+def test_matches_reference(variant, kind, queue, monkeypatch):
     """x hard negatives 0/2 (with a weight) x reductions in fp64, and fp32; a learnable temperature."""
+    _force_group_mask_path(monkeypatch, kind)
     batch = IDS.shape[0]
     cases = [(k, red, torch.float64) for k, red in itertools.product((0, 2), ("mean", "sum", "none"))]
     cases += [(2, "mean", torch.float32), (0, "none", torch.float32)]
@@ -83,6 +92,28 @@ def test_group_masks_the_duplicate_like_removing_it():
     torch.testing.assert_close(masked[2], without[2], rtol=1e-12, atol=1e-12)
     unmasked = info_nce(anchor, positive, reduction="none")
     assert unmasked[2] > masked[2] + 0.1  # the duplicate was a (hard) false negative
+
+
+@pytest.mark.parametrize("pos_start, batch, group_size", [(0, 40, 1), (0, 40, 4), (13, 20, 3), (0, 33, 40)])
+def test_group_cells_are_the_dense_compare(pos_start, batch, group_size, monkeypatch):
+    """The listed cells of a chunk are exactly the dense compare's (rows of [pos_start, pos_start + B)
+    of P ids, as under process_group=), every chunk boundary; too many cells fall back to the compare."""
+    gen = torch.Generator().manual_seed(batch)
+    num_positives = pos_start + batch + 7
+    ids = torch.randperm(num_positives, generator=gen) // group_size
+    spec = describe(torch.empty(batch, 4), torch.empty(num_positives, 4), 0.05, pos_start=pos_start,
+                    neg_start=num_positives, num_neg=0, normalize=True, hard_negative_weight=0.0, ids=ids,
+                    id_mode="group")
+    # The default lists the cells while a row has under P / 32 mates (here P = 47, 60, 40).
+    assert (cpu._GroupCells.build(ids, spec) is None) == (group_size > 1)
+    monkeypatch.setattr(cpu._GroupCells, "MAX_CELLS_PER_ROW_FRACTION", 1.0)
+    cells = cpu._GroupCells.build(ids, spec)
+    for r0, r1 in [(0, batch), (0, 1), (3, 11), (batch - 1, batch)]:
+        dense = ids[pos_start + r0: pos_start + r1, None] == ids[None, :]
+        dense[torch.arange(r1 - r0), pos_start + torch.arange(r0, r1)] = False
+        listed = torch.zeros_like(dense)
+        listed[cells.of_rows(r0, r1)] = True
+        assert torch.equal(listed, dense)
 
 
 def test_distinct_ids_change_nothing_and_hard_negatives_are_never_masked():
