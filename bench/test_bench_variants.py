@@ -19,7 +19,8 @@ median of those ratios, and the ratio of the minima).
 
 Settings: FASTCSE_BENCH_VARIANT_SIZES ("4096,16384"), FASTCSE_BENCH_ROUNDS (2 at B <= 4096, 1
 above), FASTCSE_BENCH_VARIANTS (comma-separated names of variant_workloads.VARIANTS),
-FASTCSE_BENCH_IMPLEMENTATIONS (e.g. "floor,fastcse,mnrl,cached_mnrl 256").
+FASTCSE_BENCH_IMPLEMENTATIONS (e.g. "floor,fastcse,mnrl,cached_mnrl 256"), FASTCSE_BENCH_REPEATS
+(1: timed runs per process; above 1 a measurement's time is the minimum of its process's runs).
 """
 
 import os
@@ -46,6 +47,9 @@ if os.environ.get("FASTCSE_BENCH_IMPLEMENTATIONS"):  # e.g. "floor,fastcse,mnrl,
     _wanted = os.environ["FASTCSE_BENCH_IMPLEMENTATIONS"].split(",")
     IMPLEMENTATIONS = [(i, o) for i, o in IMPLEMENTATIONS
                        if i in _wanted or f"{i} {o.get('mini_batch_size', '')}".strip() in _wanted]
+
+
+REPEATS = int(os.environ.get("FASTCSE_BENCH_REPEATS", "1"))
 
 
 def _rounds(batch: int) -> int:
@@ -92,7 +96,7 @@ def test_variant_step(benchmark, batch, variant, round_, impl, options):
         pytest.skip("MNRL's materialized score matrices would not fit in memory")
     factory = {"floor": "floor", "fastcse": "fastcse_loss", "mnrl": "mnrl", "cached_mnrl": "cached_mnrl"}[impl]
     result = benchmark.pedantic(measure_in_fresh_process, args=("variant_workloads", factory),
-                                kwargs=dict(batch=batch, dim=DIM, variant=variant, **options),
+                                kwargs=dict(batch=batch, dim=DIM, variant=variant, repeats=REPEATS, **options),
                                 rounds=1, iterations=1)
     key = (batch, variant)
     RESULTS.setdefault(key, []).append(dict(result, implementation=_label(impl, options), round=round_))
@@ -116,7 +120,8 @@ def summary_rows() -> list[dict]:
         floor = [r["seconds"] for r in by_impl.get("floor", [])]
         for impl, rs in by_impl.items():
             seconds = [r["seconds"] for r in rs]
-            row = dict(batch=batch, variant=variant, implementation=impl, rounds=len(rs), min_s=min(seconds),
+            row = dict(batch=batch, variant=variant, implementation=impl, rounds=len(rs), repeats=REPEATS,
+                       min_s=min(seconds),
                        median_s=statistics.median(seconds), extra_peak_mib=max(r["extra_peak_mib"] for r in rs))
             if floor:
                 row["x_floor_median"] = round(statistics.median(seconds) / statistics.median(floor), 3)
