@@ -37,6 +37,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -1451,6 +1452,124 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
     any collective); an explicit ``cuda:<i>`` is used as given.
     """
     # ---- validate everything before touching the model, the data or the output folder
+    learning_rate, epochs, mlp_only_train, output_dir, override, eval_tasks = _check_train_arguments(
+        mode=mode, batch_size=batch_size, mini_batch_size=mini_batch_size, mini_batch_tokens=mini_batch_tokens,
+        encoding=encoding, temperature=temperature, hard_negative_weight=hard_negative_weight, pooler=pooler,
+        mlp_only_train=mlp_only_train, mlp_init=mlp_init, learning_rate=learning_rate, weight_decay=weight_decay,
+        warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, epochs=epochs, max_steps=max_steps,
+        max_seq_length=max_seq_length, eval_steps=eval_steps, output_dir=output_dir,
+        resume_override=resume_override, eval_data=eval_data, data_dir=data_dir, seed=seed,
+        mask_duplicates=mask_duplicates, negative_queue_size=negative_queue_size)
+    rank, world = _world()
+    is_main = rank == 0
+    device = _set_up_rank_device(device, world, rank)
+    resume_folder = _checkpoint_to_resume(resume_from, output_dir, is_main)
+    _check_multi_process(batch_size, world)
+    _on_rank0(world, rank, RunLock(output_dir).refuse_if_held)  # a second run stops here, before the model loads
+    shard = (rank * batch_size // world, (rank + 1) * batch_size // world)
+    examples, labels, views = _load_training_data(data, mode, batch_size)
+
+    # ---- the model
+    model, tokenizer, device = _load_model_on_device(model, tokenizer, device)
+    autocast_dtype = resolve_precision(precision, device)
+    fresh_head = pooler == "cls" and mlp_init == "fresh" and resume_folder is None
+    _check_mlp_head(model, pooler, fresh_head)
+    _check_max_seq_length(model, max_seq_length)
+    encoding = encoding_lib.resolve_encoding(encoding, model)
+    _check_mini_batch_tokens(mini_batch_tokens, tokenizer, examples, mode, max_seq_length)
+    eval_pooler = "cls_before_pooler" if (pooler == "cls" and mlp_only_train) else pooler
+
+    # ---- the run's settings; a checkpoint to resume must share them (checked before any write)
+    order = BatchOrder(len(examples), batch_size, seed)
+    total_steps = max_steps if max_steps is not None else epochs * order.steps_per_epoch
+    settings = _run_settings(
+        mode=mode, examples=examples, labels=labels, batch_size=batch_size, seed=seed, total_steps=total_steps,
+        learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps,
+        max_grad_norm=max_grad_norm, temperature=temperature, hard_negative_weight=hard_negative_weight,
+        pooler=pooler, mlp_only_train=mlp_only_train, max_seq_length=max_seq_length, autocast_dtype=autocast_dtype,
+        eval_tasks=eval_tasks, mask_duplicates=mask_duplicates, negative_queue_size=negative_queue_size,
+        max_steps=max_steps, epochs=epochs, mlp_init=mlp_init, mini_batch_size=mini_batch_size,
+        mini_batch_tokens=mini_batch_tokens, encoding=encoding, eval_steps=eval_steps)
+    saved = _load_resume(resume_folder, settings, override, output_dir) if resume_folder is not None else None
+    _set_starting_weights(model, fresh_head, seed, world)
+    if is_main:
+        _log_ineffective_settings(model, mode, labels, mask_duplicates)
+
+    # ---- the output folder: locked for the run, then readied (nothing above wrote to it)
+    with _locked_output_dir(output_dir, world, rank):
+        resume_folder = _on_rank0(world, rank, _prepare_output_dir, output_dir, resume_folder,
+                                  saved["step"] if saved is not None else 0)
+        metrics_path = output_dir / METRICS_FILE
+        best_dir, last_dir = output_dir / "best", output_dir / "last"
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer, scheduler = make_optimizer(params, learning_rate, weight_decay, warmup_steps, total_steps)
+        record = _model_record(mode=mode, pooler=pooler, mlp_only_train=mlp_only_train, mlp_init=mlp_init,
+                               eval_pooler=eval_pooler, temperature=temperature, batch_size=batch_size,
+                               max_seq_length=max_seq_length)
+        queue = NegativeQueue(negative_queue_size) if negative_queue_size else None
+        checkpointer = Checkpointer(model, tokenizer, optimizer, scheduler, _run_config(settings, world), settings,
+                                    record, last_dir, device, world, rank, queue)
+        evaluator = Evaluator(model, tokenizer, eval_tasks, data_dir, eval_pooler, record, best_dir, metrics_path,
+                              world, rank) if eval_tasks else None
+        contrastive_step = ContrastiveStep(
+            model, pooler, encoding, views, float(temperature), float(hard_negative_weight),
+            dist.group.WORLD if world > 1 else None, autocast_dtype, device,
+            mini_batch_sequences=mini_batch_size * views if mini_batch_size else None,
+            mini_batch_tokens=mini_batch_tokens, queue=queue, rank_rows=rows_per_rank(batch_size, world))
+
+        torch.manual_seed(seed + rank)  # dropout masks: a different stream per rank
+        state = checkpointer.resume(saved, resume_folder, seed) if saved is not None else RunState()
+        if is_main:
+            _log_run_start(
+                mode=mode, examples=examples, labels=labels, batch_size=batch_size, world=world,
+                mini_batch_size=mini_batch_size, mini_batch_tokens=mini_batch_tokens,
+                caching=contrastive_step.caching, total_steps=total_steps, learning_rate=learning_rate,
+                pooler=pooler, encoding=encoding, autocast_dtype=autocast_dtype, mask_duplicates=mask_duplicates,
+                negative_queue_size=negative_queue_size)
+
+        batches = TokenizedBatches(examples, mode, tokenizer, max_seq_length, order, shard, total_steps)
+        rows = BatchRows(examples, mode, labels, BatchOrder(len(examples), batch_size, seed), shard,
+                         mask_duplicates=mask_duplicates and labels is None, queue=queue is not None)
+        try:
+            throughput = _train_loop(model, params, optimizer, scheduler, contrastive_step, batches, rows, state,
+                                     total_steps=total_steps, max_grad_norm=max_grad_norm, eval_steps=eval_steps,
+                                     evaluator=evaluator, checkpointer=checkpointer if save_last else None,
+                                     metrics_path=metrics_path if is_main else None,
+                                     sentences_per_step=batch_size * views, world=world,
+                                     progress=progress and is_main, precision_hint=autocast_dtype is not None)
+        finally:
+            batches.close()
+
+        if eval_tasks:
+            model_path = best_dir
+        else:
+            model_path = last_dir
+            if not save_last:  # no evaluation and no resumable checkpoint: still save the model
+                _on_rank0(world, rank, save_checkpoint, last_dir, model, tokenizer, dict(record, step=state.step))
+    return _train_result(state, model_path, output_dir, metrics_path, throughput)
+
+
+# ---- the steps of train, in the order it takes them
+
+
+class _ResolvedArguments(NamedTuple):
+    """The arguments of :func:`train` that its checks resolve (a default filled in, a path made)."""
+
+    learning_rate: float
+    epochs: int
+    mlp_only_train: bool
+    output_dir: Path
+    override: bool | frozenset
+    eval_tasks: list[str]
+
+
+def _check_train_arguments(*, mode, batch_size, mini_batch_size, mini_batch_tokens, encoding, temperature,
+                           hard_negative_weight, pooler, mlp_only_train, mlp_init, learning_rate, weight_decay,
+                           warmup_steps, max_grad_norm, epochs, max_steps, max_seq_length, eval_steps, output_dir,
+                           resume_override, eval_data, data_dir, seed, mask_duplicates,
+                           negative_queue_size) -> _ResolvedArguments:
+    """The checks of :func:`train`'s arguments that need neither the process group, the model nor
+    the data, in order, raising on the first bad one; nothing is written (the eval files are read)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     _positive_int("batch_size", batch_size, minimum=2)
@@ -1489,15 +1608,30 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
     if not isinstance(mask_duplicates, bool):
         raise TypeError(f"mask_duplicates must be True or False, got {mask_duplicates!r}")
     _positive_int("negative_queue_size", negative_queue_size, minimum=0)
-    rank, world = _world()
-    is_main = rank == 0
+    return _ResolvedArguments(learning_rate, epochs, mlp_only_train, output_dir, override, eval_tasks)
+
+
+def _set_up_rank_device(device, world: int, rank: int) -> torch.device | None:
+    """This rank's device (:func:`rank_device`), made CUDA's current device under torchrun."""
     device = rank_device(device, world, _local_rank(rank) if world > 1 else None, torch.cuda.is_available())
     if world > 1 and device is not None and device.type == "cuda":
         torch.cuda.set_device(device)  # before the first collective: NCCL communicates on the current device
+    return device
+
+
+def _checkpoint_to_resume(resume_from, output_dir: Path, is_main: bool) -> Path | None:
+    """The checkpoint folder ``resume_from`` names, or None (a fresh start, noted when
+    ``resume_from`` was given but holds no complete checkpoint yet)."""
     resume_folder = _resume_folder(resume_from, output_dir)
     if resume_from is not None and resume_folder is None and is_main:
         logger.warning("resume_from=%s holds no complete checkpoint yet (a new folder, or a run killed before its "
                        "first checkpoint): starting from the beginning", resume_from)
+    return resume_folder
+
+
+def _check_multi_process(batch_size: int, world: int) -> None:
+    """What a run over ``world`` > 1 processes needs beyond one process: a batch to split and the
+    C++ extension."""
     if world > 1:
         if batch_size < world:
             raise ValueError(f"batch_size ({batch_size}) is the global batch, split over {world} ranks: it must be "
@@ -1505,116 +1639,108 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
         from fastcse.distributed import _load_extension
 
         _load_extension()  # a missing extension fails now, on every rank, not at the first step
-    _on_rank0(world, rank, RunLock(output_dir).refuse_if_held)  # a second run stops here, before the model loads
-    shard = (rank * batch_size // world, (rank + 1) * batch_size // world)
 
+
+def _load_training_data(data, mode: str, batch_size: int) -> tuple[list, list[int] | None, int]:
+    """The examples, their labels (None without) and the sequences each example encodes (views)."""
     examples, labels = (datalib.load_unsup(data), None) if mode == "unsup" else datalib.load_sup_with_labels(data)
     if len(examples) < batch_size:
         raise ValueError(f"the dataset has {len(examples)} examples, fewer than batch_size={batch_size}: "
                          "one contrastive batch needs batch_size examples")
     views = 2 if mode == "unsup" else len(examples[0])
+    return examples, labels, views
 
-    # ---- the model
+
+def _load_model_on_device(model, tokenizer, device: torch.device | None) -> tuple:
+    """The model and tokenizer, the model moved to ``device`` (None: left where it loaded), and
+    the device it is on."""
     model, tokenizer = _load_training_model(model, tokenizer)
     if device is not None:
         model.to(device)
-    device = next(model.parameters()).device
-    autocast_dtype = resolve_precision(precision, device)
+    return model, tokenizer, next(model.parameters()).device
+
+
+def _check_mlp_head(model, pooler: str, fresh_head: bool) -> None:
+    """The model has the MLP head that ``pooler="cls"`` trains, and the layer ``mlp_init="fresh"`` redraws."""
     if pooler == "cls" and not has_mlp_head(model):
         raise ValueError(f"pooler='cls' trains SimCSE's MLP head, which is the encoder's pooling layer, and "
                          f"{type(model).__name__} has none: use pooler='cls_before_pooler' or 'avg'")
-    fresh_head = pooler == "cls" and mlp_init == "fresh" and resume_folder is None
     if fresh_head and not isinstance(getattr(model.pooler, "dense", None), torch.nn.Linear):
         raise ValueError(f"mlp_init='fresh' redraws the MLP head model.pooler.dense, which {type(model).__name__} "
                          "does not have: use mlp_init='pretrained'")
-    _check_max_seq_length(model, max_seq_length)
-    encoding = encoding_lib.resolve_encoding(encoding, model)
-    _check_mini_batch_tokens(mini_batch_tokens, tokenizer, examples, mode, max_seq_length)
-    eval_pooler = "cls_before_pooler" if (pooler == "cls" and mlp_only_train) else pooler
 
-    # ---- the run's settings; a checkpoint to resume must share them (checked before any write)
-    order = BatchOrder(len(examples), batch_size, seed)
-    total_steps = max_steps if max_steps is not None else epochs * order.steps_per_epoch
-    settings = {"mode": mode, "data": _data_fingerprint(examples, labels), "num_examples": len(examples),
-                "batch_size": batch_size, "seed": seed, "total_steps": total_steps, "learning_rate": learning_rate,
-                "weight_decay": float(weight_decay), "warmup_steps": warmup_steps,
-                "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
-                "temperature": float(temperature), "hard_negative_weight": float(hard_negative_weight),
-                "pooler": pooler, "mlp_only_train": mlp_only_train, "max_seq_length": max_seq_length,
-                "precision": "bf16" if autocast_dtype else "fp32", "eval_data": eval_tasks,
-                "mask_duplicates": mask_duplicates, "negative_queue_size": negative_queue_size,
-                # not compared (see RESUME_SETTINGS), kept to describe the run
-                "max_steps": max_steps, "epochs": None if max_steps is not None else epochs, "mlp_init": mlp_init,
-                "mini_batch_size": mini_batch_size, "mini_batch_tokens": mini_batch_tokens, "encoding": encoding,
-                "eval_steps": eval_steps}
-    saved = _load_resume(resume_folder, settings, override, output_dir) if resume_folder is not None else None
+
+def _run_settings(*, mode, examples, labels, batch_size, seed, total_steps, learning_rate, weight_decay,
+                  warmup_steps, max_grad_norm, temperature, hard_negative_weight, pooler, mlp_only_train,
+                  max_seq_length, autocast_dtype, eval_tasks, mask_duplicates, negative_queue_size, max_steps,
+                  epochs, mlp_init, mini_batch_size, mini_batch_tokens, encoding, eval_steps) -> dict:
+    """The run's settings as a checkpoint saves them: first those a resumed run must share
+    (``RESUME_SETTINGS``), then those that only describe it."""
+    return {"mode": mode, "data": _data_fingerprint(examples, labels), "num_examples": len(examples),
+            "batch_size": batch_size, "seed": seed, "total_steps": total_steps, "learning_rate": learning_rate,
+            "weight_decay": float(weight_decay), "warmup_steps": warmup_steps,
+            "max_grad_norm": None if max_grad_norm is None else float(max_grad_norm),
+            "temperature": float(temperature), "hard_negative_weight": float(hard_negative_weight),
+            "pooler": pooler, "mlp_only_train": mlp_only_train, "max_seq_length": max_seq_length,
+            "precision": "bf16" if autocast_dtype else "fp32", "eval_data": eval_tasks,
+            "mask_duplicates": mask_duplicates, "negative_queue_size": negative_queue_size,
+            # not compared (see RESUME_SETTINGS), kept to describe the run
+            "max_steps": max_steps, "epochs": None if max_steps is not None else epochs, "mlp_init": mlp_init,
+            "mini_batch_size": mini_batch_size, "mini_batch_tokens": mini_batch_tokens, "encoding": encoding,
+            "eval_steps": eval_steps}
+
+
+def _set_starting_weights(model, fresh_head: bool, seed: int, world: int) -> None:
+    """The weights every rank starts from: the MLP head redrawn (``mlp_init="fresh"``), then rank
+    0's weights broadcast to the others."""
     if fresh_head:
         init_fresh_mlp_head(model, seed)
     if world > 1:
         _broadcast_model(model)
-    if mode == "unsup" and is_main and getattr(model.config, "hidden_dropout_prob", 0.1) == 0:
+
+
+def _log_ineffective_settings(model, mode: str, labels: list[int] | None, mask_duplicates: bool) -> None:
+    """Notes the settings that the model or the data leave without effect."""
+    if mode == "unsup" and getattr(model.config, "hidden_dropout_prob", 0.1) == 0:
         logger.warning("unsupervised SimCSE uses dropout as its augmentation, but the model's dropout is 0")
-    if labels is not None and mask_duplicates and is_main:
+    if labels is not None and mask_duplicates:
         logger.info("the data has labels: they define the positives, so mask_duplicates has no effect")
 
-    # ---- the output folder: locked for the run, then readied (nothing above wrote to it)
-    with _locked_output_dir(output_dir, world, rank):
-        resume_folder = _on_rank0(world, rank, _prepare_output_dir, output_dir, resume_folder,
-                                  saved["step"] if saved is not None else 0)
-        metrics_path = output_dir / METRICS_FILE
-        best_dir, last_dir = output_dir / "best", output_dir / "last"
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer, scheduler = make_optimizer(params, learning_rate, weight_decay, warmup_steps, total_steps)
-        # The short record older checkpoints carry alone (read when "settings" is missing) + the world size.
-        run_config = {key: settings[key] for key in ("mode", "batch_size", "seed", "num_examples", "total_steps")}
-        run_config["world_size"] = world
-        record = {"mode": mode, "pooler": pooler, "mlp_only_train": mlp_only_train, "mlp_init": mlp_init,
-                  "eval_pooler": eval_pooler, "temperature": temperature, "batch_size": batch_size,
-                  "max_seq_length": max_seq_length, "fastcse_version": fastcse.__version__}
-        queue = NegativeQueue(negative_queue_size) if negative_queue_size else None
-        checkpointer = Checkpointer(model, tokenizer, optimizer, scheduler, run_config, settings, record, last_dir,
-                                    device, world, rank, queue)
-        evaluator = Evaluator(model, tokenizer, eval_tasks, data_dir, eval_pooler, record, best_dir, metrics_path,
-                              world, rank) if eval_tasks else None
-        contrastive_step = ContrastiveStep(
-            model, pooler, encoding, views, float(temperature), float(hard_negative_weight),
-            dist.group.WORLD if world > 1 else None, autocast_dtype, device,
-            mini_batch_sequences=mini_batch_size * views if mini_batch_size else None,
-            mini_batch_tokens=mini_batch_tokens, queue=queue, rank_rows=rows_per_rank(batch_size, world))
 
-        torch.manual_seed(seed + rank)  # dropout masks: a different stream per rank
-        state = checkpointer.resume(saved, resume_folder, seed) if saved is not None else RunState()
-        if is_main:
-            logger.info("training %s SimCSE: %d examples%s, batch %d%s%s, %d steps, lr %g, pooler %s, %s encoding, "
-                        "precision %s, %s, negative queue %s", mode, len(examples),
-                        " (labelled)" if labels is not None else "", batch_size,
-                        f" over {world} processes ({batch_size // world}{'+' if batch_size % world else ''} each)"
-                        if world > 1 else "",
-                        f" (gradient caching: mini-batch {mini_batch_size or '-'}, {mini_batch_tokens or '-'} tokens)"
-                        if contrastive_step.caching else "", total_steps, learning_rate, pooler, encoding,
-                        "bf16" if autocast_dtype else "fp32",
-                        "duplicates masked" if mask_duplicates and labels is None else "duplicates not masked",
-                        negative_queue_size or "off")
+def _model_record(*, mode, pooler, mlp_only_train, mlp_init, eval_pooler, temperature, batch_size,
+                  max_seq_length) -> dict:
+    """How a saved model was trained and is to be pooled, written with every checkpoint."""
+    return {"mode": mode, "pooler": pooler, "mlp_only_train": mlp_only_train, "mlp_init": mlp_init,
+            "eval_pooler": eval_pooler, "temperature": temperature, "batch_size": batch_size,
+            "max_seq_length": max_seq_length, "fastcse_version": fastcse.__version__}
 
-        batches = TokenizedBatches(examples, mode, tokenizer, max_seq_length, order, shard, total_steps)
-        rows = BatchRows(examples, mode, labels, BatchOrder(len(examples), batch_size, seed), shard,
-                         mask_duplicates=mask_duplicates and labels is None, queue=queue is not None)
-        try:
-            throughput = _train_loop(model, params, optimizer, scheduler, contrastive_step, batches, rows, state,
-                                     total_steps=total_steps, max_grad_norm=max_grad_norm, eval_steps=eval_steps,
-                                     evaluator=evaluator, checkpointer=checkpointer if save_last else None,
-                                     metrics_path=metrics_path if is_main else None,
-                                     sentences_per_step=batch_size * views, world=world,
-                                     progress=progress and is_main, precision_hint=autocast_dtype is not None)
-        finally:
-            batches.close()
 
-        if eval_tasks:
-            model_path = best_dir
-        else:
-            model_path = last_dir
-            if not save_last:  # no evaluation and no resumable checkpoint: still save the model
-                _on_rank0(world, rank, save_checkpoint, last_dir, model, tokenizer, dict(record, step=state.step))
+def _run_config(settings: dict, world: int) -> dict:
+    # The short record older checkpoints carry alone (read when "settings" is missing) + the world size.
+    run_config = {key: settings[key] for key in ("mode", "batch_size", "seed", "num_examples", "total_steps")}
+    run_config["world_size"] = world
+    return run_config
+
+
+def _log_run_start(*, mode, examples, labels, batch_size, world, mini_batch_size, mini_batch_tokens, caching,
+                   total_steps, learning_rate, pooler, encoding, autocast_dtype, mask_duplicates,
+                   negative_queue_size) -> None:
+    """One line describing the run about to train."""
+    logger.info("training %s SimCSE: %d examples%s, batch %d%s%s, %d steps, lr %g, pooler %s, %s encoding, "
+                "precision %s, %s, negative queue %s", mode, len(examples),
+                " (labelled)" if labels is not None else "", batch_size,
+                f" over {world} processes ({batch_size // world}{'+' if batch_size % world else ''} each)"
+                if world > 1 else "",
+                f" (gradient caching: mini-batch {mini_batch_size or '-'}, {mini_batch_tokens or '-'} tokens)"
+                if caching else "", total_steps, learning_rate, pooler, encoding,
+                "bf16" if autocast_dtype else "fp32",
+                "duplicates masked" if mask_duplicates and labels is None else "duplicates not masked",
+                negative_queue_size or "off")
+
+
+def _train_result(state: RunState, model_path: Path, output_dir: Path, metrics_path: Path,
+                  throughput: tuple[float, int]) -> TrainResult:
+    """What the finished run reports, from its state and ``_train_loop``'s throughput."""
     train_seconds, sentences_seen = throughput
     return TrainResult(steps=state.step, model_path=str(model_path), output_dir=str(output_dir),
                        metrics_path=str(metrics_path), best_metric=state.best_metric, best_step=state.best_step,
