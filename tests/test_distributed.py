@@ -85,6 +85,9 @@ def _cases(world):
                                                                                        hardness_strength=2.0)),
         dict(base, k=1, weight=0.0, reduction="sum", ids="label", symmetric=True),
         dict(base, sizes=empty_rank, k=1, weight=0.0, reduction="mean", ids="group", queue=4),
+        # The Triton kernels (interpreted) with the gathered ids and a queue.
+        dict(base, k=1, weight=0.4, reduction="mean", ids="group", queue=3, backend="triton"),
+        dict(base, k=0, weight=0.0, reduction="none", ids="label", symmetric=True, backend="triton"),
     ]
     # fp16, unnormalized and large (the gathered rows sum past fp16's 65504): the empty rank's
     # zero-valued loss must stay 0, not inf * 0 = NaN spread to every rank by the all-reduce.
@@ -351,6 +354,7 @@ def test_cases_cover_the_issue():
     assert any(0 in c["sizes"] and c["dtype"] == torch.float16 and not c["normalize"] for c in cases)
     assert {c.get("ids") for c in cases} >= {"group", "label"} and any(c.get("queue") for c in cases)
     assert any(c.get("ids") and 0 in c["sizes"] for c in cases)
+    assert {c.get("ids") for c in cases if c.get("backend") == "triton"} >= {"group", "label"}
     directions = {d for c in cases for d in c.get("variant", {}).get("directions", ())}
     assert directions == {"query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"}
     assert {c.get("variant", {}).get("hardness_mode") for c in cases} >= {"all_negatives", "in_batch_negatives",
