@@ -86,12 +86,13 @@ class _GroupCells:
 
     Small groups (duplicates, a shared premise: a few rows each) leave B (g - 1) cells, and
     writing them costs far less than comparing each chunk's R x P ids and filling the block
-    through a mask, which also pushes the cache-sized block out of cache. Large groups fall
-    back to that dense compare (``build`` returns None)."""
+    through a mask. Large groups fall back to that dense compare (``build`` returns None)."""
 
     # Per-cell indexed writes cost ~10-20x a dense compare's per-element pass: list the cells
-    # only while a row has fewer mates than P / 32.
+    # only while the rows have on average fewer mates than P / 32, and at most MAX_CELLS of
+    # them (16 MiB of int64 pairs: the list must not outgrow the score block it saves passes over).
     MAX_CELLS_PER_ROW_FRACTION = 1 / 32
+    MAX_CELLS = 2**20
 
     def __init__(self, rows: torch.Tensor, keys: torch.Tensor, row_offsets: torch.Tensor):
         self.rows, self.keys, self.row_offsets = rows, keys, row_offsets
@@ -100,15 +101,15 @@ class _GroupCells:
     def build(cls, ids: torch.Tensor, spec: LossProblem):
         """Row i (id ids[pos_start + i]) against the P keys' ids: None when the cells are too many."""
         _, group_of, group_size = torch.unique(ids, return_inverse=True, return_counts=True)
-        mates = group_size[group_of[spec.pos_start: spec.pos_start + spec.batch]] - 1  # per local row
+        row_group = group_of[spec.pos_start: spec.pos_start + spec.batch]
+        count = group_size[row_group]  # cells per local row, its own key included (dropped below)
+        mates = count - 1
         total = int(mates.sum())
-        if total > cls.MAX_CELLS_PER_ROW_FRACTION * spec.num_positives * spec.batch:
+        if total > min(cls.MAX_CELLS_PER_ROW_FRACTION * spec.num_positives * spec.batch, cls.MAX_CELLS):
             return None
         # Keys sorted by group: row i's group is the run members[start[g]: start[g] + size[g]].
         members = torch.argsort(group_of, stable=True)
         start = torch.cumsum(group_size, 0) - group_size
-        row_group = group_of[spec.pos_start: spec.pos_start + spec.batch]
-        count = group_size[row_group]  # cells per row, its own key included (dropped below)
         rows = torch.repeat_interleave(torch.arange(spec.batch), count)
         first = torch.cumsum(count, 0) - count
         rank = torch.arange(int(count.sum())) - torch.repeat_interleave(first, count)

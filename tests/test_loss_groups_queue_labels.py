@@ -10,7 +10,7 @@ import torch
 from test_loss import check_against_reference, make_inputs
 
 from fastcse import cpu, info_nce, info_nce_reference
-from fastcse.problem import describe
+from fastcse.problem import describe, resolve_variant
 
 IDS = torch.tensor([0, 1, 0, 2, 3, 1, 0, 4, 5, 6, 2])  # groups of 3, 2, 2 and singletons
 VARIANTS = {
@@ -104,7 +104,7 @@ def test_group_cells_are_the_dense_compare(pos_start, batch, group_size, monkeyp
     spec = describe(torch.empty(batch, 4), torch.empty(num_positives, 4), 0.05, pos_start=pos_start,
                     neg_start=num_positives, num_neg=0, normalize=True, hard_negative_weight=0.0, ids=ids,
                     id_mode="group")
-    # The default lists the cells while a row has under P / 32 mates (here P = 47, 60, 40).
+    # The default lists the cells while the rows have on average under P / 32 mates (P = 47, 47, 40, 40).
     assert (cpu._GroupCells.build(ids, spec) is None) == (group_size > 1)
     monkeypatch.setattr(cpu._GroupCells, "MAX_CELLS_PER_ROW_FRACTION", 1.0)
     cells = cpu._GroupCells.build(ids, spec)
@@ -114,6 +114,48 @@ def test_group_cells_are_the_dense_compare(pos_start, batch, group_size, monkeyp
         listed = torch.zeros_like(dense)
         listed[cells.of_rows(r0, r1)] = True
         assert torch.equal(listed, dense)
+
+
+def test_group_cells_cap_their_memory(monkeypatch):
+    """Few mates per row but more cells than MAX_CELLS: the dense compare, not a list that outgrows the block."""
+    ids = torch.arange(40) // 4
+    spec = describe(torch.empty(40, 4), torch.empty(40, 4), 0.05, pos_start=0, neg_start=40, num_neg=0,
+                    normalize=True, hard_negative_weight=0.0, ids=ids, id_mode="group")
+    monkeypatch.setattr(cpu._GroupCells, "MAX_CELLS_PER_ROW_FRACTION", 1.0)
+    assert cpu._GroupCells.build(ids, spec) is not None  # 120 cells
+    monkeypatch.setattr(cpu._GroupCells, "MAX_CELLS", 119)
+    assert cpu._GroupCells.build(ids, spec) is None
+
+
+@pytest.mark.parametrize("variant", ["gte", "symmetric"])
+def test_both_group_mask_paths_agree_in_the_distributed_layout(variant, monkeypatch):
+    """The CPU backend as one rank of three sees it (rows [5, 12) of P = 20 positives, every
+    rank's anchors as keys): the listed cells and the dense compare give the same loss and gradients."""
+    gen = torch.Generator().manual_seed(3)
+    batch, num_positives, dim, pos_start = 7, 20, 6, 5
+    anchor = torch.randn(batch, dim, generator=gen, dtype=torch.float64)
+    candidates = torch.randn(num_positives + 4, dim, generator=gen, dtype=torch.float64)  # + 4 extra
+    anchor_keys = torch.randn(num_positives, dim, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, 8, (num_positives,), generator=gen)
+    options = dict(VARIANTS[variant])
+    options.pop("hardness_mode", None), options.pop("hardness_strength", None)
+    symmetric = options.pop("symmetric", False)
+    variant = resolve_variant(symmetric=symmetric, directions=options.get("directions"),
+                              partition_mode=options.get("partition_mode"), hardness_mode=None,
+                              hardness_strength=0.0, num_neg=0)
+    spec = describe(anchor, candidates, 0.05, pos_start=pos_start, neg_start=num_positives, num_neg=0, normalize=True,
+                    hard_negative_weight=0.0, variant=variant, anchor_keys=anchor_keys, anchor_start=pos_start,
+                    ids=ids, id_mode="group", num_extra=4)
+    results = {}
+    for fraction in (1.0, 0.0):
+        monkeypatch.setattr(cpu._GroupCells, "MAX_CELLS_PER_ROW_FRACTION", fraction)
+        row_loss, lse, grads = cpu.forward(anchor, candidates, anchor_keys, spec, compute_grad=True, ids=ids)
+        backward = cpu.backward(torch.rand(batch, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+                                anchor, candidates, anchor_keys, spec, lse, ids=ids)
+        results[fraction] = (row_loss, lse, *grads[:3], *backward[:3])
+    assert torch.isfinite(results[1.0][0]).all()
+    for listed, dense in zip(results[1.0], results[0.0]):
+        torch.testing.assert_close(listed, dense, rtol=1e-12, atol=1e-12)
 
 
 def test_distinct_ids_change_nothing_and_hard_negatives_are_never_masked():
