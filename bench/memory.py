@@ -1,10 +1,10 @@
 """Honest peak memory: run one workload in a fresh Python process and read its peak RSS.
 
 The child warms up at a tiny size, builds its inputs, resets the kernel's resident-set
-high-water mark (``/proc/self/clear_refs``), runs the workload (once, or ``repeats`` times, timing
-each) and reports the growth of
-the high-water mark (``VmHWM``): the extra peak memory the workload itself needed, including
-every temporary the allocator handed back before the end. (Not ``ru_maxrss``: Linux keeps it
+high-water mark (``/proc/self/clear_refs``), runs the workload (once, or ``repeats`` times,
+timing each) and reports the growth of the high-water mark (``VmHWM``) over the first run: the
+extra peak memory the workload itself needed, including every temporary the allocator handed
+back before the end. (Not ``ru_maxrss``: Linux keeps it
 across fork and exec, so a child would inherit a large parent's peak.)
 """
 
