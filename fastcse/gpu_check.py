@@ -79,7 +79,7 @@ BUDGETS = {
     "interpret": {"setup": 20, "correctness": 60, "determinism": 5, "compile": 20, "distributed": 10,
                   "speed": 0, "st_step": 0},
     "quick": {"setup": 20, "correctness": 80, "determinism": 10, "compile": 40, "distributed": 20,
-              "speed": 50, "st_step": 25},
+              "speed": 60, "st_step": 25},
     "full": {"setup": 20, "correctness": 170, "determinism": 15, "compile": 60, "distributed": 30,
              "speed": 140, "st_step": 45},
 }
@@ -374,8 +374,8 @@ def _speed_rows(checks: list[Check]):
     for c in checks:
         n = c.numbers
         yield (n.get("batch"), n.get("candidates"), n.get("dim"), n.get("dtype"), n.get("impl"), n.get("ms"),
-               n.get("tflops"), n.get("vs_matmul"), n.get("peak_mib"), c.status if c.status != PASS else "",
-               c.reason)
+               n.get("tflops"), n.get("vs_matmul"), n.get("x_plain_call"), n.get("peak_mib"),
+               c.status if c.status != PASS else "", c.reason)
 
 
 def _st_rows(checks: list[Check]):
@@ -412,8 +412,11 @@ def render_markdown(report: Report, final: bool = True) -> str:
                                _correctness_rows(correctness)), ""]
     if ran("speed"):
         out += ["## Loss forward + backward (CUDA events, median; TFLOP/s of the 6 B N d floor)", "",
+                "fastcse+group_ids: every id 4 times; fastcse+queue: Q = min(65536, 4B) extra negatives "
+                "(N = 2B + Q); x plain call: its time over fastcse's without the option (issue #12 asks "
+                "<= 1.1x for the ids; for the queue compare TFLOP/s, the floor of its larger N).", "",
                 markdown_table(["B", "N", "d", "dtype", "implementation", "ms", "TFLOP/s", "bf16 matmul / this",
-                                "peak MiB", "status", "note"], _speed_rows(ran("speed"))), ""]
+                                "x plain call", "peak MiB", "status", "note"], _speed_rows(ran("speed"))), ""]
     if ran("st_step"):
         out += ["## sentence-transformers step (random-weight MiniLM-L6; forward + backward, no optimizer)", "",
                 markdown_table(["loss", "batch", "mini-batch", "ms", "peak MiB", "status", "note"],
@@ -1212,8 +1215,13 @@ def _is_pure_python_wheel(wheel: Path) -> bool:
 SPEED_BATCHES = {"quick": (16384,), "full": (16384, 4096, 65536)}
 SPEED_DIMS = (768, 1024)
 SPEED_DTYPES = (torch.bfloat16, torch.float32)
-SPEED_IMPLS = ("fastcse", "plain", "inf_cl", "cce")
+SPEED_IMPLS = ("fastcse", "plain", "inf_cl", "cce", "fastcse+group_ids", "fastcse+queue")  # fastcse first
 SPEED_TAU = 0.05
+# Issue #12's options, timed beside fastcse's plain call of the same (B, d, dtype): group ids
+# with every id 4 times (3 false negatives a row to mask), and a queue of SPEED_QUEUE rows
+# (at most 4 B) of extra negatives, detached as a trainer's queue is.
+ROW_OPTION_IMPLS = ("fastcse+group_ids", "fastcse+queue")
+SPEED_QUEUE = 65536
 # Plain PyTorch's loss holds about three fp32 B x N blocks at its peak: the logits, the
 # log-softmax cross_entropy saves, and its gradient. It is only run where those fit in
 # MEMORY_FRACTION of the free memory.
@@ -1310,8 +1318,23 @@ class SpeedInputs:
             leaf.grad = None
 
 
-def _fastcse_loss(x: SpeedInputs) -> torch.Tensor:
-    return fastcse.info_nce(x.anchor, x.positive, x.negative, temperature=x.tau)
+def _fastcse_loss(x: SpeedInputs, **row_options) -> torch.Tensor:
+    return fastcse.info_nce(x.anchor, x.positive, x.negative, temperature=x.tau, **row_options)
+
+
+def speed_queue_size(batch: int) -> int:
+    return min(SPEED_QUEUE, 4 * batch)
+
+
+def row_option_inputs(impl: str, batch: int, dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The keyword arguments of a ROW_OPTION_IMPLS implementation (none for the others)."""
+    if impl == "fastcse+group_ids":
+        ids = torch.randperm(batch, generator=torch.Generator().manual_seed(1)) // 4
+        return {"group_ids": ids.to(device)}
+    if impl == "fastcse+queue":
+        gen = torch.Generator(device=device).manual_seed(2)
+        return {"extra_negatives": torch.randn(speed_queue_size(batch), dim, device=device, generator=gen).to(dtype)}
+    return {}
 
 
 def _plain_loss(x: SpeedInputs) -> torch.Tensor:
@@ -1348,8 +1371,9 @@ def _cce_loss(x: SpeedInputs) -> torch.Tensor:
     return linear_cross_entropy(embeddings, classifier, targets)
 
 
-LOSS_IMPLS: dict[str, Callable[[SpeedInputs], torch.Tensor]] = {
-    "fastcse": _fastcse_loss, "plain": _plain_loss, "inf_cl": _inf_cl_loss, "cce": _cce_loss}
+LOSS_IMPLS: dict[str, Callable[..., torch.Tensor]] = {
+    "fastcse": _fastcse_loss, "fastcse+group_ids": _fastcse_loss, "fastcse+queue": _fastcse_loss,
+    "plain": _plain_loss, "inf_cl": _inf_cl_loss, "cce": _cce_loss}
 _PEER_OF_IMPL = {"inf_cl": "inf_cl", "cce": "cut_cross_entropy"}
 
 
@@ -1365,12 +1389,15 @@ def _check_runnable(impl: str, batch: int, dim: int, device: torch.device) -> No
 
 
 def measure_loss(impl: str, batch: int, dim: int, dtype: torch.dtype, device: torch.device,
-                 floor_s: float | None) -> Outcome:
+                 floor_s: float | None, plain_call_s: float | None = None) -> Outcome:
     """Forward + backward of one implementation: median time, TFLOP/s of the 6 B N d floor, the bare
-    bf16 products' time over this one, extra peak memory, and its loss against fastcse's."""
+    bf16 products' time over this one, extra peak memory, and its loss against fastcse's. A row
+    option (ROW_OPTION_IMPLS) also gets its time over fastcse's plain call (``plain_call_s``), and
+    its loss is checked against the materialized reference with the same option instead."""
     _check_runnable(impl, batch, dim, device)
     inputs = SpeedInputs.draw(batch, dim, dtype, device)
-    loss_fn = LOSS_IMPLS[impl]
+    row_options = row_option_inputs(impl, batch, dim, dtype, device)
+    loss_fn = partial(LOSS_IMPLS[impl], **row_options)
 
     def step():
         inputs.clear_grads()
@@ -1384,22 +1411,49 @@ def measure_loss(impl: str, batch: int, dim: int, dtype: torch.dtype, device: to
         inputs.clear_grads()  # the last step's gradients are not "before": the step allocates its own
         peak = extra_peak_bytes(step, device)
         with torch.no_grad():
-            fastcse_value = value if impl == "fastcse" else float(_fastcse_loss(inputs))
+            expected = _expected_loss(impl, value, inputs, row_options, device)
     except torch.cuda.OutOfMemoryError as error:
         raise Skip(f"out of memory: {str(error).splitlines()[0][:200]}") from None
     finally:
         inputs.clear_grads()
-    candidates = 2 * batch
+    candidates = _num_candidates(batch, row_options)
     numbers = {"batch": batch, "candidates": candidates, "dim": dim, "dtype": _SHORT_DTYPE[dtype], "impl": impl,
                "ms": seconds * 1e3, "reps": reps, "tflops": loss_flops(batch, candidates, dim) / seconds / 1e12,
-               "vs_matmul": floor_s / seconds if floor_s else None,
+               # the floor's products are of N = 2B candidates
+               "vs_matmul": floor_s / seconds if floor_s and candidates == 2 * batch else None,
+               "x_plain_call": seconds / plain_call_s if row_options and plain_call_s else None,
                "peak_mib": peak / 2**20 if peak is not None else None, "loss": value}
-    rel = abs(value - fastcse_value) / max(abs(fastcse_value), 1e-6)
-    numbers["loss_rel_diff_vs_fastcse"] = rel
+    if expected is None:  # the checked value comes from the correctness section
+        numbers["loss_check"] = "the materialized reference would not fit: not compared"
+        return Outcome(True, numbers)
+    rel = abs(value - expected) / max(abs(expected), 1e-6)
+    numbers["loss_rel_diff_vs_reference" if row_options else "loss_rel_diff_vs_fastcse"] = rel
     # A peer in bf16 rounds the scaled embeddings (~0.4% each); a wrong scale or target is far off.
-    if rel > 5e-2:  # not the same loss: its timing would compare nothing
-        return Outcome(False, numbers, f"loss {value:.5g} differs from fastcse's {fastcse_value:.5g}")
+    # fastcse's own fp32 options against the fp32 reference: tighter (a dropped mask moves it ~0.3%
+    # at B = 32; at scale it is the correctness section's cases that catch that).
+    tolerance = 1e-3 if row_options and dtype == torch.float32 else 5e-2
+    if rel > tolerance:  # not the same loss: its timing would compare nothing
+        against = "the reference with the same option" if row_options else "fastcse"
+        return Outcome(False, numbers, f"loss {value:.5g} differs from {against}'s {expected:.5g}")
     return Outcome(True, numbers)
+
+
+def _num_candidates(batch: int, row_options: dict) -> int:
+    """N: the positives and one hard negative per row, and the queue's rows."""
+    queue = row_options.get("extra_negatives")
+    return 2 * batch + (queue.shape[0] if queue is not None else 0)
+
+
+def _expected_loss(impl: str, value: float, inputs: SpeedInputs, row_options: dict, device) -> float | None:
+    """The loss an implementation must reproduce: fastcse's, or for a row option the materialized
+    reference with the same option (None where its B x N blocks would not fit)."""
+    if not row_options:
+        return value if impl == "fastcse" else float(_fastcse_loss(inputs))
+    batch = inputs.anchor.shape[0]
+    free = free_memory_bytes(device)
+    if free is not None and not fits_in_memory(plain_loss_bytes(batch, _num_candidates(batch, row_options)), free):
+        return None
+    return float(fastcse.info_nce_reference(*inputs.leaves, temperature=inputs.tau, **row_options))
 
 
 def measure_matmul_floor(batch: int, dim: int, device: torch.device, block_bytes: int = MATMUL_BLOCK_BYTES) -> Outcome:
@@ -1438,8 +1492,16 @@ def speed_plan(batches: Iterable[int], dims: Iterable[int], dtypes: Iterable[tor
             return outcome
         return case
 
+    plain_calls: dict[tuple, float] = {}  # fastcse's plain call per (B, d, dtype), for the row options
+
     def loss_case(impl, batch, dim, dtype):
-        return lambda device: measure_loss(impl, batch, dim, dtype, device, floors.get((batch, dim)))
+        def case(device):
+            outcome = measure_loss(impl, batch, dim, dtype, device, floors.get((batch, dim)),
+                                   plain_calls.get((batch, dim, dtype)))
+            if impl == "fastcse":
+                plain_calls[batch, dim, dtype] = outcome.numbers["ms"] / 1e3
+            return outcome
+        return case
 
     for batch in batches:
         for dim in dims:

@@ -452,6 +452,34 @@ def test_speed_rows_on_cpu(tmp_path):
     assert "## Loss forward + backward" in markdown and "| 32 | 64 | 16 | fp32 | plain |" in markdown
 
 
+def test_row_option_speed_rows_on_cpu(tmp_path):
+    """Issue #12's options: timed beside fastcse's plain call, their loss checked against the
+    reference with the same option; the queue's N is 2B + Q and has no N = 2B floor ratio."""
+    device = torch.device("cpu")
+    report = gc.Report(tmp_path, "unit", {})
+    section = gc.Section(report, "speed", 60, gc.selector(None), device)
+    impls = ("fastcse", "fastcse+group_ids", "fastcse+queue")
+    for name, case in gc.speed_plan((32,), (16,), (torch.float32,), impls):
+        section.run(name, lambda c=case: c(device), gc.SPEED)
+    rows = {c.name: c for c in report.checks}
+    assert all(c.status == gc.PASS for c in rows.values()), [(c.name, c.reason) for c in rows.values()]
+    plain, groups, queue = (rows[f"B32-d16-fp32/{i}"].numbers for i in impls)
+    assert plain["x_plain_call"] is None and "loss_rel_diff_vs_fastcse" in plain
+    assert groups["x_plain_call"] == pytest.approx(groups["ms"] / plain["ms"])
+    assert groups["candidates"] == 64 and groups["vs_matmul"] is not None
+    assert groups["loss_rel_diff_vs_reference"] < 1e-5 and groups["loss"] != pytest.approx(plain["loss"])
+    assert queue["candidates"] == 64 + gc.speed_queue_size(32) == 192 and queue["vs_matmul"] is None
+    assert queue["loss_rel_diff_vs_reference"] < 1e-5 and queue["x_plain_call"] > 0
+    assert "| fastcse+group_ids |" in gc.render_markdown(report)
+
+
+def test_a_row_option_with_a_wrong_loss_fails(tmp_path, monkeypatch):
+    """The value check of a row option is against the reference with the option, not the plain loss."""
+    monkeypatch.setitem(gc.LOSS_IMPLS, "fastcse+group_ids", lambda x, **options: gc._fastcse_loss(x))  # ignores ids
+    outcome = gc.measure_loss("fastcse+group_ids", 32, 16, torch.float32, torch.device("cpu"), None, None)
+    assert not outcome.ok and "the reference with the same option" in outcome.reason
+
+
 def _shared_tokenizer() -> Path:
     from fastcse.evaluation import shared_dir
 
