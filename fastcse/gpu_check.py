@@ -1215,13 +1215,13 @@ def _is_pure_python_wheel(wheel: Path) -> bool:
 SPEED_BATCHES = {"quick": (16384,), "full": (16384, 4096, 65536)}
 SPEED_DIMS = (768, 1024)
 SPEED_DTYPES = (torch.bfloat16, torch.float32)
-SPEED_IMPLS = ("fastcse", "plain", "inf_cl", "cce", "fastcse+group_ids", "fastcse+queue")  # fastcse first
-SPEED_TAU = 0.05
 # Issue #12's options, timed beside fastcse's plain call of the same (B, d, dtype): group ids
 # with every id 4 times (3 false negatives a row to mask), and a queue of SPEED_QUEUE rows
 # (at most 4 B) of extra negatives, detached as a trainer's queue is.
 ROW_OPTION_IMPLS = ("fastcse+group_ids", "fastcse+queue")
 SPEED_QUEUE = 65536
+SPEED_IMPLS = ("fastcse", "plain", "inf_cl", "cce", *ROW_OPTION_IMPLS)  # fastcse first: the row options' base
+SPEED_TAU = 0.05
 # Plain PyTorch's loss holds about three fp32 B x N blocks at its peak: the logits, the
 # log-softmax cross_entropy saves, and its gradient. It is only run where those fit in
 # MEMORY_FRACTION of the free memory.
@@ -1242,6 +1242,11 @@ def plain_loss_bytes(batch: int, candidates: int) -> int:
 
 def fits_in_memory(needed_bytes: int, free_bytes: int, fraction: float = MEMORY_FRACTION) -> bool:
     return needed_bytes <= fraction * free_bytes
+
+
+def materialized_loss_fits(batch: int, candidates: int, free_bytes: int | None) -> bool:
+    """Whether plain PyTorch's B x N blocks fit in the free memory (always, off CUDA: None)."""
+    return free_bytes is None or fits_in_memory(plain_loss_bytes(batch, candidates), free_bytes)
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
@@ -1372,7 +1377,7 @@ def _cce_loss(x: SpeedInputs) -> torch.Tensor:
 
 
 LOSS_IMPLS: dict[str, Callable[..., torch.Tensor]] = {
-    "fastcse": _fastcse_loss, "fastcse+group_ids": _fastcse_loss, "fastcse+queue": _fastcse_loss,
+    "fastcse": _fastcse_loss, **dict.fromkeys(ROW_OPTION_IMPLS, _fastcse_loss),
     "plain": _plain_loss, "inf_cl": _inf_cl_loss, "cce": _cce_loss}
 _PEER_OF_IMPL = {"inf_cl": "inf_cl", "cce": "cut_cross_entropy"}
 
@@ -1383,7 +1388,7 @@ def _check_runnable(impl: str, batch: int, dim: int, device: torch.device) -> No
     if module is not None and importlib.util.find_spec(module) is None:
         raise Skip(f"{PEERS[module]} is not installed here (see setup/peer-{module})")
     free = free_memory_bytes(device)
-    if impl == "plain" and free is not None and not fits_in_memory(plain_loss_bytes(batch, 2 * batch), free):
+    if impl == "plain" and not materialized_loss_fits(batch, 2 * batch, free):
         raise Skip(f"plain PyTorch needs ~{plain_loss_bytes(batch, 2 * batch) / 2**30:.0f} GiB of B x N blocks, "
                    f"over {MEMORY_FRACTION:.0%} of the {free / 2**30:.0f} GiB free")
 
@@ -1450,8 +1455,7 @@ def _expected_loss(impl: str, value: float, inputs: SpeedInputs, row_options: di
     if not row_options:
         return value if impl == "fastcse" else float(_fastcse_loss(inputs))
     batch = inputs.anchor.shape[0]
-    free = free_memory_bytes(device)
-    if free is not None and not fits_in_memory(plain_loss_bytes(batch, _num_candidates(batch, row_options)), free):
+    if not materialized_loss_fits(batch, _num_candidates(batch, row_options), free_memory_bytes(device)):
         return None
     return float(fastcse.info_nce_reference(*inputs.leaves, temperature=inputs.tau, **row_options))
 

@@ -104,7 +104,7 @@ def _info_nce_impl(anchor, candidates, anchor_keys, ids, temperature, pos_start,
     spec = _spec(anchor, candidates, keys, ids, temperature, pos_start, neg_start, num_neg, anchor_start, num_extra,
                  normalize, hard_negative_weight, variant, id_mode)
     row_loss, lse, grads = _backend(backend).forward(anchor, candidates, keys, spec,
-                                                               compute_grad=grad_in_forward, **_ids(ids, id_mode))
+                                                     compute_grad=grad_in_forward, **_ids(ids, id_mode))
     scale = 1.0 / anchor.shape[0] if reduction == "mean" else 1.0
     loss = row_loss if reduction == "none" else row_loss.sum() * scale
     if grads is None:
@@ -148,7 +148,7 @@ def _info_nce_backward_impl(grad_rows, anchor, candidates, anchor_keys, ids, tem
     spec = _spec(anchor, candidates, keys, ids, temperature, pos_start, neg_start, num_neg, anchor_start, num_extra,
                  normalize, hard_negative_weight, variant, id_mode)
     grads = _backend(backend).backward(grad_rows.to(_accumulate_dtype(anchor)).contiguous(), anchor,
-                                                 candidates, keys, spec, lse, **_ids(ids, id_mode))
+                                       candidates, keys, spec, lse, **_ids(ids, id_mode))
     grad_anchor, grad_candidates, grad_keys, grad_tau = grads
     if grad_keys is None:
         grad_keys = anchor.new_empty(_EMPTY, dtype=grad_anchor.dtype)

@@ -1528,6 +1528,8 @@ def train(model, data, *, mode: str = "unsup", tokenizer=None, batch_size: int =
                 negative_queue_size=negative_queue_size)
 
         batches = TokenizedBatches(examples, mode, tokenizer, max_seq_length, order, shard, total_steps)
+        # BatchRows gets an order of its own: TokenizedBatches calls ``order`` (which caches an
+        # epoch's permutation) from its prefetch thread.
         rows = BatchRows(examples, mode, labels, BatchOrder(len(examples), batch_size, seed), shard,
                          mask_duplicates=mask_duplicates and labels is None, queue=queue is not None)
         try:

@@ -127,7 +127,8 @@ def test_group_cells_cap_their_memory(monkeypatch):
     assert cpu._GroupCells.build(ids, spec) is None
 
 
-@pytest.mark.parametrize("variant", ["gte", "symmetric"])
+@pytest.mark.parametrize("variant", [dict(directions=VARIANTS["gte"]["directions"], partition_mode="joint"),
+                                     dict(symmetric=True)], ids=["gte", "symmetric"])
 def test_both_group_mask_paths_agree_in_the_distributed_layout(variant, monkeypatch):
     """The CPU backend as one rank of three sees it (rows [5, 12) of P = 20 positives, every
     rank's anchors as keys): the listed cells and the dense compare give the same loss and gradients."""
@@ -137,14 +138,9 @@ def test_both_group_mask_paths_agree_in_the_distributed_layout(variant, monkeypa
     candidates = torch.randn(num_positives + 4, dim, generator=gen, dtype=torch.float64)  # + 4 extra
     anchor_keys = torch.randn(num_positives, dim, generator=gen, dtype=torch.float64)
     ids = torch.randint(0, 8, (num_positives,), generator=gen)
-    options = dict(VARIANTS[variant])
-    options.pop("hardness_mode", None), options.pop("hardness_strength", None)
-    symmetric = options.pop("symmetric", False)
-    variant = resolve_variant(symmetric=symmetric, directions=options.get("directions"),
-                              partition_mode=options.get("partition_mode"), hardness_mode=None,
-                              hardness_strength=0.0, num_neg=0)
     spec = describe(anchor, candidates, 0.05, pos_start=pos_start, neg_start=num_positives, num_neg=0, normalize=True,
-                    hard_negative_weight=0.0, variant=variant, anchor_keys=anchor_keys, anchor_start=pos_start,
+                    hard_negative_weight=0.0, variant=resolve_variant(**variant), anchor_keys=anchor_keys,
+                    anchor_start=pos_start,
                     ids=ids, id_mode="group", num_extra=4)
     results = {}
     for fraction in (1.0, 0.0):
