@@ -25,7 +25,8 @@ import torch
 import fastcse
 from fastcse.gpu_check import main, no_cuda_message, selector
 from fastcse.gpu_check.cases import SHAPES, LossCase
-from fastcse.gpu_check.correctness import BASE_KEYWORDS, check_loss_case, correctness_plan, plan_variants, variant_cases
+from fastcse.gpu_check.correctness import (BASE_KEYWORDS, TEMPERATURES, check_loss_case, correctness_plan, grid_cases,
+                                           half_subset_cases, plan_variants, variant_cases)
 from fastcse.gpu_check.extension import (_copy_build_sources, extension_build_env, has_cuda_pack_kernel,
                                          importable_extension)
 from fastcse.gpu_check.markdown import markdown_table, render_markdown
@@ -35,7 +36,8 @@ from fastcse.gpu_check.results import CORRECTNESS, FAIL, PASS, SETUP, SKIPPED, S
 from fastcse.gpu_check.speed import (LOSS_IMPLS, SPEED_IMPLS, _fastcse_loss, fits_in_memory, free_memory_bytes,
                                      loss_flops, measure_loss, plain_loss_bytes, speed_plan, speed_queue_size)
 from fastcse.gpu_check.st_step import MINILM_L6, ST_LOSSES, random_sentences, st_step_plan
-from fastcse.testing import agreement, compare_results, row_agreement
+from fastcse.testing import (HALF_PRECISION_CASES, HALF_PRECISION_WEIGHT, OPTION_GRID, TEMPERATURE_CASES, TOL,
+                             agreement, compare_results, row_agreement)
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERPRET = SHAPES["interpret"]
@@ -192,6 +194,17 @@ def test_without_cuda_it_exits_2_with_one_line(tmp_path):
 # --------------------------------------------------------------------------------------------
 # (c) the pure helpers
 # --------------------------------------------------------------------------------------------
+
+
+def test_the_kit_enumerates_the_test_suites_cases():
+    """The option grid, the 16-bit cases and the temperatures are fastcse.testing's, read into LossCase fields."""
+    grid = grid_cases(INTERPRET, torch.float32)
+    assert [(c.normalize, c.symmetric, c.num_neg, c.weight, c.reduction) for c in grid] == list(OPTION_GRID)
+    half = half_subset_cases(INTERPRET)
+    assert [(c.normalize, c.symmetric, c.num_neg, c.reduction, c.tau) for c in half] == list(HALF_PRECISION_CASES) * 2
+    assert {c.dtype for c in half} == {torch.float16, torch.bfloat16}
+    assert all(c.weight == HALF_PRECISION_WEIGHT and c.tol == TOL[c.dtype] for c in half)
+    assert set(TEMPERATURE_CASES) < set(TEMPERATURES)
 
 
 def test_flops_and_memory_estimates():
