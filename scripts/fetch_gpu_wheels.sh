@@ -13,7 +13,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PYTHON="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
 SHARED="${FASTCSE_SHARED:-$ROOT/../shared}"
-# Pinned: the versions whose entry points gpu_check.py calls (inf_cl.cal_inf_loss,
+# Pinned: the versions whose entry points fastcse/gpu_check/peers.py calls (inf_cl.cal_inf_loss,
 # cut_cross_entropy.linear_cross_entropy).
 PEERS=("inf-cl==1.2.1" "cut-cross-entropy==25.1.1")
 

@@ -23,10 +23,24 @@ import pytest
 import torch
 
 import fastcse
-from fastcse import gpu_check as gc
+from fastcse.gpu_check import main, no_cuda_message, selector
+from fastcse.gpu_check.cases import SHAPES, LossCase
+from fastcse.gpu_check.correctness import (BASE_KEYWORDS, TEMPERATURES, check_loss_case, correctness_plan, grid_cases,
+                                           half_subset_cases, plan_variants, variant_cases)
+from fastcse.gpu_check.extension import (_copy_build_sources, extension_build_env, has_cuda_pack_kernel,
+                                         importable_extension)
+from fastcse.gpu_check.markdown import markdown_table, render_markdown
+from fastcse.gpu_check.peers import _install_wheel, inf_cl_head_dim, install_peer
+from fastcse.gpu_check.report import Budget, Report, Section, _json_safe, write_atomically
+from fastcse.gpu_check.results import CORRECTNESS, FAIL, PASS, SETUP, SKIPPED, SPEED, Outcome, Skip, skip_case
+from fastcse.gpu_check.speed import (LOSS_IMPLS, SPEED_IMPLS, _fastcse_loss, fits_in_memory, free_memory_bytes,
+                                     loss_flops, measure_loss, plain_loss_bytes, speed_plan, speed_queue_size)
+from fastcse.gpu_check.st_step import MINILM_L6, ST_LOSSES, random_sentences, st_step_plan
+from fastcse.testing import (HALF_PRECISION_CASES, HALF_PRECISION_WEIGHT, OPTION_GRID, TEMPERATURE_CASES, TOL,
+                             agreement, compare_results, row_agreement)
 
 ROOT = Path(__file__).resolve().parents[1]
-INTERPRET = gc.SHAPES["interpret"]
+INTERPRET = SHAPES["interpret"]
 
 
 def _plan_names(plan) -> list[str]:
@@ -35,7 +49,7 @@ def _plan_names(plan) -> list[str]:
 
 def _correctness_name(*parts: str) -> str:
     """The first interpret-profile correctness case whose name contains every part."""
-    names = [n for n in _plan_names(gc.correctness_plan(INTERPRET)) if all(p in n for p in parts)]
+    names = [n for n in _plan_names(correctness_plan(INTERPRET)) if all(p in n for p in parts)]
     assert names, parts
     return f"correctness/{names[0]}"
 
@@ -52,7 +66,7 @@ def _run_kit(tmp_path: Path, *only: str, extra: tuple[str, ...] = ()) -> tuple[i
     argv = ["--interpret", "--out", str(out), *extra]
     for text in only:
         argv += ["--only", text]
-    code = gc.main(argv)
+    code = main(argv)
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.md"]  # no temporaries left
     report = json.loads((out / "gpu_check.json").read_text())
     return code, report, (out / "gpu_check.md").read_text()
@@ -63,12 +77,12 @@ def _assert_well_formed(report: dict, markdown: str) -> None:
     assert report["environment"]["triton_interpret"] is True
     assert report["environment"]["versions"]["torch"] == torch.__version__
     statuses = [c["status"] for c in report["checks"]]
-    assert set(statuses) <= {gc.PASS, gc.FAIL, gc.SKIPPED}
-    assert report["counts"] == {s: statuses.count(s) for s in (gc.PASS, gc.FAIL, gc.SKIPPED)}
+    assert set(statuses) <= {PASS, FAIL, SKIPPED}
+    assert report["counts"] == {s: statuses.count(s) for s in (PASS, FAIL, SKIPPED)}
     for check in report["checks"]:
         assert check["full_name"] == f"{check['section']}/{check['name']}"
-        assert check["kind"] in (gc.CORRECTNESS, gc.SPEED, gc.SETUP)
-        assert check["status"] != gc.SKIPPED or check["reason"], check  # a skip always says why
+        assert check["kind"] in (CORRECTNESS, SPEED, SETUP)
+        assert check["status"] != SKIPPED or check["reason"], check  # a skip always says why
     assert markdown.startswith("# fastcse gpu-check (interpret)")
     counts = report["counts"]
     assert f"{counts['pass']} pass, {counts['fail']} fail, {counts['skipped']} skipped" in markdown
@@ -84,17 +98,17 @@ def test_interpret_run_passes_and_writes_json_and_markdown(tmp_path, capsys):
                                       "compile/aot_eager/fp32", "distributed/process_group/fp32",
                                       "distributed/pack/fp16")
     _assert_well_formed(report, markdown)
-    ran = {c["full_name"]: c for c in report["checks"] if c["status"] == gc.PASS}
+    ran = {c["full_name"]: c for c in report["checks"] if c["status"] == PASS}
     assert {FUSED, RECOMPUTE, ZERO_ROWS} <= set(ran), report["checks"]
     assert any(n.startswith("determinism/fp32") for n in ran) and any(n.startswith("compile/") for n in ran)
     for name in (FUSED, RECOMPUTE):
         numbers = ran[name]["numbers"]
         assert numbers["tol"] == 2e-4 and 0 <= numbers["loss_error"] < 2e-4
         assert {"anchor_error", "positive_error", "negative_error", "temperature_error"} <= set(numbers)
-    if gc.importable_extension() is not None:  # fastcse._C built (scripts/setup.sh): the gloo world of one ran
+    if importable_extension() is not None:  # fastcse._C built (scripts/setup.sh): the gloo world of one ran
         assert any(n.startswith("distributed/process_group/") for n in ran)
         assert "distributed/pack/fp16" in ran
-    skipped = {c["full_name"]: c["reason"] for c in report["checks"] if c["status"] == gc.SKIPPED}
+    skipped = {c["full_name"]: c["reason"] for c in report["checks"] if c["status"] == SKIPPED}
     assert "CUDA" in skipped["speed/all"] and "CUDA" in skipped["st_step/all"]
     assert code == 0
     assert "## Correctness" in markdown and f"| {FUSED} | pass |" in markdown
@@ -114,10 +128,10 @@ def test_a_broken_backend_fails_the_check_and_the_exit_code(tmp_path, monkeypatc
     monkeypatch.setattr(triton_info_nce, "forward", forward_off_by_one_percent)
     code, report, markdown = _run_kit(tmp_path, FUSED, RECOMPUTE)
     assert code == 1
-    failed = {c["full_name"]: c for c in report["checks"] if c["status"] == gc.FAIL}
+    failed = {c["full_name"]: c for c in report["checks"] if c["status"] == FAIL}
     assert set(failed) == {FUSED, RECOMPUTE}
     for check in failed.values():
-        assert check["kind"] == gc.CORRECTNESS and check["reason"].startswith("loss: error")
+        assert check["kind"] == CORRECTNESS and check["reason"].startswith("loss: error")
         assert check["numbers"]["loss_error"] > 2e-4
     assert report["correctness_failed"] is True
     assert "## Failures" in markdown and FUSED in markdown
@@ -129,7 +143,7 @@ def test_spent_budgets_skip_cases_and_say_so(tmp_path):
     checks = {c["full_name"]: c for c in report["checks"] if not c["full_name"].endswith("/all")}
     assert FUSED in checks and any(n.startswith("determinism/") for n in checks)
     for check in checks.values():
-        assert check["status"] == gc.SKIPPED and check["reason"].startswith("time budget: section"), check
+        assert check["status"] == SKIPPED and check["reason"].startswith("time budget: section"), check
     assert report["sections"]["correctness"]["skipped_for_budget"] == 1
 
 
@@ -156,7 +170,7 @@ def test_cli_sets_triton_interpret_before_the_kernels_are_imported(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["environment"]["triton_interpret"] is True
-    assert [c["status"] for c in report["checks"] if c["full_name"] == case] == [gc.PASS]
+    assert [c["status"] for c in report["checks"] if c["full_name"] == case] == [PASS]
     assert done.stdout.strip().splitlines()[-1].startswith("gpu-check: 1 pass, 0 fail")
 
 
@@ -182,25 +196,28 @@ def test_without_cuda_it_exits_2_with_one_line(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_tolerances_are_the_test_suites():
-    import test_triton_info_nce
-
-    assert gc.TOL == test_triton_info_nce.TOL
-    floor = inspect.signature(test_triton_info_nce._assert_close).parameters["floor"].default
-    assert gc.FLOOR == floor
+def test_the_kit_enumerates_the_test_suites_cases():
+    """The option grid, the 16-bit cases and the temperatures are fastcse.testing's, read into LossCase fields."""
+    grid = grid_cases(INTERPRET, torch.float32)
+    assert [(c.normalize, c.symmetric, c.num_neg, c.weight, c.reduction) for c in grid] == list(OPTION_GRID)
+    half = half_subset_cases(INTERPRET)
+    assert [(c.normalize, c.symmetric, c.num_neg, c.reduction, c.tau) for c in half] == list(HALF_PRECISION_CASES) * 2
+    assert {c.dtype for c in half} == {torch.float16, torch.bfloat16}
+    assert all(c.weight == HALF_PRECISION_WEIGHT and c.tol == TOL[c.dtype] for c in half)
+    assert set(TEMPERATURE_CASES) < set(TEMPERATURES)
 
 
 def test_flops_and_memory_estimates():
-    assert gc.loss_flops(4096, 8192, 768) == 6 * 4096 * 8192 * 768
-    assert gc.plain_loss_bytes(65536, 131072) == 3 * 65536 * 131072 * 4  # ~103 GB: skipped on an H200
+    assert loss_flops(4096, 8192, 768) == 6 * 4096 * 8192 * 768
+    assert plain_loss_bytes(65536, 131072) == 3 * 65536 * 131072 * 4  # ~103 GB: skipped on an H200
     free_h200 = 139 * 2**30
-    assert gc.fits_in_memory(gc.plain_loss_bytes(16384, 32768), free_h200)
-    assert not gc.fits_in_memory(gc.plain_loss_bytes(65536, 131072), free_h200)
-    assert gc.fits_in_memory(60, 100) and not gc.fits_in_memory(61, 100)
-    assert gc.free_memory_bytes(torch.device("cpu")) is None
-    assert [gc.inf_cl_head_dim(d) for d in (768, 1024, 384, 48)] == [256, 256, 128, 16]
-    with pytest.raises(gc.Skip, match="divisible by 16"):
-        gc.inf_cl_head_dim(100)
+    assert fits_in_memory(plain_loss_bytes(16384, 32768), free_h200)
+    assert not fits_in_memory(plain_loss_bytes(65536, 131072), free_h200)
+    assert fits_in_memory(60, 100) and not fits_in_memory(61, 100)
+    assert free_memory_bytes(torch.device("cpu")) is None
+    assert [inf_cl_head_dim(d) for d in (768, 1024, 384, 48)] == [256, 256, 128, 16]
+    with pytest.raises(Skip, match="divisible by 16"):
+        inf_cl_head_dim(100)
 
 
 class _Clock:
@@ -213,51 +230,51 @@ class _Clock:
 
 def test_budget_and_section_skip_once_spent(tmp_path):
     clock = _Clock()
-    budget = gc.Budget(10, clock)
+    budget = Budget(10, clock)
     assert budget.left() == 10 and not budget.spent()
     clock.now = 10.0
     assert budget.spent() and budget.elapsed() == 10.0
 
     clock.now = 0.0
-    report = gc.Report(tmp_path, "unit", {}, clock)
-    section = gc.Section(report, "s", 5, gc.selector(["s/keep", "s/other"]), torch.device("cpu"), clock)
+    report = Report(tmp_path, "unit", {}, clock)
+    section = Section(report, "s", 5, selector(["s/keep", "s/other"]), torch.device("cpu"), clock)
 
     def slow_case():
         clock.now += 6.0
-        return gc.Outcome(True, {"x": 1})
+        return Outcome(True, {"x": 1})
 
     assert section.run("dropped", slow_case) is None  # deselected by --only: not run, not reported
     first = section.run("keep-1", slow_case)
     second = section.run("keep-2", slow_case)
-    forced = section.run("other-required", lambda: gc.Outcome(True), required=True)
-    assert (first.status, first.seconds, first.numbers) == (gc.PASS, 6.0, {"x": 1})
-    assert second.status == gc.SKIPPED and "used its 5 s" in second.reason
-    assert forced.status == gc.PASS  # a step the selected cases need runs regardless
+    forced = section.run("other-required", lambda: Outcome(True), required=True)
+    assert (first.status, first.seconds, first.numbers) == (PASS, 6.0, {"x": 1})
+    assert second.status == SKIPPED and "used its 5 s" in second.reason
+    assert forced.status == PASS  # a step the selected cases need runs regardless
     section.close()
     assert report.sections["s"]["skipped_for_budget"] == 1
     assert (tmp_path / "gpu_check.json").exists() and (tmp_path / "gpu_check.md").exists()
 
 
 def test_section_records_failures_skips_and_crashes(tmp_path):
-    report = gc.Report(tmp_path, "unit", {})
-    section = gc.Section(report, "s", 60, gc.selector(None), torch.device("cpu"))
-    section.run("fails", lambda: gc.Outcome(False, {}, "off by 1%"))
-    section.run("skips", gc.skip_case("no peer here"))
+    report = Report(tmp_path, "unit", {})
+    section = Section(report, "s", 60, selector(None), torch.device("cpu"))
+    section.run("fails", lambda: Outcome(False, {}, "off by 1%"))
+    section.run("skips", skip_case("no peer here"))
     section.run("crashes", lambda: 1 / 0)
-    section.run("speed-fails", lambda: gc.Outcome(False), gc.SPEED)
+    section.run("speed-fails", lambda: Outcome(False), SPEED)
     by_name = {c.name: c for c in report.checks}
-    assert by_name["fails"].status == gc.FAIL and by_name["fails"].reason == "off by 1%"
-    assert by_name["skips"].status == gc.SKIPPED and by_name["skips"].reason == "no peer here"
-    assert by_name["crashes"].status == gc.FAIL and by_name["crashes"].reason.startswith("ZeroDivisionError")
+    assert by_name["fails"].status == FAIL and by_name["fails"].reason == "off by 1%"
+    assert by_name["skips"].status == SKIPPED and by_name["skips"].reason == "no peer here"
+    assert by_name["crashes"].status == FAIL and by_name["crashes"].reason.startswith("ZeroDivisionError")
     assert "traceback" in by_name["crashes"].numbers
     assert report.exit_code() == 1
-    only_speed = gc.Report(tmp_path, "unit", {})
+    only_speed = Report(tmp_path, "unit", {})
     only_speed.add(by_name["speed-fails"])
     assert only_speed.exit_code() == 0  # a failed speed row is reported, not fatal
 
 
 def test_markdown_table():
-    table = gc.markdown_table(["name", "value", "ok"], [("a|b", 0.000123456, True), ("c", 1234.5678, None),
+    table = markdown_table(["name", "value", "ok"], [("a|b", 0.000123456, True), ("c", 1234.5678, None),
                                                          ("d", 2.0, False), ("e", float("inf"), 7)])
     lines = table.splitlines()
     assert lines[0] == "| name | value | ok |" and lines[1] == "|---|---|---|"
@@ -265,61 +282,61 @@ def test_markdown_table():
     assert lines[3] == "| c | 1234.6 |  |"
     assert lines[4] == "| d | 2 | no |" and lines[5] == "| e | inf | 7 |"
     with pytest.raises(ValueError, match="cells"):
-        gc.markdown_table(["one"], [(1, 2)])
+        markdown_table(["one"], [(1, 2)])
 
 
 def test_write_atomically_replaces_and_leaves_no_temporary(tmp_path):
     target = tmp_path / "sub" / "file.json"
-    gc.write_atomically(target, "first")
-    gc.write_atomically(target, "second")
+    write_atomically(target, "first")
+    write_atomically(target, "second")
     assert target.read_text() == "second"
     assert sorted(p.name for p in target.parent.iterdir()) == ["file.json"]
 
 
 def test_json_is_strict():
-    safe = gc._json_safe({"a": float("nan"), "b": [float("inf"), 1.5], "c": torch.float16, "d": None})
+    safe = _json_safe({"a": float("nan"), "b": [float("inf"), 1.5], "c": torch.float16, "d": None})
     assert json.loads(json.dumps(safe, allow_nan=False)) == {"a": "nan", "b": ["inf", 1.5], "c": "torch.float16",
                                                               "d": None}
 
 
 def test_agreement_is_the_suites_rule():
     ref = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
-    assert gc.agreement(ref.float() * (1 + 1e-5), ref, 2e-4).ok
-    off = gc.agreement(ref.float() * 1.01, ref, 2e-4)
+    assert agreement(ref.float() * (1 + 1e-5), ref, 2e-4).ok
+    off = agreement(ref.float() * 1.01, ref, 2e-4)
     assert not off.ok and off.error == pytest.approx(0.005, rel=1e-3)  # 0.02 / (scale 2 + |-2|)
-    assert gc.agreement(torch.tensor([1.0]), torch.tensor([1.0 + 4e-4], dtype=torch.float64), 2e-4).ok  # 2 tol
-    assert not gc.agreement(torch.tensor([1.0, float("nan"), 0.5]), ref, 1.0).ok
-    assert not gc.agreement(ref[:2].float(), ref, 1.0).ok
+    assert agreement(torch.tensor([1.0]), torch.tensor([1.0 + 4e-4], dtype=torch.float64), 2e-4).ok  # 2 tol
+    assert not agreement(torch.tensor([1.0, float("nan"), 0.5]), ref, 1.0).ok
+    assert not agreement(ref[:2].float(), ref, 1.0).ok
     gen = torch.Generator().manual_seed(0)
     for _ in range(50):  # the reported error and the verdict agree: ok exactly when error <= tol
         want = torch.randn(6, generator=gen, dtype=torch.float64)
         got = (want * (1 + 4e-4 * torch.randn(6, generator=gen, dtype=torch.float64))).float()
-        result = gc.agreement(got, want, 2e-4)
+        result = agreement(got, want, 2e-4)
         assert result.ok == (result.error <= 2e-4)
     tiny = torch.tensor([1e-9, 0.0])  # below the floor: an absolute tol * 1e-2 applies
-    assert gc.agreement(tiny + 1e-7, tiny.double(), 2e-4).ok and not gc.agreement(tiny + 1e-5, tiny.double(), 2e-4).ok
+    assert agreement(tiny + 1e-7, tiny.double(), 2e-4).ok and not agreement(tiny + 1e-5, tiny.double(), 2e-4).ok
 
 
 def test_row_agreement_checks_each_row_and_only_signs_past_the_range():
     ref = torch.tensor([[1e-3, -2e-3], [1e12, -1e12], [5.0, 1.0]], dtype=torch.float64)
     got = torch.tensor([[1.0005e-3, -2e-3], [float("inf"), float("-inf")], [5.0, 1.0]], dtype=torch.float16)
-    assert gc.row_agreement(got, ref, 2e-2).ok  # a whole-tensor scale of 1e12 would hide row 0
+    assert row_agreement(got, ref, 2e-2).ok  # a whole-tensor scale of 1e12 would hide row 0
     wrong_sign = got.clone()
     wrong_sign[1, 0] = float("-inf")
-    assert not gc.row_agreement(wrong_sign, ref, 2e-2).ok
+    assert not row_agreement(wrong_sign, ref, 2e-2).ok
     off_row = got.clone()
     off_row[0, 1] = -3e-3
-    assert not gc.row_agreement(off_row, ref, 2e-2).ok
+    assert not row_agreement(off_row, ref, 2e-2).ok
     nan = got.clone()
     nan[2, 0] = float("nan")
-    assert "NaN" in gc.row_agreement(nan, ref, 2e-2).detail
+    assert "NaN" in row_agreement(nan, ref, 2e-2).detail
 
 
 def test_compare_results_names_the_worst_and_the_missing():
     want = {"loss": torch.tensor(2.0, dtype=torch.float64), "anchor": torch.ones(2, 2, dtype=torch.float64),
             "temperature": torch.tensor(1.0, dtype=torch.float64)}
     got = {"loss": torch.tensor(2.0), "anchor": torch.ones(2, 2) * 1.001, "temperature": None}
-    outcome = gc.compare_results(got, want, 2e-4)
+    outcome = compare_results(got, want, 2e-4)
     assert not outcome.ok and outcome.numbers["worst_grad"] == "anchor"
     assert "temperature: missing" in outcome.reason and "anchor: error" in outcome.reason
 
@@ -333,13 +350,13 @@ def test_variants_are_planned_from_the_signatures():
                   group_ids=None):
         pass
 
-    planned = dict(gc.plan_variants(loss, reference, lambda v: gc.variant_cases(INTERPRET, v)))
+    planned = dict(plan_variants(loss, reference, lambda v: variant_cases(INTERPRET, v)))
     names = list(planned)
     assert any(n.startswith("variant/directions-all-joint/fp32/") for n in names)
     assert any(n.startswith("variant/group_ids-pairs/bf16/") for n in names)
 
     def reason(name):
-        with pytest.raises(gc.Skip) as why:
+        with pytest.raises(Skip) as why:
             planned[name](torch.device("cpu"))
         return str(why.value)
 
@@ -350,35 +367,36 @@ def test_variants_are_planned_from_the_signatures():
 
 def test_a_declared_gap_is_skipped_with_its_reason_not_failed(monkeypatch):
     def not_yet(*args, **kwargs):
-        raise NotImplementedError("a new option runs on backend='cpu' only for now (issue #99)")
+        raise NotImplementedError("a new option runs on backend='cpu' only for now (its kernels come later)")
 
     monkeypatch.setattr(fastcse, "info_nce", not_yet)
-    with pytest.raises(gc.Skip, match=r"not implemented on backend=.triton.: a new option runs on .*\(issue #99\)"):
-        gc.check_loss_case(gc.LossCase(4, 0, 8), torch.device("cpu"))
+    with pytest.raises(Skip, match=r"not implemented on backend=.triton.: a new option runs on .*\(its kernels come "
+                                   r"later\)"):
+        check_loss_case(LossCase(4, 0, 8), torch.device("cpu"))
 
 
 def test_plans_have_unique_names_and_cover_the_spec():
-    for profile, shapes in gc.SHAPES.items():
-        names = _plan_names(gc.correctness_plan(shapes))
+    for profile, shapes in SHAPES.items():
+        names = _plan_names(correctness_plan(shapes))
         assert len(names) == len(set(names)), profile
         assert {n.split("/")[0] for n in names if not n.startswith("variant/")} == {"fp32", "fp16", "bf16"}
-    full = " ".join(_plan_names(gc.correctness_plan(gc.SHAPES["full"])))
+    full = " ".join(_plan_names(correctness_plan(SHAPES["full"])))
     for dim in (64, 384, 768, 1024, 100):  # d in {64, 384, 768, 1024} and not a power of two
         assert f"-d{dim}/" in full
     assert "B1-" in full and "zero-tiny-rows" in full and "-float" in full and "dot-" in full
-    speed = _plan_names(gc.speed_plan((16384,), (768,), (torch.bfloat16,), gc.SPEED_IMPLS))
-    assert speed == ["B16384-d768/bf16-matmul-floor"] + [f"B16384-d768-bf16/{i}" for i in gc.SPEED_IMPLS]
+    speed = _plan_names(speed_plan((16384,), (768,), (torch.bfloat16,), SPEED_IMPLS))
+    assert speed == ["B16384-d768/bf16-matmul-floor"] + [f"B16384-d768-bf16/{i}" for i in SPEED_IMPLS]
 
 
 def test_no_cuda_message_is_one_line():
-    assert "\n" not in gc.no_cuda_message() and "--interpret" in gc.no_cuda_message()
+    assert "\n" not in no_cuda_message() and "--interpret" in no_cuda_message()
 
 
 def test_extension_build_environment_and_sources(tmp_path):
-    env = gc.extension_build_env("9.0")
+    env = extension_build_env("9.0")
     assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and int(env["MAX_JOBS"]) >= 1
-    assert "TORCH_CUDA_ARCH_LIST" not in gc.extension_build_env(None) or os.environ.get("TORCH_CUDA_ARCH_LIST")
-    gc._copy_build_sources(ROOT, tmp_path)
+    assert "TORCH_CUDA_ARCH_LIST" not in extension_build_env(None) or os.environ.get("TORCH_CUDA_ARCH_LIST")
+    _copy_build_sources(ROOT, tmp_path)
     assert (tmp_path / "setup.py").exists() and (tmp_path / "kernels" / "pack_cuda.cu").exists()
     assert not list((tmp_path / "fastcse").glob("*.so"))  # a stale library would shadow the new build
 
@@ -400,17 +418,17 @@ def test_peer_wheels_install_into_a_target_or_are_skipped(tmp_path, monkeypatch)
     name = "fastcse_gpu_check_peer"
     wheels = tmp_path / "whl"
     wheels.mkdir()
-    with pytest.raises(gc.Skip, match="fetch_gpu_wheels.sh"):
-        gc.install_peer(name, wheels, tmp_path / "target")
+    with pytest.raises(Skip, match="fetch_gpu_wheels.sh"):
+        install_peer(name, wheels, tmp_path / "target")
     _make_wheel(wheels, name)
-    outcome = gc.install_peer(name, wheels, tmp_path / "target")
+    outcome = install_peer(name, wheels, tmp_path / "target")
     try:
         assert outcome.ok, outcome.reason
         assert outcome.numbers["from"] == f"{name}-1.0-py3-none-any.whl"
         assert __import__(name).VALUE == 42 and str(tmp_path / "target") in sys.path
     finally:
         sys.modules.pop(name, None)
-    assert "not a pure-Python wheel" in gc._install_wheel(_make_wheel(wheels, "native", "cp312-cp312-linux_x86_64"),
+    assert "not a pure-Python wheel" in _install_wheel(_make_wheel(wheels, "native", "cp312-cp312-linux_x86_64"),
                                                           tmp_path / "t2")
 
 
@@ -420,13 +438,14 @@ def test_an_extension_library_loads_as_fastcse_C_from_anywhere(tmp_path):
         pytest.skip("fastcse._C is not built in this checkout (scripts/setup.sh builds it)")
     copy = tmp_path / built[0].name
     shutil.copy2(built[0], copy)
-    probe = ("import sys, torch; from pathlib import Path; from fastcse.gpu_check import load_extension_module; "
+    probe = ("import sys, torch; from pathlib import Path; "
+             "from fastcse.gpu_check.extension import load_extension_module; "
              "load_extension_module(Path(sys.argv[1])); import fastcse._C as m; "
              "assert m.__file__ == sys.argv[1], m.__file__; assert torch.ops.fastcse.gather_rows.default; print('ok')")
     done = subprocess.run([sys.executable, "-c", probe, str(copy)], capture_output=True, text=True, timeout=120,
                           cwd=ROOT)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
-    assert gc.has_cuda_pack_kernel(copy) == (b"pack_rows_cuda" in copy.read_bytes())
+    assert has_cuda_pack_kernel(copy) == (b"pack_rows_cuda" in copy.read_bytes())
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,47 +455,47 @@ def test_an_extension_library_loads_as_fastcse_C_from_anywhere(tmp_path):
 
 def test_speed_rows_on_cpu(tmp_path):
     device = torch.device("cpu")
-    report = gc.Report(tmp_path, "unit", {})
-    section = gc.Section(report, "speed", 60, gc.selector(None), device)
-    for name, case in gc.speed_plan((32,), (16,), (torch.float32,), ("fastcse", "plain")):
-        section.run(name, lambda c=case: c(device), gc.SPEED)
+    report = Report(tmp_path, "unit", {})
+    section = Section(report, "speed", 60, selector(None), device)
+    for name, case in speed_plan((32,), (16,), (torch.float32,), ("fastcse", "plain")):
+        section.run(name, lambda c=case: c(device), SPEED)
     rows = {c.name: c for c in report.checks}
-    assert all(c.status == gc.PASS for c in rows.values()), [(c.name, c.reason) for c in rows.values()]
+    assert all(c.status == PASS for c in rows.values()), [(c.name, c.reason) for c in rows.values()]
     floor = rows["B32-d16/bf16-matmul-floor"].numbers
     ours = rows["B32-d16-fp32/fastcse"].numbers
     assert ours["candidates"] == 64 and ours["ms"] > 0 and ours["peak_mib"] is None
-    assert ours["tflops"] == pytest.approx(gc.loss_flops(32, 64, 16) / (ours["ms"] / 1e3) / 1e12)
+    assert ours["tflops"] == pytest.approx(loss_flops(32, 64, 16) / (ours["ms"] / 1e3) / 1e12)
     assert ours["vs_matmul"] == pytest.approx(floor["ms"] / ours["ms"])
     assert rows["B32-d16-fp32/plain"].numbers["loss_rel_diff_vs_fastcse"] < 1e-5  # the same loss
-    markdown = gc.render_markdown(report)
+    markdown = render_markdown(report)
     assert "## Loss forward + backward" in markdown and "| 32 | 64 | 16 | fp32 | plain |" in markdown
 
 
 def test_row_option_speed_rows_on_cpu(tmp_path):
-    """Issue #12's options: timed beside fastcse's plain call, their loss checked against the
+    """The row options (group ids, a queue): timed beside fastcse's plain call, their loss checked against the
     reference with the same option; the queue's N is 2B + Q and has no N = 2B floor ratio."""
     device = torch.device("cpu")
-    report = gc.Report(tmp_path, "unit", {})
-    section = gc.Section(report, "speed", 60, gc.selector(None), device)
+    report = Report(tmp_path, "unit", {})
+    section = Section(report, "speed", 60, selector(None), device)
     impls = ("fastcse", "fastcse+group_ids", "fastcse+queue")
-    for name, case in gc.speed_plan((32,), (16,), (torch.float32,), impls):
-        section.run(name, lambda c=case: c(device), gc.SPEED)
+    for name, case in speed_plan((32,), (16,), (torch.float32,), impls):
+        section.run(name, lambda c=case: c(device), SPEED)
     rows = {c.name: c for c in report.checks}
-    assert all(c.status == gc.PASS for c in rows.values()), [(c.name, c.reason) for c in rows.values()]
+    assert all(c.status == PASS for c in rows.values()), [(c.name, c.reason) for c in rows.values()]
     plain, groups, queue = (rows[f"B32-d16-fp32/{i}"].numbers for i in impls)
     assert plain["x_plain_call"] is None and "loss_rel_diff_vs_fastcse" in plain
     assert groups["x_plain_call"] == pytest.approx(groups["ms"] / plain["ms"])
     assert groups["candidates"] == 64 and groups["vs_matmul"] is not None
     assert groups["loss_rel_diff_vs_reference"] < 1e-5 and groups["loss"] != pytest.approx(plain["loss"])
-    assert queue["candidates"] == 64 + gc.speed_queue_size(32) == 192 and queue["vs_matmul"] is None
+    assert queue["candidates"] == 64 + speed_queue_size(32) == 192 and queue["vs_matmul"] is None
     assert queue["loss_rel_diff_vs_reference"] < 1e-5 and queue["x_plain_call"] > 0
-    assert "| fastcse+group_ids |" in gc.render_markdown(report)
+    assert "| fastcse+group_ids |" in render_markdown(report)
 
 
 def test_a_row_option_with_a_wrong_loss_fails(tmp_path, monkeypatch):
     """The value check of a row option is against the reference with the option, not the plain loss."""
-    monkeypatch.setitem(gc.LOSS_IMPLS, "fastcse+group_ids", lambda x, **options: gc._fastcse_loss(x))  # ignores ids
-    outcome = gc.measure_loss("fastcse+group_ids", 32, 16, torch.float32, torch.device("cpu"), None, None)
+    monkeypatch.setitem(LOSS_IMPLS, "fastcse+group_ids", lambda x, **options: _fastcse_loss(x))  # ignores ids
+    outcome = measure_loss("fastcse+group_ids", 32, 16, torch.float32, torch.device("cpu"), None, None)
     assert not outcome.ok and "the reference with the same option" in outcome.reason
 
 
@@ -493,15 +512,15 @@ def test_sentence_transformers_step_on_a_tiny_random_model(tmp_path):
     if not (tokenizer / "tokenizer_config.json").exists():
         pytest.skip(f"no tokenizer at {tokenizer}")
     device = torch.device("cpu")
-    report = gc.Report(tmp_path / "out", "unit", {})
-    section = gc.Section(report, "st_step", 300, gc.selector(None), device)
+    report = Report(tmp_path / "out", "unit", {})
+    section = Section(report, "st_step", 300, selector(None), device)
     sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
-    for name, case in gc.st_step_plan(tokenizer, tmp_path, sizes, batch=8, mini_batch=4):
+    for name, case in st_step_plan(tokenizer, tmp_path, sizes, batch=8, mini_batch=4):
         section.run(name, lambda c=case: c(device))
     checks = {c.name: c for c in report.checks}
     assert set(checks) == {"agrees/fastcse-vs-mnrl", "agrees/fastcse_cached-vs-cached_mnrl"} | \
-        {f"time/{n}" for n in gc.ST_LOSSES}
-    assert all(c.status == gc.PASS for c in checks.values()), [(c.name, c.reason) for c in checks.values()]
+        {f"time/{n}" for n in ST_LOSSES}
+    assert all(c.status == PASS for c in checks.values()), [(c.name, c.reason) for c in checks.values()]
     assert checks["agrees/fastcse-vs-mnrl"].numbers["loss_error"] < 2e-4
     assert checks["time/fastcse_cached"].numbers["mini_batch"] == 4 and checks["time/mnrl"].numbers["ms"] > 0
     saved = json.loads((tmp_path / "minilm-random" / "modules.json").read_text())
@@ -509,20 +528,20 @@ def test_sentence_transformers_step_on_a_tiny_random_model(tmp_path):
 
 
 def test_sentence_transformers_step_without_a_tokenizer_is_skipped(tmp_path):
-    planned = gc.st_step_plan(tmp_path / "missing", tmp_path, gc.MINILM_L6, 8, 4)
-    with pytest.raises(gc.Skip):
+    planned = st_step_plan(tmp_path / "missing", tmp_path, MINILM_L6, 8, 4)
+    with pytest.raises(Skip):
         planned[0][1](torch.device("cpu"))
-    with pytest.raises(gc.Skip):  # the cached failure: not rebuilt by every case
+    with pytest.raises(Skip):  # the cached failure: not rebuilt by every case
         planned[-1][1](torch.device("cpu"))
 
 
 def test_random_sentences_are_reproducible_words():
     vocab = {"alpha": 0, "beta": 1, "##ing": 2, "[CLS]": 3, "gamma": 4, "café": 5}
-    first = gc.random_sentences(vocab, 20, seed=3)
-    assert first == gc.random_sentences(vocab, 20, seed=3) and len(first) == 20
+    first = random_sentences(vocab, 20, seed=3)
+    assert first == random_sentences(vocab, 20, seed=3) and len(first) == 20
     assert set(" ".join(first).split()) <= {"alpha", "beta", "gamma"}
 
 
 def test_the_kit_tracks_this_fastcse():
     # The base keywords are info_nce's own; anything else is a variant (checked or reported).
-    assert gc.BASE_KEYWORDS <= set(inspect.signature(fastcse.info_nce).parameters)
+    assert BASE_KEYWORDS <= set(inspect.signature(fastcse.info_nce).parameters)

@@ -22,14 +22,18 @@ import fastcse
 from fastcse import cpu, triton_info_nce
 from fastcse.problem import DIRECTIONS, describe, resolve_variant
 from fastcse.reference import info_nce_reference
+from fastcse.testing import HALF_PRECISION_CASES, HALF_PRECISION_WEIGHT, TEMPERATURE_CASES, TOL
+from fastcse.testing import OPTION_GRID as OPTION_CASES
+from fastcse.testing import assert_close as _assert_close
+from fastcse.testing import assert_rows_close as _assert_rows_close
+from fastcse.testing import check_against_reference
+from fastcse.testing import draw_inputs as _inputs
+from fastcse.testing import loss_and_grad_list as _loss_and_grads
+from fastcse.testing import temperature_floor as _temperature_floor
 
 # A direction without any cell in some row (B = 1's query_to_query) or a split of keys without one
 # has LSE log(0) = -inf, which numpy, running the interpreter's kernels, reports as a warning.
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
-
-# fp32: the issue's 2e-4; 16-bit: the inputs are exact in the reference, the error is the
-# kernels' rounding of dS to the input dtype before the two gradient products.
-TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 
 Q2D, Q2Q, D2Q, D2D = DIRECTIONS
 # Every directions subset with query_to_doc (joint), and per_direction where it is allowed (the
@@ -43,80 +47,6 @@ GTE = dict(directions=(Q2D, Q2Q, D2Q, D2D), partition_mode="joint")  # GTE's imp
 def _variant_id(directions, partition):
     return "+".join(d.replace("query", "q").replace("doc", "d").replace("_to_", "2") for d in directions) + \
         ("" if partition == "joint" else "/per_dir")
-
-
-def _inputs(batch, num_neg, dim, dtype, seed, scale=1.0):
-    """Anchors, positives near them, negatives ([B, d] for k = 1 given as 2-D, else [B, k, d])."""
-    gen = torch.Generator().manual_seed(seed)
-    anchor = torch.randn(batch, dim, generator=gen) * scale
-    positive = anchor + 0.8 * scale * torch.randn(batch, dim, generator=gen)
-    negative = None
-    if num_neg:
-        negative = anchor[:, None] + 1.2 * scale * torch.randn(batch, num_neg, dim, generator=gen)
-        if num_neg == 1:
-            negative = negative[:, 0]
-    return [x.to(dtype) if x is not None else None for x in (anchor, positive, negative)]
-
-
-def _loss_and_grads(fn, tensors, tau, upstream, dtype=None, **options):
-    """tensors: (anchor, positive, negative) and optionally a 4th, the extra negatives (a queue
-    that requires grad)."""
-    leaves = [x.detach().to(dtype or x.dtype).requires_grad_() if x is not None else None for x in tensors]
-    temperature = torch.tensor(tau, dtype=dtype or torch.float32, requires_grad=True)
-    if len(leaves) == 4:
-        options = dict(options, extra_negatives=leaves[3])
-    loss = fn(*leaves[:3], temperature=temperature, **options)
-    loss.backward(upstream.to(loss.dtype))
-    grads = [x.grad for x in leaves if x is not None] + [temperature.grad]
-    return loss.detach(), grads
-
-
-def _assert_close(name, actual, expected, tol, floor=1e-2):
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values {actual}"
-    actual = actual.double()
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    # Relative to the element and to the tensor's scale (gradients of a mean are ~1/B each), which
-    # is stricter than the issue's absolute tol unless the tensor's scale is below the floor.
-    ok = torch.allclose(actual, expected, rtol=tol, atol=tol * max(scale, floor))
-    assert ok, f"{name}: max abs error {err:.3g} (tensor scale {scale:.3g}, tol {tol})"
-
-
-def _temperature_floor(row_weights: torch.Tensor, tau: float) -> float:
-    """The scale below which d(tau) is cancellation, not signal. d(tau) = -(1/tau) sum_cells G s
-    with |s| <= 1/tau (cosine): terms of size g_i / tau^2 cancel within and across rows (exact
-    fp32 arithmetic, the reference's included, errs by ~1e-5 relative to them at these shapes),
-    so d(tau) is checked against sum_i |g_i| / tau, tau times below the terms' size."""
-    return row_weights.abs().sum().item() / tau
-
-
-def check_against_reference(batch, num_neg, dim, *, dtype=torch.float32, tau=0.05, normalize=True, weight=0.0,
-                            reduction="mean", seed=0, scale=1.0, tensors=None, floor=1e-2, queue=0, **variant):
-    """fastcse.info_nce(backend="triton") against the fp64 reference: "mean"/"sum" take the
-    gradients-in-forward path, "none" (per-row upstream gradients) the backward's recompute.
-    ``queue``: that many extra negatives, requiring grad (their gradient is checked too);
-    ``variant`` may hold group_ids / labels."""
-    tensors = tensors if tensors is not None else _inputs(batch, num_neg, dim, dtype, seed, scale)
-    if queue:
-        gen = torch.Generator().manual_seed(seed + 2)
-        tensors = list(tensors) + [(torch.randn(queue, dim, generator=gen) * scale).to(dtype)]
-    gen = torch.Generator().manual_seed(seed + 1)
-    # "none" gets per-row upstream gradients (the recompute path); scalar reductions a non-unit scalar.
-    upstream = torch.rand(batch, generator=gen) + 0.5 if reduction == "none" else torch.tensor(1.7)
-    options = dict(normalize=normalize, hard_negative_weight=weight, reduction=reduction, **variant)
-    loss, grads = _loss_and_grads(fastcse.info_nce, tensors, tau, upstream, backend="triton", **options)
-    ref_loss, ref_grads = _loss_and_grads(info_nce_reference, tensors, tau, upstream.double(), dtype=torch.float64,
-                                          **options)
-    assert loss.dtype == torch.float32
-    tol = TOL[dtype]
-    _assert_close("loss", loss, ref_loss, tol, floor)
-    row_weights = upstream.expand(batch) / (batch if reduction == "mean" else 1)
-    names = [n for n, x in zip(("anchor", "positive", "negative", "queue"), tensors) if x is not None]
-    assert len(names) == len(grads) - 1
-    for name, g, ref in zip(names + ["temperature"], grads, ref_grads):
-        assert g.dtype == (dtype if name != "temperature" else torch.float32)
-        tau_floor = _temperature_floor(row_weights, tau) if name == "temperature" and normalize else 0.0
-        _assert_close(f"d{name}", g, ref, tol, max(floor, tau_floor))
 
 
 # --------------------------------------------------------------------------------------------
@@ -572,15 +502,6 @@ def test_launches_per_variant(monkeypatch, variant, separate, tau, forward_launc
 # The classic options (query_to_doc, symmetric), edge cases and numerics
 # --------------------------------------------------------------------------------------------
 
-# Every combination of normalize x symmetric x (k, weight), reductions rotating through them.
-_HARD = [(0, 0.0), (1, 0.7), (3, -0.4)]
-OPTION_CASES = [
-    (normalize, symmetric, k, w, ("mean", "sum", "none")[i % 3])
-    for i, (normalize, symmetric, (k, w)) in enumerate(
-        (n, s, h) for n in (True, False) for s in (False, True) for h in _HARD)
-]
-
-
 @pytest.mark.parametrize("normalize,symmetric,num_neg,weight,reduction", OPTION_CASES)
 def test_options_fp32(normalize, symmetric, num_neg, weight, reduction):
     # 19 rows and up to 76 candidates: two row blocks and five column tiles of 16, the last ones partial.
@@ -588,12 +509,7 @@ def test_options_fp32(normalize, symmetric, num_neg, weight, reduction):
                             reduction=reduction, scale=1.0 if normalize else 0.15)
 
 
-@pytest.mark.parametrize("tau,symmetric,reduction", [
-    (0.01, True, "none"),   # 2/tau = 200: the reverse LSE needs the column sweep, not the fixed max
-    (0.01, False, "mean"),
-    (0.025, True, "sum"),   # the smallest tau on the fused fixed-max path (2/tau = 80)
-    (1.0, True, "mean"),
-])
+@pytest.mark.parametrize("tau,symmetric,reduction", TEMPERATURE_CASES)
 def test_temperatures(tau, symmetric, reduction):
     check_against_reference(23, 1, 16, tau=tau, symmetric=symmetric, weight=0.3, reduction=reduction, seed=5)
 
@@ -638,14 +554,10 @@ def test_dim_one(normalize):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("normalize,symmetric,num_neg,reduction,tau", [
-    (True, True, 1, "mean", 0.05),
-    (True, False, 3, "none", 0.02),
-    (False, True, 2, "sum", 0.05),
-])
+@pytest.mark.parametrize("normalize,symmetric,num_neg,reduction,tau", HALF_PRECISION_CASES)
 def test_half_precision(dtype, normalize, symmetric, num_neg, reduction, tau):
     check_against_reference(18, num_neg, 40, dtype=dtype, tau=tau, normalize=normalize, symmetric=symmetric,
-                            weight=0.4, reduction=reduction, scale=1.0 if normalize else 0.15, seed=7)
+                            weight=HALF_PRECISION_WEIGHT, reduction=reduction, scale=1.0 if normalize else 0.15, seed=7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -766,21 +678,6 @@ def test_no_tensor_of_batch_times_candidates_size():
     assert grads is not None
     # The largest is d(candidates), [N, d] fp32; a score block would be B N fp32 (1.7x more).
     assert LargestTensor.largest == candidates.numel() * 4, LargestTensor.largest
-
-
-def _assert_rows_close(name, actual, expected, tol, rows):
-    """Each of ``rows`` against its own scale. Where the reference gradient is near or beyond
-    the dtype's range (a zero row's d(x_hat) / eps in fp16) only its sign is checked: the
-    gradient rounds to the largest value or to the signed infinity, never to NaN."""
-    actual, expected = actual.reshape(-1, actual.shape[-1]), expected.reshape(-1, expected.shape[-1])
-    assert not actual.isnan().any(), f"{name}: NaN in rows {actual.isnan().any(1).nonzero().flatten().tolist()}"
-    edge = torch.finfo(actual.dtype).max / 2
-    for row in rows:
-        got, want = actual[row], expected[row]
-        huge = want.abs() > edge
-        assert torch.equal(got[huge].double().sign(), want[huge].sign()), f"{name}[{row}]: {got[huge]}"
-        if not huge.all():
-            _assert_close(f"{name}[{row}]", got[~huge], want[~huge], tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -1,0 +1,211 @@
+"""The correctness section: forward and every gradient (anchor, positive, negative, temperature)
+of ``info_nce(backend="triton")`` against ``info_nce_reference`` in fp64, with the test suite's
+tolerances and comparison (fastcse.testing), over its option grid, 16-bit cases, odd shapes,
+zero and tiny rows, temperatures, and the optional keywords this fastcse has."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+import fastcse
+from fastcse import testing
+from fastcse.gpu_check.cases import ALL_DTYPES, HALF_DTYPES, LossCase, Shapes, scaled
+from fastcse.gpu_check.results import Outcome, Skip, skip_case
+
+# info_nce's keywords when this kit was written; any other keyword found at run time is a
+# variant, checked through VARIANTS below (or reported as one the kit has no case for).
+BASE_KEYWORDS = frozenset({"anchor", "positive", "negative", "temperature", "normalize", "symmetric",
+                           "hard_negative_weight", "reduction", "backend", "process_group"})
+
+# The test suite's temperatures, and tau = 0.02: like 0.01 it needs the reverse column sweep, at
+# a logit range in between. Ordered by tau.
+TEMPERATURES = tuple(sorted(testing.TEMPERATURE_CASES + ((0.02, True, "mean"),), key=lambda case: case[0]))
+
+
+def check_loss_case(case: LossCase, device: torch.device) -> Outcome:
+    """info_nce(backend="triton") against info_nce_reference in fp64 from the same rounded inputs."""
+    tensors, upstream = case.inputs(), case.upstream()
+    keywords = case.variant.make(case.batch, case.dim, case.dtype, device) if case.variant is not None else {}
+    try:
+        got, refused = _run_or_refusal(case, fastcse.info_nce, tensors, device, upstream, backend="triton",
+                                       **keywords)
+    except NotImplementedError as error:  # a declared gap, listed with its reason: not a wrong result
+        raise Skip(f"not implemented on backend='triton': {error}") from None
+    want, ref_refused = _run_or_refusal(case, fastcse.info_nce_reference, tensors, device, upstream.double(),
+                                        dtype=torch.float64, **keywords)
+    if refused and ref_refused and case.variant is not None:
+        raise Skip(f"both functions refuse this guess of the variant's arguments: {refused}")
+    if refused or ref_refused:
+        return Outcome(False, {}, f"info_nce: {refused or 'ok'}; info_nce_reference: {ref_refused or 'ok'}")
+    if got["loss"].dtype != torch.float32:
+        return Outcome(False, {}, f"the loss is {got['loss'].dtype}, expected float32")
+    wrong_dtypes = [n for n, g in got.items() if n not in ("loss", "temperature") and g is not None
+                    and g.dtype != case.dtype]
+    if wrong_dtypes:
+        return Outcome(False, {}, f"gradients of {wrong_dtypes} are not in the inputs' dtype {case.dtype}")
+    rowwise = ("anchor", "positive", "negative") if case.special_rows and case.dtype != torch.float32 else ()
+    return Outcome.of(testing.compare_results(got, want, case.tol, case.floor, rowwise))
+
+
+def _run_or_refusal(case: LossCase, fn, *args, **kwargs):
+    """(results, None), or (None, the ValueError/TypeError message) when the arguments are refused."""
+    try:
+        return case.run(fn, *args, **kwargs), None
+    except (TypeError, ValueError) as error:
+        return None, f"{type(error).__name__}: {error}"
+
+
+# --------------------------------------------------------------------------------------------
+# Variants: keywords newer than this kit, checked when both info_nce and the reference take them
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Optional keywords and how to build their values for a (B, d, dtype, device) case."""
+
+    label: str
+    make: Callable[[int, int, torch.dtype, torch.device], dict]
+
+    def keywords(self) -> set[str]:
+        return set(self.make(2, 2, torch.float32, torch.device("cpu")))
+
+
+def _constant(**values) -> Callable[..., dict]:
+    return lambda batch, dim, dtype, device: dict(values)
+
+
+# sentence-transformers' MultipleNegativesRankingLoss names (directions, partition_mode,
+# hardness_mode, hardness_strength) and a few keywords fastcse may grow; values are the
+# natural ones for each. A guess both functions refuse is reported skipped, not failed.
+VARIANTS = (
+    Variant("directions-q2d-d2q-per_direction",
+            _constant(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")),
+    Variant("directions-q2d-q2q-joint",
+            _constant(directions=("query_to_doc", "query_to_query"), partition_mode="joint")),
+    Variant("directions-q2d-d2d-joint", _constant(directions=("query_to_doc", "doc_to_doc"), partition_mode="joint")),
+    Variant("directions-all-joint", _constant(directions=("query_to_doc", "query_to_query", "doc_to_query",
+                                                          "doc_to_doc"), partition_mode="joint")),
+    Variant("hardness-in_batch_negatives", _constant(hardness_mode="in_batch_negatives", hardness_strength=5.0)),
+    Variant("hardness-hard_negatives", _constant(hardness_mode="hard_negatives", hardness_strength=5.0)),
+    Variant("hardness-all_negatives", _constant(hardness_mode="all_negatives", hardness_strength=3.0)),
+    Variant("group_ids-pairs", lambda batch, dim, dtype, device: {
+        "group_ids": (torch.arange(batch) // 2).to(device)}),  # rows 2i, 2i+1 share a group
+    Variant("extra_negatives-7", lambda batch, dim, dtype, device: {  # a queue; its gradient is checked too
+        "extra_negatives": torch.randn(7, dim, generator=torch.Generator().manual_seed(99)).to(device, dtype)}),
+    Variant("labels-triples", lambda batch, dim, dtype, device: {
+        "labels": (torch.arange(batch) // 3).to(device)}),  # SupCon: rows 3i..3i+2 share a label
+)
+
+
+def _keywords_of(fn) -> set[str]:
+    return set(inspect.signature(fn).parameters)
+
+
+def plan_variants(loss_fn, reference_fn, make_case: Callable[["Variant"], list[LossCase]]):
+    """(name, case function) for each variant: runnable where both functions take all its keywords,
+    otherwise skipped with the reason; plus one skipped entry per new keyword no variant covers."""
+    ours, theirs = _keywords_of(loss_fn), _keywords_of(reference_fn)
+    planned, covered = [], set()
+    for variant in VARIANTS:
+        keywords = variant.keywords()
+        covered |= keywords
+        missing_ours, missing_ref = sorted(keywords - ours), sorted(keywords - theirs)
+        if missing_ours:
+            reason = f"this fastcse's info_nce has no {', '.join(missing_ours)}"
+            planned.append((f"variant/{variant.label}", skip_case(reason)))
+        elif missing_ref:
+            reason = (f"info_nce takes {', '.join(missing_ref)} but info_nce_reference does not: "
+                      "nothing to check it against")
+            planned.append((f"variant/{variant.label}", skip_case(reason)))
+        else:
+            planned += [(f"variant/{variant.label}/{c.name}", _loss_case_runner(c)) for c in make_case(variant)]
+    for keyword in sorted(ours - BASE_KEYWORDS - covered):
+        planned.append((f"variant/{keyword}", skip_case(f"info_nce takes {keyword!r}, for which this kit has no case")))
+    return planned
+
+
+def _loss_case_runner(case: LossCase) -> Callable[[torch.device], Outcome]:
+    return partial(check_loss_case, case)
+
+
+# --------------------------------------------------------------------------------------------
+# The case lists, most telling first
+# --------------------------------------------------------------------------------------------
+
+
+def _grid_case(batch, dim, dtype, normalize, symmetric, k, weight, reduction, tau=0.05, seed=0) -> LossCase:
+    return LossCase(batch, k, dim, dtype, tau=tau, normalize=normalize, symmetric=symmetric, weight=weight,
+                    reduction=reduction, scale=1.0 if normalize else scaled(dim, 0.15, 24), seed=seed)
+
+
+def grid_cases(shapes: Shapes, dtype: torch.dtype) -> list[LossCase]:
+    """The test suite's option grid at the profile's (B, d)."""
+    batch, dim = shapes.grid
+    return [_grid_case(batch, dim, dtype, *options) for options in testing.OPTION_GRID]
+
+
+def half_subset_cases(shapes: Shapes) -> list[LossCase]:
+    """The test suite's 16-bit cases, in fp16 and bf16, at the option grid's shape."""
+    batch, dim = shapes.grid
+    return [_grid_case(batch, dim, dtype, n, s, k, testing.HALF_PRECISION_WEIGHT, r, tau=tau, seed=7)
+            for dtype in HALF_DTYPES for n, s, k, r, tau in testing.HALF_PRECISION_CASES]
+
+
+def odd_shape_cases(shapes: Shapes) -> list[LossCase]:
+    dtypes = (torch.float32, torch.bfloat16) if shapes.odd_half else (torch.float32,)
+    return [LossCase(b, k, d, dtype, symmetric=i % 2 == 1, weight=0.2 if k else 0.0, reduction="none", seed=b)
+            for dtype in dtypes for i, (b, k, d) in enumerate(shapes.odd)]
+
+
+def special_row_cases(shapes: Shapes) -> list[LossCase]:
+    batch, k, dim = shapes.special
+    return [LossCase(batch, k, dim, dtype, symmetric=symmetric, weight=0.3, reduction=reduction, seed=41,
+                     special_rows=True)
+            for dtype in ALL_DTYPES for symmetric, reduction in ((False, "none"), (True, "mean"))]
+
+
+def temperature_cases(shapes: Shapes) -> list[LossCase]:
+    batch, dim = shapes.grid
+    cases = [LossCase(batch, 1, dim, tau=tau, symmetric=s, weight=0.3, reduction=r, seed=5)
+             for tau, s, r in TEMPERATURES]
+    cases.append(LossCase(batch, 1, dim, learnable_tau=False, symmetric=True, weight=0.3, seed=6))
+    # Dot-product logits of several hundred (1/tau = 100 and beyond): the online softmax must not overflow.
+    cases += [LossCase(batch, 1, dim, dtype, tau=0.01, normalize=False, symmetric=True, reduction="none",
+                       scale=scaled(dim, 0.6, 32), seed=11) for dtype in ALL_DTYPES]
+    return cases
+
+
+def variant_cases(shapes: Shapes, variant: Variant) -> list[LossCase]:
+    batch, dim = shapes.variant
+    return [LossCase(batch, 2, dim, torch.float32, weight=0.0, reduction="none", seed=13, variant=variant),
+            LossCase(batch, 1, dim, torch.bfloat16, reduction="mean", seed=14, variant=variant)]
+
+
+def correctness_plan(shapes: Shapes) -> list[tuple[str, Callable[[torch.device], Outcome]]]:
+    """Every correctness case, most telling first, so that a spent budget drops the least."""
+    cases = grid_cases(shapes, torch.float32) + half_subset_cases(shapes)
+    planned = [(c.name, _loss_case_runner(c)) for c in cases]
+    planned += plan_variants(fastcse.info_nce, fastcse.info_nce_reference, lambda v: variant_cases(shapes, v))
+    later = odd_shape_cases(shapes) + special_row_cases(shapes) + temperature_cases(shapes)
+    if shapes.half_grid:
+        later += [c for dtype in HALF_DTYPES for c in grid_cases(shapes, dtype)]
+    planned += [(c.name, _loss_case_runner(c)) for c in later]
+    return _unique_names(planned)
+
+
+def _unique_names(planned):
+    """Two cases may describe alike (same shapes and options, other seeds): number the repeats."""
+    seen: dict[str, int] = {}
+    out = []
+    for name, fn in planned:
+        seen[name] = seen.get(name, 0) + 1
+        out.append((name if seen[name] == 1 else f"{name}#{seen[name]}", fn))
+    return out
+
+
