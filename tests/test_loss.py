@@ -170,14 +170,14 @@ def test_multiple_chunks(monkeypatch, variant, reduction):
     monkeypatch.setattr(cpu, "BLOCK_BYTES", 4 * 40 * 3)  # 3 rows of the 40 candidates' fp32 scores
     monkeypatch.setattr(cpu, "MIN_ROWS", 1)
     blocks = []
-    scores = cpu._Problem.scores
+    scores = cpu._SweepOperands.scores
 
-    def recording_scores(prob, direction, r0, r1):
+    def recording_scores(operands, direction, r0, r1):
         if direction == "query_to_doc":
             blocks.append((r0, r1))
-        return scores(prob, direction, r0, r1)
+        return scores(operands, direction, r0, r1)
 
-    monkeypatch.setattr(cpu._Problem, "scores", recording_scores)
+    monkeypatch.setattr(cpu._SweepOperands, "scores", recording_scores)
     anchor, positive, negative = make_inputs(20, 7, 1)
     for tau in (0.05, 0.01):  # the unshifted and the row-max paths
         check_against_reference(anchor, positive, negative, tau, reduction=reduction, hard_negative_weight=0.4,
