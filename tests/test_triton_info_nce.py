@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fastcse
-from fastcse import cpu, triton_info_nce
+from fastcse import cpu, triton_forward, triton_info_nce
 from fastcse.problem import DIRECTIONS, describe, resolve_variant
 from fastcse.reference import info_nce_reference
 
@@ -525,7 +525,7 @@ def test_rejects_float64():
 def _count_launches(monkeypatch):
     """Records (direction, fused doc_to_query) per forward launch and per backward launch."""
     launches = {"forward": [], "backward": []}
-    forward, backward = triton_info_nce._launch_forward, triton_info_nce._launch_backward
+    forward, backward = triton_info_nce.launch_forward, triton_info_nce.launch_backward
 
     def recording_forward(sweep, spec, cfg, col_sum=None):
         launches["forward"].append((sweep.direction, col_sum is not None))
@@ -535,8 +535,8 @@ def _count_launches(monkeypatch):
         launches["backward"].append((sweep.direction, lse_rev is not None))
         return backward(sweep, spec, cfg, lse, g, g_scale, grad_q, grad_k, lse_rev=lse_rev)
 
-    monkeypatch.setattr(triton_info_nce, "_launch_forward", recording_forward)
-    monkeypatch.setattr(triton_info_nce, "_launch_backward", recording_backward)
+    monkeypatch.setattr(triton_info_nce, "launch_forward", recording_forward)
+    monkeypatch.setattr(triton_info_nce, "launch_backward", recording_backward)
     return launches
 
 
@@ -730,7 +730,7 @@ def test_column_splits_cover_every_tile_without_empty_splits():
     seen = set()
     for row_blocks in range(1, 9):
         for tiles in range(1, 40):
-            splits = triton_info_nce._column_splits(row_blocks, tiles, cpu_device)
+            splits = triton_forward.column_splits(row_blocks, tiles, cpu_device)
             per = math.ceil(tiles / splits)
             assert 1 <= splits <= tiles
             assert (splits - 1) * per < tiles <= splits * per, (row_blocks, tiles, splits)
