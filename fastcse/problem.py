@@ -45,7 +45,6 @@ them, hard_negatives does not).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -239,10 +238,6 @@ class LossProblem:
     @property
     def hardness_strength(self) -> float:
         return self.variant.hardness_strength
-
-    def at_temperature(self, tau: float) -> LossProblem:
-        """This problem with the temperature's value (what the backends read)."""
-        return dataclasses.replace(self, tau=float(tau))
 
 
 def encode_variant(variant: Variant) -> str:

@@ -103,7 +103,10 @@ def info_nce_reference(
         log_z = torch.logsumexp(torch.cat(list(scores.values()), dim=1), dim=1)
     else:
         log_z = torch.stack([torch.logsumexp(s, dim=1) for s in scores.values()]).mean(0)
-    loss = log_z - target
+    return _reduced(log_z - target, reduction)
+
+
+def _reduced(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
