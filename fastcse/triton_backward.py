@@ -44,8 +44,8 @@ def _backward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, lse_rev_ptr,
     row_ok = rows < n_rows
     tile_ok = row_ok[:, None] & (cols[None, :] < n_cols)
     s, inv_q, inv_k = tile_scores(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, rows, cols, n_rows, n_cols, dim,
-                              stride_q, stride_k, inv_tau, NORMALIZE, EPS_, BLOCK_M, BLOCK_N, BLOCK_D,
-                              UPCAST, PRECISION)
+                                  stride_q, stride_k, inv_tau, NORMALIZE, EPS_, BLOCK_M, BLOCK_N, BLOCK_D,
+                                  UPCAST, PRECISION)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
     if IDS != IDS_NONE:
@@ -65,7 +65,7 @@ def _backward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, lse_rev_ptr,
             rev_arg = tl.where(cell_ok, s - lse_rev[None, :], float("-inf"))
             ds = tl.exp(rev_arg) * g_rev[None, :]
     s = tile_logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,
-                HAS_BIAS, PENALTY, MASK, IDS)
+                    HAS_BIAS, PENALTY, MASK, IDS)
     # Mask the exponents, not the products: padding scores are arbitrary and exp of them may be
     # inf. The saved lse is finite (joint includes query_to_doc; per_direction's query_to_doc and
     # doc_to_query keep each row's own pair under any mask), so masked cells (-inf) get exactly 0.
@@ -106,7 +106,7 @@ def _backward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, lse_rev_ptr,
 
 
 def launch_backward(sweep: Sweep, problem: LossProblem, cfg: Config, lse, g, g_scale, grad_q, grad_k,
-                     lse_rev=None):
+                    lse_rev=None):
     """Adds the sweep's dQ_hat into grad_q ([B, d] fp32) and dK_hat into grad_k; with lse_rev
     (query_to_doc), doc_to_query's cells on the positive block too."""
     queries, keys = sweep.queries, sweep.keys

@@ -44,8 +44,8 @@ def _forward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, target_ptr, c
     for j0 in range(split_start, split_end, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         s, inv_q, inv_k = tile_scores(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, rows, cols, n_rows, n_cols, dim,
-                                  stride_q, stride_k, inv_tau, NORMALIZE, EPS_, BLOCK_M, BLOCK_N, BLOCK_D,
-                                  UPCAST, PRECISION)
+                                      stride_q, stride_k, inv_tau, NORMALIZE, EPS_, BLOCK_M, BLOCK_N, BLOCK_D,
+                                      UPCAST, PRECISION)
         if IDS != IDS_NONE:
             same = same_id(ids_ptr, rows, cols, n_rows, pos_start, num_positives)
         else:
@@ -59,7 +59,7 @@ def _forward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, target_ptr, c
                 e = tl.exp(tl.where(cell_ok, s - fixed_max, float("-inf")))
                 tl.atomic_add(col_sum_ptr + rev, tl.sum(e, axis=0), mask=rev_ok)
         s = tile_logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,
-                    HAS_BIAS, PENALTY, MASK, IDS)
+                        HAS_BIAS, PENALTY, MASK, IDS)
         if HAS_TARGET:
             if IDS == IDS_LABEL:
                 target += tl.sum(tl.where(same, s, 0.0), axis=1)

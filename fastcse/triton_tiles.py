@@ -65,8 +65,8 @@ def load_tile(ptr, rows, cols_k, n_rows, dim, stride, UPCAST: tl.constexpr):
 
 @triton.jit
 def raw_scores(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """q[rows] . k[cols] for a BLOCK_M x BLOCK_N tile, fp32 accumulation over d."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, dim, BLOCK_D):
@@ -89,7 +89,7 @@ def inverse_norms(norm_ptr, idx, n, NORMALIZE: tl.constexpr, EPS_: tl.constexpr)
 
 @triton.jit
 def normalized_tile(ptr, rows, cols_k, n_rows, dim, stride, inv_norm, NORMALIZE: tl.constexpr,
-                     UPCAST: tl.constexpr):
+                    UPCAST: tl.constexpr):
     """x_hat[rows, cols_k] = x / max(||x||, eps), scaled in fp32 and rounded to the input dtype
     (as a GPU product operand), then fp32 when UPCAST."""
     x = load_tile(ptr, rows, cols_k, n_rows, dim, stride, False)
@@ -102,12 +102,12 @@ def normalized_tile(ptr, rows, cols_k, n_rows, dim, stride, inv_norm, NORMALIZE:
 
 @triton.jit
 def tile_scores(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k, inv_tau,
-            NORMALIZE: tl.constexpr, EPS_: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-            UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                NORMALIZE: tl.constexpr, EPS_: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """The plain scores s = q_hat . k_hat / tau of a tile; returns (s, 1/||q||, 1/||k||)."""
     s = raw_scores(q_ptr, k_ptr, rows, cols, n_rows, n_cols, dim, stride_q, stride_k,
-                    BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+                   BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
     inv_q = inverse_norms(q_norm_ptr, rows, n_rows, NORMALIZE, EPS_)
     inv_k = inverse_norms(k_norm_ptr, cols, n_cols, NORMALIZE, EPS_)
     return s * (inv_q * inv_tau)[:, None] * inv_k[None, :], inv_q, inv_k
@@ -144,7 +144,7 @@ def group_masked(same, rows, cols, pos_start):
 
 @triton.jit
 def tile_logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,
-            HAS_BIAS: tl.constexpr, PENALTY: tl.constexpr, MASK: tl.constexpr, IDS: tl.constexpr):
+                HAS_BIAS: tl.constexpr, PENALTY: tl.constexpr, MASK: tl.constexpr, IDS: tl.constexpr):
     """A direction's logits from its plain scores s = sim / tau: the hardness penalty, the
     hard-negative bias, then the masks. The penalty strength * sim is s * strength * tau, so a
     penalized logit is s * penalty_scale, penalty_scale = 1 + strength * tau: one multiply, and
