@@ -5,7 +5,8 @@ The layers, as in Liger-Kernel (op, functional, module): this module is the op;
 ``fastcse.loss.info_nce`` is the functional form (the user's checks, the candidates' layout, the
 distributed path) and ``fastcse.loss.InfoNCE`` the module. ``fastcse.reference`` is the plain
 PyTorch loss the op is tested against. Every caller describes its call as a
-``fastcse.problem.LossProblem`` and calls :func:`info_nce_call` with it and its tensors; the op's
+``fastcse.problem.LossProblem`` and calls :func:`info_nce_call` with it and its tensors (one
+front door, as ml-cross-entropy's ``linear_cross_entropy``); the op's
 flat argument list (the problem's fields in :class:`_ProblemArguments` order), its sentinels for
 absent tensors (an anchor-keys tensor with no rows, an ids tensor with no entries) and the
 variant's string encoding live in this module and nowhere else.
