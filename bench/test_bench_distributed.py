@@ -52,8 +52,8 @@ def _worker(rank, port, commands, replies):
 
     import fastcse
     from fastcse.distributed import GatherGroup
-    from fastcse.ops import info_nce_op
-    from fastcse.problem import Variant, encode_variant
+    from fastcse.ops import info_nce_call
+    from fastcse.problem import describe
 
     # torch.distributed.nn.functional.all_gather is deprecated, but it is the baseline asked for.
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather is deprecated")
@@ -71,10 +71,11 @@ def _worker(rank, port, commands, replies):
             loss = fastcse.info_nce(anchor, positive, negative, process_group=pg)
         elif method == "allgather_local":
             candidates = torch.cat(dist_nn.all_gather(positive, group) + dist_nn.all_gather(negative, group))
-            no_ids = torch.empty(0, dtype=torch.int64)
-            loss, *_ = info_nce_op(anchor, candidates, anchor.new_empty((0, DIM)), no_ids, torch.tensor(0.05), start,
-                                   total + start, 1, 0, 0, True, 0.0, encode_variant(Variant()), "", "sum", True,
-                                   "cpu")
+            # This rank's anchors against every rank's candidates, as fastcse.distributed lays them out.
+            problem = describe(anchor, candidates, None, pos_start=start, neg_start=total + start, num_neg=1,
+                               normalize=True, hard_negative_weight=0.0)
+            loss = info_nce_call(problem, anchor, candidates, torch.tensor(0.05), reduction="sum",
+                                 grad_in_forward=True, backend="cpu")
             loss = loss / total
         elif method == "allgather_full":
             gathered = [torch.cat(dist_nn.all_gather(t, group)) for t in (anchor, positive, negative)]

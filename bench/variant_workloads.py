@@ -30,7 +30,8 @@ VARIANTS = {
     "in_batch_negatives 9": dict(hardness_mode="in_batch_negatives", hardness_strength=9.0),
     "hard_negatives 5": dict(hardness_mode="hard_negatives", hardness_strength=5.0),
 }
-# fastcse-only options (issue #12; no sentence-transformers counterpart): name -> how to build them.
+# fastcse-only options (false negatives, a queue, several positives; no sentence-transformers
+# counterpart): name -> how to build them.
 QUEUE = 65536
 ROW_OPTIONS = {
     "group_ids (groups of 4)": "groups",
@@ -70,10 +71,10 @@ def products(variant: str, batch: int, dim: int) -> list[tuple[str, int]]:
     anchor = torch.empty(batch, dim)
     extra = queue_size(variant, batch)
     candidates = torch.empty(2 * batch + extra, dim)
-    spec = describe(anchor, candidates, TEMPERATURE, pos_start=0, neg_start=batch, num_neg=1, normalize=True,
-                    hard_negative_weight=0.0, variant=resolve_variant(**VARIANTS.get(variant, {}), num_neg=1),
-                    num_extra=extra)
-    return matrix_products(spec)
+    problem = describe(anchor, candidates, TEMPERATURE, pos_start=0, neg_start=batch, num_neg=1, normalize=True,
+                       hard_negative_weight=0.0, variant=resolve_variant(**VARIANTS.get(variant, {}), num_neg=1),
+                       num_extra=extra)
+    return matrix_products(problem)
 
 
 def floor(batch: int, dim: int, variant: str = "query_to_doc"):

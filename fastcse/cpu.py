@@ -30,20 +30,16 @@ import math
 
 import torch
 
-from fastcse.problem import DOC_TO_DOC, DOC_TO_QUERY, QUERY_TO_DOC, QUERY_TO_QUERY, LossProblem
+from fastcse.checks import NORMALIZE_EPS, accumulation_dtype
+from fastcse.problem import (ANCHOR_KEYS, ANCHORS, CANDIDATES, DIRECTION_ROLES, DOCUMENTS, MASK_OWN_DOCUMENTS,
+                             MASK_SELF, QUERY_TO_DOC, LossProblem)
 
-EPS = 1e-12  # as F.normalize
 # Score block budget per chunk: small enough to stay cache-resident for the elementwise passes
 # (16 MiB measured best of 8/16/32/64 MiB here), at least MIN_ROWS rows so that the
 # dK += E^T Q_chunk product (inner dim R) stays compute bound.
 BLOCK_BYTES = 16 * 2**20
 MIN_ROWS = 256
 SAFE_EXP = 40.0
-_ANCHOR_QUERIES = (QUERY_TO_DOC, QUERY_TO_QUERY)  # the other two directions query with the positives
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class _Normalized:
@@ -55,8 +51,8 @@ class _Normalized:
             self.hat, self.inv, self.small = x, None, None
             return
         norm = torch.linalg.vector_norm(x, dim=1)
-        self.inv = 1.0 / norm.clamp_min(EPS)
-        self.small = norm < EPS
+        self.inv = 1.0 / norm.clamp_min(NORMALIZE_EPS)
+        self.small = norm < NORMALIZE_EPS
         self.hat = x * self.inv[:, None]
 
     def backward(self, grad_hat: torch.Tensor) -> torch.Tensor:
@@ -69,11 +65,11 @@ class _Normalized:
         return grad_hat
 
 
-def direction_widths(spec: LossProblem) -> dict[str, int]:
+def direction_widths(problem: LossProblem) -> dict[str, int]:
     """How many keys each of the problem's directions scores (its block's columns)."""
-    widths = {QUERY_TO_DOC: spec.num_candidates, QUERY_TO_QUERY: spec.num_anchor_keys,
-              DOC_TO_QUERY: spec.num_anchor_keys, DOC_TO_DOC: spec.num_documents}
-    return {d: widths[d] for d in spec.directions}
+    widths = {CANDIDATES: problem.num_candidates, ANCHOR_KEYS: problem.num_anchor_keys,
+              DOCUMENTS: problem.num_documents}
+    return {d: widths[DIRECTION_ROLES[d].keys] for d in problem.directions}
 
 
 def _rows_per_chunk(batch: int, width: int) -> int:
@@ -98,24 +94,24 @@ class _GroupCells:
         self.rows, self.keys, self.row_offsets = rows, keys, row_offsets
 
     @classmethod
-    def build(cls, ids: torch.Tensor, spec: LossProblem):
+    def build(cls, ids: torch.Tensor, problem: LossProblem):
         """Row i (id ids[pos_start + i]) against the P keys' ids: None when the cells are too many."""
         _, group_of, group_size = torch.unique(ids, return_inverse=True, return_counts=True)
-        row_group = group_of[spec.pos_start: spec.pos_start + spec.batch]
+        row_group = group_of[problem.pos_start: problem.pos_start + problem.batch]
         count = group_size[row_group]  # cells per local row, its own key included (dropped below)
         mates = count - 1
         total = int(mates.sum())
-        if total > min(cls.MAX_CELLS_PER_ROW_FRACTION * spec.num_positives * spec.batch, cls.MAX_CELLS):
+        if total > min(cls.MAX_CELLS_PER_ROW_FRACTION * problem.num_positives * problem.batch, cls.MAX_CELLS):
             return None
         # Keys sorted by group: row i's group is the run members[start[g]: start[g] + size[g]].
         members = torch.argsort(group_of, stable=True)
         start = torch.cumsum(group_size, 0) - group_size
-        rows = torch.repeat_interleave(torch.arange(spec.batch), count)
+        rows = torch.repeat_interleave(torch.arange(problem.batch), count)
         first = torch.cumsum(count, 0) - count
         rank = torch.arange(int(count.sum())) - torch.repeat_interleave(first, count)
         keys = members[torch.repeat_interleave(start[row_group], count) + rank]
-        kept = keys != rows + spec.pos_start  # the row's own pair stays
-        row_offsets = torch.zeros(spec.batch + 1, dtype=torch.int64)
+        kept = keys != rows + problem.pos_start  # the row's own pair stays
+        row_offsets = torch.zeros(problem.batch + 1, dtype=torch.int64)
         row_offsets[1:] = torch.cumsum(mates, 0)
         return cls(rows[kept], keys[kept], row_offsets)
 
@@ -125,51 +121,52 @@ class _GroupCells:
         return self.rows[lo:hi] - r0, self.keys[lo:hi]
 
 
-class _Problem:
-    """The normalized operands of a problem, and its score blocks, shared by every sweep.
+class _SweepOperands:
+    """The CPU backend's per-call state: a problem's normalized operands, and its score blocks,
+    shared by every sweep.
 
     Queries carry the temperature (S = (Q_hat / tau) K_hat^T): the scaled copies are the small
     operands. Query-side gradient buffers hold tau * dQ_hat (finish_grads divides once)."""
 
-    def __init__(self, anchor, candidates, anchor_keys, ids, spec: LossProblem):
-        self.spec = spec
+    def __init__(self, anchor, candidates, anchor_keys, ids, problem: LossProblem):
+        self.problem = problem
         self.ids = ids
-        self.dtype = _compute_dtype(anchor)
-        self.anchors = _Normalized(anchor, spec.normalize, self.dtype)
-        self.candidates = _Normalized(candidates, spec.normalize, self.dtype)
-        self.a_scaled = self.anchors.hat / spec.tau
-        directions = spec.directions
-        if DOC_TO_QUERY in directions or DOC_TO_DOC in directions:
-            self.p_scaled = self.candidates.hat[spec.pos_start: spec.pos_start + spec.batch] / spec.tau
+        self.dtype = accumulation_dtype(anchor)
+        self.anchors = _Normalized(anchor, problem.normalize, self.dtype)
+        self.candidates = _Normalized(candidates, problem.normalize, self.dtype)
+        self.a_scaled = self.anchors.hat / problem.tau
+        if problem.variant.queries_with_positives:
+            self.p_scaled = self.candidates.hat[problem.pos_start: problem.pos_start + problem.batch] / problem.tau
         self.keys = None
-        if spec.variant.needs_anchor_keys:
-            self.keys = _Normalized(anchor_keys, spec.normalize, self.dtype) if spec.separate_anchor_keys \
+        if problem.variant.needs_anchor_keys:
+            self.keys = _Normalized(anchor_keys, problem.normalize, self.dtype) if problem.separate_anchor_keys \
                 else self.anchors
-        self.widths = direction_widths(spec)
-        self.rows = _rows_per_chunk(spec.batch, sum(self.widths.values()))
-        self.group_cells = _GroupCells.build(ids, spec) if spec.id_mode == "group" else None
+        self.widths = direction_widths(problem)
+        self.rows = _rows_per_chunk(problem.batch, sum(self.widths.values()))
+        self.group_cells = _GroupCells.build(ids, problem) if problem.id_mode == "group" else None
         self._blocks: dict[str, torch.Tensor] = {}
         # Cosine logits are bounded by 1/tau + |w| + strength: below SAFE_EXP, exp(S) neither
         # overflows nor underflows in fp32 (N e^40 << 3e38, e^-40 >> 1e-38), so the row-max pass
         # and the shift are skipped. Otherwise (small tau, dot products) the exact row max is used.
-        bound = 1.0 / spec.tau + abs(spec.weight) + spec.hardness_strength
-        self.unshifted = spec.normalize and bound <= SAFE_EXP
+        bound = 1.0 / problem.tau + abs(problem.weight) + problem.hardness_strength
+        self.unshifted = problem.normalize and bound <= SAFE_EXP
 
     def chunks(self):
-        for r0 in range(0, self.spec.batch, self.rows):
-            yield r0, min(r0 + self.rows, self.spec.batch)
+        for r0 in range(0, self.problem.batch, self.rows):
+            yield r0, min(r0 + self.rows, self.problem.batch)
 
     def queries(self, direction: str) -> torch.Tensor:
-        return self.a_scaled if direction in _ANCHOR_QUERIES else self.p_scaled
+        return self.a_scaled if DIRECTION_ROLES[direction].queries == ANCHORS else self.p_scaled
 
     def key_hat(self, direction: str) -> torch.Tensor:
-        if direction == DOC_TO_DOC:  # not the extra negatives
-            return self.candidates.hat[: self.spec.num_documents]
-        return self.candidates.hat if direction == QUERY_TO_DOC else self.keys.hat
+        keys = DIRECTION_ROLES[direction].keys
+        if keys == DOCUMENTS:  # not the extra negatives
+            return self.candidates.hat[: self.problem.num_documents]
+        return self.candidates.hat if keys == CANDIDATES else self.keys.hat
 
     def same_id(self, r0, r1) -> torch.Tensor:
         """[R, P] bool: the positive block's (and anchor keys') rows with each chunk row's id."""
-        row_ids = self.ids[self.spec.pos_start + r0: self.spec.pos_start + r1]
+        row_ids = self.ids[self.problem.pos_start + r0: self.problem.pos_start + r1]
         return row_ids[:, None] == self.ids[None, :]
 
     def label_weights(self, r0, r1) -> torch.Tensor:
@@ -179,17 +176,17 @@ class _Problem:
 
     def target_logits(self, block, r0, r1) -> torch.Tensor:
         """Each row's target: its positive's logit, or the mean over its label's positives."""
-        if self.spec.id_mode == "label":
-            return (block[:, : self.spec.num_positives] * self.label_weights(r0, r1)).sum(1)
+        if self.problem.id_mode == "label":
+            return (block[:, : self.problem.num_positives] * self.label_weights(r0, r1)).sum(1)
         return block[torch.arange(r1 - r0), self.targets(r0, r1)]
 
     def targets(self, r0, r1):
-        return torch.arange(r0, r1) + self.spec.pos_start
+        return torch.arange(r0, r1) + self.problem.pos_start
 
     def own_negatives(self, r0, r1):
         """(rows, columns) of the chunk's own hard negatives in the candidates."""
-        k = self.spec.num_neg
-        return torch.arange(r1 - r0).repeat_interleave(k), self.spec.neg_start + torch.arange(r0 * k, r1 * k)
+        k = self.problem.num_neg
+        return torch.arange(r1 - r0).repeat_interleave(k), self.problem.neg_start + torch.arange(r0 * k, r1 * k)
 
     def scores(self, direction: str, r0: int, r1: int) -> torch.Tensor:
         """The direction's logits of rows [r0, r1), into its one (r1 - r0) x n block buffer.
@@ -201,17 +198,18 @@ class _Problem:
         block = torch.mm(self.queries(direction)[r0:r1], self.key_hat(direction).T,
                          out=self._blocks[direction][: r1 - r0])
         rows = torch.arange(r1 - r0)
-        if direction == QUERY_TO_DOC:
+        role = DIRECTION_ROLES[direction]
+        if role.holds_target:
             self._penalize(block, r0, r1)
-            if self.spec.weight:
-                block[self.own_negatives(r0, r1)] += self.spec.weight
-        elif direction == QUERY_TO_QUERY:
-            block[rows, self.spec.anchor_start + torch.arange(r0, r1)] = -math.inf
-        elif direction == DOC_TO_DOC:
+            if self.problem.weight:
+                block[self.own_negatives(r0, r1)] += self.problem.weight
+        elif role.mask == MASK_SELF:
+            block[rows, self.problem.anchor_start + torch.arange(r0, r1)] = -math.inf
+        elif role.mask == MASK_OWN_DOCUMENTS:
             block[rows, self.targets(r0, r1)] = -math.inf
-            if self.spec.num_neg:
+            if self.problem.num_neg:
                 block[self.own_negatives(r0, r1)] = -math.inf
-        if self.spec.id_mode == "group":
+        if self.problem.id_mode == "group":
             self._mask_group(block, r0, r1)
         return block
 
@@ -222,22 +220,22 @@ class _Problem:
             return
         same = self.same_id(r0, r1)
         same[torch.arange(r1 - r0), self.targets(r0, r1)] = False  # the row's own pair stays
-        block[:, : self.spec.num_positives].masked_fill_(same, -math.inf)
+        block[:, : self.problem.num_positives].masked_fill_(same, -math.inf)
 
     def _penalize(self, block, r0, r1):
         """Hardness: + strength * sim on the chosen negatives, i.e. S * (1 + strength tau) there."""
-        mode = self.spec.hardness_mode
+        mode = self.problem.hardness_mode
         if mode is None:
             return
-        factor = 1.0 + self.spec.hardness_strength * self.spec.tau
+        factor = 1.0 + self.problem.hardness_strength * self.problem.tau
         if mode == "hard_negatives":
             block[self.own_negatives(r0, r1)] *= factor
             return
         # in_batch_negatives spares the row's own documents, all_negatives its positive(s) only.
-        spared = [self.own_negatives(r0, r1)] if mode == "in_batch_negatives" and self.spec.num_neg else []
-        if self.spec.id_mode == "label":
+        spared = [self.own_negatives(r0, r1)] if mode == "in_batch_negatives" and self.problem.num_neg else []
+        if self.problem.id_mode == "label":
             same_label = self.same_id(r0, r1)
-            positives = block[:, : self.spec.num_positives]
+            positives = block[:, : self.problem.num_positives]
             kept_positives = positives[same_label]
         else:
             spared.append((torch.arange(r1 - r0), self.targets(r0, r1)))
@@ -245,23 +243,24 @@ class _Problem:
         block.mul_(factor)
         for cells, values in zip(spared, kept):
             block[cells] = values
-        if self.spec.id_mode == "label":
+        if self.problem.id_mode == "label":
             positives[same_label] = kept_positives
 
     def finish_grads(self, grads: _Grads):
         """(dA, dC, dK or None, dtau) through the normalization, from the sweeps' buffers."""
-        spec = self.spec
+        problem = self.problem
         # Every logit depends on tau as q_hat . k_hat / tau (the penalty has no gradient), so
         # dL/dtau = -(1/tau) sum_i q_hat_i . dq_hat_i over the query side alone.
-        grad_tau = -(torch.dot(self.a_scaled.reshape(-1), grads.anchor_queries.reshape(-1))) / spec.tau
-        grad_a_hat = grads.anchor_queries.div_(spec.tau)
+        grad_tau = -(torch.dot(self.a_scaled.reshape(-1), grads.anchor_queries.reshape(-1))) / problem.tau
+        grad_a_hat = grads.anchor_queries.div_(problem.tau)
         grad_c_hat = grads.candidate_keys
         if grads.doc_queries is not None:
-            grad_tau = grad_tau - torch.dot(self.p_scaled.reshape(-1), grads.doc_queries.reshape(-1)) / spec.tau
-            grad_c_hat[spec.pos_start: spec.pos_start + spec.batch].add_(grads.doc_queries, alpha=1.0 / spec.tau)
+            grad_tau = grad_tau - torch.dot(self.p_scaled.reshape(-1), grads.doc_queries.reshape(-1)) / problem.tau
+            positives = slice(problem.pos_start, problem.pos_start + problem.batch)
+            grad_c_hat[positives].add_(grads.doc_queries, alpha=1.0 / problem.tau)
         grad_k = None
         if grads.anchor_keys is not None:
-            if spec.separate_anchor_keys:
+            if problem.separate_anchor_keys:
                 grad_k = self.keys.backward(grads.anchor_keys)
             else:
                 grad_a_hat.add_(grads.anchor_keys)
@@ -271,56 +270,56 @@ class _Problem:
 class _Grads:
     """Gradient buffers of the hat operands, by role: tau * dQ_hat for the queries, dK_hat for the keys."""
 
-    def __init__(self, prob: _Problem):
-        spec, dtype = prob.spec, prob.dtype
-        directions = spec.directions
-        self.anchor_queries = torch.zeros(spec.batch, spec.dim, dtype=dtype)
-        self.doc_queries = torch.zeros(spec.batch, spec.dim, dtype=dtype) \
-            if DOC_TO_QUERY in directions or DOC_TO_DOC in directions else None
-        self.candidate_keys = torch.zeros(spec.num_candidates, spec.dim, dtype=dtype)
-        self.anchor_keys = torch.zeros(spec.num_anchor_keys, spec.dim, dtype=dtype) \
-            if spec.variant.needs_anchor_keys else None
-        self.num_documents = spec.num_documents
+    def __init__(self, operands: _SweepOperands):
+        problem, dtype = operands.problem, operands.dtype
+        self.anchor_queries = torch.zeros(problem.batch, problem.dim, dtype=dtype)
+        self.doc_queries = torch.zeros(problem.batch, problem.dim, dtype=dtype) \
+            if problem.variant.queries_with_positives else None
+        self.candidate_keys = torch.zeros(problem.num_candidates, problem.dim, dtype=dtype)
+        self.anchor_keys = torch.zeros(problem.num_anchor_keys, problem.dim, dtype=dtype) \
+            if problem.variant.needs_anchor_keys else None
+        self.num_documents = problem.num_documents
 
     def query_buffer(self, direction):
-        return self.anchor_queries if direction in _ANCHOR_QUERIES else self.doc_queries
+        return self.anchor_queries if DIRECTION_ROLES[direction].queries == ANCHORS else self.doc_queries
 
     def key_buffer(self, direction):
-        if direction == DOC_TO_DOC:
+        keys = DIRECTION_ROLES[direction].keys
+        if keys == DOCUMENTS:
             return self.candidate_keys[: self.num_documents]
-        return self.candidate_keys if direction == QUERY_TO_DOC else self.anchor_keys
+        return self.candidate_keys if keys == CANDIDATES else self.anchor_keys
 
 
-def _accumulate(prob: _Problem, grads: _Grads, direction: str, weights: torch.Tensor, row_scale, r0, r1):
+def _accumulate(operands: _SweepOperands, grads: _Grads, direction: str, weights: torch.Tensor, row_scale, r0, r1):
     """Adds a block's contribution: dS = weights * row_scale (rows), i.e. tau dQ += dS K_hat and
     dK += dS^T Q_scaled, with row_scale on the R x d operands (folding trick)."""
-    keys = prob.key_hat(direction)
-    queries = prob.queries(direction)[r0:r1]
+    keys = operands.key_hat(direction)
+    queries = operands.queries(direction)[r0:r1]
     grads.query_buffer(direction)[r0:r1].addcmul_(torch.mm(weights, keys), row_scale[:, None])
     grads.key_buffer(direction).addmm_(weights.T, queries * row_scale[:, None])
 
 
-def _subtract_targets(prob: _Problem, grads: _Grads, row_scale, r0, r1):
+def _subtract_targets(operands: _SweepOperands, grads: _Grads, row_scale, r0, r1):
     """The one-hot of -target: dS[i, pos_start + i] -= row_scale_i, on query_to_doc only (with
     labels, -row_scale_i / |P_i| on each of row i's positives: two R x P x d products)."""
-    if prob.spec.id_mode == "label":
-        weights = prob.label_weights(r0, r1).mul_(row_scale[:, None])
-        positives = prob.candidates.hat[: prob.spec.num_positives]
+    if operands.problem.id_mode == "label":
+        weights = operands.label_weights(r0, r1).mul_(row_scale[:, None])
+        positives = operands.candidates.hat[: operands.problem.num_positives]
         grads.anchor_queries[r0:r1].addmm_(weights, positives, alpha=-1.0)
-        grads.candidate_keys[: prob.spec.num_positives].addmm_(weights.T, prob.a_scaled[r0:r1], alpha=-1.0)
+        grads.candidate_keys[: operands.problem.num_positives].addmm_(weights.T, operands.a_scaled[r0:r1], alpha=-1.0)
         return
-    targets = prob.targets(r0, r1)
-    grads.anchor_queries[r0:r1].addcmul_(prob.candidates.hat[targets], row_scale[:, None], value=-1.0)
-    grads.candidate_keys.index_add_(0, targets, prob.a_scaled[r0:r1] * row_scale[:, None], alpha=-1.0)
+    targets = operands.targets(r0, r1)
+    grads.anchor_queries[r0:r1].addcmul_(operands.candidates.hat[targets], row_scale[:, None], value=-1.0)
+    grads.candidate_keys.index_add_(0, targets, operands.a_scaled[r0:r1] * row_scale[:, None], alpha=-1.0)
 
 
-def _exp_in_place(prob: _Problem, blocks: dict, joint: bool):
+def _exp_in_place(operands: _SweepOperands, blocks: dict, joint: bool):
     """E = exp(S - m) for each block, in place; returns {direction: (lse, rowsum E)}.
 
     m is 0 when unshifted, else the row max: one shared by all blocks when joint."""
     stats = {}
     if joint:
-        shift = None if prob.unshifted else torch.stack([b.amax(1) for b in blocks.values()]).amax(0)
+        shift = None if operands.unshifted else torch.stack([b.amax(1) for b in blocks.values()]).amax(0)
         total = 0.0
         for block in blocks.values():
             if shift is not None:
@@ -329,7 +328,7 @@ def _exp_in_place(prob: _Problem, blocks: dict, joint: bool):
         lse = torch.log(total) if shift is None else shift + torch.log(total)
         return {d: (lse, total) for d in blocks}
     for direction, block in blocks.items():
-        shift = None if prob.unshifted else block.amax(1, keepdim=True)
+        shift = None if operands.unshifted else block.amax(1, keepdim=True)
         if shift is not None:
             block.sub_(shift)
         total = block.exp_().sum(1)
@@ -337,69 +336,69 @@ def _exp_in_place(prob: _Problem, blocks: dict, joint: bool):
     return stats
 
 
-def _row_loss(prob, lse_by_direction, target):
+def _row_loss(operands, lse_by_direction, target):
     """The rows' losses from their (joint or per direction) LSEs and target logits."""
-    if prob.spec.joint:
+    if operands.problem.joint:
         return next(iter(lse_by_direction.values())) - target
     return torch.stack(list(lse_by_direction.values())).mean(0) - target
 
 
-def _partition_rows(prob: _Problem, stats: dict) -> torch.Tensor:
+def _partition_rows(operands: _SweepOperands, stats: dict) -> torch.Tensor:
     """[P, R] LSEs as saved for backward: one row for joint, one per direction otherwise."""
     lses = [lse for lse, _ in stats.values()]
-    return lses[0][None] if prob.spec.joint else torch.stack(lses)
+    return lses[0][None] if operands.problem.joint else torch.stack(lses)
 
 
-def _fused_row_sweep(prob: _Problem):
+def _fused_row_sweep(operands: _SweepOperands):
     """Forward that also produces the gradients of sum(row_loss): one sweep, 3 products per block."""
-    spec = prob.spec
-    partitions = 1.0 if spec.joint else float(len(spec.directions))
-    row_loss = torch.empty(spec.batch, dtype=prob.dtype)
-    lse = torch.empty(spec.variant.num_partitions, spec.batch, dtype=prob.dtype)
-    grads = _Grads(prob)
-    for r0, r1 in prob.chunks():
-        blocks = {d: prob.scores(d, r0, r1) for d in spec.directions}
-        target = prob.target_logits(blocks[QUERY_TO_DOC], r0, r1)
-        stats = _exp_in_place(prob, blocks, spec.joint)
-        lse[:, r0:r1] = _partition_rows(prob, stats)
-        row_loss[r0:r1] = _row_loss(prob, {d: s[0] for d, s in stats.items()}, target)
+    problem = operands.problem
+    partitions = 1.0 if problem.joint else float(len(problem.directions))
+    row_loss = torch.empty(problem.batch, dtype=operands.dtype)
+    lse = torch.empty(problem.variant.num_partitions, problem.batch, dtype=operands.dtype)
+    grads = _Grads(operands)
+    for r0, r1 in operands.chunks():
+        blocks = {d: operands.scores(d, r0, r1) for d in problem.directions}
+        target = operands.target_logits(blocks[QUERY_TO_DOC], r0, r1)
+        stats = _exp_in_place(operands, blocks, problem.joint)
+        lse[:, r0:r1] = _partition_rows(operands, stats)
+        row_loss[r0:r1] = _row_loss(operands, {d: s[0] for d, s in stats.items()}, target)
         for direction, block in blocks.items():
-            _accumulate(prob, grads, direction, block, 1.0 / (partitions * stats[direction][1]), r0, r1)
-        _subtract_targets(prob, grads, torch.ones(r1 - r0, dtype=prob.dtype), r0, r1)
-    return row_loss, lse, prob.finish_grads(grads)
+            _accumulate(operands, grads, direction, block, 1.0 / (partitions * stats[direction][1]), r0, r1)
+        _subtract_targets(operands, grads, torch.ones(r1 - r0, dtype=operands.dtype), r0, r1)
+    return row_loss, lse, operands.finish_grads(grads)
 
 
-def _stats_row_sweep(prob: _Problem):
+def _stats_row_sweep(operands: _SweepOperands):
     """Row losses and [P, B] LSEs, no gradients: 1 product per block."""
-    spec = prob.spec
-    row_loss = torch.empty(spec.batch, dtype=prob.dtype)
-    lse = torch.empty(spec.variant.num_partitions, spec.batch, dtype=prob.dtype)
-    for r0, r1 in prob.chunks():
-        blocks = {d: prob.scores(d, r0, r1) for d in spec.directions}
-        target = prob.target_logits(blocks[QUERY_TO_DOC], r0, r1)
-        if spec.joint:
+    problem = operands.problem
+    row_loss = torch.empty(problem.batch, dtype=operands.dtype)
+    lse = torch.empty(problem.variant.num_partitions, problem.batch, dtype=operands.dtype)
+    for r0, r1 in operands.chunks():
+        blocks = {d: operands.scores(d, r0, r1) for d in problem.directions}
+        target = operands.target_logits(blocks[QUERY_TO_DOC], r0, r1)
+        if problem.joint:
             joint = torch.logsumexp(torch.stack([torch.logsumexp(b, dim=1) for b in blocks.values()]), dim=0)
             by_direction = {d: joint for d in blocks}
         else:
             by_direction = {d: torch.logsumexp(b, dim=1) for d, b in blocks.items()}
-        lse[:, r0:r1] = _partition_rows(prob, {d: (v, None) for d, v in by_direction.items()})
-        row_loss[r0:r1] = _row_loss(prob, by_direction, target)
+        lse[:, r0:r1] = _partition_rows(operands, {d: (v, None) for d, v in by_direction.items()})
+        row_loss[r0:r1] = _row_loss(operands, by_direction, target)
     return row_loss, lse
 
 
-def _grad_row_sweep(prob: _Problem, grad_rows, lse):
+def _grad_row_sweep(operands: _SweepOperands, grad_rows, lse):
     """Gradients for per-row upstream gradients, recomputing each block from the saved LSEs: 3 per block."""
-    spec = prob.spec
-    g = grad_rows.to(prob.dtype)
-    g_direction = g if spec.joint else g / len(spec.directions)
-    grads = _Grads(prob)
-    for r0, r1 in prob.chunks():
-        for p, direction in enumerate(spec.directions):
-            block = prob.scores(direction, r0, r1)
-            block.sub_(lse[0 if spec.joint else p, r0:r1, None]).exp_()  # P = exp(S - LSE)
-            _accumulate(prob, grads, direction, block, g_direction[r0:r1], r0, r1)
-        _subtract_targets(prob, grads, g[r0:r1], r0, r1)
-    return prob.finish_grads(grads)
+    problem = operands.problem
+    g = grad_rows.to(operands.dtype)
+    g_direction = g if problem.joint else g / len(problem.directions)
+    grads = _Grads(operands)
+    for r0, r1 in operands.chunks():
+        for p, direction in enumerate(problem.directions):
+            block = operands.scores(direction, r0, r1)
+            block.sub_(lse[0 if problem.joint else p, r0:r1, None]).exp_()  # P = exp(S - LSE)
+            _accumulate(operands, grads, direction, block, g_direction[r0:r1], r0, r1)
+        _subtract_targets(operands, grads, g[r0:r1], r0, r1)
+    return operands.finish_grads(grads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,10 +406,10 @@ def _grad_row_sweep(prob: _Problem, grad_rows, lse):
 # --------------------------------------------------------------------------------------------
 
 
-def _uses_column_sweep(spec: LossProblem) -> bool:
+def _uses_column_sweep(problem: LossProblem) -> bool:
     # The reverse direction reads query_to_doc's positive block: it must hold no bias or penalty.
-    return (spec.symmetric and not spec.separate_anchor_keys and spec.hardness_mode is None
-            and (spec.weight == 0.0 or spec.neg_start >= spec.batch))
+    return (problem.symmetric and not problem.separate_anchor_keys and problem.hardness_mode is None
+            and (problem.weight == 0.0 or problem.neg_start >= problem.batch))
 
 
 def _column_stats_update(col_max, col_sum, block):
@@ -421,47 +420,47 @@ def _column_stats_update(col_max, col_sum, block):
     col_max.copy_(new_max)
 
 
-def _stats_column_sweep(prob: _Problem):
+def _stats_column_sweep(operands: _SweepOperands):
     """Row LSE and target logits, and the reverse direction's column LSE: [2, B] LSEs."""
-    spec = prob.spec
-    lse = torch.empty(2, spec.batch, dtype=prob.dtype)
-    target = torch.empty(spec.batch, dtype=prob.dtype)
-    col_max = torch.full((spec.batch,), -math.inf, dtype=prob.dtype)
-    col_sum = torch.zeros(spec.batch, dtype=prob.dtype)
-    for r0, r1 in prob.chunks():
-        block = prob.scores(QUERY_TO_DOC, r0, r1)
-        target[r0:r1] = prob.target_logits(block, r0, r1)
-        _column_stats_update(col_max, col_sum, block[:, spec.pos_start: spec.pos_start + spec.batch])
+    problem = operands.problem
+    lse = torch.empty(2, problem.batch, dtype=operands.dtype)
+    target = torch.empty(problem.batch, dtype=operands.dtype)
+    col_max = torch.full((problem.batch,), -math.inf, dtype=operands.dtype)
+    col_sum = torch.zeros(problem.batch, dtype=operands.dtype)
+    for r0, r1 in operands.chunks():
+        block = operands.scores(QUERY_TO_DOC, r0, r1)
+        target[r0:r1] = operands.target_logits(block, r0, r1)
+        _column_stats_update(col_max, col_sum, block[:, problem.pos_start: problem.pos_start + problem.batch])
         lse[0, r0:r1] = torch.logsumexp(block, dim=1)
     lse[1] = col_max + torch.log(col_sum)
     # The reverse target logit p_i . a_i / tau is the forward one (no bias on positives).
     return (lse[0] + lse[1]) / 2 - target, lse
 
 
-def _grad_column_sweep(prob: _Problem, grad_rows, lse):
+def _grad_column_sweep(operands: _SweepOperands, grad_rows, lse):
     """Both directions' gradients from one recompute of the forward blocks: 3 products."""
-    spec = prob.spec
-    g = grad_rows.to(prob.dtype)
+    problem = operands.problem
+    g = grad_rows.to(operands.dtype)
     half = g / 2
-    grads = _Grads(prob)
+    grads = _Grads(operands)
     # One product serves each operand in both roles (below): no separate doc-query or key buffers.
     grads.doc_queries = grads.anchor_keys = None
-    positives = slice(spec.pos_start, spec.pos_start + spec.batch)
-    for r0, r1 in prob.chunks():
+    positives = slice(problem.pos_start, problem.pos_start + problem.batch)
+    for r0, r1 in operands.chunks():
         rows = torch.arange(r1 - r0)
-        block = prob.scores(QUERY_TO_DOC, r0, r1)
+        block = operands.scores(QUERY_TO_DOC, r0, r1)
         # Reverse direction: column j of the positive block is query p_j over all anchors.
         reverse = (block[:, positives] - lse[1]).exp_().mul_(half)
         block.sub_(lse[0, r0:r1, None]).exp_().mul_(half[r0:r1, None])
         block[:, positives].add_(reverse)
-        if spec.id_mode == "label":  # the target's weights, on the positive block
-            block[:, positives].sub_(prob.label_weights(r0, r1).mul_(g[r0:r1, None]))
+        if problem.id_mode == "label":  # the target's weights, on the positive block
+            block[:, positives].sub_(operands.label_weights(r0, r1).mul_(g[r0:r1, None]))
         else:
-            block[rows, prob.targets(r0, r1)] -= g[r0:r1]  # both directions' one-hot sit on the diagonal
+            block[rows, operands.targets(r0, r1)] -= g[r0:r1]  # both directions' one-hot sit on the diagonal
         # The anchor's gradient as query (forward) and as key (reverse) come from one product.
-        grads.anchor_queries[r0:r1].add_(torch.mm(block, prob.candidates.hat))
-        grads.candidate_keys.addmm_(block.T, prob.a_scaled[r0:r1])
-    return prob.finish_grads(grads)
+        grads.anchor_queries[r0:r1].add_(torch.mm(block, operands.candidates.hat))
+        grads.candidate_keys.addmm_(block.T, operands.a_scaled[r0:r1])
+    return operands.finish_grads(grads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,17 +468,18 @@ def _grad_column_sweep(prob: _Problem, grad_rows, lse):
 # --------------------------------------------------------------------------------------------
 
 
-def matrix_products(spec: LossProblem, *, grad_in_forward: bool = True) -> list[tuple[str, int]]:
+def matrix_products(problem: LossProblem, *, grad_in_forward: bool = True) -> list[tuple[str, int]]:
     """The B x n x d matrix products forward + backward costs, as (kind, n) with kind one of
     "scores" (Q K^T), "dq" (dS K) and "dk" (dS^T Q): the count the benchmarks' floor runs.
 
     ``grad_in_forward``: a scalar upstream gradient (reduction mean/sum), gradients in the
     forward sweep; otherwise a statistics sweep, then a gradient sweep in the backward."""
-    if _uses_column_sweep(spec):
-        return [("scores", spec.num_candidates)] * 2 + [("dq", spec.num_candidates), ("dk", spec.num_candidates)]
-    widths = list(direction_widths(spec).values())
+    if _uses_column_sweep(problem):
+        width = problem.num_candidates
+        return [("scores", width)] * 2 + [("dq", width), ("dk", width)]
+    widths = list(direction_widths(problem).values())
     recompute = [] if grad_in_forward else [("scores", n) for n in widths]
-    labels = [("dq", spec.num_positives), ("dk", spec.num_positives)] if spec.id_mode == "label" else []
+    labels = [("dq", problem.num_positives), ("dk", problem.num_positives)] if problem.id_mode == "label" else []
     return recompute + [(kind, n) for n in widths for kind in ("scores", "dq", "dk")] + labels
 
 
@@ -488,22 +488,24 @@ def matrix_products(spec: LossProblem, *, grad_in_forward: bool = True) -> list[
 # --------------------------------------------------------------------------------------------
 
 
-def forward(anchor, candidates, anchor_keys, spec: LossProblem, *, compute_grad, ids=None):
-    prob = _Problem(anchor, candidates, anchor_keys, ids, spec)
-    if _uses_column_sweep(spec):
-        row_loss, lse = _stats_column_sweep(prob)
+def forward(anchor, candidates, anchor_keys, problem: LossProblem, *, compute_grad, ids=None):
+    operands = _SweepOperands(anchor, candidates, anchor_keys, ids, problem)
+    if _uses_column_sweep(problem):
+        row_loss, lse = _stats_column_sweep(operands)
         # The column LSEs are final only at the end: gradients take a second sweep.
-        grads = _grad_column_sweep(prob, torch.ones(spec.batch, dtype=prob.dtype), lse) if compute_grad else None
+        grads = None
+        if compute_grad:
+            grads = _grad_column_sweep(operands, torch.ones(problem.batch, dtype=operands.dtype), lse)
         return row_loss, lse, grads
     if compute_grad:
-        return _fused_row_sweep(prob)
-    row_loss, lse = _stats_row_sweep(prob)
+        return _fused_row_sweep(operands)
+    row_loss, lse = _stats_row_sweep(operands)
     return row_loss, lse, None
 
 
-def backward(grad_rows, anchor, candidates, anchor_keys, spec: LossProblem, lse, *, ids=None):
-    prob = _Problem(anchor, candidates, anchor_keys, ids, spec)
-    lse = lse.to(prob.dtype)
-    if _uses_column_sweep(spec):
-        return _grad_column_sweep(prob, grad_rows, lse)
-    return _grad_row_sweep(prob, grad_rows, lse)
+def backward(grad_rows, anchor, candidates, anchor_keys, problem: LossProblem, lse, *, ids=None):
+    operands = _SweepOperands(anchor, candidates, anchor_keys, ids, problem)
+    lse = lse.to(operands.dtype)
+    if _uses_column_sweep(problem):
+        return _grad_column_sweep(operands, grad_rows, lse)
+    return _grad_row_sweep(operands, grad_rows, lse)

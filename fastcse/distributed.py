@@ -42,9 +42,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fastcse.loss import _needs_grad
-from fastcse.ops import info_nce_op
-from fastcse.problem import encode_variant
+from fastcse.checks import NORMALIZE_EPS, accumulation_dtype
+from fastcse.ops import info_nce_call, needs_grad
+from fastcse.problem import LossProblem, describe, encode_variant
 
 _BUILD_HINT = ("run `pip install --no-build-isolation -e .` in the fastcse checkout (needs a C++ compiler; "
                "CUDA_HOME for the CUDA pack kernel), or point FASTCSE_EXTENSION at a library built with "
@@ -65,8 +65,10 @@ class GatherGroup:
     bf16_transport: bool = False
 
 
-def _load_extension() -> None:
-    """Loads the ops of ``fastcse._C`` (or of FASTCSE_EXTENSION) and registers their autograd once."""
+def load_extension() -> None:
+    """Loads the ops of ``fastcse._C`` (or of FASTCSE_EXTENSION) and registers their autograd once.
+
+    Raises a RuntimeError saying how to build the extension when it cannot be loaded."""
     global _extension_loaded
     if _extension_loaded:
         return
@@ -84,6 +86,10 @@ def _load_extension() -> None:
     torch.library.register_autograd("fastcse::gather_rows", _gather_rows_backward,
                                     setup_context=_gather_rows_setup_context)
     _extension_loaded = True
+
+
+# The old private name, kept until the trainer imports load_extension.
+_load_extension = load_extension
 
 
 def _gather_rows_setup_context(ctx, inputs, output):
@@ -129,7 +135,7 @@ def gather_rows(parts: list[torch.Tensor], process_group, *, normalize: bool = T
     into its owner (and applies the normalization backward there). Ranks that disagree on the
     dim, dtype, device, number of blocks, flags or ``options`` all raise the same RuntimeError.
     """
-    _load_extension()
+    load_extension()
     return torch.ops.fastcse.gather_rows(list(parts), process_group.boxed(), bool(normalize), bool(bf16_transport),
                                          options)
 
@@ -144,7 +150,7 @@ def announce_input_error(process_group, tensors, error: Exception) -> None:
     other ranks fail the same way before any collective."""
     try:
         group, _ = resolve_group(process_group)
-        _load_extension()
+        load_extension()
     except (RuntimeError, TypeError):
         return
     # The header holds 255 bytes of text; cut on a character boundary.
@@ -163,20 +169,19 @@ def _header_device(tensors, group) -> torch.device:
 
 
 def _normalized(x: torch.Tensor) -> torch.Tensor:
-    # As the pack kernel does for the sent rows: normalize in fp32 (fp64 for fp64), keep the dtype.
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return F.normalize(x.to(compute), dim=1, eps=1e-12).to(x.dtype)
+    # As the pack kernel does for the sent rows: normalize in the accumulation dtype, keep the dtype.
+    return F.normalize(x.to(accumulation_dtype(x)), dim=1, eps=NORMALIZE_EPS).to(x.dtype)
 
 
-def distributed_info_nce(anchor, positive, negative, *, num_neg, temperature, normalize, variant,
-                         hard_negative_weight, reduction, backend, process_group, ids=None, id_mode=None,
-                         extra_negatives=None):
-    """``info_nce`` over the concatenated batch of all ranks (inputs already checked by ``loss.py``,
-    ``temperature`` already a 0-dim tensor, ``variant`` canonical). ``ids`` (group ids or labels)
-    are gathered and compared globally; ``extra_negatives`` are this rank's own, not gathered."""
+def distributed_info_nce(anchor, positive, negative, checked, *, temperature, normalize, hard_negative_weight,
+                         reduction, process_group):
+    """``info_nce`` over the concatenated batch of all ranks (``checked``: ``fastcse.loss``'s
+    ``CheckedInputs``; ``temperature`` already a 0-dim tensor). The ids (group ids or labels) are
+    gathered and compared globally; the extra negatives are this rank's own, not gathered."""
     group, bf16_transport = resolve_group(process_group)
     batch, dim = anchor.shape
-    needs_grad = _needs_grad(anchor, positive, negative, temperature, extra_negatives)
+    num_neg, variant, extra_negatives = checked.num_neg, checked.variant, checked.extra_negatives
+    grad_needed = needs_grad(anchor, positive, negative, temperature, extra_negatives)
 
     parts = [positive]
     if num_neg:
@@ -185,21 +190,16 @@ def distributed_info_nce(anchor, positive, negative, *, num_neg, temperature, no
         parts.append(anchor)
     # Checked across ranks by the gather's header exchange: a mismatch raises on every rank.
     options = (f"k={num_neg} variant={encode_variant(variant)} weight={float(hard_negative_weight)!r} "
-               f"tau={float(temperature.detach())!r} reduction={reduction} ids={id_mode or ''}")
+               f"tau={float(temperature.detach())!r} reduction={reduction} ids={checked.id_mode or ''}")
     gathered, counts = gather_rows(parts, group, normalize=normalize, bf16_transport=bf16_transport, options=options)
     sizes = counts[:, 0].tolist()
     rank = group.rank()
     start, total = sum(sizes[:rank]), sum(sizes)
     # Every rank takes part, the one without rows too (the ids are a collective of their own).
-    all_ids = gather_variable(ids, sizes, group) if id_mode else _NO_IDS.to(anchor.device)
+    all_ids = gather_variable(checked.ids, sizes, group) if checked.id_mode else None
     candidates = gathered[: total * (1 + num_neg)]
-    num_extra = 0
     if extra_negatives is not None:
-        extra = _normalized(extra_negatives) if normalize else extra_negatives
-        candidates, num_extra = torch.cat([candidates, extra]), extra.shape[0]
-
-    op_reduction = "none" if reduction == "none" else "sum"
-    grad_in_forward = op_reduction == "sum" and needs_grad
+        candidates = torch.cat([candidates, _normalized(extra_negatives) if normalize else extra_negatives])
     if batch == 0:
         zero = _zero_loss_on(gathered, anchor, temperature)
         if extra_negatives is not None:
@@ -209,18 +209,29 @@ def distributed_info_nce(anchor, positive, negative, *, num_neg, temperature, no
         anchor_keys = gathered[total * (1 + num_neg):]
         queries = anchor_keys[start:start + batch]  # this rank's anchors as they were sent
     else:
-        anchor_keys = anchor.new_empty((0, dim))
+        anchor_keys = None
         queries = _normalized(anchor) if normalize else anchor.contiguous()
-    # The rows are normalized already (pack kernel / _normalized): the op runs with normalize=False.
-    local, *_ = info_nce_op(queries, candidates, anchor_keys, all_ids, temperature, start, total + start * num_neg,
-                            num_neg, start, num_extra, False, float(hard_negative_weight), encode_variant(variant),
-                            id_mode or "", op_reduction, grad_in_forward, backend)
+    problem = _rank_problem(queries, candidates, anchor_keys, all_ids, checked, start=start, total=total,
+                            hard_negative_weight=hard_negative_weight)
+    op_reduction = "none" if reduction == "none" else "sum"
+    local = info_nce_call(problem, queries, candidates, temperature, anchor_keys=anchor_keys, ids=all_ids,
+                          reduction=op_reduction, grad_in_forward=op_reduction == "sum" and grad_needed,
+                          backend=checked.backend)
     if reduction == "none":
         return local
     return _global(local, reduction, total, group)
 
 
-_NO_IDS = torch.empty(0, dtype=torch.int64)
+def _rank_problem(queries, candidates, anchor_keys, all_ids, checked, *, start, total,
+                  hard_negative_weight) -> LossProblem:
+    """This rank's rows against the gathered candidates: its anchor i has its positive at
+    start + i, its hard negatives after all ranks' positives, its anchor key at start + i. The
+    rows are normalized already (pack kernel / _normalized): the op runs with normalize=False."""
+    extra = checked.extra_negatives
+    return describe(queries, candidates, None, pos_start=start, neg_start=total + start * checked.num_neg,
+                    num_neg=checked.num_neg, normalize=False, hard_negative_weight=hard_negative_weight,
+                    variant=checked.variant, anchor_keys=anchor_keys, anchor_start=start, ids=all_ids,
+                    id_mode=checked.id_mode, num_extra=0 if extra is None else extra.shape[0])
 
 
 def gather_variable(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:

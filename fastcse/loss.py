@@ -1,17 +1,23 @@
-"""``fastcse.info_nce``: the public loss, its input checks and backend dispatch."""
+"""``fastcse.info_nce``: the public loss (the functional layer over ``fastcse.ops``), its input
+checks and backend choice, and ``InfoNCE``, its module form.
+
+``info_nce`` checks the user's arguments, lays the candidates out ([positives; hard negatives;
+extra negatives]), describes the call as a ``fastcse.problem.LossProblem`` and hands both to
+``fastcse.ops.info_nce_call``; under a process group ``fastcse.distributed`` does the same over
+the gathered ranks."""
 
 from __future__ import annotations
 
-import math
+import os
 from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
 
-from fastcse.ops import info_nce_op
-from fastcse.problem import Variant, encode_variant, resolve_variant
-
-NO_IDS = torch.empty(0, dtype=torch.int64)  # the op's ids argument when there are none
+from fastcse import checks
+from fastcse.checks import DEFAULT_TEMPERATURE
+from fastcse.ops import info_nce_call, needs_grad
+from fastcse.problem import LossProblem, Variant, describe, resolve_variant
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
@@ -41,8 +47,7 @@ _TAU_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
 
 
 def _check_temperature_value(value: float) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"temperature must be a finite positive number, got {value}")
+    checks.positive_float("temperature", value)
     low, high = _TAU_RANGE
     if not low <= value <= high:
         raise ValueError(f"temperature must lie in float32's normal range [{low:.3g}, {high:.3g}] (so that "
@@ -139,13 +144,8 @@ def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, 
         if t.dtype != anchor.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but anchor has {anchor.dtype}: all inputs must share a dtype")
     _check_temperature(temperature)
-    if not isinstance(hard_negative_weight, (int, float)) or isinstance(hard_negative_weight, bool) \
-            or not math.isfinite(hard_negative_weight):
-        raise ValueError(f"hard_negative_weight must be a finite float, got {hard_negative_weight!r}")
-    if hard_negative_weight != 0.0 and negative is None:
-        raise ValueError("hard_negative_weight is non-zero but negative is None: the weight applies to hard negatives")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    checks.hard_negative_weight(hard_negative_weight, has_negatives=negative is not None)
+    checks.choice("reduction", reduction, _REDUCTIONS)
     variant = resolve_variant(**(variant_options or {}), num_neg=num_neg)
     if group_ids is not None and labels is not None:
         raise ValueError("give group_ids (rows that are not each other's negatives) or labels (rows that are each "
@@ -156,8 +156,12 @@ def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, 
     elif labels is not None:
         ids, id_mode = _check_row_ids("labels", labels, anchor), "label"
     extra_negatives = _check_extra_negatives(extra_negatives, anchor)
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    return CheckedInputs(_resolve_backend(backend, anchor), num_neg, variant, ids, id_mode, extra_negatives)
+
+
+def _resolve_backend(backend, anchor: torch.Tensor) -> str:
+    """"cpu" or "triton" for the user's choice and the inputs' device and dtype."""
+    checks.choice("backend", backend, _BACKENDS)
     if backend == "auto":
         backend = "triton" if anchor.device.type == "cuda" else "cpu"
     if backend == "cpu" and anchor.device.type != "cpu":
@@ -165,12 +169,9 @@ def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, 
     if backend == "triton":
         if anchor.dtype == torch.float64:
             raise TypeError("backend='triton' takes float16, bfloat16 or float32; float64 runs on backend='cpu'")
-        if anchor.device.type == "cpu":
-            import os
-
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
-    return CheckedInputs(backend, num_neg, variant, ids, id_mode, extra_negatives)
+        if anchor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    return backend
 
 
 def _check_inputs_on_every_rank(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
@@ -198,8 +199,20 @@ def _candidates(positive, negative, num_neg, extra_negatives=None):
     return torch.cat(blocks) if len(blocks) > 1 else positive.contiguous()
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+def _temperature_tensor(temperature) -> torch.Tensor:
+    """The op's 0-dim temperature: fp64 for a float, so that the value the kernels read back is
+    exactly the user's float."""
+    if not isinstance(temperature, torch.Tensor):
+        temperature = torch.tensor(float(temperature), dtype=torch.float64)
+    return temperature.reshape(())
+
+
+def _local_problem(anchor, candidates, checked: CheckedInputs, normalize, hard_negative_weight) -> LossProblem:
+    """One process: the positives first (row i's target is candidate i), then the hard negatives."""
+    extra = checked.extra_negatives
+    return describe(anchor, candidates, None, pos_start=0, neg_start=anchor.shape[0], num_neg=checked.num_neg,
+                    normalize=normalize, hard_negative_weight=hard_negative_weight, variant=checked.variant,
+                    ids=checked.ids, id_mode=checked.id_mode, num_extra=0 if extra is None else extra.shape[0])
 
 
 def info_nce(
@@ -207,7 +220,7 @@ def info_nce(
     positive: torch.Tensor,
     negative: torch.Tensor | None = None,
     *,
-    temperature: float | torch.Tensor = 0.05,
+    temperature: float | torch.Tensor = DEFAULT_TEMPERATURE,
     normalize: bool = True,
     symmetric: bool = False,
     hard_negative_weight: float = 0.0,
@@ -267,37 +280,26 @@ def info_nce(
     row_options = dict(group_ids=group_ids, labels=labels, extra_negatives=extra_negatives)
     checked = _check_inputs_on_every_rank(anchor, positive, negative, temperature, hard_negative_weight, reduction,
                                           backend, process_group, variant_options, row_options)
-    backend, num_neg, variant = checked.backend, checked.num_neg, checked.variant
-    if not isinstance(temperature, torch.Tensor):
-        # fp64 so that the value the kernels read back is exactly the user's float.
-        temperature = torch.tensor(float(temperature), dtype=torch.float64)
-    temperature = temperature.reshape(())
+    temperature = _temperature_tensor(temperature)
     if process_group is not None:
         from fastcse.distributed import distributed_info_nce
 
-        return distributed_info_nce(anchor, positive, negative, num_neg=num_neg, temperature=temperature,
-                                    normalize=normalize, variant=variant,
-                                    hard_negative_weight=hard_negative_weight, reduction=reduction,
-                                    backend=backend, process_group=process_group, ids=checked.ids,
-                                    id_mode=checked.id_mode, extra_negatives=checked.extra_negatives)
-    extra = checked.extra_negatives
-    candidates = _candidates(positive, negative, num_neg, extra)
+        return distributed_info_nce(anchor, positive, negative, checked, temperature=temperature,
+                                    normalize=normalize, hard_negative_weight=hard_negative_weight,
+                                    reduction=reduction, process_group=process_group)
+    candidates = _candidates(positive, negative, checked.num_neg, checked.extra_negatives)
     anchor = anchor.contiguous()
-    grad_in_forward = reduction != "none" and _needs_grad(anchor, candidates, temperature)
-    batch = anchor.shape[0]
-    ids = checked.ids if checked.ids is not None else NO_IDS.to(anchor.device)
-    loss, *_ = info_nce_op(anchor, candidates, anchor.new_empty((0, anchor.shape[1])), ids, temperature, 0, batch,
-                           num_neg, 0, 0 if extra is None else extra.shape[0], bool(normalize),
-                           float(hard_negative_weight), encode_variant(variant), checked.id_mode or "", reduction,
-                           grad_in_forward, backend)
-    return loss
+    problem = _local_problem(anchor, candidates, checked, normalize, hard_negative_weight)
+    return info_nce_call(problem, anchor, candidates, temperature, ids=checked.ids, reduction=reduction,
+                         grad_in_forward=reduction != "none" and needs_grad(anchor, candidates, temperature),
+                         backend=checked.backend)
 
 
 class InfoNCE(nn.Module):
     """Module form of :func:`info_nce`; ``temperature`` may be an ``nn.Parameter``."""
 
-    def __init__(self, temperature: float | torch.Tensor = 0.05, *, normalize: bool = True, symmetric: bool = False,
-                 hard_negative_weight: float = 0.0, directions: tuple[str, ...] | None = None,
+    def __init__(self, temperature: float | torch.Tensor = DEFAULT_TEMPERATURE, *, normalize: bool = True,
+                 symmetric: bool = False, hard_negative_weight: float = 0.0, directions: tuple[str, ...] | None = None,
                  partition_mode: str | None = None, hardness_mode: str | None = None,
                  hardness_strength: float = 0.0, reduction: str = "mean", backend: str = "auto",
                  process_group=None):

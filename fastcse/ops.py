@@ -1,36 +1,47 @@
-"""The fused InfoNCE as a ``torch.library`` custom op, with its autograd and fake kernel.
+"""The fused InfoNCE as a ``torch.library`` custom op: its schema, fake kernel, autograd and
+backend dispatch, and :func:`info_nce_call`, its one front door.
 
-The op works on one anchor block against one candidate block; ``loss.py`` builds those
-from the user's (anchor, positive, negative) and ``distributed.py`` from gathered ranks.
+The layers, as in Liger-Kernel (op, functional, module): this module is the op;
+``fastcse.loss.info_nce`` is the functional form (the user's checks, the candidates' layout, the
+distributed path) and ``fastcse.loss.InfoNCE`` the module. ``fastcse.reference`` is the plain
+PyTorch loss the op is tested against. Every caller describes its call as a
+``fastcse.problem.LossProblem`` and calls :func:`info_nce_call` with it and its tensors (one
+front door, as ml-cross-entropy's ``linear_cross_entropy``); the op's
+flat argument list (the problem's fields in :class:`_ProblemArguments` order), its sentinels for
+absent tensors (an anchor-keys tensor with no rows, an ids tensor with no entries) and the
+variant's string encoding live in this module and nowhere else.
 
 Backend contract (``fastcse.cpu`` and ``fastcse.triton_info_nce`` both implement it)::
 
-    forward(anchor [B, d], candidates [N, d], anchor_keys [M, d] or None, spec: LossProblem,
+    forward(anchor [B, d], candidates [N, d], anchor_keys [M, d] or None, problem: LossProblem,
             *, compute_grad, ids: [P] or None = None)
-        -> row_loss [B], lse [P, B] (P = spec.variant.num_partitions),
+        -> row_loss [B], lse [P, B] (P = problem.variant.num_partitions),
            grads: None, or (grad_anchor [B, d], grad_candidates [N, d],
                             grad_anchor_keys [M, d] or None, grad_tau 0-dim)
                   = the gradients of row_loss.sum()
-    backward(grad_rows [B], anchor, candidates, anchor_keys, spec, lse, *, ids=None)
+    backward(grad_rows [B], anchor, candidates, anchor_keys, problem, lse, *, ids=None)
         -> (grad_anchor, grad_candidates, grad_anchor_keys or None, grad_tau)
 
 Every returned tensor is fp32 (fp64 for fp64 inputs: the CPU path, for gradcheck); the
-autograd glue casts gradients back to the inputs' dtypes. ``spec`` is the one description
-``fastcse.problem.describe`` makes of a call (targets, hard negatives, the loss variant, the
-anchor keys); ``lse`` holds each row's log-sum-exp per partition, all that backward needs
-besides the inputs. ``anchor_keys`` None: the anchors themselves are the keys of the
-query_to_query / doc_to_query directions (one process); under ``torch.distributed`` they are
-every rank's anchors, with this rank's at ``anchor_start``. ``ids``: the int64 group ids or
-labels of the positive block (``spec.id_mode``); the last ``spec.num_extra`` candidates are the
-extra negatives.
+autograd glue casts gradients back to the inputs' dtypes. ``problem`` is the description
+``fastcse.problem.describe`` makes of the call, with the temperature's value (targets, hard
+negatives, the loss variant, the anchor keys); ``lse`` holds each row's log-sum-exp per
+partition, all that backward needs besides the inputs. ``anchor_keys`` None: the anchors
+themselves are the keys of the query_to_query / doc_to_query directions (one process); under
+``torch.distributed`` they are every rank's anchors, with this rank's at ``anchor_start``.
+``ids``: the int64 group ids or labels of the positive block (``problem.id_mode``); the last
+``problem.num_extra`` candidates are the extra negatives.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple, get_type_hints
+
 import torch
 
 from fastcse import cpu as _cpu
-from fastcse.problem import LossProblem, decode_variant, describe
+from fastcse.checks import accumulation_dtype
+from fastcse.problem import LossProblem, decode_variant, describe, encode_variant
 
 _BACKENDS = {"cpu": _cpu}
 
@@ -46,53 +57,103 @@ def _backend(name: str):
     return _BACKENDS[name]
 
 
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will ask for gradients of any of ``tensors`` (None entries allowed)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+class _ProblemArguments(NamedTuple):
+    """A problem's fields as the op's flat arguments, in schema order (both ops take them, after
+    the tensors). The annotations are the schema's types."""
+
+    pos_start: int
+    neg_start: int
+    num_neg: int
+    anchor_start: int
+    num_extra: int
+    normalize: bool
+    hard_negative_weight: float
+    variant: str  # encode_variant's string: schemas take no tuples of strings
+    id_mode: str  # "" without ids
+
+    @classmethod
+    def of(cls, problem: LossProblem) -> _ProblemArguments:
+        return cls(problem.pos_start, problem.neg_start, problem.num_neg, problem.anchor_start, problem.num_extra,
+                   problem.normalize, problem.weight, encode_variant(problem.variant), problem.id_mode or "")
+
+
+_PROBLEM_SCHEMA = ", ".join(f"{kind.__name__} {name}" for name, kind in get_type_hints(_ProblemArguments).items())
+_NUM_PROBLEM_ARGUMENTS = len(_ProblemArguments._fields)
 _EMPTY = (0,)
-
-
-def _ids(ids: torch.Tensor, id_mode: str) -> dict:
-    """The backends' ids keyword: only with an id mode (older call sites pass none)."""
-    return {"ids": ids} if id_mode else {}
-
-
-def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
 
 # Defined with torch.library.Library rather than the @custom_op decorator: the decorator wraps
 # the implementation in torch._disable_dynamo, which imports torch._dynamo (3 s, 150 MB) on the
 # first eager call of a loss that should cost nothing to import.
-# anchor_keys with no rows means "the anchors themselves" (one process), ids with no entries no
-# ids (id_mode ""). variant is fastcse.problem.encode_variant's string (schemas take no tuples
-# of strings).
 _LIB = torch.library.Library("fastcse", "FRAGMENT")
 _LIB.define(
-    "info_nce(Tensor anchor, Tensor candidates, Tensor anchor_keys, Tensor ids, Tensor temperature, int pos_start, "
-    "int neg_start, int num_neg, int anchor_start, int num_extra, bool normalize, float hard_negative_weight, "
-    "str variant, str id_mode, str reduction, bool grad_in_forward, str backend) "
+    f"info_nce(Tensor anchor, Tensor candidates, Tensor anchor_keys, Tensor ids, Tensor temperature, "
+    f"{_PROBLEM_SCHEMA}, str reduction, bool grad_in_forward, str backend) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _LIB.define(
-    "info_nce_backward(Tensor grad_rows, Tensor anchor, Tensor candidates, Tensor anchor_keys, Tensor ids, "
-    "Tensor temperature, Tensor lse, int pos_start, int neg_start, int num_neg, int anchor_start, int num_extra, "
-    "bool normalize, float hard_negative_weight, str variant, str id_mode, str backend) "
-    "-> (Tensor, Tensor, Tensor, Tensor)"
+    f"info_nce_backward(Tensor grad_rows, Tensor lse, Tensor anchor, Tensor candidates, Tensor anchor_keys, "
+    f"Tensor ids, Tensor temperature, {_PROBLEM_SCHEMA}, str backend) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
-def _keys_or_none(anchor_keys: torch.Tensor) -> torch.Tensor | None:
-    return anchor_keys if anchor_keys.shape[0] > 0 else None
+def op_arguments(problem: LossProblem, anchor: torch.Tensor, candidates: torch.Tensor, temperature: torch.Tensor,
+                 *, anchor_keys: torch.Tensor | None = None, ids: torch.Tensor | None = None, reduction: str,
+                 grad_in_forward: bool, backend: str) -> tuple:
+    """The flat argument list of ``info_nce_op`` for ``problem`` and its tensors.
+
+    ``anchor_keys`` None (the anchors themselves are the keys) travels as a tensor with no rows,
+    ``ids`` None as one with no entries."""
+    if anchor_keys is None:
+        anchor_keys = anchor.new_empty((0, anchor.shape[1]))
+    if ids is None:
+        ids = torch.empty(0, dtype=torch.int64, device=anchor.device)
+    return (anchor, candidates, anchor_keys, ids, temperature, *_ProblemArguments.of(problem), reduction,
+            grad_in_forward, backend)
 
 
-def _spec(anchor, candidates, anchor_keys, ids, temperature, pos_start, neg_start, num_neg, anchor_start, num_extra,
-          normalize, hard_negative_weight, variant, id_mode) -> LossProblem:
-    return describe(anchor, candidates, float(temperature), pos_start=pos_start, neg_start=neg_start,
-                    num_neg=num_neg, normalize=normalize, hard_negative_weight=hard_negative_weight,
-                    variant=decode_variant(variant), anchor_keys=anchor_keys, anchor_start=anchor_start,
-                    ids=ids if id_mode else None, id_mode=id_mode or None, num_extra=num_extra)
+def info_nce_call(problem: LossProblem, anchor: torch.Tensor, candidates: torch.Tensor, temperature: torch.Tensor,
+                  *, anchor_keys: torch.Tensor | None = None, ids: torch.Tensor | None = None, reduction: str,
+                  grad_in_forward: bool, backend: str) -> torch.Tensor:
+    """The op's loss for ``problem`` (from ``fastcse.problem.describe``) and its tensors.
+
+    ``temperature`` a 0-dim tensor; ``reduction`` "mean" (over the B rows), "sum" or "none";
+    ``grad_in_forward``: the gradients for a unit upstream gradient are produced in the forward
+    sweep and only scaled in backward (a scalar loss that needs gradients), otherwise backward
+    recomputes from the saved log-sum-exps; ``backend`` "cpu" or "triton"."""
+    loss, *_ = info_nce_op(*op_arguments(problem, anchor, candidates, temperature, anchor_keys=anchor_keys,
+                                         ids=ids, reduction=reduction, grad_in_forward=grad_in_forward,
+                                         backend=backend))
+    return loss
 
 
-def _info_nce_impl(anchor, candidates, anchor_keys, ids, temperature, pos_start, neg_start, num_neg, anchor_start,
-                   num_extra, normalize, hard_negative_weight, variant, id_mode, reduction, grad_in_forward, backend):
+def _has_anchor_keys(anchor_keys: torch.Tensor) -> bool:
+    return anchor_keys.shape[0] > 0
+
+
+def _split(arguments: tuple) -> tuple[_ProblemArguments, tuple]:
+    """(the problem's arguments, the rest) of the op's non-tensor arguments."""
+    return _ProblemArguments._make(arguments[:_NUM_PROBLEM_ARGUMENTS]), arguments[_NUM_PROBLEM_ARGUMENTS:]
+
+
+def _backend_call(anchor, candidates, anchor_keys, ids, temperature, arguments: _ProblemArguments):
+    """The backend's (anchor_keys or None, problem at the temperature's value, ids or None)."""
+    keys = anchor_keys if _has_anchor_keys(anchor_keys) else None
+    ids = ids if arguments.id_mode else None
+    problem = describe(anchor, candidates, float(temperature), pos_start=arguments.pos_start,
+                       neg_start=arguments.neg_start, num_neg=arguments.num_neg, normalize=arguments.normalize,
+                       hard_negative_weight=arguments.hard_negative_weight,
+                       variant=decode_variant(arguments.variant), anchor_keys=keys,
+                       anchor_start=arguments.anchor_start, ids=ids, id_mode=arguments.id_mode or None,
+                       num_extra=arguments.num_extra)
+    return keys, problem, ids
+
+
+def _info_nce_impl(anchor, candidates, anchor_keys, ids, temperature, *arguments):
     """Returns (loss, lse, grad_anchor, grad_candidates, grad_anchor_keys, grad_tau).
 
     loss is reduced ('mean' over the B rows, 'sum') or per row ('none'). With
@@ -100,11 +161,10 @@ def _info_nce_impl(anchor, candidates, anchor_keys, ids, temperature, pos_start,
     are produced now (the tile sweep is shared) and only scaled in backward; otherwise they
     are empty and backward recomputes from the saved LSE statistics.
     """
-    keys = _keys_or_none(anchor_keys)
-    spec = _spec(anchor, candidates, keys, ids, temperature, pos_start, neg_start, num_neg, anchor_start, num_extra,
-                 normalize, hard_negative_weight, variant, id_mode)
-    row_loss, lse, grads = _backend(backend).forward(anchor, candidates, keys, spec,
-                                                     compute_grad=grad_in_forward, **_ids(ids, id_mode))
+    problem_arguments, (reduction, grad_in_forward, backend) = _split(arguments)
+    keys, problem, ids = _backend_call(anchor, candidates, anchor_keys, ids, temperature, problem_arguments)
+    row_loss, lse, grads = _backend(backend).forward(anchor, candidates, keys, problem,
+                                                     compute_grad=grad_in_forward, ids=ids)
     scale = 1.0 / anchor.shape[0] if reduction == "mean" else 1.0
     loss = row_loss if reduction == "none" else row_loss.sum() * scale
     if grads is None:
@@ -121,19 +181,15 @@ def _info_nce_impl(anchor, candidates, anchor_keys, ids, temperature, pos_start,
     return loss, lse, grad_anchor, grad_candidates, grad_keys, grad_tau
 
 
-def _num_partitions(variant: str) -> int:
-    return decode_variant(variant).num_partitions
-
-
 @torch.library.register_fake("fastcse::info_nce", lib=_LIB)
-def _info_nce_fake(anchor, candidates, anchor_keys, ids, temperature, pos_start, neg_start, num_neg, anchor_start,
-                   num_extra, normalize, hard_negative_weight, variant, id_mode, reduction, grad_in_forward, backend):
+def _info_nce_fake(anchor, candidates, anchor_keys, ids, temperature, *arguments):
+    problem_arguments, (reduction, grad_in_forward, _backend_name) = _split(arguments)
     batch, dim = anchor.shape
-    f32 = dict(dtype=_accumulate_dtype(anchor), device=anchor.device)
+    f32 = dict(dtype=accumulation_dtype(anchor), device=anchor.device)
     loss = anchor.new_empty((batch,) if reduction == "none" else (), **f32)
-    lse = anchor.new_empty((_num_partitions(variant), batch), **f32)
+    lse = anchor.new_empty((decode_variant(problem_arguments.variant).num_partitions, batch), **f32)
     if grad_in_forward:
-        keys_shape = tuple(anchor_keys.shape) if anchor_keys.shape[0] > 0 else _EMPTY
+        keys_shape = tuple(anchor_keys.shape) if _has_anchor_keys(anchor_keys) else _EMPTY
         grads = (anchor.new_empty((batch, dim), **f32), anchor.new_empty(tuple(candidates.shape), **f32),
                  anchor.new_empty(keys_shape, **f32), anchor.new_empty((), **f32))
     else:
@@ -141,14 +197,11 @@ def _info_nce_fake(anchor, candidates, anchor_keys, ids, temperature, pos_start,
     return (loss, lse, *grads)
 
 
-def _info_nce_backward_impl(grad_rows, anchor, candidates, anchor_keys, ids, temperature, lse, pos_start,
-                            neg_start, num_neg, anchor_start, num_extra, normalize, hard_negative_weight, variant,
-                            id_mode, backend):
-    keys = _keys_or_none(anchor_keys)
-    spec = _spec(anchor, candidates, keys, ids, temperature, pos_start, neg_start, num_neg, anchor_start, num_extra,
-                 normalize, hard_negative_weight, variant, id_mode)
-    grads = _backend(backend).backward(grad_rows.to(_accumulate_dtype(anchor)).contiguous(), anchor,
-                                       candidates, keys, spec, lse, **_ids(ids, id_mode))
+def _info_nce_backward_impl(grad_rows, lse, anchor, candidates, anchor_keys, ids, temperature, *arguments):
+    problem_arguments, (backend,) = _split(arguments)
+    keys, problem, ids = _backend_call(anchor, candidates, anchor_keys, ids, temperature, problem_arguments)
+    grads = _backend(backend).backward(grad_rows.to(accumulation_dtype(anchor)).contiguous(), anchor,
+                                       candidates, keys, problem, lse, ids=ids)
     grad_anchor, grad_candidates, grad_keys, grad_tau = grads
     if grad_keys is None:
         grad_keys = anchor.new_empty(_EMPTY, dtype=grad_anchor.dtype)
@@ -156,60 +209,67 @@ def _info_nce_backward_impl(grad_rows, anchor, candidates, anchor_keys, ids, tem
 
 
 @torch.library.register_fake("fastcse::info_nce_backward", lib=_LIB)
-def _info_nce_backward_fake(grad_rows, anchor, candidates, anchor_keys, ids, temperature, lse, pos_start,
-                            neg_start, num_neg, anchor_start, num_extra, normalize, hard_negative_weight, variant,
-                            id_mode, backend):
-    f32 = dict(dtype=_accumulate_dtype(anchor), device=anchor.device)
-    keys_shape = tuple(anchor_keys.shape) if anchor_keys.shape[0] > 0 else _EMPTY
+def _info_nce_backward_fake(grad_rows, lse, anchor, candidates, anchor_keys, ids, temperature, *arguments):
+    f32 = dict(dtype=accumulation_dtype(anchor), device=anchor.device)
+    keys_shape = tuple(anchor_keys.shape) if _has_anchor_keys(anchor_keys) else _EMPTY
     return (anchor.new_empty(tuple(anchor.shape), **f32), anchor.new_empty(tuple(candidates.shape), **f32),
             anchor.new_empty(keys_shape, **f32), anchor.new_empty((), **f32))
 
 
 def _setup_context(ctx, inputs, output):
-    (anchor, candidates, anchor_keys, ids, temperature, pos_start, neg_start, num_neg, anchor_start, num_extra,
-     normalize, hard_negative_weight, variant, id_mode, reduction, grad_in_forward, backend) = inputs
+    anchor, candidates, anchor_keys, ids, temperature, *arguments = inputs
+    problem_arguments, (reduction, grad_in_forward, backend) = _split(tuple(arguments))
     _, lse, grad_anchor, grad_candidates, grad_keys, grad_tau = output
-    ctx.options = (pos_start, neg_start, num_neg, anchor_start, num_extra, normalize, hard_negative_weight, variant,
-                   id_mode, backend)
+    ctx.problem_arguments = problem_arguments
+    ctx.backend = backend
     ctx.reduction = reduction
     ctx.grad_in_forward = grad_in_forward
     ctx.dtypes = (anchor.dtype, candidates.dtype, anchor_keys.dtype, temperature.dtype)
-    ctx.has_keys = anchor_keys.shape[0] > 0
+    ctx.has_keys = _has_anchor_keys(anchor_keys)
     if grad_in_forward:
         ctx.save_for_backward(grad_anchor, grad_candidates, grad_keys, grad_tau)
     else:
         ctx.save_for_backward(anchor, candidates, anchor_keys, ids, temperature, lse)
 
 
+def _scaled_saved_grads(ctx, grad_loss):
+    """The forward's gradients (for a unit upstream gradient) times the upstream gradient."""
+    grads = ctx.saved_tensors
+    # The usual upstream gradient is exactly 1 (loss.backward()): skip the passes over
+    # O((B + N) d) then. Checking the value syncs, so only in eager mode on the CPU.
+    unit = (not torch.compiler.is_compiling() and grad_loss.device.type == "cpu"
+            and grad_loss.numel() == 1 and grad_loss.item() == 1.0)
+    if unit:
+        return grads
+    scale = grad_loss.to(grads[0].dtype)
+    return tuple(g * scale for g in grads)
+
+
+def _recomputed_grads(ctx, grad_loss):
+    """The gradients from the saved inputs and log-sum-exps, for the per-row upstream gradients."""
+    anchor, candidates, anchor_keys, ids, temperature, lse = ctx.saved_tensors
+    batch = anchor.shape[0]
+    grad_loss = grad_loss.to(lse.dtype)
+    if ctx.reduction == "none":
+        grad_rows = grad_loss
+    else:
+        scale = 1.0 / batch if ctx.reduction == "mean" else 1.0
+        grad_rows = (grad_loss * scale).expand(batch)
+    return info_nce_backward_op(grad_rows.contiguous(), lse, anchor, candidates, anchor_keys, ids, temperature,
+                                *ctx.problem_arguments, ctx.backend)
+
+
 def _backward(ctx, grad_loss, *unused_grads):
     if torch.is_grad_enabled():  # backward(create_graph=True): the gradients are not differentiable
         raise RuntimeError("fastcse.info_nce does not support double backward (create_graph=True); "
                            "use fastcse.info_nce_reference for higher-order gradients")
-    if ctx.grad_in_forward:
-        grads = ctx.saved_tensors
-        # The usual upstream gradient is exactly 1 (loss.backward()): skip the passes over
-        # O((B + N) d) then. Checking the value syncs, so only in eager mode on the CPU.
-        unit = (not torch.compiler.is_compiling() and grad_loss.device.type == "cpu"
-                and grad_loss.numel() == 1 and grad_loss.item() == 1.0)
-        if not unit:
-            scale = grad_loss.to(grads[0].dtype)
-            grads = tuple(g * scale for g in grads)
-    else:
-        anchor, candidates, anchor_keys, ids, temperature, lse = ctx.saved_tensors
-        batch = anchor.shape[0]
-        grad_loss = grad_loss.to(lse.dtype)
-        if ctx.reduction == "none":
-            grad_rows = grad_loss
-        else:
-            scale = 1.0 / batch if ctx.reduction == "mean" else 1.0
-            grad_rows = (grad_loss * scale).expand(batch)
-        grads = info_nce_backward_op(grad_rows.contiguous(), anchor, candidates, anchor_keys, ids, temperature, lse,
-                                     *ctx.options)
+    grads = _scaled_saved_grads(ctx, grad_loss) if ctx.grad_in_forward else _recomputed_grads(ctx, grad_loss)
     grad_anchor, grad_candidates, grad_keys, grad_tau = grads
     anchor_dtype, candidates_dtype, keys_dtype, tau_dtype = ctx.dtypes
     grad_keys = grad_keys.to(keys_dtype) if ctx.has_keys else None
+    # No gradient for ids, the problem's arguments, reduction, grad_in_forward and backend.
     return (grad_anchor.to(anchor_dtype), grad_candidates.to(candidates_dtype), grad_keys, None,
-            grad_tau.to(tau_dtype)) + (None,) * 12
+            grad_tau.to(tau_dtype)) + (None,) * (_NUM_PROBLEM_ARGUMENTS + 3)
 
 
 for _device in ("CPU", "CUDA"):

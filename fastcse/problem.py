@@ -1,11 +1,15 @@
 """The problem every backend solves: one anchor block against one candidate block.
 
-``fastcse.ops`` states the backend contract; :func:`describe` is its one validated description,
-shared by ``fastcse.cpu`` and ``fastcse.triton_info_nce`` so that both accept exactly the same
-problems (each backend adds only what it supports, e.g. its dtypes). :func:`resolve_variant`
-turns the user's loss-variant keywords (sentence-transformers 6's names) into the canonical
-form the description holds; ``fastcse.loss``, ``fastcse.reference`` and the sentence-transformers
-integration all call it, so a variant means the same thing everywhere.
+A :class:`LossProblem` is the one description of a call of the fused loss: ``fastcse.loss`` and
+``fastcse.distributed`` each build one with :func:`describe` and hand it, with its tensors, to
+``fastcse.ops.info_nce_call`` (the op's one front door); the op rebuilds it from its flat
+arguments for ``fastcse.cpu`` and ``fastcse.triton_info_nce``, so both backends accept exactly
+the same problems (each adds only what it supports, e.g. its dtypes). :data:`DIRECTION_ROLES`
+is the one table of what each direction reads (query rows, keys, mask), which both backends
+follow. :func:`resolve_variant` turns the user's loss-variant keywords (sentence-transformers
+6's names) into the canonical form the description holds; ``fastcse.loss``,
+``fastcse.reference`` and the sentence-transformers integration all call it, so a variant
+means the same thing everywhere.
 
 The loss family (sentence-transformers' ``MultipleNegativesRankingLoss`` with ``directions``,
 ``partition_mode`` and ``hardness_mode``). Row i has up to four *directions* of scores, each a
@@ -23,8 +27,9 @@ query against a key set, all divided by the temperature:
 ``joint``: row i's loss is one log-sum-exp over the concatenated directions minus the target
 logit. Per direction: the mean of the directions' log-sum-exps minus the target logit.
 
-Per-row ids (issue #12), over the positive block (candidates [0, P)) and the anchor keys
-([0, P) as well: both hold every row in the same order), row i being id ``ids[pos_start + i]``:
+Per-row ids (false negatives, several positives per row), over the positive block (candidates
+[0, P)) and the anchor keys ([0, P) as well: both hold every row in the same order), row i
+being id ``ids[pos_start + i]``:
 
 - ``id_mode="group"`` (false negatives): in every direction, the keys j != i of the positive
   block / anchor keys with row i's id are left out of row i's softmax. Hard negatives and extra
@@ -40,10 +45,13 @@ them, hard_negatives does not).
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+from fastcse import checks
 
 QUERY_TO_DOC = "query_to_doc"
 QUERY_TO_QUERY = "query_to_query"
@@ -53,6 +61,37 @@ DIRECTIONS = (QUERY_TO_DOC, QUERY_TO_QUERY, DOC_TO_QUERY, DOC_TO_DOC)  # the can
 PARTITION_MODES = ("joint", "per_direction")
 HARDNESS_MODES = ("in_batch_negatives", "hard_negatives", "all_negatives")
 SYMMETRIC_DIRECTIONS = (QUERY_TO_DOC, DOC_TO_QUERY)
+ID_MODES = ("group", "label")
+
+# The operands a direction reads. Each backend maps an operand to its rows and to the one
+# gradient buffer those rows' gradient accumulates in (the positives and the documents are
+# rows of the candidates, so their key gradient is the candidates' buffer).
+ANCHORS = "anchors"  # the B anchors
+POSITIVES = "positives"  # candidates [pos_start, pos_start + B)
+CANDIDATES = "candidates"  # all N candidates
+DOCUMENTS = "documents"  # the candidates less the extra negatives: [0, N - num_extra)
+ANCHOR_KEYS = "anchor_keys"  # the anchors as keys: the anchors themselves, or every rank's
+# A direction's mask: the cells of row i that are -inf before the log-sum-exp.
+MASK_SELF = "self"  # the key anchor_start + i: the anchor itself
+MASK_OWN_DOCUMENTS = "own_documents"  # candidate pos_start + i and row i's own hard negatives
+
+
+class DirectionRole(NamedTuple):
+    """What one direction scores: its query rows against its keys, less its mask's cells."""
+
+    queries: str  # ANCHORS or POSITIVES
+    keys: str  # CANDIDATES, ANCHOR_KEYS or DOCUMENTS
+    mask: str | None  # None, MASK_SELF or MASK_OWN_DOCUMENTS
+    # The target, the hard-negative bias and the hardness penalty: query_to_doc's alone.
+    holds_target: bool = False
+
+
+DIRECTION_ROLES = {
+    QUERY_TO_DOC: DirectionRole(ANCHORS, CANDIDATES, None, holds_target=True),
+    QUERY_TO_QUERY: DirectionRole(ANCHORS, ANCHOR_KEYS, MASK_SELF),
+    DOC_TO_QUERY: DirectionRole(POSITIVES, ANCHOR_KEYS, None),
+    DOC_TO_DOC: DirectionRole(POSITIVES, DOCUMENTS, MASK_OWN_DOCUMENTS),
+}
 
 
 @dataclass(frozen=True)
@@ -78,7 +117,12 @@ class Variant:
     @property
     def needs_anchor_keys(self) -> bool:
         """Whether some direction scores against the anchors."""
-        return QUERY_TO_QUERY in self.directions or DOC_TO_QUERY in self.directions
+        return any(DIRECTION_ROLES[d].keys == ANCHOR_KEYS for d in self.directions)
+
+    @property
+    def queries_with_positives(self) -> bool:
+        """Whether some direction's queries are the positives (doc_to_query, doc_to_doc)."""
+        return any(DIRECTION_ROLES[d].queries == POSITIVES for d in self.directions)
 
 
 def _check_directions(directions) -> tuple[str, ...]:
@@ -113,9 +157,8 @@ def resolve_variant(*, symmetric=False, directions=None, partition_mode=None, ha
     if symmetric:
         directions, partition_mode = SYMMETRIC_DIRECTIONS, "per_direction"
     directions = _check_directions((QUERY_TO_DOC,) if directions is None else directions)
-    partition_mode = "joint" if partition_mode is None else partition_mode
-    if partition_mode not in PARTITION_MODES:
-        raise ValueError(f"partition_mode must be one of {PARTITION_MODES}, got {partition_mode!r}")
+    partition_mode = checks.choice("partition_mode", "joint" if partition_mode is None else partition_mode,
+                                   PARTITION_MODES)
     if partition_mode == "per_direction" and {QUERY_TO_QUERY, DOC_TO_DOC} & set(directions):
         # sentence-transformers' reason, as it refuses the same combination.
         raise ValueError("partition_mode='per_direction' requires every direction's candidate pool to include the "
@@ -124,10 +167,7 @@ def resolve_variant(*, symmetric=False, directions=None, partition_mode=None, ha
                          "partition_mode='joint' instead.")
     if hardness_mode is not None and hardness_mode not in HARDNESS_MODES:
         raise ValueError(f"hardness_mode must be None or one of {HARDNESS_MODES}, got {hardness_mode!r}")
-    if isinstance(hardness_strength, bool) or not isinstance(hardness_strength, (int, float)) \
-            or not math.isfinite(hardness_strength) or hardness_strength < 0:
-        raise ValueError(f"hardness_strength must be a finite non-negative float, got {hardness_strength!r}")
-    strength = float(hardness_strength)
+    strength = checks.positive_float("hardness_strength", hardness_strength, allow_zero=True)
     # As in sentence-transformers: no mode, a zero strength, or hard_negatives without any hard
     # negative leave the logits untouched.
     if hardness_mode is None or strength == 0.0 or (hardness_mode == "hard_negatives" and num_neg == 0):
@@ -143,12 +183,16 @@ class LossProblem:
 
     The anchors as keys (query_to_query, doc_to_query) are ``num_anchor_keys`` rows in which
     row i's own anchor is ``anchor_start + i``: the anchors themselves in one process, every
-    rank's anchors under ``torch.distributed``."""
+    rank's anchors under ``torch.distributed``.
+
+    ``tau`` is None in the problem a caller builds (the temperature is a tensor whose value,
+    data under ``torch.compile``, only the op reads) and the temperature in the one the op
+    hands its backend."""
 
     batch: int
     dim: int
     num_candidates: int
-    tau: float
+    tau: float | None
     pos_start: int
     neg_start: int
     num_neg: int
@@ -203,23 +247,54 @@ def encode_variant(variant: Variant) -> str:
                      variant.hardness_mode or "", repr(float(variant.hardness_strength))))
 
 
+# Cached: the op decodes on every forward and backward, and a run uses a handful of variants.
+# (Encoding is left uncached: it runs in the caller, which torch.compile traces.)
+@functools.lru_cache(maxsize=256)
 def decode_variant(text: str) -> Variant:
     directions, partition, mode, strength = text.split(";")
     return Variant(directions=tuple(directions.split(",")), joint=partition == "joint", hardness_mode=mode or None,
                    hardness_strength=float(strength))
 
 
-ID_MODES = ("group", "label")
+def _check_anchor_keys(anchor, anchor_keys, anchor_start: int) -> int:
+    """The number of anchor keys, the local anchors [anchor_start, anchor_start + B) among them."""
+    batch, dim = anchor.shape
+    if anchor_keys.dtype != anchor.dtype or anchor_keys.dim() != 2 or anchor_keys.shape[1] != dim:
+        raise ValueError(f"anchor_keys must be [M, {dim}] of dtype {anchor.dtype}, got "
+                         f"{tuple(anchor_keys.shape)} {anchor_keys.dtype}")
+    num_anchor_keys = anchor_keys.shape[0]
+    if not 0 <= anchor_start <= num_anchor_keys - batch:
+        raise ValueError(f"the local anchors [anchor_start, anchor_start + B) = [{anchor_start}, "
+                         f"{anchor_start + batch}) must lie among the {num_anchor_keys} anchor keys")
+    return num_anchor_keys
 
 
-def describe(anchor: torch.Tensor, candidates: torch.Tensor, tau: float, *, pos_start: int, neg_start: int,
+def _check_ids(ids, id_mode, *, pos_start, batch, num_candidates, num_extra, num_anchor_keys,
+               variant: Variant) -> int:
+    """P, the size of the positive block the ids cover (0 without ids)."""
+    if (ids is None) != (id_mode is None):
+        raise ValueError("ids and id_mode go together")
+    if ids is None:
+        return 0
+    checks.choice("id_mode", id_mode, ID_MODES)
+    num_positives = ids.shape[0]
+    if ids.dim() != 1 or not pos_start + batch <= num_positives <= num_candidates - num_extra:
+        raise ValueError(f"ids must be [P] for the positive block [0, P) holding rows [{pos_start}, "
+                         f"{pos_start + batch}), got {tuple(ids.shape)}")
+    if variant.needs_anchor_keys and num_anchor_keys != num_positives:
+        raise ValueError(f"ids cover {num_positives} positives but there are {num_anchor_keys} anchor keys")
+    return num_positives
+
+
+def describe(anchor: torch.Tensor, candidates: torch.Tensor, tau: float | None, *, pos_start: int, neg_start: int,
              num_neg: int, normalize: bool, hard_negative_weight: float, variant: Variant = Variant(),
              anchor_keys: torch.Tensor | None = None, anchor_start: int = 0, ids: torch.Tensor | None = None,
              id_mode: str | None = None, num_extra: int = 0) -> LossProblem:
-    """The checked description of a backend call (the public checks are in ``fastcse.loss``).
+    """The checked description of a call (the public checks are in ``fastcse.loss``).
 
-    ``anchor_keys`` None: the anchors themselves are the keys of query_to_query / doc_to_query.
-    ``ids``: the [P] ids of the positive block with ``id_mode`` "group" or "label"."""
+    ``tau`` None: the caller's problem, before the op reads the temperature. ``anchor_keys``
+    None: the anchors themselves are the keys of query_to_query / doc_to_query. ``ids``: the
+    [P] ids of the positive block with ``id_mode`` "group" or "label"."""
     if candidates.dtype != anchor.dtype:
         raise TypeError(f"candidates have dtype {candidates.dtype} but anchor has {anchor.dtype}")
     batch, dim = anchor.shape
@@ -235,30 +310,14 @@ def describe(anchor: torch.Tensor, candidates: torch.Tensor, tau: float, *, pos_
     if anchor_keys is None:
         num_anchor_keys, anchor_start = (batch if variant.needs_anchor_keys else 0), 0
     else:
-        if anchor_keys.dtype != anchor.dtype or anchor_keys.dim() != 2 or anchor_keys.shape[1] != dim:
-            raise ValueError(f"anchor_keys must be [M, {dim}] of dtype {anchor.dtype}, got "
-                             f"{tuple(anchor_keys.shape)} {anchor_keys.dtype}")
-        num_anchor_keys = anchor_keys.shape[0]
-        if not 0 <= anchor_start <= num_anchor_keys - batch:
-            raise ValueError(f"the local anchors [anchor_start, anchor_start + B) = [{anchor_start}, "
-                             f"{anchor_start + batch}) must lie among the {num_anchor_keys} anchor keys")
+        num_anchor_keys = _check_anchor_keys(anchor, anchor_keys, anchor_start)
     if not 0 <= num_extra <= num_candidates - batch:
         raise ValueError(f"num_extra = {num_extra} extra negatives do not fit after the positives among the "
                          f"{num_candidates} candidates")
-    num_positives = 0
-    if (ids is None) != (id_mode is None):
-        raise ValueError("ids and id_mode go together")
-    if ids is not None:
-        if id_mode not in ID_MODES:
-            raise ValueError(f"id_mode must be one of {ID_MODES}, got {id_mode!r}")
-        num_positives = ids.shape[0]
-        if ids.dim() != 1 or not pos_start + batch <= num_positives <= num_candidates - num_extra:
-            raise ValueError(f"ids must be [P] for the positive block [0, P) holding rows [{pos_start}, "
-                             f"{pos_start + batch}), got {tuple(ids.shape)}")
-        if variant.needs_anchor_keys and num_anchor_keys != num_positives:
-            raise ValueError(f"ids cover {num_positives} positives but there are {num_anchor_keys} anchor keys")
-    return LossProblem(batch=batch, dim=dim, num_candidates=num_candidates, tau=float(tau), pos_start=pos_start,
-                       neg_start=neg_start, num_neg=num_neg, normalize=bool(normalize), weight=weight,
-                       variant=variant, num_anchor_keys=num_anchor_keys, anchor_start=anchor_start,
+    num_positives = _check_ids(ids, id_mode, pos_start=pos_start, batch=batch, num_candidates=num_candidates,
+                               num_extra=num_extra, num_anchor_keys=num_anchor_keys, variant=variant)
+    return LossProblem(batch=batch, dim=dim, num_candidates=num_candidates, tau=None if tau is None else float(tau),
+                       pos_start=pos_start, neg_start=neg_start, num_neg=num_neg, normalize=bool(normalize),
+                       weight=weight, variant=variant, num_anchor_keys=num_anchor_keys, anchor_start=anchor_start,
                        separate_anchor_keys=anchor_keys is not None, id_mode=id_mode, num_positives=num_positives,
-                       num_extra=int(num_extra))
+                       num_extra=num_extra)

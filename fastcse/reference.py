@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastcse.checks import DEFAULT_TEMPERATURE, accumulation_dtype
 from fastcse.problem import DOC_TO_DOC, DOC_TO_QUERY, QUERY_TO_DOC, QUERY_TO_QUERY, resolve_variant
 
 
@@ -32,7 +33,7 @@ def info_nce_reference(
     positive: torch.Tensor,
     negative: torch.Tensor | None = None,
     *,
-    temperature: float | torch.Tensor = 0.05,
+    temperature: float | torch.Tensor = DEFAULT_TEMPERATURE,
     normalize: bool = True,
     symmetric: bool = False,
     hard_negative_weight: float = 0.0,
@@ -94,8 +95,7 @@ def info_nce_reference(
     if DOC_TO_DOC in variant.directions:
         masked = own_documents | _pad_columns(same_group, documents.shape[0])
         scores[DOC_TO_DOC] = (positive @ documents.T / temperature).masked_fill(masked, float("-inf"))
-    if anchor.dtype != torch.float64:
-        scores = {name: s.float() for name, s in scores.items()}
+    scores = {name: s.to(accumulation_dtype(anchor)) for name, s in scores.items()}
     # The positives' logits (never biased or penalized), averaged over each row's positives.
     positive_logits = scores[QUERY_TO_DOC][:, :batch]
     target = torch.where(same_label, positive_logits, 0.0).sum(1) / same_label.sum(1)
@@ -103,7 +103,10 @@ def info_nce_reference(
         log_z = torch.logsumexp(torch.cat(list(scores.values()), dim=1), dim=1)
     else:
         log_z = torch.stack([torch.logsumexp(s, dim=1) for s in scores.values()]).mean(0)
-    loss = log_z - target
+    return _reduced(log_z - target, reduction)
+
+
+def _reduced(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":

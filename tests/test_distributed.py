@@ -364,7 +364,7 @@ def test_cases_cover_the_issue():
 def test_unbuilt_extension_says_how_to_build():
     code = ("import sys; sys.modules['fastcse._C'] = None\n"
             "import fastcse.distributed as d\n"
-            "try:\n    d._load_extension()\nexcept RuntimeError as e:\n    print(e)\n")
+            "try:\n    d.load_extension()\nexcept RuntimeError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "pip install --no-build-isolation -e ." in out.stdout, out.stdout + out.stderr
 

@@ -170,14 +170,14 @@ def test_multiple_chunks(monkeypatch, variant, reduction):
     monkeypatch.setattr(cpu, "BLOCK_BYTES", 4 * 40 * 3)  # 3 rows of the 40 candidates' fp32 scores
     monkeypatch.setattr(cpu, "MIN_ROWS", 1)
     blocks = []
-    scores = cpu._Problem.scores
+    scores = cpu._SweepOperands.scores
 
-    def recording_scores(prob, direction, r0, r1):
+    def recording_scores(operands, direction, r0, r1):
         if direction == "query_to_doc":
             blocks.append((r0, r1))
-        return scores(prob, direction, r0, r1)
+        return scores(operands, direction, r0, r1)
 
-    monkeypatch.setattr(cpu._Problem, "scores", recording_scores)
+    monkeypatch.setattr(cpu._SweepOperands, "scores", recording_scores)
     anchor, positive, negative = make_inputs(20, 7, 1)
     for tau in (0.05, 0.01):  # the unshifted and the row-max paths
         check_against_reference(anchor, positive, negative, tau, reduction=reduction, hard_negative_weight=0.4,
@@ -271,28 +271,31 @@ def test_torch_compile_fullgraph():
 
 
 def test_custom_op_passes_opcheck():
-    from fastcse.ops import info_nce_op
-    from fastcse.problem import encode_variant, resolve_variant
+    from fastcse.ops import info_nce_op, op_arguments
+    from fastcse.problem import describe, resolve_variant
 
     anchor, positive, negative = make_inputs(6, 5, 1, neg_2d=True)
     queue = torch.randn(3, 5)
     candidates = torch.cat([positive, negative, queue])
-    no_ids, ids = torch.empty(0, dtype=torch.int64), torch.tensor([0, 1, 0, 2, 1, 3])
+    ids = torch.tensor([0, 1, 0, 2, 1, 3])
     variants = [resolve_variant(), resolve_variant(symmetric=True),
                 resolve_variant(directions=("query_to_doc", "query_to_query", "doc_to_doc"), partition_mode="joint",
                                 hardness_mode="all_negatives", hardness_strength=2.0, num_neg=1)]
-    row_options = [(no_ids, ""), (ids, "group"), (ids, "label")]
+    row_options = [(None, None), (ids, "group"), (ids, "label")]
     for (grad_in_forward, reduction), variant, (row_ids, id_mode) in itertools.product(
             [(True, "mean"), (False, "none")], variants, row_options):
-        args = (anchor.requires_grad_(), candidates.requires_grad_(), anchor.new_empty((0, 5)), row_ids,
-                torch.tensor(0.05), 0, 6, 1, 0, 3, True, 0.3, encode_variant(variant), id_mode, reduction,
-                grad_in_forward, "cpu")
+        problem = describe(anchor, candidates, None, pos_start=0, neg_start=6, num_neg=1, normalize=True,
+                           hard_negative_weight=0.3, variant=variant, ids=row_ids, id_mode=id_mode, num_extra=3)
+        args = op_arguments(problem, anchor.requires_grad_(), candidates.requires_grad_(), torch.tensor(0.05),
+                            ids=row_ids, reduction=reduction, grad_in_forward=grad_in_forward, backend="cpu")
         torch.library.opcheck(info_nce_op, args, test_utils=("test_schema", "test_faketensor",
                                                              "test_autograd_registration"))
     # Separate anchor keys (the distributed layout): the local anchors at anchor_start.
     keys = torch.cat([torch.randn(3, 5), anchor.detach()]).requires_grad_()
-    args = (anchor, candidates[:12], keys, no_ids, torch.tensor(0.05), 0, 6, 1, 3, 0, True, 0.0,
-            encode_variant(variants[2]), "", "none", False, "cpu")
+    problem = describe(anchor, candidates[:12], None, pos_start=0, neg_start=6, num_neg=1, normalize=True,
+                       hard_negative_weight=0.0, variant=variants[2], anchor_keys=keys, anchor_start=3)
+    args = op_arguments(problem, anchor, candidates[:12], torch.tensor(0.05), anchor_keys=keys, reduction="none",
+                        grad_in_forward=False, backend="cpu")
     torch.library.opcheck(info_nce_op, args, test_utils=("test_schema", "test_faketensor",
                                                          "test_autograd_registration"))
 

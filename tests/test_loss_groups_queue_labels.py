@@ -101,13 +101,13 @@ def test_group_cells_are_the_dense_compare(pos_start, batch, group_size, monkeyp
     gen = torch.Generator().manual_seed(batch)
     num_positives = pos_start + batch + 7
     ids = torch.randperm(num_positives, generator=gen) // group_size
-    spec = describe(torch.empty(batch, 4), torch.empty(num_positives, 4), 0.05, pos_start=pos_start,
-                    neg_start=num_positives, num_neg=0, normalize=True, hard_negative_weight=0.0, ids=ids,
-                    id_mode="group")
+    problem = describe(torch.empty(batch, 4), torch.empty(num_positives, 4), 0.05, pos_start=pos_start,
+                       neg_start=num_positives, num_neg=0, normalize=True, hard_negative_weight=0.0, ids=ids,
+                       id_mode="group")
     # The default lists the cells while the rows have on average under P / 32 mates (P = 47, 47, 40, 40).
-    assert (cpu._GroupCells.build(ids, spec) is None) == (group_size > 1)
+    assert (cpu._GroupCells.build(ids, problem) is None) == (group_size > 1)
     monkeypatch.setattr(cpu._GroupCells, "MAX_CELLS_PER_ROW_FRACTION", 1.0)
-    cells = cpu._GroupCells.build(ids, spec)
+    cells = cpu._GroupCells.build(ids, problem)
     for r0, r1 in [(0, batch), (0, 1), (3, 11), (batch - 1, batch)]:
         dense = ids[pos_start + r0: pos_start + r1, None] == ids[None, :]
         dense[torch.arange(r1 - r0), pos_start + torch.arange(r0, r1)] = False
@@ -119,12 +119,12 @@ def test_group_cells_are_the_dense_compare(pos_start, batch, group_size, monkeyp
 def test_group_cells_cap_their_memory(monkeypatch):
     """Few mates per row but more cells than MAX_CELLS: the dense compare, not a list that outgrows the block."""
     ids = torch.arange(40) // 4
-    spec = describe(torch.empty(40, 4), torch.empty(40, 4), 0.05, pos_start=0, neg_start=40, num_neg=0,
-                    normalize=True, hard_negative_weight=0.0, ids=ids, id_mode="group")
+    problem = describe(torch.empty(40, 4), torch.empty(40, 4), 0.05, pos_start=0, neg_start=40, num_neg=0,
+                       normalize=True, hard_negative_weight=0.0, ids=ids, id_mode="group")
     monkeypatch.setattr(cpu._GroupCells, "MAX_CELLS_PER_ROW_FRACTION", 1.0)
-    assert cpu._GroupCells.build(ids, spec) is not None  # 120 cells
+    assert cpu._GroupCells.build(ids, problem) is not None  # 120 cells
     monkeypatch.setattr(cpu._GroupCells, "MAX_CELLS", 119)
-    assert cpu._GroupCells.build(ids, spec) is None
+    assert cpu._GroupCells.build(ids, problem) is None
 
 
 @pytest.mark.parametrize("variant", [dict(directions=VARIANTS["gte"]["directions"], partition_mode="joint"),
@@ -138,16 +138,15 @@ def test_both_group_mask_paths_agree_in_the_distributed_layout(variant, monkeypa
     candidates = torch.randn(num_positives + 4, dim, generator=gen, dtype=torch.float64)  # + 4 extra
     anchor_keys = torch.randn(num_positives, dim, generator=gen, dtype=torch.float64)
     ids = torch.randint(0, 8, (num_positives,), generator=gen)
-    spec = describe(anchor, candidates, 0.05, pos_start=pos_start, neg_start=num_positives, num_neg=0, normalize=True,
-                    hard_negative_weight=0.0, variant=resolve_variant(**variant), anchor_keys=anchor_keys,
-                    anchor_start=pos_start,
-                    ids=ids, id_mode="group", num_extra=4)
+    problem = describe(anchor, candidates, 0.05, pos_start=pos_start, neg_start=num_positives, num_neg=0,
+                       normalize=True, hard_negative_weight=0.0, variant=resolve_variant(**variant),
+                       anchor_keys=anchor_keys, anchor_start=pos_start, ids=ids, id_mode="group", num_extra=4)
     results = {}
     for fraction in (1.0, 0.0):
         monkeypatch.setattr(cpu._GroupCells, "MAX_CELLS_PER_ROW_FRACTION", fraction)
-        row_loss, lse, grads = cpu.forward(anchor, candidates, anchor_keys, spec, compute_grad=True, ids=ids)
+        row_loss, lse, grads = cpu.forward(anchor, candidates, anchor_keys, problem, compute_grad=True, ids=ids)
         backward = cpu.backward(torch.rand(batch, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
-                                anchor, candidates, anchor_keys, spec, lse, ids=ids)
+                                anchor, candidates, anchor_keys, problem, lse, ids=ids)
         results[fraction] = (row_loss, lse, *grads[:3], *backward[:3])
     assert torch.isfinite(results[1.0][0]).all()
     for listed, dense in zip(results[1.0], results[0.0]):

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of every Triton kernel of fastcse.triton_info_nce for sm_80 and sm_90.
+"""Ahead-of-time compilation of every Triton kernel of fastcse's Triton backend for sm_80 and sm_90.
 
 No GPU is needed: triton.compile with an explicit GPUTarget runs the whole pipeline down to a
 cubin with the ptxas shipped in the triton wheel. A compile error, a register spill or a
@@ -48,7 +48,7 @@ def _score_specializations():
     most masks), whose fp32 backward is the tightest kernel on sm_80 (241 registers, like the
     other anchor-key directions', with or without the mask; query_to_doc's is 237 with either
     id mode). ``REV`` is FUSED_REVERSE in the forward and REVERSE in the backward."""
-    from fastcse import triton_info_nce as k
+    from fastcse import triton_tiles as k
 
     none, self_, own = k.MASK_NONE.value, k.MASK_SELF.value, k.MASK_OWN_DOCUMENTS.value
     out = []
@@ -78,10 +78,11 @@ def _variants(dtype_name):
     """(label, kernel name, constexprs, num_warps, num_stages): the specializations the launch code uses."""
     import torch
 
-    from fastcse import triton_info_nce as k
+    from fastcse import triton_tiles as k
+    from fastcse.checks import NORMALIZE_EPS
 
     cfg = k.select_config(getattr(torch, dtype_name), DIM, interpret=False)
-    common = dict(UPCAST=False, PRECISION=cfg.precision, EPS_=k.EPS)
+    common = dict(UPCAST=False, PRECISION=cfg.precision, EPS_=NORMALIZE_EPS)
     fwd = dict(BLOCK_M=cfg.fwd.block_m, BLOCK_N=cfg.fwd.block_n, BLOCK_D=cfg.fwd.block_d, **common)
     bwd = dict(BLOCK_M=cfg.bwd.block_m, BLOCK_N=cfg.bwd.block_n, BLOCK_D=cfg.bwd.block_d, **common)
     rows = dict(BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d_rows, UPCAST=False)
@@ -100,7 +101,7 @@ def _variants(dtype_name):
                     cfg.bwd.warps, cfg.bwd.stages))
     for normalize in (True, False):
         out.append((f"normalize_backward norm={int(normalize)}", "_normalize_backward_kernel",
-                    dict(NORMALIZE=normalize, EPS_=k.EPS, **rows), cfg.warps_rows, 1))
+                    dict(NORMALIZE=normalize, EPS_=NORMALIZE_EPS, **rows), cfg.warps_rows, 1))
     return out
 
 
@@ -129,13 +130,15 @@ def _compile_all(capability: int) -> list[dict]:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from fastcse import triton_info_nce as k
+    from fastcse import triton_backward, triton_forward, triton_tiles
 
+    kernels = {name: getattr(module, name) for module in (triton_tiles, triton_forward, triton_backward)
+               for name in dir(module) if name.endswith("_kernel")}
     target = GPUTarget("cuda", capability, 32)
     records = []
     for dtype_name in DTYPES:
         for label, kernel_name, constexprs, warps, stages in _variants(dtype_name):
-            fn = getattr(k, kernel_name)
+            fn = kernels[kernel_name]
             sig, attrs = _signature(fn, constexprs, dtype_name)
             record = dict(sm=capability, dtype=dtype_name, kernel=label, warps=warps, stages=stages,
                           blocks={n: v for n, v in constexprs.items() if n.startswith("BLOCK")})

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fastcse
-from fastcse import cpu, triton_info_nce
+from fastcse import cpu, triton_forward, triton_info_nce
 from fastcse.problem import DIRECTIONS, describe, resolve_variant
 from fastcse.reference import info_nce_reference
 from fastcse.testing import HALF_PRECISION_CASES, HALF_PRECISION_WEIGHT, TEMPERATURE_CASES, TOL
@@ -145,7 +145,7 @@ def _world(sizes, num_neg, dim, seed):
     return anchor, positive, negative
 
 
-def _distributed_spec(sizes, rank, anchor, positive, negative, tau, weight, variant_kw, normalize=True):
+def _distributed_problem(sizes, rank, anchor, positive, negative, tau, weight, variant_kw, normalize=True):
     """Rank ``rank``'s call as distributed.py makes it: its anchors against every rank's gathered
     candidates (positives of all ranks, then negatives of all ranks), every rank's anchors as keys."""
     total, num_neg, dim = anchor.shape[0], negative.shape[1], anchor.shape[1]
@@ -153,10 +153,10 @@ def _distributed_spec(sizes, rank, anchor, positive, negative, tau, weight, vari
     candidates = torch.cat([positive, negative.reshape(total * num_neg, dim)])
     local = anchor[start:start + batch].clone()
     variant = resolve_variant(num_neg=num_neg, **variant_kw)
-    spec = describe(local, candidates, tau, pos_start=start, neg_start=total + start * num_neg, num_neg=num_neg,
-                    normalize=normalize, hard_negative_weight=weight, variant=variant, anchor_keys=anchor,
-                    anchor_start=start)
-    return local, candidates, spec
+    problem = describe(local, candidates, tau, pos_start=start, neg_start=total + start * num_neg, num_neg=num_neg,
+                       normalize=normalize, hard_negative_weight=weight, variant=variant, anchor_keys=anchor,
+                       anchor_start=start)
+    return local, candidates, problem
 
 
 @pytest.mark.parametrize("variant", [
@@ -174,8 +174,8 @@ def test_separate_anchor_keys(variant, rank):
     reference's d(anchors) (the gather's backward adds the two on the owner)."""
     sizes, num_neg, dim, tau, weight = [5, 7, 4], 2, 24, 0.04, 0.5
     anchor, positive, negative = _world(sizes, num_neg, dim, seed=59 + rank)
-    local, candidates, spec = _distributed_spec(sizes, rank, anchor, positive, negative, tau, weight, variant)
-    start, batch = spec.anchor_start, spec.batch
+    local, candidates, problem = _distributed_problem(sizes, rank, anchor, positive, negative, tau, weight, variant)
+    start, batch = problem.anchor_start, problem.batch
     gen = torch.Generator().manual_seed(61)
     grad_rows = torch.rand(batch, generator=gen) + 0.5
 
@@ -185,16 +185,16 @@ def test_separate_anchor_keys(variant, rank):
                              **variant)
     ref_rows = ref[start:start + batch]
 
-    row_loss, lse, grads = triton_info_nce.forward(local, candidates, anchor, spec, compute_grad=True)
-    assert lse.shape == (spec.variant.num_partitions, batch) and lse.dtype == torch.float32
+    row_loss, lse, grads = triton_info_nce.forward(local, candidates, anchor, problem, compute_grad=True)
+    assert lse.shape == (problem.variant.num_partitions, batch) and lse.dtype == torch.float32
     _assert_close("row_loss", row_loss, ref_rows.detach(), 2e-4)
-    back = triton_info_nce.backward(grad_rows, local, candidates, anchor, spec, lse)
+    back = triton_info_nce.backward(grad_rows, local, candidates, anchor, problem, lse)
     for kind, got, weights in [("fused", grads, torch.ones(batch)), ("backward", back, grad_rows)]:
         upstream = torch.zeros(sum(sizes), dtype=torch.float64)
         upstream[start:start + batch] = weights.double()
         want = torch.autograd.grad(ref, leaves + [temperature], upstream, retain_graph=True)
         grad_anchor, grad_candidates, grad_keys, grad_tau = got
-        if spec.variant.needs_anchor_keys:
+        if problem.variant.needs_anchor_keys:
             assert grad_keys.shape == anchor.shape and grad_keys.dtype == torch.float32
             grad_all_anchors = grad_keys.clone()
         else:
@@ -214,9 +214,9 @@ def test_separate_anchor_keys_equal_to_the_anchors():
     candidates = torch.cat([positive, negative.reshape(-1, 24)])
     variant = resolve_variant(num_neg=2, hardness_mode="in_batch_negatives", hardness_strength=3.0, **GTE)
     options = dict(pos_start=0, neg_start=11, num_neg=2, normalize=True, hard_negative_weight=0.3, variant=variant)
-    spec = describe(anchor, candidates, 0.05, **options)
+    problem = describe(anchor, candidates, 0.05, **options)
     keyed = describe(anchor, candidates, 0.05, anchor_keys=anchor, **options)
-    loss, lse, (ga, gc, gk, gt) = triton_info_nce.forward(anchor, candidates, None, spec, compute_grad=True)
+    loss, lse, (ga, gc, gk, gt) = triton_info_nce.forward(anchor, candidates, None, problem, compute_grad=True)
     loss2, lse2, (ga2, gc2, gk2, gt2) = triton_info_nce.forward(anchor, candidates, anchor.clone(), keyed,
                                                                 compute_grad=True)
     assert gk is None
@@ -317,14 +317,14 @@ def test_ids_backend_contract_against_cpu(kind):
                               hardness_strength=2.0)
     options = dict(pos_start=batch, neg_start=2 * batch + batch * num_neg, num_neg=num_neg, normalize=True,
                    hard_negative_weight=0.6, variant=variant, id_mode=kind, num_extra=queue)
-    spec = describe(anchor, candidates, 0.04, ids=ids, **options)
-    spec64 = describe(anchor.double(), candidates.double(), 0.04, ids=ids, **options)
+    problem = describe(anchor, candidates, 0.04, ids=ids, **options)
+    problem64 = describe(anchor.double(), candidates.double(), 0.04, ids=ids, **options)
     grad_rows = torch.rand(batch, generator=gen)
-    row_loss, lse, grads = triton_info_nce.forward(anchor, candidates, None, spec, compute_grad=True, ids=ids)
-    ref_loss, ref_lse, ref_grads = cpu.forward(anchor.double(), candidates.double(), None, spec64, compute_grad=True,
+    row_loss, lse, grads = triton_info_nce.forward(anchor, candidates, None, problem, compute_grad=True, ids=ids)
+    ref_loss, ref_lse, ref_grads = cpu.forward(anchor.double(), candidates.double(), None, problem64, compute_grad=True,
                                                ids=ids)
-    back = triton_info_nce.backward(grad_rows, anchor, candidates, None, spec, lse, ids=ids)
-    ref_back = cpu.backward(grad_rows.double(), anchor.double(), candidates.double(), None, spec64, ref_lse, ids=ids)
+    back = triton_info_nce.backward(grad_rows, anchor, candidates, None, problem, lse, ids=ids)
+    ref_back = cpu.backward(grad_rows.double(), anchor.double(), candidates.double(), None, problem64, ref_lse, ids=ids)
     _assert_close("row_loss", row_loss, ref_loss, 2e-4)
     _assert_close("lse", lse, ref_lse, 2e-4)
     for label, got, want, weights in [("fused", grads, ref_grads, torch.ones(batch)),
@@ -354,27 +354,27 @@ def test_ids_separate_anchor_keys(kind, variant, rank):
     extra = torch.randn(queue, dim, generator=torch.Generator().manual_seed(107))
     ids = ROW_IDS[:total]
     variant_kw = ID_VARIANTS[variant]
-    local, candidates, spec = _distributed_spec(sizes, rank, anchor, positive, negative, tau, weight, variant_kw)
+    local, candidates, problem = _distributed_problem(sizes, rank, anchor, positive, negative, tau, weight, variant_kw)
     candidates = torch.cat([candidates, extra])
-    spec = describe(local, candidates, tau, pos_start=spec.pos_start, neg_start=spec.neg_start, num_neg=num_neg,
-                    normalize=True, hard_negative_weight=weight, variant=spec.variant, anchor_keys=anchor,
-                    anchor_start=spec.anchor_start, ids=ids, id_mode=kind, num_extra=queue)
-    start, batch = spec.anchor_start, spec.batch
+    problem = describe(local, candidates, tau, pos_start=problem.pos_start, neg_start=problem.neg_start,
+                       num_neg=num_neg, normalize=True, hard_negative_weight=weight, variant=problem.variant,
+                       anchor_keys=anchor, anchor_start=problem.anchor_start, ids=ids, id_mode=kind, num_extra=queue)
+    start, batch = problem.anchor_start, problem.batch
     grad_rows = torch.rand(batch, generator=torch.Generator().manual_seed(109)) + 0.5
 
     leaves = [x.double().requires_grad_() for x in (anchor, positive, negative, extra)]
     temperature = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
     ref = info_nce_reference(*leaves[:3], temperature=temperature, hard_negative_weight=weight, reduction="none",
                              extra_negatives=leaves[3], **_row_options(kind, total), **variant_kw)
-    row_loss, lse, grads = triton_info_nce.forward(local, candidates, anchor, spec, compute_grad=True, ids=ids)
+    row_loss, lse, grads = triton_info_nce.forward(local, candidates, anchor, problem, compute_grad=True, ids=ids)
     _assert_close("row_loss", row_loss, ref[start:start + batch].detach(), 2e-4)
-    back = triton_info_nce.backward(grad_rows, local, candidates, anchor, spec, lse, ids=ids)
+    back = triton_info_nce.backward(grad_rows, local, candidates, anchor, problem, lse, ids=ids)
     for label, got, weights in [("fused", grads, torch.ones(batch)), ("backward", back, grad_rows)]:
         upstream = torch.zeros(total, dtype=torch.float64)
         upstream[start:start + batch] = weights.double()
         want = torch.autograd.grad(ref, leaves + [temperature], upstream, retain_graph=True)
         grad_anchor, grad_candidates, grad_keys, grad_tau = got
-        grad_all_anchors = grad_keys.clone() if spec.variant.needs_anchor_keys else torch.zeros_like(anchor)
+        grad_all_anchors = grad_keys.clone() if problem.variant.needs_anchor_keys else torch.zeros_like(anchor)
         grad_all_anchors[start:start + batch] += grad_anchor
         _assert_close(f"{label} d(anchor keys) + d(anchor)", grad_all_anchors, want[0], 2e-4)
         _assert_close(f"{label} d(candidates)", grad_candidates,
@@ -389,10 +389,10 @@ def test_ids_keep_the_fused_launches(monkeypatch, kind):
     anchor, positive, negative = _inputs(6, 1, 16, torch.float32, seed=71)
     candidates = torch.cat([positive, negative, torch.randn(3, 16)])
     ids = torch.tensor([4, 2, 4, 9, 2, 4])
-    spec = describe(anchor, candidates, 0.05, pos_start=0, neg_start=6, num_neg=1, normalize=True,
-                    hard_negative_weight=0.5, variant=resolve_variant(num_neg=1, symmetric=True), ids=ids,
-                    id_mode=kind, num_extra=3)
-    triton_info_nce.forward(anchor, candidates, None, spec, compute_grad=True, ids=ids)
+    problem = describe(anchor, candidates, 0.05, pos_start=0, neg_start=6, num_neg=1, normalize=True,
+                       hard_negative_weight=0.5, variant=resolve_variant(num_neg=1, symmetric=True), ids=ids,
+                       id_mode=kind, num_extra=3)
+    triton_info_nce.forward(anchor, candidates, None, problem, compute_grad=True, ids=ids)
     assert launches["forward"] == [(Q2D, True)]
     assert launches["backward"] == [(Q2D, True)]
 
@@ -419,15 +419,15 @@ def test_backend_contract_against_cpu(variant):
     anchor = torch.randn(batch, dim, generator=gen)
     candidates = torch.randn(3 * batch + batch * num_neg, dim, generator=gen)
     spec_variant = resolve_variant(num_neg=num_neg, **variant)
-    spec = describe(anchor, candidates, 0.04, pos_start=pos_start, neg_start=3 * batch, num_neg=num_neg,
-                    normalize=True, hard_negative_weight=0.6, variant=spec_variant)
-    spec64 = describe(anchor.double(), candidates.double(), 0.04, pos_start=pos_start, neg_start=3 * batch,
-                      num_neg=num_neg, normalize=True, hard_negative_weight=0.6, variant=spec_variant)
+    problem = describe(anchor, candidates, 0.04, pos_start=pos_start, neg_start=3 * batch, num_neg=num_neg,
+                       normalize=True, hard_negative_weight=0.6, variant=spec_variant)
+    problem64 = describe(anchor.double(), candidates.double(), 0.04, pos_start=pos_start, neg_start=3 * batch,
+                         num_neg=num_neg, normalize=True, hard_negative_weight=0.6, variant=spec_variant)
     grad_rows = torch.rand(batch, generator=gen)
-    row_loss, lse, grads = triton_info_nce.forward(anchor, candidates, None, spec, compute_grad=True)
-    ref_loss, ref_lse, ref_grads = cpu.forward(anchor.double(), candidates.double(), None, spec64, compute_grad=True)
-    back = triton_info_nce.backward(grad_rows, anchor, candidates, None, spec, lse)
-    ref_back = cpu.backward(grad_rows.double(), anchor.double(), candidates.double(), None, spec64, ref_lse)
+    row_loss, lse, grads = triton_info_nce.forward(anchor, candidates, None, problem, compute_grad=True)
+    ref_loss, ref_lse, ref_grads = cpu.forward(anchor.double(), candidates.double(), None, problem64, compute_grad=True)
+    back = triton_info_nce.backward(grad_rows, anchor, candidates, None, problem, lse)
+    ref_back = cpu.backward(grad_rows.double(), anchor.double(), candidates.double(), None, problem64, ref_lse)
     assert row_loss.dtype == torch.float32 and row_loss.shape == (batch,)
     assert lse.dtype == torch.float32 and lse.shape == (spec_variant.num_partitions, batch)
     _assert_close("row_loss", row_loss, ref_loss, 2e-4)
@@ -444,29 +444,29 @@ def test_backend_contract_against_cpu(variant):
 
 def test_rejects_float64():
     anchor, candidates = torch.randn(4, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
-    spec = describe(anchor, candidates, 0.05, pos_start=0, neg_start=4, num_neg=1, normalize=True,
-                    hard_negative_weight=0.0)
+    problem = describe(anchor, candidates, 0.05, pos_start=0, neg_start=4, num_neg=1, normalize=True,
+                       hard_negative_weight=0.0)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
-        triton_info_nce.forward(anchor, candidates, None, spec, compute_grad=False)
+        triton_info_nce.forward(anchor, candidates, None, problem, compute_grad=False)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
-        triton_info_nce.backward(torch.ones(4), anchor, candidates, None, spec, torch.zeros(1, 4))
+        triton_info_nce.backward(torch.ones(4), anchor, candidates, None, problem, torch.zeros(1, 4))
 
 
 def _count_launches(monkeypatch):
     """Records (direction, fused doc_to_query) per forward launch and per backward launch."""
     launches = {"forward": [], "backward": []}
-    forward, backward = triton_info_nce._launch_forward, triton_info_nce._launch_backward
+    forward, backward = triton_info_nce.launch_forward, triton_info_nce.launch_backward
 
-    def recording_forward(sweep, spec, cfg, col_sum=None):
+    def recording_forward(sweep, problem, cfg, col_sum=None):
         launches["forward"].append((sweep.direction, col_sum is not None))
-        return forward(sweep, spec, cfg, col_sum)
+        return forward(sweep, problem, cfg, col_sum)
 
-    def recording_backward(sweep, spec, cfg, lse, g, g_scale, grad_q, grad_k, lse_rev=None):
+    def recording_backward(sweep, problem, cfg, lse, g, g_scale, grad_q, grad_k, lse_rev=None):
         launches["backward"].append((sweep.direction, lse_rev is not None))
-        return backward(sweep, spec, cfg, lse, g, g_scale, grad_q, grad_k, lse_rev=lse_rev)
+        return backward(sweep, problem, cfg, lse, g, g_scale, grad_q, grad_k, lse_rev=lse_rev)
 
-    monkeypatch.setattr(triton_info_nce, "_launch_forward", recording_forward)
-    monkeypatch.setattr(triton_info_nce, "_launch_backward", recording_backward)
+    monkeypatch.setattr(triton_info_nce, "launch_forward", recording_forward)
+    monkeypatch.setattr(triton_info_nce, "launch_backward", recording_backward)
     return launches
 
 
@@ -490,10 +490,10 @@ def test_launches_per_variant(monkeypatch, variant, separate, tau, forward_launc
     anchor, positive, negative = _inputs(6, 1, 16, torch.float32, seed=71)
     candidates = torch.cat([positive, negative])
     keys = torch.cat([torch.randn(3, 16), anchor]) if separate else None
-    spec = describe(anchor, candidates, tau, pos_start=0, neg_start=6, num_neg=1, normalize=True,
-                    hard_negative_weight=0.5, variant=resolve_variant(num_neg=1, **variant), anchor_keys=keys,
-                    anchor_start=3 if separate else 0)
-    triton_info_nce.forward(anchor, candidates, keys, spec, compute_grad=True)
+    problem = describe(anchor, candidates, tau, pos_start=0, neg_start=6, num_neg=1, normalize=True,
+                       hard_negative_weight=0.5, variant=resolve_variant(num_neg=1, **variant), anchor_keys=keys,
+                       anchor_start=3 if separate else 0)
+    triton_info_nce.forward(anchor, candidates, keys, problem, compute_grad=True)
     assert launches["forward"] == forward_launches
     assert launches["backward"] == backward_launches
 
@@ -629,9 +629,9 @@ def test_fixed_max_path_selection(monkeypatch, tau, fused):
     batch = 18
     anchor = torch.randn(1, 20).abs().expand(batch, 20).contiguous()  # all one direction
     candidates = torch.cat([-anchor, torch.randn(batch, 20)])  # positive i = -anchor i: s_rev = -1/tau
-    spec = describe(anchor, candidates, tau, pos_start=0, neg_start=batch, num_neg=1, normalize=True,
-                    hard_negative_weight=0.0, variant=resolve_variant(symmetric=True))
-    _, lse, _ = triton_info_nce.forward(anchor, candidates, None, spec, compute_grad=False)
+    problem = describe(anchor, candidates, tau, pos_start=0, neg_start=batch, num_neg=1, normalize=True,
+                       hard_negative_weight=0.0, variant=resolve_variant(symmetric=True))
+    _, lse, _ = triton_info_nce.forward(anchor, candidates, None, problem, compute_grad=False)
     assert launches["forward"] == ([(Q2D, True)] if fused else [(Q2D, False), (D2Q, False)])
     expected = torch.full((batch,), -1 / tau + math.log(batch), dtype=torch.float64)  # LSE of B equal terms
     _assert_close("lse_rev", lse[1], expected, 2e-4)
@@ -642,7 +642,7 @@ def test_column_splits_cover_every_tile_without_empty_splits():
     seen = set()
     for row_blocks in range(1, 9):
         for tiles in range(1, 40):
-            splits = triton_info_nce._column_splits(row_blocks, tiles, cpu_device)
+            splits = triton_forward.column_splits(row_blocks, tiles, cpu_device)
             per = math.ceil(tiles / splits)
             assert 1 <= splits <= tiles
             assert (splits - 1) * per < tiles <= splits * per, (row_blocks, tiles, splits)
@@ -670,11 +670,11 @@ def test_no_tensor_of_batch_times_candidates_size():
     anchor, positive, negative = _inputs(batch, num_neg, dim, torch.float32, seed=37)
     candidates = torch.cat([positive, negative.reshape(-1, dim)])
     variant = resolve_variant(num_neg=num_neg, hardness_mode="in_batch_negatives", hardness_strength=2.0, **GTE)
-    spec = describe(anchor, candidates, 0.01, pos_start=0, neg_start=batch, num_neg=num_neg, normalize=True,
-                    hard_negative_weight=0.5, variant=variant)
+    problem = describe(anchor, candidates, 0.01, pos_start=0, neg_start=batch, num_neg=num_neg, normalize=True,
+                       hard_negative_weight=0.5, variant=variant)
     with LargestTensor():
-        _, lse, grads = triton_info_nce.forward(anchor, candidates, None, spec, compute_grad=True)
-        triton_info_nce.backward(torch.ones(batch), anchor, candidates, None, spec, lse)
+        _, lse, grads = triton_info_nce.forward(anchor, candidates, None, problem, compute_grad=True)
+        triton_info_nce.backward(torch.ones(batch), anchor, candidates, None, problem, lse)
     assert grads is not None
     # The largest is d(candidates), [N, d] fp32; a score block would be B N fp32 (1.7x more).
     assert LargestTensor.largest == candidates.numel() * 4, LargestTensor.largest

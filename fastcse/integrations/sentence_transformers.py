@@ -34,15 +34,15 @@ the logits never materialized. Correspondences with sentence-transformers 6.2:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from fastcse import checks
 from fastcse.loss import info_nce
-from fastcse.problem import resolve_variant
+from fastcse.problem import QUERY_TO_DOC, SYMMETRIC_DIRECTIONS, resolve_variant
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +73,6 @@ except ImportError as exc:
 __all__ = ["InfoNCELoss"]
 
 
-def _positive_finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
-    return float(value)
-
-
 # Feature keys that are per-row token tensors, safe to reorder along the batch dimension.
 _ROW_KEYS = {"input_ids", "attention_mask", "token_type_ids", "position_ids"}
 
@@ -97,6 +91,17 @@ def _sort_rows_by_length(features: dict[str, Any]) -> tuple[dict[str, Any], Tens
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(rows, device=order.device)
     return {k: v.index_select(0, order) if k in tensor_keys else v for k, v in features.items()}, inverse
+
+
+def _variant_options(symmetric, directions, partition_mode, hardness_mode, hardness_strength) -> dict:
+    """``resolve_variant``'s keywords from MNRL's. MNRL's directions and partition_mode have
+    defaults where fastcse's are None: at their defaults they are left out under ``symmetric``
+    (its shorthand), and anything else is passed on for resolve_variant to refuse beside it."""
+    at_defaults = tuple(directions) == (QUERY_TO_DOC,) and partition_mode == "joint"
+    leave_out = symmetric is True and at_defaults
+    return dict(symmetric=symmetric, directions=None if leave_out else tuple(directions),
+                partition_mode=None if leave_out else partition_mode, hardness_mode=hardness_mode,
+                hardness_strength=hardness_strength)
 
 
 class InfoNCELoss(CachedLossMixin, nn.Module):
@@ -153,27 +158,19 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
             raise ValueError(f"give temperature or scale (= 1 / temperature), not both; got "
                              f"temperature={temperature!r} and scale={scale!r}")
         if scale is not None:
-            temperature = 1.0 / _positive_finite("scale", scale)
-        self.temperature = 0.05 if temperature is None else _positive_finite("temperature", temperature)
-        if not isinstance(symmetric, bool):
-            raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
-        if symmetric and (tuple(directions) != ("query_to_doc",) or partition_mode != "joint"):
-            raise ValueError("symmetric=True is shorthand for directions=('query_to_doc', 'doc_to_query'), "
-                             "partition_mode='per_direction': give either symmetric or directions/partition_mode, "
-                             "not both")
+            temperature = 1.0 / checks.positive_float("scale", scale)
+        self.temperature = checks.DEFAULT_TEMPERATURE if temperature is None \
+            else checks.positive_float("temperature", temperature)
         # The checks (and reasons) of MNRL's constructor; the variant is resolved per batch, when
         # the number of negative columns is known.
-        self._variant_options = dict(directions=None if symmetric else tuple(directions),
-                                     partition_mode=None if symmetric else partition_mode,
-                                     hardness_mode=hardness_mode, hardness_strength=hardness_strength,
-                                     symmetric=symmetric)
+        self._variant_options = _variant_options(symmetric, directions, partition_mode, hardness_mode,
+                                                 hardness_strength)
         resolve_variant(**self._variant_options, num_neg=1)
         if hardness_mode is not None and hardness_strength == 0.0:
             logger.warning(f"hardness_mode={hardness_mode!r} is set but hardness_strength=0.0, so hardness "
                            "weighting has no effect. Set hardness_strength to a positive value to enable it.")
-        if isinstance(hard_negative_weight, bool) or not isinstance(hard_negative_weight, (int, float)) \
-                or not math.isfinite(hard_negative_weight):
-            raise ValueError(f"hard_negative_weight must be a finite float, got {hard_negative_weight!r}")
+        # Finite now; that it needs negative columns is checked per batch, when they are known.
+        checks.finite_float("hard_negative_weight", hard_negative_weight)
         if mini_batch_size is not None and (isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int)
                                             or mini_batch_size < 1):
             raise ValueError(f"mini_batch_size must be None (no gradient caching) or a positive int, "
@@ -192,7 +189,7 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
                              "StaticEmbedding model's do not: use mini_batch_size=None")
         self.model = model
         self.symmetric = symmetric
-        self.directions = ("query_to_doc", "doc_to_query") if symmetric else tuple(directions)
+        self.directions = SYMMETRIC_DIRECTIONS if symmetric else tuple(directions)
         self.partition_mode = "per_direction" if symmetric else partition_mode
         self.hardness_mode = hardness_mode
         self.hardness_strength = float(hardness_strength)
