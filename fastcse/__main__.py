@@ -12,6 +12,9 @@ from pathlib import Path
 
 from fastcse.encoding import ENCODINGS
 from fastcse.pooling import POOLERS
+from fastcse.training.config import DEFAULT_EPOCHS, DEFAULT_LR, MLP_INITS, MODES, PRECISIONS, TrainConfig
+
+DEFAULTS = TrainConfig()  # the CLI's defaults are the API's
 
 # The demo: unsupervised SimCSE with the paper's settings (cls pooler with the MLP head while
 # training, [CLS] at evaluation, batch 64, lr 3e-5, temperature 0.05, max length 32) on
@@ -82,24 +85,24 @@ def _add_common(p):
 
 
 def _add_train_options(p, demo: bool):
-    p.add_argument("--output-dir", default="runs/demo" if demo else "runs/fastcse",
+    p.add_argument("--output-dir", default="runs/demo" if demo else DEFAULTS.output_dir,
                    help="where best/, last/ and metrics.jsonl go (default: %(default)s)")
     p.add_argument("--max-steps", type=positive_int, default=DEMO["max_steps"] if demo else None,
                    help="optimizer steps (default: %(default)s)" if demo else "optimizer steps (overrides --epochs)")
-    p.add_argument("--eval-steps", type=positive_int, default=DEMO["eval_steps"] if demo else 125,
+    p.add_argument("--eval-steps", type=positive_int, default=DEMO["eval_steps"] if demo else DEFAULTS.eval_steps,
                    help="evaluate on STS-B dev every N steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=DEMO["batch_size"] if demo else 64,
+    p.add_argument("--batch-size", type=positive_int, default=DEMO["batch_size"] if demo else DEFAULTS.batch_size,
                    help="contrastive batch: the in-batch negatives (default: %(default)s)")
     p.add_argument("--mini-batch-size", type=positive_int, default=None,
                    help="gradient caching: encode the batch in chunks of this many examples (same gradients, "
                         "less memory)")
     p.add_argument("--mini-batch-tokens", type=positive_int, default=None,
                    help="gradient caching: chunks of at most this many real tokens (memory bounded by tokens)")
-    p.add_argument("--encoding", choices=ENCODINGS, default="auto",
+    p.add_argument("--encoding", choices=ENCODINGS, default=DEFAULTS.encoding,
                    help="sequence layout for the encoder: packed (padding-free, BERT-family), sorted "
                         "(length-sorted groups, each padded to its longest), padded (one padded batch); auto: "
                         "packed where the model allows it, else sorted (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="(default: %(default)s)")
     p.add_argument("--resume-from", help="a run's output dir or its last/ checkpoint, to continue it")
     p.add_argument("--resume-override", default=None, metavar="NAMES",
                    help="comma-separated settings a resumed run may change (e.g. learning_rate,max_steps), or 'all'")
@@ -127,30 +130,34 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", required=True,
                     help="unsup: text file, one sentence a line; sup: CSV sent0,sent1[,hard_neg][,label] (label: "
                          "integer ids, equal ids are positives)")
-    tr.add_argument("--mode", choices=("unsup", "sup"), default="unsup", help="(default: %(default)s)")
+    tr.add_argument("--mode", choices=MODES, default=DEFAULTS.mode, help="(default: %(default)s)")
     tr.add_argument("--from-scratch", action="store_true", help="train a randomly initialized BERT with --model's tokenizer")
     tr.add_argument("--scratch-hidden-size", type=positive_int, default=256, help="(default: %(default)s)")
     tr.add_argument("--scratch-layers", type=positive_int, default=4, help="(default: %(default)s)")
-    tr.add_argument("--pooler", choices=POOLERS, default="cls", help="(default: %(default)s)")
+    tr.add_argument("--pooler", choices=POOLERS, default=DEFAULTS.pooler, help="(default: %(default)s)")
     tr.add_argument("--mlp-only-train", choices=("auto", "yes", "no"), default="auto",
                     help="pooler cls: MLP head at training only (auto: yes for unsup, no for sup)")
-    tr.add_argument("--mlp-init", choices=("fresh", "pretrained"), default="fresh",
+    tr.add_argument("--mlp-init", choices=MLP_INITS, default=DEFAULTS.mlp_init,
                     help="pooler cls: SimCSE's MLP head freshly initialized (as the paper) or the encoder's "
                          "pretrained pooler (default: %(default)s)")
-    tr.add_argument("--temperature", type=float, default=0.05, help="(default: %(default)s)")
-    tr.add_argument("--hard-negative-weight", type=float, default=0.0, help="(default: %(default)s)")
-    tr.add_argument("--mask-duplicates", action=argparse.BooleanOptionalAction, default=True,
+    tr.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="(default: %(default)s)")
+    tr.add_argument("--hard-negative-weight", type=float, default=DEFAULTS.hard_negative_weight,
+                    help="(default: %(default)s)")
+    tr.add_argument("--mask-duplicates", action=argparse.BooleanOptionalAction, default=DEFAULTS.mask_duplicates,
                     help="leave rows that share an anchor or positive text out of each other's negatives (false "
                          "negatives); no effect on data with labels (default: on)")
-    tr.add_argument("--negative-queue-size", type=non_negative_int, default=0, metavar="Q",
+    tr.add_argument("--negative-queue-size", type=non_negative_int, default=DEFAULTS.negative_queue_size, metavar="Q",
                     help="score the last Q queued positives of earlier batches as extra negatives (XBM); "
                          "0: no queue (default: %(default)s)")
-    tr.add_argument("--learning-rate", type=float, default=None, help="(default: 3e-5 unsup, 5e-5 sup)")
-    tr.add_argument("--epochs", type=positive_int, default=None, help="(default: 1 unsup, 3 sup)")
-    tr.add_argument("--max-seq-length", type=positive_int, default=32, help="(default: %(default)s)")
-    tr.add_argument("--eval-data", default="STSBenchmark-dev",
+    tr.add_argument("--learning-rate", type=float, default=None,
+                    help=f"(default: {DEFAULT_LR['unsup']:g} unsup, {DEFAULT_LR['sup']:g} sup)")
+    tr.add_argument("--epochs", type=positive_int, default=None,
+                    help=f"(default: {DEFAULT_EPOCHS['unsup']} unsup, {DEFAULT_EPOCHS['sup']} sup)")
+    tr.add_argument("--max-seq-length", type=positive_int, default=DEFAULTS.max_seq_length,
+                    help="(default: %(default)s)")
+    tr.add_argument("--eval-data", default=DEFAULTS.eval_data,
                     help="task name or .tsv/.csv pair file for checkpoint selection, or 'none' (default: %(default)s)")
-    tr.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="(default: %(default)s)")
+    tr.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision, help="(default: %(default)s)")
     tr.add_argument("--device", type=torch_device, default=None,
                     help="torch device: cpu, cuda, cuda:N, mps (default: where the model loads, CPU)")
     _add_common(tr)
@@ -185,7 +192,8 @@ def _data_dir(args) -> Path:
     return Path(args.data_dir) if args.data_dir else _shared(args) / "data"
 
 
-def _train_kwargs(args) -> dict:
+def _train_settings(args) -> dict:
+    """The TrainConfig fields that the demo and train commands share."""
     return dict(batch_size=args.batch_size, mini_batch_size=args.mini_batch_size,
                 mini_batch_tokens=args.mini_batch_tokens, encoding=args.encoding, max_steps=args.max_steps,
                 eval_steps=args.eval_steps, output_dir=args.output_dir, seed=args.seed,
@@ -200,7 +208,7 @@ def _resume_override(text: str | None):
 
 
 def run_demo(args) -> int:
-    from fastcse.trainer import train
+    from fastcse.training import train
 
     shared = _shared(args)
     model = shared / "models" / "all-MiniLM-L6-v2"
@@ -211,7 +219,7 @@ def run_demo(args) -> int:
     started = time.time()
     print(f"fastcse demo: unsupervised SimCSE on {model.name} ([CLS] pooling), {data.name}, "
           f"{args.max_steps} steps of batch {args.batch_size}; STS-B dev every {args.eval_steps} steps", flush=True)
-    result = train(model, data, mode="unsup", pooler="cls", **_train_kwargs(args))
+    result = train(model, data, config=TrainConfig(mode="unsup", pooler="cls", **_train_settings(args)))
     before = result.history[0]["metric"] if result.history and result.history[0]["step"] == 0 else None
     after = result.history[-1]["metric"]
     minutes = (time.time() - started) / 60
@@ -225,7 +233,7 @@ def run_demo(args) -> int:
 
 def run_train(args) -> int:
     from fastcse.evaluation import model_source
-    from fastcse.trainer import build_bert_from_scratch, train
+    from fastcse.training import build_bert_from_scratch, train
 
     model = args.model
     if args.from_scratch:
@@ -235,11 +243,12 @@ def run_train(args) -> int:
                                         num_heads=max(1, args.scratch_hidden_size // 64), seed=args.seed)
     mlp = {"auto": None, "yes": True, "no": False}[args.mlp_only_train]
     eval_data = None if args.eval_data.lower() == "none" else args.eval_data
-    result = train(model, args.data, mode=args.mode, pooler=args.pooler, mlp_only_train=mlp, mlp_init=args.mlp_init,
-                   temperature=args.temperature, hard_negative_weight=args.hard_negative_weight,
-                   mask_duplicates=args.mask_duplicates, negative_queue_size=args.negative_queue_size,
-                   learning_rate=args.learning_rate, epochs=args.epochs, max_seq_length=args.max_seq_length,
-                   eval_data=eval_data, precision=args.precision, device=args.device, **_train_kwargs(args))
+    config = TrainConfig(mode=args.mode, pooler=args.pooler, mlp_only_train=mlp, mlp_init=args.mlp_init,
+                         temperature=args.temperature, hard_negative_weight=args.hard_negative_weight,
+                         mask_duplicates=args.mask_duplicates, negative_queue_size=args.negative_queue_size,
+                         learning_rate=args.learning_rate, epochs=args.epochs, max_seq_length=args.max_seq_length,
+                         eval_data=eval_data, precision=args.precision, device=args.device, **_train_settings(args))
+    result = train(model, args.data, config=config)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank holds the result; one prints it
         return 0
     if result.best_metric is not None:

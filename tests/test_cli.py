@@ -123,15 +123,17 @@ def test_demo_help_mentions_only_options_the_demo_takes(capsys):
 
 
 def test_train_passes_the_duplicate_masking_and_queue_flags(monkeypatch):
-    import fastcse.trainer
+    import dataclasses
+
+    import fastcse.training
 
     seen = []
 
-    def fake_train(model, data, **kwargs):
-        seen.append(kwargs)
+    def fake_train(model, data, *, config):
+        seen.append(dataclasses.asdict(config))
         raise ValueError("stop here")  # the CLI's handled error: exit code 2, nothing trained
 
-    monkeypatch.setattr(fastcse.trainer, "train", fake_train)
+    monkeypatch.setattr(fastcse.training, "train", fake_train)
     assert main(TRAIN + ["--output-dir", "unused"]) == 2
     assert main(TRAIN + ["--no-mask-duplicates", "--negative-queue-size", "64", "--output-dir", "unused"]) == 2
     assert [(k["mask_duplicates"], k["negative_queue_size"]) for k in seen] == [(True, 0), (False, 64)]

@@ -14,10 +14,17 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import fastcse  # noqa: E402
-import fastcse.trainer as train_module  # noqa: E402
+import fastcse.training.batches as batches_module  # noqa: E402
+import fastcse.training.checkpoints as checkpoints_module  # noqa: E402
+import fastcse.training.loop as loop_module  # noqa: E402
+import fastcse.training.model as model_module  # noqa: E402
+import fastcse.training.ranks as ranks_module  # noqa: E402
+import fastcse.training.resume as resume_module  # noqa: E402
+import fastcse.training.step as step_module  # noqa: E402
 from fastcse.data import batch_order  # noqa: E402
 from fastcse.evaluation import encode, shared_dir  # noqa: E402
-from fastcse.trainer import build_bert_from_scratch, save_checkpoint, train  # noqa: E402
+from fastcse.training import (RESUME_SETTINGS, OutputDirInUse, TrainConfig, build_bert_from_scratch,  # noqa: E402
+                              save_checkpoint, train)
 
 SHARED = shared_dir()
 TOKENIZER = SHARED / "models" / "all-MiniLM-L6-v2"
@@ -111,7 +118,7 @@ def test_resume_continues_to_the_same_weights(tmp_path, monkeypatch, queue):
                   progress=False, seed=7, negative_queue_size=queue)
     straight = train(tiny(), SENTENCES, output_dir=tmp_path / "straight", **common)
 
-    real_step = train_module.cached_step
+    real_step = step_module.cached_step
     calls = {"n": 0}
 
     def crash_on_third(*a, **k):
@@ -120,10 +127,10 @@ def test_resume_continues_to_the_same_weights(tmp_path, monkeypatch, queue):
             raise KeyboardInterrupt("simulated crash")
         return real_step(*a, **k)
 
-    monkeypatch.setattr(train_module, "cached_step", crash_on_third)
+    monkeypatch.setattr(step_module, "cached_step", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         train(tiny(), SENTENCES, output_dir=tmp_path / "resumed", **common)
-    monkeypatch.setattr(train_module, "cached_step", real_step)
+    monkeypatch.setattr(step_module, "cached_step", real_step)
     run = tmp_path / "resumed"
     saved_queue = torch.load(run / "last" / "trainer_state.pt", weights_only=True).get("negative_queue")
     if queue:
@@ -247,6 +254,32 @@ def test_bad_data_fails_before_training(tmp_path):
 
 def test_package_exposes_train():
     assert fastcse.train is train
+    assert fastcse.TrainConfig is TrainConfig
+
+
+def test_train_takes_a_config_or_its_fields_as_keywords(tmp_path):
+    settings = dict(batch_size=8, max_steps=2, eval_data=None, learning_rate=1e-3, progress=False, seed=5)
+    by_config = train(tiny(), SENTENCES, config=TrainConfig(output_dir=tmp_path / "a", **settings))
+    by_keywords = train(tiny(), SENTENCES, output_dir=tmp_path / "b", **settings)
+    a, b = weights(by_config.model_path), weights(by_keywords.model_path)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    # keywords replace the config's fields
+    assert train(tiny(), SENTENCES, config=TrainConfig(**settings), output_dir=tmp_path / "c", max_steps=1).steps == 1
+    with pytest.raises(TypeError, match="unknown settings.*colour"):
+        train(tiny(), SENTENCES, config=TrainConfig(**settings), colour="red")
+    with pytest.raises(TypeError, match="config must be a fastcse.TrainConfig"):
+        train(tiny(), SENTENCES, config=dict(settings))
+    with pytest.raises(ValueError, match="batch_size must be an int >= 2, got 1"):  # checked when made
+        TrainConfig(batch_size=1)
+
+
+def test_the_settings_compared_on_resume_are_the_config_fields_marked_so():
+    from dataclasses import fields
+
+    compared = {f.name for f in fields(TrainConfig) if f.metadata["compared"]}
+    assert set(RESUME_SETTINGS) == compared | {"data", "num_examples", "total_steps"}
+    assert {"mini_batch_size", "mini_batch_tokens", "encoding", "device", "eval_steps", "mlp_init"}.isdisjoint(
+        RESUME_SETTINGS)
 
 
 def _record_linear_dtypes(model) -> list:
@@ -277,7 +310,7 @@ def test_fp32_precision_computes_in_fp32(tmp_path):
     assert seen and set(seen) == {torch.float32}
 
 
-# ---- checkpoints survive a kill at any moment (issue #9, 1)
+# ---- checkpoints survive a kill at any moment
 
 
 class Killed(BaseException):
@@ -337,9 +370,9 @@ def test_a_kill_at_any_filesystem_operation_of_a_save_leaves_the_newest_complete
             with pytest.raises(Killed):
                 _save_step(run, model, tok, 2)
         expected = 2 if k > published else 1  # the newest checkpoint that was complete at the kill
-        found = train_module._resume_folder(run, run)
+        found = resume_module.find_resume_checkpoint(run, run)
         assert found is not None and weights(found)["pooler.dense.bias"][0] == expected, (k, fs.log[k - 1])
-        train_module._recover_checkpoints(run, found)  # what the next start does
+        checkpoints_module.recover_checkpoints(run, found)  # what the next start does
         assert weights(run / "last")["pooler.dense.bias"][0] == expected, k
         assert json.loads((run / "last" / "fastcse.json").read_text(encoding="utf-8"))["step"] == expected
         assert not [name for name in os.listdir(run) if name.startswith(".")], (k, os.listdir(run))
@@ -366,14 +399,14 @@ def test_a_checkpoint_is_fsynced_before_it_is_published(tmp_path, monkeypatch):
 
 
 def test_resume_after_a_kill_between_the_renames_of_last(tmp_path, monkeypatch):
-    """The issue's case end to end: a kill in the middle of replacing ``last`` (at step 4, after
+    """A kill in the middle of replacing ``last`` (at step 4, after
     the first rename in the run folder); ``resume_from=output_dir`` still finds a checkpoint and
     the run ends with the weights of an uninterrupted one."""
     common = dict(batch_size=8, max_steps=4, eval_steps=2, eval_data=None, learning_rate=1e-3, progress=False,
                   seed=3)
     straight = train(tiny(), SENTENCES, output_dir=tmp_path / "straight", **common)
     run = tmp_path / "run"
-    real_save = train_module.save_checkpoint
+    real_save = resume_module.save_checkpoint
 
     def killed_while_switching(path, *args, **kwargs):
         if args[2]["step"] != 4:
@@ -392,17 +425,17 @@ def test_resume_after_a_kill_between_the_renames_of_last(tmp_path, monkeypatch):
             KillingFilesystem(patch, kill_when=kill_when)
             real_save(path, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "save_checkpoint", killed_while_switching)
+    monkeypatch.setattr(resume_module, "save_checkpoint", killed_while_switching)
     with pytest.raises(Killed):
         train(tiny(), SENTENCES, output_dir=run, **common)
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(resume_module, "save_checkpoint", real_save)
     resumed = train(tiny(), SENTENCES, output_dir=run, resume_from=run, **common)
     assert resumed.steps == 4
     a, b = weights(straight.model_path), weights(resumed.model_path)
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
-# ---- resume from the same command (issue #9, 2)
+# ---- resume from the same command
 
 
 def test_resume_from_the_output_dir_without_a_checkpoint_starts_from_the_beginning(tmp_path, caplog):
@@ -421,7 +454,7 @@ def test_resume_from_the_output_dir_without_a_checkpoint_starts_from_the_beginni
         train(tiny(), SENTENCES, output_dir=tmp_path / "out", resume_from=tmp_path / "absent", **args)
 
 
-# ---- one run per output_dir (issue #9, 3)
+# ---- one run per output_dir
 
 
 def _lock(folder, pid, host=None):
@@ -436,11 +469,11 @@ def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path):
     other = subprocess.Popen(["sleep", "60"])  # a live process holding the folder
     try:
         _lock(run, other.pid)
-        with pytest.raises(train_module.OutputDirInUse, match=rf"{re.escape(str(run))}.*pid {other.pid}"):
+        with pytest.raises(OutputDirInUse, match=rf"{re.escape(str(run))}.*pid {other.pid}"):
             train(tiny(), SENTENCES, output_dir=run, **args)
         assert json.loads((run / ".fastcse.lock").read_text())["pid"] == other.pid  # not taken from it
         _lock(tmp_path / "elsewhere", 12345, host="another-host")  # cannot be checked from here: refused
-        with pytest.raises(train_module.OutputDirInUse, match="another-host"):
+        with pytest.raises(OutputDirInUse, match="another-host"):
             train(tiny(), SENTENCES, output_dir=tmp_path / "elsewhere", **args)
     finally:
         other.kill()
@@ -458,14 +491,14 @@ def test_the_lock_is_released_when_the_run_fails(tmp_path, monkeypatch):
     def crash(self, *args):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(train_module.ContrastiveStep, "__call__", crash)
+    monkeypatch.setattr(step_module.ContrastiveStep, "__call__", crash)
     with pytest.raises(RuntimeError, match="boom"):
         train(tiny(), SENTENCES, output_dir=tmp_path / "run", batch_size=8, max_steps=1, eval_data=None,
               progress=False)
     assert not (tmp_path / "run" / ".fastcse.lock").exists()
 
 
-# ---- a failed start leaves a reused folder alone (issue #9, 4)
+# ---- a failed start leaves a reused folder alone
 
 
 @pytest.mark.parametrize("content", ["", "sentence1\tsentence2\tscore\n", "a\tb\n"])
@@ -481,7 +514,7 @@ def test_a_bad_eval_file_fails_before_the_reused_folder_is_touched(tmp_path, dev
     assert first.best_metric is not None
 
 
-# ---- resuming with other settings (issue #9, 5)
+# ---- resuming with other settings
 
 
 @pytest.fixture
@@ -489,16 +522,16 @@ def crash_at_step(monkeypatch):
     """Makes the next train() die (KeyboardInterrupt) when it reaches step ``n``."""
 
     def arm(n):
-        real, calls = train_module.ContrastiveStep.__call__, {"n": 0}
+        real, calls = step_module.ContrastiveStep.__call__, {"n": 0}
 
         def call(self, *args):
             calls["n"] += 1
             if calls["n"] == n:
-                monkeypatch.setattr(train_module.ContrastiveStep, "__call__", real)
+                monkeypatch.setattr(step_module.ContrastiveStep, "__call__", real)
                 raise KeyboardInterrupt("simulated kill")
             return real(self, *args)
 
-        monkeypatch.setattr(train_module.ContrastiveStep, "__call__", call)
+        monkeypatch.setattr(step_module.ContrastiveStep, "__call__", call)
 
     return arm
 
@@ -510,7 +543,7 @@ def test_resume_refuses_other_settings_naming_each_unless_overridden(tmp_path, c
     with pytest.raises(KeyboardInterrupt):
         train(tiny(), SENTENCES, output_dir=run, **common)
     saved = torch.load(run / "last" / "trainer_state.pt", weights_only=True)["settings"]
-    assert set(train_module.RESUME_SETTINGS) <= set(saved) and saved["learning_rate"] == 1e-3
+    assert set(RESUME_SETTINGS) <= set(saved) and saved["learning_rate"] == 1e-3
     metrics_before = (run / "metrics.jsonl").read_text()
     with pytest.raises(ValueError, match=r"learning_rate 0\.001 -> 0\.002.*temperature 0\.05 -> 0\.1") as error:
         train(tiny(), SENTENCES, output_dir=run, resume_from=run, **dict(common, learning_rate=2e-3, temperature=0.1))
@@ -557,11 +590,11 @@ def test_resume_into_another_output_dir_carries_the_best_checkpoint_and_metrics(
     assert not (tmp_path / "elsewhere").exists()
 
 
-# ---- the device of each rank under torchrun (issue #9, 6)
+# ---- the device of each rank under torchrun
 
 
 def test_rank_device_is_the_local_gpu_under_torchrun():
-    rank_device = train_module.rank_device
+    rank_device = ranks_module.rank_device
     assert rank_device(None, 2, 1, True) == torch.device("cuda", 1)
     assert rank_device("cuda", 4, 3, True) == torch.device("cuda", 3)
     assert rank_device(torch.device("cuda"), 2, 1, True) == torch.device("cuda", 1)
@@ -585,25 +618,25 @@ def test_train_sets_the_rank_device_before_the_first_collective(tmp_path, monkey
         raise Stop
 
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(train_module, "_world", lambda: (1, 2))
+    monkeypatch.setattr(loop_module, "current_world", lambda: (1, 2))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: events.append(torch.device(device)))
     monkeypatch.setattr(fastcse.distributed, "_load_extension", lambda: None)
-    monkeypatch.setattr(train_module, "_on_rank0", first_collective)
+    monkeypatch.setattr(loop_module, "on_rank0", first_collective)
     with pytest.raises(Stop):
         train(tiny(), SENTENCES, output_dir=tmp_path / "run", batch_size=8, max_steps=1, eval_data=None,
               progress=False)
     assert events == [torch.device("cuda", 1), "collective"]
 
 
-# ---- clear errors before loading the model (issue #9, 7)
+# ---- clear errors before loading the model
 
 
 def test_bad_output_dirs_fail_before_the_model_loads(tmp_path, monkeypatch):
     def no_model(*a):
         raise AssertionError("the model was loaded before the output_dir was checked")
 
-    monkeypatch.setattr(train_module, "_load_training_model", no_model)
+    monkeypatch.setattr(model_module, "load_training_model", no_model)
     a_file = tmp_path / "a-file"
     a_file.write_text("x", encoding="utf-8")
     args = dict(batch_size=8, max_steps=1, eval_data=None, progress=False)
@@ -624,7 +657,7 @@ def test_max_seq_length_past_the_position_embeddings_is_refused(tmp_path):
                  max_seq_length=128, progress=False).steps == 1
 
 
-# ---- SimCSE's MLP head starts fresh (issue #9, 8)
+# ---- SimCSE's MLP head starts fresh
 
 
 def test_cls_pooler_trains_a_fresh_mlp_head_by_default(tmp_path):
@@ -672,7 +705,7 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch, 
         snapshot.update({n: p.detach().clone() for n, p in model.named_parameters()})
         return out
 
-    monkeypatch.setattr(fastcse, "info_nce", nan_on_second_step)
+    monkeypatch.setattr(step_module, "info_nce", nan_on_second_step)
     monkeypatch.setattr(torch.optim.AdamW, "step", remember_weights)
     with pytest.raises(FloatingPointError, match="loss became nan at step 2") as error:
         train((model, tok), SENTENCES, batch_size=8, max_steps=3, eval_data=None, learning_rate=1e-3,
@@ -683,7 +716,7 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch, 
         assert torch.equal(p.detach(), snapshot[name]), name  # no update from the NaN step
 
 
-# ---- false negatives, a negative queue, several positives (issue #12)
+# ---- false negatives, a negative queue, several positives
 
 
 class RecordedLosses:
@@ -692,7 +725,7 @@ class RecordedLosses:
 
     def __init__(self, monkeypatch):
         self.calls, self.real = [], fastcse.info_nce
-        monkeypatch.setattr(fastcse, "info_nce", self)
+        monkeypatch.setattr(step_module, "info_nce", self)
 
     def __call__(self, anchor, positive, negative=None, **kwargs):
         self.calls.append({"anchor": anchor.detach().clone(), "positive": positive.detach().clone(),
@@ -800,7 +833,7 @@ def test_labels_from_a_csv_column_are_the_positives(tmp_path, monkeypatch):
     assert torch.equal(call["labels"], labels) and "group_ids" not in call  # labels replace the masking
     assert step_losses(result)[0] == pytest.approx(reference_loss(call, labels=labels), rel=1e-5)
     saved = torch.load(tmp_path / "run" / "last" / "trainer_state.pt", weights_only=True)["settings"]
-    unlabelled = train_module._data_fingerprint([r[:2] for r in rows])
+    unlabelled = batches_module.data_fingerprint([r[:2] for r in rows])
     assert saved["data"] != unlabelled  # other labels are other data: a resume compares them
 
 
