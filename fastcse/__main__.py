@@ -6,7 +6,10 @@ import argparse
 import json
 import logging
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,7 +84,8 @@ def _add_common(p):
     p.add_argument("--shared", help="the shared data/models folder (default: $FASTCSE_SHARED or ../shared "
                                     "beside the project root)")
     p.add_argument("--data-dir", help="folder holding SentEval/ (default: <shared>/data)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging, and the traceback of an error (else one line)")
 
 
 def _add_train_options(p, demo: bool):
@@ -103,6 +107,14 @@ def _add_train_options(p, demo: bool):
                         "(length-sorted groups, each padded to its longest), padded (one padded batch); auto: "
                         "packed where the model allows it, else sorted (default: %(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="(default: %(default)s)")
+    p.add_argument("--save-steps", type=non_negative_int, default=DEFAULTS.save_steps, metavar="N",
+                   help="also save last/ every N steps; 0: only at evaluations. last/ is saved at every "
+                        "evaluation, at the end, and on Ctrl-C / SIGTERM (default: %(default)s)")
+    p.add_argument("--save-total-limit", type=positive_int, default=DEFAULTS.save_total_limit, metavar="K",
+                   help="keep the K newest versions of last/ (best/ is kept apart) (default: %(default)s)")
+    p.add_argument("--overwrite-output-dir", action="store_true",
+                   help="start over in an output dir that holds an earlier run, deleting its checkpoints and "
+                        "metrics (without it, the same command continues that run when its settings match)")
     p.add_argument("--resume-from", help="a run's output dir or its last/ checkpoint, to continue it")
     p.add_argument("--resume-override", default=None, metavar="NAMES",
                    help="comma-separated settings a resumed run may change (e.g. learning_rate,max_steps), or 'all'")
@@ -151,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "0: no queue (default: %(default)s)")
     tr.add_argument("--learning-rate", type=float, default=None,
                     help=f"(default: {DEFAULT_LR['unsup']:g} unsup, {DEFAULT_LR['sup']:g} sup)")
+    tr.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay,
+                    help="AdamW's decoupled weight decay, not on biases and norms (default: %(default)s)")
+    tr.add_argument("--warmup-steps", type=non_negative_int, default=DEFAULTS.warmup_steps,
+                    help="linear warmup before the linear decay (default: %(default)s)")
+    tr.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm,
+                    help="clip the gradient norm to this; 0: no clipping (default: %(default)s)")
     tr.add_argument("--epochs", type=positive_int, default=None,
                     help=f"(default: {DEFAULT_EPOCHS['unsup']} unsup, {DEFAULT_EPOCHS['sup']} sup)")
     tr.add_argument("--max-seq-length", type=positive_int, default=DEFAULTS.max_seq_length,
@@ -198,7 +216,8 @@ def _train_settings(args) -> dict:
                 mini_batch_tokens=args.mini_batch_tokens, encoding=args.encoding, max_steps=args.max_steps,
                 eval_steps=args.eval_steps, output_dir=args.output_dir, seed=args.seed,
                 resume_from=args.resume_from, resume_override=_resume_override(args.resume_override),
-                progress=not args.no_progress, data_dir=_data_dir(args))
+                progress=not args.no_progress, data_dir=_data_dir(args), save_steps=args.save_steps or None,
+                save_total_limit=args.save_total_limit, overwrite_output_dir=args.overwrite_output_dir)
 
 
 def _resume_override(text: str | None):
@@ -246,7 +265,9 @@ def run_train(args) -> int:
     config = TrainConfig(mode=args.mode, pooler=args.pooler, mlp_only_train=mlp, mlp_init=args.mlp_init,
                          temperature=args.temperature, hard_negative_weight=args.hard_negative_weight,
                          mask_duplicates=args.mask_duplicates, negative_queue_size=args.negative_queue_size,
-                         learning_rate=args.learning_rate, epochs=args.epochs, max_seq_length=args.max_seq_length,
+                         learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+                         warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm or None,
+                         epochs=args.epochs, max_seq_length=args.max_seq_length,
                          eval_data=eval_data, precision=args.precision, device=args.device, **_train_settings(args))
     result = train(model, args.data, config=config)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank holds the result; one prints it
@@ -284,16 +305,84 @@ def run_gpu_check(args) -> int:
     return run(args)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (loading, evaluating): stop as Ctrl-C would, exit 143."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated("SIGTERM")
+
+
+# The errors a user causes (a bad argument, a missing or unreadable file, a folder another run
+# holds, a loss driven to NaN): one line and exit 2. Anything else is a bug: its traceback shows.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def _user_error_types() -> tuple:
+    from fastcse.training import OutputDirInUse
+
+    return USER_ERRORS + (OutputDirInUse,)
+
+
+def resume_command(argv: list[str], output_dir) -> str:
+    """The command line that continues the run ``argv`` started: the same arguments, with
+    ``--resume-from output_dir`` and without ``--overwrite-output-dir`` (which would delete it)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume-from":
+            skip = True
+        elif not (arg.startswith("--resume-from=") or arg == "--overwrite-output-dir"):
+            kept.append(arg)
+    return shlex.join(["python", "-m", "fastcse", *kept, "--resume-from", str(output_dir)])
+
+
+def _interrupted(interrupt: KeyboardInterrupt, args, argv: list[str]) -> int:
+    """One line for a stop by SIGINT/SIGTERM; the shell's exit code for the signal."""
+    from fastcse.training.interrupts import StopAborted, TrainingInterrupted
+
+    code = getattr(interrupt, "exit_code", 128 + signal.SIGINT)
+    name = signal.Signals(code - 128).name
+    resume = (f"; resume with: {resume_command(argv, args.output_dir)}"
+              if args.command in ("train", "demo") else "")
+    if isinstance(interrupt, TrainingInterrupted):
+        saved = f"saved {interrupt.checkpoint}" if interrupt.checkpoint is not None else "nothing trained yet"
+        message = f"stopped by {name} after step {interrupt.step} of {interrupt.total_steps} ({saved}){resume}"
+    elif isinstance(interrupt, StopAborted):
+        message = f"{interrupt}{resume}"
+    else:  # outside the training loop (loading, evaluating, the final save)
+        message = f"interrupted by {name}" + (f" (the last complete checkpoint, if any, stays valid){resume}"
+                                              if resume else "")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"fastcse: {message}", file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return {"demo": run_demo, "train": run_train, "eval": run_eval, "gpu-check": run_gpu_check}[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        if args.verbose:
+            raise
+        return _interrupted(interrupt, args, argv)
+    except Exception as error:
+        if args.verbose or not isinstance(error, _user_error_types()):
+            raise
+        print(f"fastcse: error: {getattr(error, 'cli_message', None) or error}", file=sys.stderr)
         return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -220,10 +220,11 @@ def _point(path: Path, version: Path) -> None:
         shutil.rmtree(legacy)
 
 
-def _publish(path: Path, step: int, fill) -> Path:
+def _publish(path: Path, step: int, fill, keep: int = 1) -> Path:
     """Writes a new checkpoint with ``fill(folder)`` and switches ``path`` to it: fill
     ``.<name>.tmp-<pid>`` and fsync it, rename it to the version ``<name>.<step>`` and fsync the
-    parent, switch the link, then trash the other versions. Returns the version folder."""
+    parent, switch the link, then trash the versions past the newest ``keep`` (never the new
+    one). Returns the version folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     _remove(tmp)  # this process's own earlier attempt that failed
@@ -234,17 +235,26 @@ def _publish(path: Path, step: int, fill) -> Path:
     os.rename(tmp, version)
     _fsync_dir(path.parent)
     _point(path, version)
-    for old in _versions(path):
-        if old != version:
-            _trash(old, path.name)
+    _prune(path, version, keep)
     return version
 
 
-def save_checkpoint(path: Path, model, tokenizer, record: dict, trainer_state: dict | None = None) -> Path:
+def _prune(path: Path, newest: Path, keep: int) -> None:
+    """Trashes the versions of ``path`` past the ``keep`` newest; ``newest`` (the one ``path``
+    points to) always stays, and so do the versions newer than it."""
+    versions = _versions(path)
+    position = versions.index(newest) if newest in versions else len(versions) - 1
+    for old in versions[:max(0, position + 1 - keep)]:
+        if old != newest:
+            _trash(old, path.name)
+
+
+def save_checkpoint(path: Path, model, tokenizer, record: dict, trainer_state: dict | None = None,
+                    keep: int = 1) -> Path:
     """Saves a checkpoint and points ``path`` (e.g. ``output_dir/last``) to it atomically, so
     that a crash at any moment leaves either the previous checkpoint or the new one, never a
-    half-written model or none. ``AutoModel.from_pretrained(path)`` follows the link. Returns
-    the version folder (``path.<step>``)."""
+    half-written model or none. ``AutoModel.from_pretrained(path)`` follows the link. Keeps the
+    ``keep`` newest versions (``save_total_limit``). Returns the version folder (``path.<step>``)."""
     path = Path(path)
 
     def fill(folder: Path) -> None:
@@ -255,7 +265,7 @@ def save_checkpoint(path: Path, model, tokenizer, record: dict, trainer_state: d
         if trainer_state is not None:
             torch.save(trainer_state, folder / STATE_FILE)
 
-    return _publish(path, int(record.get("step") or 0), fill)
+    return _publish(path, int(record.get("step") or 0), fill, keep)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,12 +277,13 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.resolve().parent
 
 
-def recover_checkpoints(run_dir: Path, keep: Path | None) -> None:
+def recover_checkpoints(run_dir: Path, keep: Path | None, limit: int = 1) -> None:
     """Before continuing ``run_dir``: removes what killed processes left (temporary folders,
     links and trash of any pid), points ``last`` at ``keep`` (the checkpoint resumed, else the
     newest complete one) and ``best`` at its newest version if its link was lost, and removes the
-    other versions (a version newer than ``best``'s link is an evaluation that the resumed run
-    repeats)."""
+    versions newer than the one each points to (a step or an evaluation that the resumed run
+    repeats) and, of the older ones, those past ``limit`` versions of ``last`` in all (one of
+    ``best``)."""
     for name in CHECKPOINT_NAMES:
         path = run_dir / name
         for leftover in _leftovers(run_dir, name):
@@ -285,12 +296,33 @@ def recover_checkpoints(run_dir: Path, keep: Path | None) -> None:
             if path.is_symlink():
                 path.unlink()  # a dangling link (a clear of the folder that was interrupted)
             continue
-        target = target.resolve()
-        if target != path.resolve():  # the link is missing, dangles or is one behind
-            _point(path, run_dir / target.name)
-        for old in _versions(path):
-            if old.resolve() != target:
-                _trash(old, name)
+        target = run_dir / target.resolve().name
+        if target.resolve() != path.resolve():  # the link is missing, dangles or is one behind
+            _point(path, target)
+        versions = _versions(path)
+        for newer in versions[versions.index(target) + 1:] if target in versions else []:
+            _trash(newer, name)
+        _prune(path, target, limit if name == "last" else 1)
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step a checkpoint folder was saved at (its record), None if unreadable."""
+    try:
+        return int(json.loads((folder / RECORD_FILE).read_text(encoding="utf-8")).get("step") or 0)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def earlier_work(run_dir: Path) -> list[Path]:
+    """The checkpoints of an earlier run in ``run_dir`` that a fresh start would delete, other
+    than an evaluation of the untrained model (a best checkpoint at step 0, cheap to redo)."""
+    found = []
+    for name in CHECKPOINT_NAMES:
+        path = run_dir / name
+        for folder in dict.fromkeys(filter(None, [checkpoint_target(path), *_versions(path)])):
+            if checkpoint_step(folder) != 0:
+                found.append(folder)
+    return found
 
 
 def _clear_previous_run(run_dir: Path) -> None:
@@ -331,12 +363,13 @@ def _carry_run(source: Path, run_dir: Path, step: int) -> None:
         logger.warning("%s holds no %s: the metrics in %s start at step %d", source, METRICS_FILE, run_dir, step + 1)
 
 
-def prepare_output_dir(output_dir: Path, resume_folder: Path | None, resume_step: int) -> Path | None:
-    """Readies ``output_dir`` for the run, once everything is validated; returns the checkpoint
-    to resume (as a path in ``output_dir`` when it is this folder's own)."""
+def prepare_output_dir(output_dir: Path, resume_folder: Path | None, resume_step: int, limit: int = 1) -> Path | None:
+    """Readies ``output_dir`` for the run, once everything is validated (a start that would
+    delete an earlier run's work was refused before, unless overwrite_output_dir allowed it);
+    returns the checkpoint to resume (as a path in ``output_dir`` when it is this folder's own)."""
     if resume_folder is not None and run_dir_of(resume_folder) == output_dir.resolve():
         keep = output_dir / resume_folder.resolve().name
-        recover_checkpoints(output_dir, keep)
+        recover_checkpoints(output_dir, keep, limit)
         truncate_metrics(output_dir / METRICS_FILE, resume_step)
         return keep
     _clear_previous_run(output_dir)

@@ -26,6 +26,21 @@ MLP_INITS = ("fresh", "pretrained")
 DEFAULT_LR = {"unsup": 3e-5, "sup": 5e-5}
 DEFAULT_EPOCHS = {"unsup": 1, "sup": 3}
 EVAL_TASKS = SENTEVAL_TASKS + DEV_TASKS
+# ``last/`` is also written at every evaluation, at the end and on SIGINT/SIGTERM; this bounds
+# what a kill -9 loses when evaluation is off or rare (HF Trainer's default: a checkpoint is a
+# full model plus twice its size in optimizer state, too much to write every few seconds).
+DEFAULT_SAVE_STEPS = 500
+# Names a user may give resume_override for the step count, which is compared as total_steps.
+RESUME_OVERRIDE_ALIASES = {"max_steps": "total_steps", "epochs": "total_steps"}
+
+
+class RunRefused(ValueError):
+    """A run refused because it would lose or mix up earlier work. ``cli_message`` says the same
+    with the command line's flags instead of train()'s keywords."""
+
+    def __init__(self, message: str, cli_message: str):
+        super().__init__(message)
+        self.cli_message = cli_message
 
 
 def _setting(default=MISSING, *, compared: bool = False, before_recorded=MISSING):
@@ -116,10 +131,26 @@ class TrainConfig:
             to versioned folders beside them (``last -> last.250``), switched atomically:
             ``AutoModel.from_pretrained(output_dir / "best")`` loads the model. A run holds
             ``output_dir/.fastcse.lock`` (its pid and host) while it runs: a second run on the
-            same folder is refused at once (a lock whose process is dead is taken over). A
-            fresh run (no ``resume_from``, or nothing to resume) in a reused folder replaces the
-            previous run there (its checkpoints and metrics), once every argument, the data, the
-            eval files and the model have been checked.
+            same folder is refused at once (a lock whose process is dead is taken over).
+            A rerun never deletes work silently: when ``output_dir`` holds an earlier run's
+            ``last`` checkpoint and ``resume_from`` is not given, the run continues it if the
+            settings match (one logged line says so: the same command serves the first start
+            and every restart, as torchrun-style restarts expect), and is refused, naming
+            ``resume_from`` / ``resume_override`` and ``overwrite_output_dir``, if they differ or
+            if the earlier run left checkpoints that cannot be resumed.
+        save_steps: also write ``last`` every this many steps (default 500; None: only at the
+            evaluations). ``last`` is written at every evaluation (``eval_steps``), at the end,
+            and when SIGINT or SIGTERM stops the run: the current step is finished and saved,
+            the lock released, and :class:`fastcse.training.interrupts.TrainingInterrupted` (a
+            KeyboardInterrupt) raised; a second signal aborts at once, leaving the last complete
+            checkpoint. A kill -9 loses at most the steps since the last save.
+        save_total_limit: how many versions of ``last`` to keep (default 1: the newest); older
+            ones are pruned after each save, never the newest complete one; ``best`` is a
+            separate checkpoint and is never pruned.
+        overwrite_output_dir: start over in an ``output_dir`` that holds an earlier run,
+            deleting its checkpoints and metrics (once every argument, the data, the eval files
+            and the model have been checked). Also needed to resume another folder's checkpoint
+            into an ``output_dir`` that holds a run of its own.
         precision: ``auto`` (bf16 autocast on CUDA when supported, else fp32), ``fp32``, ``bf16``.
         resume_from: a checkpoint folder, or a run's output_dir (its newest complete ``last``
             checkpoint, whatever the moment its run was killed), to continue from; the run then
@@ -129,12 +160,13 @@ class TrainConfig:
             restart. Resuming into another output_dir copies the run's ``best`` checkpoint and
             metrics there (refused if its best checkpoint cannot be found).
         resume_override: the settings a resumed run must share with its checkpoint are compared
-            (the fields marked ``compared``, listed in ``RESUME_SETTINGS``: mode, the data and its labels, batch size, seed, total steps
-            (max_steps / epochs), learning rate, weight decay, warmup, max_grad_norm, temperature,
+            (the fields marked ``compared``, listed in ``RESUME_SETTINGS``: mode, the data and
+            its labels, batch size, seed, total steps (max_steps / epochs), learning rate, weight decay, warmup, max_grad_norm, temperature,
             hard_negative_weight, pooler, mlp_only_train, max_seq_length, precision, eval_data,
             mask_duplicates, negative_queue_size);
             a difference is refused, naming every differing setting with both values. Pass a
-            list of setting names (or True for all) to continue with the new values instead: the
+            list of setting names (or True for all; ``max_steps`` and ``epochs`` name
+            ``total_steps``) to continue with the new values instead: the
             new learning rate, weight decay and schedule apply from the resumed step. Memory
             layout (mini_batch_size, mini_batch_tokens, encoding), device and world size may
             change freely.
@@ -165,6 +197,9 @@ class TrainConfig:
     eval_data: object = _setting("STSBenchmark-dev", compared=True)
     data_dir: object = _setting(None)
     output_dir: object = _setting("runs/fastcse")
+    save_steps: int | None = _setting(DEFAULT_SAVE_STEPS)
+    save_total_limit: int = _setting(1)
+    overwrite_output_dir: bool = _setting(False)
     resume_from: object = _setting(None)
     resume_override: object = _setting(False)
     device: object = _setting(None)
@@ -228,6 +263,11 @@ class TrainConfig:
             raise TypeError(f"output_dir must be a folder path (str or os.PathLike), got {self.output_dir!r}")
         if not str(self.output_dir).strip():
             raise ValueError("output_dir must name a folder, got an empty string")
+        positive_int("save_steps", self.save_steps, allow_none=True)
+        positive_int("save_total_limit", self.save_total_limit)
+        for name in ("overwrite_output_dir", "progress", "save_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.resume_from is not None and not isinstance(self.resume_from, (str, os.PathLike)):
             raise TypeError(f"resume_from must be a path or None, got {self.resume_from!r}")
         resume_override_names(self.resume_override)
@@ -334,7 +374,7 @@ def resume_override_names(resume_override) -> bool | frozenset:
         return resume_override or frozenset()
     names = [resume_override] if isinstance(resume_override, str) else resume_override
     try:
-        names = [str(name) for name in names]
+        names = [RESUME_OVERRIDE_ALIASES.get(str(name), str(name)) for name in names]
     except TypeError:
         raise TypeError(f"resume_override must be a bool or a list of setting names, got {resume_override!r}") \
             from None

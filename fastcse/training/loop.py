@@ -41,7 +41,8 @@ from fastcse.training.model import (check_max_seq_length, check_mlp_head, load_m
                                     set_starting_weights)
 from fastcse.training.ranks import (all_reduce_grads, check_multi_process, current_world, on_rank0,
                                     set_up_rank_device, torchrun_process_group)
-from fastcse.training.resume import Checkpointer, RunState, checkpoint_to_resume, load_resume
+from fastcse.training.interrupts import StopRequests, TrainingInterrupted
+from fastcse.training.resume import Checkpointer, ResumeChoice, RunState, choose_checkpoint, load_resume
 from fastcse.training.step import ContrastiveStep, NegativeQueue, make_optimizer
 
 logger = logging.getLogger("fastcse.train")
@@ -122,16 +123,16 @@ def train(model, data, *, tokenizer=None, config: TrainConfig | None = None, **s
     config = make_config(config, settings).resolve()
     rank, world = current_world()
     device = set_up_rank_device(config.device, world, rank)
-    resume_folder = checkpoint_to_resume(config.resume_from, config.output_dir, rank == 0)
     check_multi_process(config.batch_size, world)
     on_rank0(world, rank, RunLock(config.output_dir).refuse_if_held)  # a second run stops here, before the model loads
-    run = _load_run(model, tokenizer, data, config, device, resume_folder)
-    set_starting_weights(run.model, _fresh_head(config, resume_folder), config.seed, world)
+    choice = choose_checkpoint(config, rank == 0)
+    run = _load_run(model, tokenizer, data, config, device, choice)
+    set_starting_weights(run.model, _fresh_head(config, choice.folder), config.seed, world)
     if rank == 0:
         _log_ineffective_settings(run, config)
     with locked_output_dir(config.output_dir, world, rank):  # nothing above wrote to the folder
-        resume_folder = on_rank0(world, rank, prepare_output_dir, config.output_dir, resume_folder,
-                                 run.saved["step"] if run.saved is not None else 0)
+        resume_folder = on_rank0(world, rank, prepare_output_dir, config.output_dir, choice.folder,
+                                 run.saved["step"] if run.saved is not None else 0, config.save_total_limit)
         return _train_in_folder(run, config, resume_folder, world, rank)
 
 
@@ -140,13 +141,13 @@ def _fresh_head(config: TrainConfig, resume_folder: Path | None) -> bool:
     return config.pooler == "cls" and config.mlp_init == "fresh" and resume_folder is None
 
 
-def _load_run(model, tokenizer, data, config: TrainConfig, device, resume_folder: Path | None) -> LoadedRun:
+def _load_run(model, tokenizer, data, config: TrainConfig, device, choice: ResumeChoice) -> LoadedRun:
     """Loads the data and the model and checks them against ``config``, then the checkpoint to
     resume against the run's settings (all before any write)."""
     examples, labels, views = load_training_data(data, config.mode, config.batch_size)
     model, tokenizer, device = load_model_on_device(model, tokenizer, device)
     autocast_dtype = resolve_precision(config.precision, device)
-    check_mlp_head(model, config.pooler, _fresh_head(config, resume_folder))
+    check_mlp_head(model, config.pooler, _fresh_head(config, choice.folder))
     check_max_seq_length(model, config.max_seq_length)
     encoding = encoding_lib.resolve_encoding(config.encoding, model)
     check_mini_batch_tokens(config.mini_batch_tokens, tokenizer, examples, config.mode, config.max_seq_length)
@@ -154,8 +155,7 @@ def _load_run(model, tokenizer, data, config: TrainConfig, device, resume_folder
     total_steps = config.max_steps if config.max_steps is not None else config.epochs * order.steps_per_epoch
     facts = {"data": data_fingerprint(examples, labels), "num_examples": len(examples), "total_steps": total_steps}
     settings = run_settings(config, facts=facts, precision="bf16" if autocast_dtype else "fp32", encoding=encoding)
-    saved = load_resume(resume_folder, settings, config.resume_override, config.output_dir) \
-        if resume_folder is not None else None
+    saved = load_resume(choice, settings, config)
     return LoadedRun(examples, labels, views, model, tokenizer, device, autocast_dtype, encoding, total_steps,
                      settings, saved)
 
@@ -169,8 +169,8 @@ def _train_in_folder(run: LoadedRun, config: TrainConfig, resume_folder: Path | 
                                           run.total_steps)
     record = _model_record(config)
     queue = NegativeQueue(config.negative_queue_size) if config.negative_queue_size else None
-    checkpointer = Checkpointer(model, run.tokenizer, optimizer, scheduler, run.settings, record, output_dir / "last",
-                                world, rank, queue)
+    checkpointer = Checkpointer(model, run.tokenizer, optimizer, scheduler, run.settings, record, config, world, rank,
+                                queue)
     evaluator = Evaluator(model, run.tokenizer, config, record, world, rank) if config.eval_data else None
     contrastive_step = _contrastive_step(run, config, queue, world)
     torch.manual_seed(config.seed + rank)  # dropout masks: a different stream per rank
@@ -251,10 +251,37 @@ def _train_result(state: RunState, model_path: Path, output_dir: Path, metrics_p
                        sentences_per_second=sentences_seen / train_seconds if train_seconds else None)
 
 
+class CollapseWatch:
+    """Warns once when the loss has sat at ln(batch) with a zero gradient norm for ``patience``
+    steps in a row: every embedding has become the same point (every candidate scores alike, so
+    the loss is the log of their count), typically from a far too high learning rate, and
+    nothing more will be learned. A well-trained model has a small gradient too, but a loss near
+    0, not ln(batch)."""
+
+    def __init__(self, batch_size: int, learning_rate: float, patience: int = 3):
+        self.floor = math.log(batch_size) - 0.01  # at least batch_size candidates per anchor
+        self.batch_size, self.learning_rate, self.patience = batch_size, learning_rate, patience
+        self.streak, self.warned = 0, False
+
+    def observe(self, step: int, loss: float, grad_norm: float | None) -> bool:
+        """Records step ``step``; True (and one logged warning) when the collapse is first seen."""
+        stuck = grad_norm is not None and grad_norm < 1e-6 and loss >= self.floor
+        self.streak = self.streak + 1 if stuck else 0
+        if self.streak < self.patience or self.warned:
+            return False
+        self.warned = True
+        logger.warning("the loss has been %.4f (ln(batch %d) = %.4f) with a zero gradient norm for %d steps (since "
+                       "step %d): the embeddings have collapsed to one point and nothing more is learned; lower the "
+                       "learning rate (now %g)", loss, self.batch_size, math.log(self.batch_size), self.streak,
+                       step - self.streak + 1, self.learning_rate)
+        return True
+
+
 @dataclass
 class TrainingLoop:
     """Steps a run's state to its last step: each step's loss and update, the metrics record,
-    evaluation and ``last/`` every ``eval_steps`` (and at the end), the progress bar."""
+    evaluation every ``eval_steps``, ``last/`` at every evaluation, every ``save_steps`` and at
+    the end, the progress bar; on SIGINT/SIGTERM, the current step finished and saved."""
 
     model: torch.nn.Module
     params: list
@@ -276,25 +303,33 @@ class TrainingLoop:
         from tqdm.auto import tqdm
 
         self.model.train()
-        if state.step == 0 and self.evaluator is not None:
-            self.evaluator(state)
-        self.last_score = state.history[-1]["metric"] if state.history else None
+        self.train_seconds, self.sentences_seen, self.saved_step = 0.0, 0, state.step
+        self.collapse = CollapseWatch(self.config.batch_size, self.config.learning_rate)
         total_steps = self.loaded.total_steps
         bar = tqdm(total=total_steps, initial=state.step, disable=not (self.config.progress and self.rank == 0),
                    unit="step", dynamic_ncols=True)
-        self.train_seconds, self.sentences_seen = 0.0, 0
-        try:
-            while state.step < total_steps:
-                loss_value = self._step(state)
-                self._after_step(state)
-                postfix = {"loss": f"{loss_value:.4f}", "sent/s": f"{self.sentences_seen / self.train_seconds:.0f}"}
-                if self.last_score is not None:
-                    postfix["dev"] = f"{self.last_score:.2f}"
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(1)
-        finally:
-            bar.close()
+        with StopRequests(announce=self.rank == 0) as stops:
+            try:
+                if state.step == 0 and self.evaluator is not None:
+                    self.evaluator(state)
+                self.last_score = state.history[-1]["metric"] if state.history else None
+                while state.step < total_steps:
+                    signum = self._stop_signal(stops)
+                    if signum is not None:
+                        self._stop(state, signum)
+                    loss_value = self._step(state)
+                    self._after_step(state)
+                    bar.set_postfix(self._postfix(loss_value), refresh=False)
+                    bar.update(1)
+            finally:
+                bar.close()
         return self.train_seconds, self.sentences_seen
+
+    def _postfix(self, loss_value: float) -> dict:
+        postfix = {"loss": f"{loss_value:.4f}", "sent/s": f"{self.sentences_seen / self.train_seconds:.0f}"}
+        if self.last_score is not None:
+            postfix["dev"] = f"{self.last_score:.2f}"
+        return postfix
 
     def _step(self, state: RunState) -> float:
         """One optimizer step and its metrics record; returns the loss."""
@@ -322,15 +357,37 @@ class TrainingLoop:
         if self.metrics_path is not None:
             append_jsonl(self.metrics_path, {"step": state.step, "epoch": epoch, "loss": loss_value, "lr": lr,
                                              "grad_norm": grad_norm, "sentences_per_second": sentences / seconds})
+            self.collapse.observe(state.step, loss_value, grad_norm)
         return loss_value
 
     def _after_step(self, state: RunState) -> None:
-        """Evaluation and ``last/`` at the boundaries: every ``eval_steps`` and the last step."""
-        boundary = state.step % self.config.eval_steps == 0 or state.step == self.loaded.total_steps
-        if self.evaluator is not None and boundary:
+        """Evaluation every ``eval_steps``; ``last/`` then, every ``save_steps`` and at the end."""
+        step, save_steps = state.step, self.config.save_steps
+        evaluation = step % self.config.eval_steps == 0 or step == self.loaded.total_steps
+        if self.evaluator is not None and evaluation:
             self.last_score = self.evaluator(state)
-        if self.checkpointer is not None and boundary:
+        if self.checkpointer is not None and (evaluation or (save_steps and step % save_steps == 0)):
             self.checkpointer.save(state)
+            self.saved_step = step
+
+    def _stop_signal(self, stops: StopRequests) -> int | None:
+        """The signal that stops the run before its next step, if any. Under a process group the
+        ranks agree (the largest signal number any of them got): they must stop at the same step,
+        since saving is collective."""
+        signum = stops.signum or 0
+        if self.world > 1:
+            flag = torch.tensor([signum], device=self.loaded.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signum or None
+
+    def _stop(self, state: RunState, signum: int) -> None:
+        """Saves the finished step (unless saved already, or none was trained) and stops."""
+        if self.checkpointer is not None and state.step > self.saved_step:
+            self.checkpointer.save(state)
+            self.saved_step = state.step
+        checkpoint = self.config.output_dir / "last" if self.checkpointer is not None and state.step > 0 else None
+        raise TrainingInterrupted(signum, state.step, self.loaded.total_steps, self.config.output_dir, checkpoint)
 
 
 def _signature_with_settings(fn) -> inspect.Signature:

@@ -3,16 +3,19 @@ settings that ``TrainConfig`` marks as compared), and ``last/``'s save and load.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from fastcse.training.checkpoints import STATE_FILE, checkpoint_target, newest_checkpoint, run_dir_of, save_checkpoint
-from fastcse.training.config import EARLIER_SETTINGS, RESUME_SETTINGS
+from fastcse.training.checkpoints import (STATE_FILE, checkpoint_target, earlier_work, newest_checkpoint, run_dir_of,
+                                          save_checkpoint)
+from fastcse.training.config import EARLIER_SETTINGS, RESUME_SETTINGS, RunRefused, TrainConfig
 from fastcse.training.ranks import current_world, on_rank0
 from fastcse.training.step import NegativeQueue, apply_hyperparameters
 
@@ -34,10 +37,11 @@ class Checkpointer:
     optimizer, the schedule, the run state, every rank's dropout random streams, the negative
     queue, and the run's settings, which a resumed run must share)."""
 
-    def __init__(self, model, tokenizer, optimizer, scheduler, settings: dict, record: dict, last_dir: Path,
+    def __init__(self, model, tokenizer, optimizer, scheduler, settings: dict, record: dict, config: TrainConfig,
                  world: int, rank: int, queue: NegativeQueue | None = None):
         self.model, self.tokenizer, self.optimizer, self.scheduler = model, tokenizer, optimizer, scheduler
-        self.settings, self.record, self.last_dir, self.world, self.rank = settings, record, last_dir, world, rank
+        self.settings, self.record, self.world, self.rank = settings, record, world, rank
+        self.last_dir, self.keep = config.output_dir / "last", config.save_total_limit
         self.device, self.queue = next(model.parameters()).device, queue
         # The short record that older checkpoints carry alone (read when "settings" is missing),
         # and the world size (another world size's random streams do not map onto these ranks).
@@ -60,8 +64,8 @@ class Checkpointer:
             trainer_state["rng_cuda_ranks"] = [r[1] for r in rng_ranks]
         if self.queue is not None:  # the same on every rank: rank 0's is the run's
             trainer_state["negative_queue"] = self.queue.state_dict()
-        on_rank0(self.world, self.rank, save_checkpoint, self.last_dir, self.model, self.tokenizer,
-                  dict(self.record, step=state.step), trainer_state)
+        on_rank0(self.world, self.rank, functools.partial(save_checkpoint, keep=self.keep), self.last_dir, self.model,
+                 self.tokenizer, dict(self.record, step=state.step), trainer_state)
 
     def resume(self, saved: dict, folder: Path, seed: int) -> RunState:
         """Loads ``folder``'s weights and ``saved`` (its trainer state, already checked against
@@ -126,15 +130,7 @@ def find_resume_checkpoint(resume_from, output_dir: Path) -> Path | None:
                             "checkpoint: pass a checkpoint folder or the output_dir of a run")
 
 
-def _check_resume_settings(saved: dict, settings: dict, override, folder: Path) -> None:
-    """Refuses to continue a checkpoint with settings that change what the run computes, unless
-    ``resume_override`` allows each of them (they are not in the optimizer state: before this
-    check, a new max_steps, learning rate, temperature... silently changed the run mid-way or
-    was overridden by the checkpoint's)."""
-    old = saved.get("settings") or saved["config"]  # before the full record: mode, batch, seed, count, steps
-    old = {**EARLIER_SETTINGS, **old}
-    changed = [name for name in RESUME_SETTINGS if name in old and old[name] != settings[name]]
-
+def _describe_changes(old: dict, settings: dict, names: list[str]) -> str:
     def describe(name):
         text = f"{name} {old[name]!r} -> {settings[name]!r}"
         if name == "total_steps":
@@ -143,19 +139,48 @@ def _check_resume_settings(saved: dict, settings: dict, override, folder: Path) 
             text += f" ({', '.join(why)})" if why else ""
         return text
 
+    return "; ".join(describe(name) for name in names)
+
+
+def _check_resume_settings(saved: dict, settings: dict, choice: ResumeChoice, override, output_dir: Path) -> None:
+    """Refuses to continue a checkpoint with settings that change what the run computes, unless
+    ``resume_override`` allows each of them (they are not in the optimizer state: before this
+    check, a new max_steps, learning rate, temperature... silently changed the run mid-way or
+    was overridden by the checkpoint's)."""
+    old = saved.get("settings") or saved["config"]  # before the full record: mode, batch, seed, count, steps
+    old = {**EARLIER_SETTINGS, **old}
+    changed = [name for name in RESUME_SETTINGS if name in old and old[name] != settings[name]]
     refused = [] if override is True else [name for name in changed if name not in override]
     if refused:
-        raise ValueError(f"resume_from={str(folder)!r} was trained with other settings: "
-                         f"{'; '.join(describe(name) for name in refused)}. Resume with the run's settings, or pass "
-                         f"resume_override={refused!r} (or True) to continue with the new values")
+        raise _settings_refusal(choice, saved["step"], _describe_changes(old, settings, refused), refused, output_dir)
     if current_world()[0] == 0:
         if changed:
-            logger.warning("resuming %s with changed settings (resume_override): %s", folder,
-                           "; ".join(describe(name) for name in changed))
+            logger.warning("resuming %s with changed settings (resume_override): %s", choice.folder,
+                           _describe_changes(old, settings, changed))
         unchecked = [name for name in RESUME_SETTINGS if name not in old]
         if unchecked:
-            logger.warning("%s predates the full settings record: %s could not be compared", folder,
+            logger.warning("%s predates the full settings record: %s could not be compared", choice.folder,
                            ", ".join(unchecked))
+
+
+def _settings_refusal(choice: ResumeChoice, step: int, changes: str, refused: list[str],
+                      output_dir: Path) -> RunRefused:
+    names = ",".join(refused)
+    if choice.automatic:
+        out = str(output_dir)
+        return RunRefused(
+            f"output_dir={out!r} holds an earlier run (checkpoint at step {step}) trained with other settings: "
+            f"{changes}. Continue it with resume_from={out!r}, resume_override={refused!r}, or delete it and "
+            "start over with overwrite_output_dir=True",
+            f"{out} holds an earlier run (checkpoint at step {step}) trained with other settings: {changes}. "
+            f"Continue it with --resume-from {shlex.quote(out)} --resume-override {names}, or delete it and start "
+            "over with --overwrite-output-dir")
+    folder = str(choice.folder)
+    return RunRefused(
+        f"resume_from={folder!r} was trained with other settings: {changes}. Resume with the run's settings, or "
+        f"pass resume_override={refused!r} (or True) to continue with the new values",
+        f"--resume-from {shlex.quote(folder)} was trained with other settings: {changes}. Resume with the run's "
+        f"settings, or add --resume-override {names} (or all) to continue with the new values")
 
 
 def _check_carry(folder: Path, saved: dict, output_dir: Path) -> None:
@@ -172,12 +197,64 @@ def _check_carry(folder: Path, saved: dict, output_dir: Path) -> None:
             f"folder ({str(source)!r}), or put its best checkpoint at {source / 'best'}")
 
 
-def load_resume(folder: Path, settings: dict, override, output_dir: Path) -> dict:
-    """The checkpoint's trainer state, checked against this run before anything is written."""
-    saved = torch.load(folder / STATE_FILE, weights_only=True)
-    _check_resume_settings(saved, settings, override, folder)
-    _check_carry(folder, saved, output_dir)
+def load_resume(choice: ResumeChoice, settings: dict, config: TrainConfig) -> dict | None:
+    """The trainer state of the checkpoint to continue (None: a fresh start), checked against
+    this run before anything is written."""
+    if choice.folder is None:
+        return None
+    saved = torch.load(choice.folder / STATE_FILE, weights_only=True)
+    _check_resume_settings(saved, settings, choice, config.resume_override, config.output_dir)
+    _check_carry(choice.folder, saved, config.output_dir)
+    if choice.automatic and current_world()[0] == 0:
+        logger.warning("%s holds an earlier run of these settings, saved at step %d of %d: continuing it "
+                       "(overwrite_output_dir=True / --overwrite-output-dir starts over instead)", config.output_dir,
+                       saved["step"], settings["total_steps"])
     return saved
+
+
+@dataclass(frozen=True)
+class ResumeChoice:
+    """The checkpoint a run continues (None: a fresh start), and whether it was found in the
+    output_dir without ``resume_from`` (a rerun of the same command)."""
+
+    folder: Path | None = None
+    automatic: bool = False
+
+
+def choose_checkpoint(config: TrainConfig, is_main: bool) -> ResumeChoice:
+    """What the run continues. With ``resume_from``: the checkpoint it names. Without: the newest
+    complete ``last`` of an earlier run in output_dir, continued if its settings match (checked
+    by :func:`load_resume`). Refuses a start that would delete an earlier run's work unless
+    ``overwrite_output_dir`` allows it."""
+    output_dir = config.output_dir
+    if config.resume_from is None:
+        if config.overwrite_output_dir:
+            return ResumeChoice()
+        newest = newest_checkpoint(output_dir / "last", required=STATE_FILE)
+        if newest is not None:
+            return ResumeChoice(newest, automatic=True)
+        _refuse_deleting(earlier_work(output_dir), output_dir, "cannot be resumed (no trainer state: a run with "
+                         "save_last=False, or a best checkpoint alone)")
+        return ResumeChoice()
+    folder = checkpoint_to_resume(config.resume_from, output_dir, is_main)
+    own = folder is None or run_dir_of(folder) == output_dir.resolve()
+    if own and config.overwrite_output_dir and folder is not None:
+        raise ValueError(f"resume_from={str(config.resume_from)!r} continues the run in output_dir, and "
+                         "overwrite_output_dir=True would delete it: pass one of them")
+    if not own and not config.overwrite_output_dir:
+        _refuse_deleting(earlier_work(output_dir), output_dir, f"would be replaced by the run resumed from {folder}")
+    return ResumeChoice(folder)
+
+
+def _refuse_deleting(work: list[Path], output_dir: Path, why: str) -> None:
+    if not work:
+        return
+    out, names = str(output_dir), ", ".join(sorted(folder.name for folder in work))
+    raise RunRefused(
+        f"output_dir={out!r} holds checkpoints of an earlier run ({names}) that {why}. Delete them with "
+        "overwrite_output_dir=True, or choose another output_dir",
+        f"{out} holds checkpoints of an earlier run ({names}) that {why}. Delete them with --overwrite-output-dir, "
+        "or choose another --output-dir")
 
 
 def checkpoint_to_resume(resume_from, output_dir: Path, is_main: bool) -> Path | None:
@@ -188,5 +265,3 @@ def checkpoint_to_resume(resume_from, output_dir: Path, is_main: bool) -> Path |
         logger.warning("resume_from=%s holds no complete checkpoint yet (a new folder, or a run killed before its "
                        "first checkpoint): starting from the beginning", resume_from)
     return resume_folder
-
-
