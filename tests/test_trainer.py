@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -25,6 +26,8 @@ from fastcse.data import batch_order  # noqa: E402
 from fastcse.evaluation import encode, shared_dir  # noqa: E402
 from fastcse.training import (RESUME_SETTINGS, OutputDirInUse, TrainConfig, build_bert_from_scratch,  # noqa: E402
                               save_checkpoint, train)
+from fastcse.training.config import RunRefused  # noqa: E402
+from fastcse.training.interrupts import StopAborted, TrainingInterrupted  # noqa: E402
 
 SHARED = shared_dir()
 TOKENIZER = SHARED / "models" / "all-MiniLM-L6-v2"
@@ -851,3 +854,133 @@ def test_a_checkpoint_from_before_the_masking_counts_as_unmasked(tmp_path):
     with pytest.raises(ValueError, match=r"mask_duplicates False -> True.*resume_override=\['mask_duplicates'\]"):
         train(tiny(), SENTENCES, output_dir=run, resume_from=run, **args)
     assert train(tiny(), SENTENCES, output_dir=run, resume_from=run, mask_duplicates=False, **args).steps == 2
+
+
+# ---- long runs: interrupts, periodic checkpoints, reruns
+
+
+def _step_of(checkpoint) -> int:
+    return json.loads((Path(checkpoint) / "fastcse.json").read_text(encoding="utf-8"))["step"]
+
+
+def send_signal_during_step(monkeypatch, step, signum):
+    """Makes the next train() receive ``signum`` in the middle of its step ``step`` (1-based)."""
+    real, calls = step_module.ContrastiveStep.__call__, {"n": 0}
+
+    def call(self, *args):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signum)
+        return real(self, *args)
+
+    monkeypatch.setattr(step_module.ContrastiveStep, "__call__", call)
+
+
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_finishes_the_step_saves_it_and_the_resumed_run_matches_an_uninterrupted_one(
+        tmp_path, monkeypatch, signum, exit_code):
+    common = dict(batch_size=8, max_steps=4, eval_data=None, learning_rate=1e-3, progress=False, seed=11)
+    straight = train(tiny(), SENTENCES, output_dir=tmp_path / "straight", **common)
+    run = tmp_path / "run"
+    send_signal_during_step(monkeypatch, 2, signum)
+    previous = signal.getsignal(signum)
+    with pytest.raises(TrainingInterrupted) as stop:
+        train(tiny(), SENTENCES, output_dir=run, **common)
+    assert isinstance(stop.value, KeyboardInterrupt) and stop.value.exit_code == exit_code
+    assert stop.value.step == 2 and stop.value.checkpoint == run / "last"  # step 2 finished, then saved
+    assert f"resume_from={str(run)!r}" in str(stop.value)
+    assert _step_of(run / "last") == 2 and not (run / ".fastcse.lock").exists()
+    assert signal.getsignal(signum) is previous  # the handlers are the caller's again
+    monkeypatch.undo()
+    resumed = train(tiny(), SENTENCES, output_dir=run, resume_from=run, **common)
+    a, b = weights(straight.model_path), weights(resumed.model_path)
+    assert all(torch.equal(a[name], b[name]) for name in a)  # bit-identical: the stop fell between steps
+
+
+def test_a_second_signal_while_saving_aborts_at_once_and_the_last_checkpoint_stays(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    send_signal_during_step(monkeypatch, 3, signal.SIGINT)
+    real_save = resume_module.save_checkpoint
+
+    def second_ctrl_c(path, *args, **kwargs):
+        if args[2]["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # pressed again while step 3 is being saved
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(resume_module, "save_checkpoint", second_ctrl_c)
+    with pytest.raises(StopAborted, match="second SIGINT"):
+        train(tiny(), SENTENCES, output_dir=run, batch_size=8, max_steps=6, save_steps=2, eval_data=None,
+              progress=False)
+    assert _step_of(run / "last") == 2 and weights(run / "last")  # the previous complete checkpoint
+    assert not (run / ".fastcse.lock").exists()
+
+
+def test_save_steps_checkpoints_between_evaluations_and_save_total_limit_prunes(tmp_path, dev_pairs, crash_at_step):
+    run = tmp_path / "run"
+    args = dict(batch_size=8, max_steps=6, eval_steps=100, eval_data=dev_pairs, save_steps=2, save_total_limit=2,
+                progress=False)
+    crash_at_step(6)  # a kill in step 6: what periodic checkpoints keep
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), SENTENCES, output_dir=run, **args)
+    versions = sorted(name for name in os.listdir(run) if name.startswith("last."))
+    assert versions == ["last.2", "last.4"] and _step_of(run / "last") == 4
+    assert _step_of(run / "best") == 0  # the evaluation before training: never pruned
+    result = train(tiny(), SENTENCES, output_dir=run, **args)  # the same command again: continues at step 4
+    assert result.steps == 6 and sorted(n for n in os.listdir(run) if n.startswith("last.")) == ["last.4", "last.6"]
+    steps = [json.loads(x)["step"] for x in open(result.metrics_path, encoding="utf-8")]
+    assert steps == [0, 1, 2, 3, 4, 5, 6, 6]  # evaluations at 0 and 6, every step once
+
+
+def test_a_rerun_continues_a_matching_run_and_refuses_other_settings_naming_both_ways_out(
+        tmp_path, crash_at_step, caplog):
+    common = dict(batch_size=8, max_steps=4, eval_steps=2, eval_data=None, learning_rate=1e-3, progress=False)
+    run = tmp_path / "run"
+    crash_at_step(3)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), SENTENCES, output_dir=run, **common)
+    with pytest.raises(RunRefused) as refused:
+        train(tiny(), SENTENCES, output_dir=run, **dict(common, learning_rate=2e-3))
+    message, cli = str(refused.value), refused.value.cli_message
+    assert "learning_rate 0.001 -> 0.002" in message and f"resume_from={str(run)!r}" in message
+    assert "overwrite_output_dir=True" in message and "resume_override=['learning_rate']" in message
+    assert f"--resume-from {run} --resume-override learning_rate" in cli and "--overwrite-output-dir" in cli
+    assert _step_of(run / "last") == 2  # refused: nothing deleted
+    with caplog.at_level("WARNING", logger="fastcse.train"):
+        result = train(tiny(), SENTENCES, output_dir=run, **common)  # the same command: continues it
+    assert result.steps == 4 and "saved at step 2 of 4: continuing it" in caplog.text
+    assert [json.loads(x)["step"] for x in open(result.metrics_path, encoding="utf-8")] == [1, 2, 3, 4]
+    fresh = train(tiny(), SENTENCES, output_dir=run, overwrite_output_dir=True, **dict(common, learning_rate=2e-3))
+    lrs = [json.loads(x)["lr"] for x in open(fresh.metrics_path, encoding="utf-8")]
+    assert len(lrs) == 4 and lrs[0] == pytest.approx(2e-3)  # started over with the new settings
+    with pytest.raises(ValueError, match="pass one of them"):
+        train(tiny(), SENTENCES, output_dir=run, resume_from=run, overwrite_output_dir=True, **common)
+
+
+def test_a_rerun_never_deletes_checkpoints_it_cannot_continue(tmp_path, dev_pairs):
+    args = dict(batch_size=8, max_steps=2, eval_steps=2, eval_data=dev_pairs, progress=False)
+    done = tmp_path / "done"
+    train(tiny(), SENTENCES, output_dir=done, save_last=False, **args)  # best/ only: nothing to resume
+    with pytest.raises(RunRefused, match="cannot be resumed.*overwrite_output_dir=True"):
+        train(tiny(), SENTENCES, output_dir=done, **args)
+    assert (done / "best").is_dir()
+    source, other = tmp_path / "source", tmp_path / "other"
+    for folder in (source, other):
+        train(tiny(), SENTENCES, output_dir=folder, **args)
+    with pytest.raises(RunRefused, match=f"{re.escape(str(other))}.* would be replaced by the run resumed from"):
+        train(tiny(), SENTENCES, output_dir=other, resume_from=source, **args)
+    assert (other / "last").is_dir()
+    assert train(tiny(), SENTENCES, output_dir=done, overwrite_output_dir=True, **args).steps == 2
+
+
+def test_a_collapse_to_one_point_is_warned_once(tmp_path, caplog):
+    watch = loop_module.CollapseWatch(batch_size=8, learning_rate=1000.0)
+    stuck = [watch.observe(step, 2.0, 0.0) for step in range(1, 6)]
+    assert stuck == [False, False, True, False, False]  # the third step in a row, once
+    assert "ln(batch 8) = 2.08" in caplog.text and "since step 1" in caplog.text
+    solved = loop_module.CollapseWatch(batch_size=8, learning_rate=1e-3)
+    assert not any(solved.observe(step, 0.01, 0.0) for step in range(1, 6))  # a solved task is no collapse
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fastcse.train"):  # the issue's case: a learning rate of 1000
+        train(tiny(), SENTENCES, batch_size=8, max_steps=8, eval_data=None, learning_rate=1000.0, progress=False,
+              output_dir=tmp_path / "run")
+    assert caplog.text.count("the embeddings have collapsed") == 1

@@ -252,14 +252,14 @@ def _train_result(state: RunState, model_path: Path, output_dir: Path, metrics_p
 
 
 class CollapseWatch:
-    """Warns once when the loss has sat at ln(batch) with a zero gradient norm for ``patience``
-    steps in a row: every embedding has become the same point (every candidate scores alike, so
-    the loss is the log of their count), typically from a far too high learning rate, and
-    nothing more will be learned. A well-trained model has a small gradient too, but a loss near
-    0, not ln(batch)."""
+    """Warns once when the loss has sat near ln(batch) with a zero gradient norm for
+    ``patience`` steps in a row: the embeddings have collapsed (every candidate scores alike, so
+    the loss is about the log of their count, up to dropout's noise), typically from a far too
+    high learning rate, and nothing more will be learned. A well-trained model has a small
+    gradient too, but a loss far below ln(batch): the floor is half of it."""
 
     def __init__(self, batch_size: int, learning_rate: float, patience: int = 3):
-        self.floor = math.log(batch_size) - 0.01  # at least batch_size candidates per anchor
+        self.floor = 0.5 * math.log(batch_size)
         self.batch_size, self.learning_rate, self.patience = batch_size, learning_rate, patience
         self.streak, self.warned = 0, False
 
@@ -270,9 +270,9 @@ class CollapseWatch:
         if self.streak < self.patience or self.warned:
             return False
         self.warned = True
-        logger.warning("the loss has been %.4f (ln(batch %d) = %.4f) with a zero gradient norm for %d steps (since "
-                       "step %d): the embeddings have collapsed to one point and nothing more is learned; lower the "
-                       "learning rate (now %g)", loss, self.batch_size, math.log(self.batch_size), self.streak,
+        logger.warning("the loss has sat near ln(batch %d) = %.2f (now %.2f) with a zero gradient norm for %d steps "
+                       "(since step %d): the embeddings have collapsed and nothing more is learned; lower the "
+                       "learning rate (now %g)", self.batch_size, math.log(self.batch_size), loss, self.streak,
                        step - self.streak + 1, self.learning_rate)
         return True
 

@@ -142,7 +142,7 @@ def _describe_changes(old: dict, settings: dict, names: list[str]) -> str:
     return "; ".join(describe(name) for name in names)
 
 
-def _check_resume_settings(saved: dict, settings: dict, choice: ResumeChoice, override, output_dir: Path) -> None:
+def _check_resume_settings(saved: dict, settings: dict, choice: ResumeChoice, config: TrainConfig) -> None:
     """Refuses to continue a checkpoint with settings that change what the run computes, unless
     ``resume_override`` allows each of them (they are not in the optimizer state: before this
     check, a new max_steps, learning rate, temperature... silently changed the run mid-way or
@@ -150,9 +150,10 @@ def _check_resume_settings(saved: dict, settings: dict, choice: ResumeChoice, ov
     old = saved.get("settings") or saved["config"]  # before the full record: mode, batch, seed, count, steps
     old = {**EARLIER_SETTINGS, **old}
     changed = [name for name in RESUME_SETTINGS if name in old and old[name] != settings[name]]
+    override = config.resume_override
     refused = [] if override is True else [name for name in changed if name not in override]
     if refused:
-        raise _settings_refusal(choice, saved["step"], _describe_changes(old, settings, refused), refused, output_dir)
+        raise _settings_refusal(choice, saved["step"], _describe_changes(old, settings, refused), refused, config)
     if current_world()[0] == 0:
         if changed:
             logger.warning("resuming %s with changed settings (resume_override): %s", choice.folder,
@@ -164,10 +165,10 @@ def _check_resume_settings(saved: dict, settings: dict, choice: ResumeChoice, ov
 
 
 def _settings_refusal(choice: ResumeChoice, step: int, changes: str, refused: list[str],
-                      output_dir: Path) -> RunRefused:
+                      config: TrainConfig) -> RunRefused:
     names = ",".join(refused)
     if choice.automatic:
-        out = str(output_dir)
+        out = str(config.output_dir)
         return RunRefused(
             f"output_dir={out!r} holds an earlier run (checkpoint at step {step}) trained with other settings: "
             f"{changes}. Continue it with resume_from={out!r}, resume_override={refused!r}, or delete it and "
@@ -175,7 +176,7 @@ def _settings_refusal(choice: ResumeChoice, step: int, changes: str, refused: li
             f"{out} holds an earlier run (checkpoint at step {step}) trained with other settings: {changes}. "
             f"Continue it with --resume-from {shlex.quote(out)} --resume-override {names}, or delete it and start "
             "over with --overwrite-output-dir")
-    folder = str(choice.folder)
+    folder = str(config.resume_from)  # as the user wrote it
     return RunRefused(
         f"resume_from={folder!r} was trained with other settings: {changes}. Resume with the run's settings, or "
         f"pass resume_override={refused!r} (or True) to continue with the new values",
@@ -203,7 +204,7 @@ def load_resume(choice: ResumeChoice, settings: dict, config: TrainConfig) -> di
     if choice.folder is None:
         return None
     saved = torch.load(choice.folder / STATE_FILE, weights_only=True)
-    _check_resume_settings(saved, settings, choice, config.resume_override, config.output_dir)
+    _check_resume_settings(saved, settings, choice, config)
     _check_carry(choice.folder, saved, config.output_dir)
     if choice.automatic and current_world()[0] == 0:
         logger.warning("%s holds an earlier run of these settings, saved at step %d of %d: continuing it "
