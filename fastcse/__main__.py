@@ -134,6 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(demo)
     _add_train_options(demo, demo=True)
 
+    _add_train_command(sub)
+    _add_eval_command(sub)
+
+    from fastcse.gpu_check import add_arguments as add_gpu_check_arguments
+
+    add_gpu_check_arguments(sub.add_parser(
+        "gpu-check", help="prove the kernels on this machine's GPU: correctness, speed, memory (~4-8 min)",
+        description="Correctness of the Triton kernels against the fp64 reference, determinism, torch.compile, "
+                    "the CUDA pack kernel and NCCL, speed and memory against plain PyTorch, Inf-CL and "
+                    "cut-cross-entropy, and a sentence-transformers step; writes <out>/gpu_check.json and .md. "
+                    "Exit 1 if a correctness check fails, 2 without a CUDA device (unless --interpret)."))
+    return parser
+
+
+def _add_train_command(sub) -> None:
     tr = sub.add_parser("train", help="train a sentence encoder with SimCSE",
                         description="Unsupervised (one sentence a line) or supervised (sent0,sent1,hard_neg CSV) "
                                     "SimCSE; evaluates on STS-B dev and keeps the best checkpoint.")
@@ -181,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(tr)
     _add_train_options(tr, demo=False)
 
+
+def _add_eval_command(sub) -> None:
     ev = sub.add_parser("eval", help="STS evaluation: Spearman x 100 of cosine similarity",
                         description="Scores a model on STS12-16 (all setting), STS-B test and SICK-R test (or the "
                                     "tasks / pair files given), as SimCSE reports them.")
@@ -194,16 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--alignment-uniformity", action="store_true", help="also Wang & Isola's metrics on STS-B test")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     _add_common(ev)
-
-    from fastcse.gpu_check import add_arguments as add_gpu_check_arguments
-
-    add_gpu_check_arguments(sub.add_parser(
-        "gpu-check", help="prove the kernels on this machine's GPU: correctness, speed, memory (~4-8 min)",
-        description="Correctness of the Triton kernels against the fp64 reference, determinism, torch.compile, "
-                    "the CUDA pack kernel and NCCL, speed and memory against plain PyTorch, Inf-CL and "
-                    "cut-cross-entropy, and a sentence-transformers step; writes <out>/gpu_check.json and .md. "
-                    "Exit 1 if a correctness check fails, 2 without a CUDA device (unless --interpret)."))
-    return parser
 
 
 def _data_dir(args) -> Path:
@@ -385,7 +392,7 @@ def main(argv=None) -> int:
         print(f"fastcse: error: {getattr(error, 'cli_message', None) or error}", file=sys.stderr)
         return 2
     finally:
-        if in_main_thread:
+        if previous is not None:  # None: a handler not set from Python, which cannot be put back
             signal.signal(signal.SIGTERM, previous)
 
 

@@ -980,7 +980,7 @@ def test_a_collapse_to_one_point_is_warned_once(tmp_path, caplog):
     solved = loop_module.CollapseWatch(batch_size=8, learning_rate=1e-3)
     assert not any(solved.observe(step, 0.01, 0.0) for step in range(1, 6))  # a solved task is no collapse
     caplog.clear()
-    with caplog.at_level("WARNING", logger="fastcse.train"):  # the case: a learning rate of 1000
+    with caplog.at_level("WARNING", logger="fastcse.train"):  # a learning rate of 1000 collapses the embeddings
         train(tiny(), SENTENCES, batch_size=8, max_steps=8, eval_data=None, learning_rate=1000.0, progress=False,
               output_dir=tmp_path / "run")
     assert caplog.text.count("the embeddings have collapsed") == 1
