@@ -246,7 +246,9 @@ def test_bad_data_fails_before_training(tmp_path):
              (dict(data=empty), ValueError, "no sentences"),
              (dict(data=wrong, mode="sup"), ValueError, "sent0,sent1"),
              (dict(data=named, mode="sup"), ValueError, "named.csv, line 10: label must be an integer id"),
-             (dict(data=SENTENCES, model=str(tmp_path / "no-model")), FileNotFoundError, "no-model")]
+             (dict(data=SENTENCES, model=str(tmp_path / "no-model")), FileNotFoundError, "no-model"),
+             (dict(data=[(f"a{i}", f"b{i}") for i in range(8)], mode="sup", hard_negative_weight=0.5), ValueError,
+              "the data has none")]
     for case, error, match in cases:
         args = dict(dict(model=tiny(), batch_size=8, max_steps=1, eval_data=None, progress=False,
                          output_dir=tmp_path / "out"), **case)
@@ -949,6 +951,9 @@ def test_a_rerun_continues_a_matching_run_and_refuses_other_settings_naming_both
         result = train(tiny(), SENTENCES, output_dir=run, **common)  # the same command: continues it
     assert result.steps == 4 and "saved at step 2 of 4: continuing it" in caplog.text
     assert [json.loads(x)["step"] for x in open(result.metrics_path, encoding="utf-8")] == [1, 2, 3, 4]
+    with caplog.at_level("WARNING", logger="fastcse.train"):
+        assert train(tiny(), SENTENCES, output_dir=run, **common).steps == 4  # complete: the same command is a no-op
+    assert "nothing is left to train" in caplog.text
     fresh = train(tiny(), SENTENCES, output_dir=run, overwrite_output_dir=True, **dict(common, learning_rate=2e-3))
     lrs = [json.loads(x)["lr"] for x in open(fresh.metrics_path, encoding="utf-8")]
     assert len(lrs) == 4 and lrs[0] == pytest.approx(2e-3)  # started over with the new settings

@@ -145,6 +145,9 @@ def _load_run(model, tokenizer, data, config: TrainConfig, device, choice: Resum
     """Loads the data and the model and checks them against ``config``, then the checkpoint to
     resume against the run's settings (all before any write)."""
     examples, labels, views = load_training_data(data, config.mode, config.batch_size)
+    if config.hard_negative_weight != 0.0 and views < 3:  # else the loss would refuse it at the first step
+        raise ValueError(f"hard_negative_weight={config.hard_negative_weight} weights hard negatives, and the data has "
+                         "none (sent0,sent1 only): add a hard_neg column or use hard_negative_weight=0")
     model, tokenizer, device = load_model_on_device(model, tokenizer, device)
     autocast_dtype = resolve_precision(config.precision, device)
     check_mlp_head(model, config.pooler, _fresh_head(config, choice.folder))

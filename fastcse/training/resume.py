@@ -207,9 +207,10 @@ def load_resume(choice: ResumeChoice, settings: dict, config: TrainConfig) -> di
     _check_resume_settings(saved, settings, choice, config)
     _check_carry(choice.folder, saved, config.output_dir)
     if choice.automatic and current_world()[0] == 0:
-        logger.warning("%s holds an earlier run of these settings, saved at step %d of %d: continuing it "
+        done = " (it is complete: nothing is left to train)" if saved["step"] >= settings["total_steps"] else ""
+        logger.warning("%s holds an earlier run of these settings, saved at step %d of %d: continuing it%s "
                        "(overwrite_output_dir=True / --overwrite-output-dir starts over instead)", config.output_dir,
-                       saved["step"], settings["total_steps"])
+                       saved["step"], settings["total_steps"], done)
     return saved
 
 
