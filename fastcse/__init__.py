@@ -5,15 +5,16 @@ from fastcse.reference import info_nce_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["InfoNCE", "info_nce", "info_nce_reference", "train", "evaluate", "alignment_uniformity", "__version__"]
+__all__ = ["InfoNCE", "info_nce", "info_nce_reference", "train", "TrainConfig", "evaluate", "alignment_uniformity",
+           "__version__"]
 
 
 def __getattr__(name):
     # The trainer pulls in transformers/datasets: import it only when asked for.
-    if name == "train":
-        from fastcse.trainer import train
+    if name in ("train", "TrainConfig"):
+        import fastcse.training
 
-        return train
+        return getattr(fastcse.training, name)
     if name in ("evaluate", "alignment_uniformity"):
         import importlib
 

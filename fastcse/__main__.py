@@ -6,12 +6,18 @@ import argparse
 import json
 import logging
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from fastcse.encoding import ENCODINGS
 from fastcse.pooling import POOLERS
+from fastcse.training.config import DEFAULT_EPOCHS, DEFAULT_LR, MLP_INITS, MODES, PRECISIONS, TrainConfig
+
+DEFAULTS = TrainConfig()  # the CLI's defaults are the API's
 
 # The demo: unsupervised SimCSE with the paper's settings (cls pooler with the MLP head while
 # training, [CLS] at evaluation, batch 64, lr 3e-5, temperature 0.05, max length 32) on
@@ -78,28 +84,37 @@ def _add_common(p):
     p.add_argument("--shared", help="the shared data/models folder (default: $FASTCSE_SHARED or ../shared "
                                     "beside the project root)")
     p.add_argument("--data-dir", help="folder holding SentEval/ (default: <shared>/data)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging, and the traceback of an error (else one line)")
 
 
 def _add_train_options(p, demo: bool):
-    p.add_argument("--output-dir", default="runs/demo" if demo else "runs/fastcse",
+    p.add_argument("--output-dir", default="runs/demo" if demo else DEFAULTS.output_dir,
                    help="where best/, last/ and metrics.jsonl go (default: %(default)s)")
     p.add_argument("--max-steps", type=positive_int, default=DEMO["max_steps"] if demo else None,
                    help="optimizer steps (default: %(default)s)" if demo else "optimizer steps (overrides --epochs)")
-    p.add_argument("--eval-steps", type=positive_int, default=DEMO["eval_steps"] if demo else 125,
+    p.add_argument("--eval-steps", type=positive_int, default=DEMO["eval_steps"] if demo else DEFAULTS.eval_steps,
                    help="evaluate on STS-B dev every N steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=DEMO["batch_size"] if demo else 64,
+    p.add_argument("--batch-size", type=positive_int, default=DEMO["batch_size"] if demo else DEFAULTS.batch_size,
                    help="contrastive batch: the in-batch negatives (default: %(default)s)")
     p.add_argument("--mini-batch-size", type=positive_int, default=None,
                    help="gradient caching: encode the batch in chunks of this many examples (same gradients, "
                         "less memory)")
     p.add_argument("--mini-batch-tokens", type=positive_int, default=None,
                    help="gradient caching: chunks of at most this many real tokens (memory bounded by tokens)")
-    p.add_argument("--encoding", choices=ENCODINGS, default="auto",
+    p.add_argument("--encoding", choices=ENCODINGS, default=DEFAULTS.encoding,
                    help="sequence layout for the encoder: packed (padding-free, BERT-family), sorted "
                         "(length-sorted groups, each padded to its longest), padded (one padded batch); auto: "
                         "packed where the model allows it, else sorted (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="(default: %(default)s)")
+    p.add_argument("--save-steps", type=non_negative_int, default=DEFAULTS.save_steps, metavar="N",
+                   help="also save last/ every N steps; 0: only at evaluations. last/ is saved at every "
+                        "evaluation, at the end, and on Ctrl-C / SIGTERM (default: %(default)s)")
+    p.add_argument("--save-total-limit", type=positive_int, default=DEFAULTS.save_total_limit, metavar="K",
+                   help="keep the K newest versions of last/ (best/ is kept apart) (default: %(default)s)")
+    p.add_argument("--overwrite-output-dir", action="store_true",
+                   help="start over in an output dir that holds an earlier run, deleting its checkpoints and "
+                        "metrics (without it, the same command continues that run when its settings match)")
     p.add_argument("--resume-from", help="a run's output dir or its last/ checkpoint, to continue it")
     p.add_argument("--resume-override", default=None, metavar="NAMES",
                    help="comma-separated settings a resumed run may change (e.g. learning_rate,max_steps), or 'all'")
@@ -119,6 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(demo)
     _add_train_options(demo, demo=True)
 
+    _add_train_command(sub)
+    _add_eval_command(sub)
+
+    from fastcse.gpu_check import add_arguments as add_gpu_check_arguments
+
+    add_gpu_check_arguments(sub.add_parser(
+        "gpu-check", help="prove the kernels on this machine's GPU: correctness, speed, memory (~4-8 min)",
+        description="Correctness of the Triton kernels against the fp64 reference, determinism, torch.compile, "
+                    "the CUDA pack kernel and NCCL, speed and memory against plain PyTorch, Inf-CL and "
+                    "cut-cross-entropy, and a sentence-transformers step; writes <out>/gpu_check.json and .md. "
+                    "Exit 1 if a correctness check fails, 2 without a CUDA device (unless --interpret)."))
+    return parser
+
+
+def _add_train_command(sub) -> None:
     tr = sub.add_parser("train", help="train a sentence encoder with SimCSE",
                         description="Unsupervised (one sentence a line) or supervised (sent0,sent1,hard_neg CSV) "
                                     "SimCSE; evaluates on STS-B dev and keeps the best checkpoint.")
@@ -127,35 +157,47 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", required=True,
                     help="unsup: text file, one sentence a line; sup: CSV sent0,sent1[,hard_neg][,label] (label: "
                          "integer ids, equal ids are positives)")
-    tr.add_argument("--mode", choices=("unsup", "sup"), default="unsup", help="(default: %(default)s)")
+    tr.add_argument("--mode", choices=MODES, default=DEFAULTS.mode, help="(default: %(default)s)")
     tr.add_argument("--from-scratch", action="store_true", help="train a randomly initialized BERT with --model's tokenizer")
     tr.add_argument("--scratch-hidden-size", type=positive_int, default=256, help="(default: %(default)s)")
     tr.add_argument("--scratch-layers", type=positive_int, default=4, help="(default: %(default)s)")
-    tr.add_argument("--pooler", choices=POOLERS, default="cls", help="(default: %(default)s)")
+    tr.add_argument("--pooler", choices=POOLERS, default=DEFAULTS.pooler, help="(default: %(default)s)")
     tr.add_argument("--mlp-only-train", choices=("auto", "yes", "no"), default="auto",
                     help="pooler cls: MLP head at training only (auto: yes for unsup, no for sup)")
-    tr.add_argument("--mlp-init", choices=("fresh", "pretrained"), default="fresh",
+    tr.add_argument("--mlp-init", choices=MLP_INITS, default=DEFAULTS.mlp_init,
                     help="pooler cls: SimCSE's MLP head freshly initialized (as the paper) or the encoder's "
                          "pretrained pooler (default: %(default)s)")
-    tr.add_argument("--temperature", type=float, default=0.05, help="(default: %(default)s)")
-    tr.add_argument("--hard-negative-weight", type=float, default=0.0, help="(default: %(default)s)")
-    tr.add_argument("--mask-duplicates", action=argparse.BooleanOptionalAction, default=True,
+    tr.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="(default: %(default)s)")
+    tr.add_argument("--hard-negative-weight", type=float, default=DEFAULTS.hard_negative_weight,
+                    help="(default: %(default)s)")
+    tr.add_argument("--mask-duplicates", action=argparse.BooleanOptionalAction, default=DEFAULTS.mask_duplicates,
                     help="leave rows that share an anchor or positive text out of each other's negatives (false "
                          "negatives); no effect on data with labels (default: on)")
-    tr.add_argument("--negative-queue-size", type=non_negative_int, default=0, metavar="Q",
+    tr.add_argument("--negative-queue-size", type=non_negative_int, default=DEFAULTS.negative_queue_size, metavar="Q",
                     help="score the last Q queued positives of earlier batches as extra negatives (XBM); "
                          "0: no queue (default: %(default)s)")
-    tr.add_argument("--learning-rate", type=float, default=None, help="(default: 3e-5 unsup, 5e-5 sup)")
-    tr.add_argument("--epochs", type=positive_int, default=None, help="(default: 1 unsup, 3 sup)")
-    tr.add_argument("--max-seq-length", type=positive_int, default=32, help="(default: %(default)s)")
-    tr.add_argument("--eval-data", default="STSBenchmark-dev",
+    tr.add_argument("--learning-rate", type=float, default=None,
+                    help=f"(default: {DEFAULT_LR['unsup']:g} unsup, {DEFAULT_LR['sup']:g} sup)")
+    tr.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay,
+                    help="AdamW's decoupled weight decay, not on biases and norms (default: %(default)s)")
+    tr.add_argument("--warmup-steps", type=non_negative_int, default=DEFAULTS.warmup_steps,
+                    help="linear warmup before the linear decay (default: %(default)s)")
+    tr.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm,
+                    help="clip the gradient norm to this; 0: no clipping (default: %(default)s)")
+    tr.add_argument("--epochs", type=positive_int, default=None,
+                    help=f"(default: {DEFAULT_EPOCHS['unsup']} unsup, {DEFAULT_EPOCHS['sup']} sup)")
+    tr.add_argument("--max-seq-length", type=positive_int, default=DEFAULTS.max_seq_length,
+                    help="(default: %(default)s)")
+    tr.add_argument("--eval-data", default=DEFAULTS.eval_data,
                     help="task name or .tsv/.csv pair file for checkpoint selection, or 'none' (default: %(default)s)")
-    tr.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="(default: %(default)s)")
+    tr.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision, help="(default: %(default)s)")
     tr.add_argument("--device", type=torch_device, default=None,
                     help="torch device: cpu, cuda, cuda:N, mps (default: where the model loads, CPU)")
     _add_common(tr)
     _add_train_options(tr, demo=False)
 
+
+def _add_eval_command(sub) -> None:
     ev = sub.add_parser("eval", help="STS evaluation: Spearman x 100 of cosine similarity",
                         description="Scores a model on STS12-16 (all setting), STS-B test and SICK-R test (or the "
                                     "tasks / pair files given), as SimCSE reports them.")
@@ -170,27 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     _add_common(ev)
 
-    from fastcse.gpu_check import add_arguments as add_gpu_check_arguments
-
-    add_gpu_check_arguments(sub.add_parser(
-        "gpu-check", help="prove the kernels on this machine's GPU: correctness, speed, memory (~4-8 min)",
-        description="Correctness of the Triton kernels against the fp64 reference, determinism, torch.compile, "
-                    "the CUDA pack kernel and NCCL, speed and memory against plain PyTorch, Inf-CL and "
-                    "cut-cross-entropy, and a sentence-transformers step; writes <out>/gpu_check.json and .md. "
-                    "Exit 1 if a correctness check fails, 2 without a CUDA device (unless --interpret)."))
-    return parser
-
 
 def _data_dir(args) -> Path:
     return Path(args.data_dir) if args.data_dir else _shared(args) / "data"
 
 
-def _train_kwargs(args) -> dict:
+def _train_settings(args) -> dict:
+    """The TrainConfig fields that the demo and train commands share."""
     return dict(batch_size=args.batch_size, mini_batch_size=args.mini_batch_size,
                 mini_batch_tokens=args.mini_batch_tokens, encoding=args.encoding, max_steps=args.max_steps,
                 eval_steps=args.eval_steps, output_dir=args.output_dir, seed=args.seed,
                 resume_from=args.resume_from, resume_override=_resume_override(args.resume_override),
-                progress=not args.no_progress, data_dir=_data_dir(args))
+                progress=not args.no_progress, data_dir=_data_dir(args), save_steps=args.save_steps or None,
+                save_total_limit=args.save_total_limit, overwrite_output_dir=args.overwrite_output_dir)
 
 
 def _resume_override(text: str | None):
@@ -200,7 +234,7 @@ def _resume_override(text: str | None):
 
 
 def run_demo(args) -> int:
-    from fastcse.trainer import train
+    from fastcse.training import train
 
     shared = _shared(args)
     model = shared / "models" / "all-MiniLM-L6-v2"
@@ -211,7 +245,7 @@ def run_demo(args) -> int:
     started = time.time()
     print(f"fastcse demo: unsupervised SimCSE on {model.name} ([CLS] pooling), {data.name}, "
           f"{args.max_steps} steps of batch {args.batch_size}; STS-B dev every {args.eval_steps} steps", flush=True)
-    result = train(model, data, mode="unsup", pooler="cls", **_train_kwargs(args))
+    result = train(model, data, config=TrainConfig(mode="unsup", pooler="cls", **_train_settings(args)))
     before = result.history[0]["metric"] if result.history and result.history[0]["step"] == 0 else None
     after = result.history[-1]["metric"]
     minutes = (time.time() - started) / 60
@@ -225,7 +259,7 @@ def run_demo(args) -> int:
 
 def run_train(args) -> int:
     from fastcse.evaluation import model_source
-    from fastcse.trainer import build_bert_from_scratch, train
+    from fastcse.training import build_bert_from_scratch, train
 
     model = args.model
     if args.from_scratch:
@@ -235,11 +269,14 @@ def run_train(args) -> int:
                                         num_heads=max(1, args.scratch_hidden_size // 64), seed=args.seed)
     mlp = {"auto": None, "yes": True, "no": False}[args.mlp_only_train]
     eval_data = None if args.eval_data.lower() == "none" else args.eval_data
-    result = train(model, args.data, mode=args.mode, pooler=args.pooler, mlp_only_train=mlp, mlp_init=args.mlp_init,
-                   temperature=args.temperature, hard_negative_weight=args.hard_negative_weight,
-                   mask_duplicates=args.mask_duplicates, negative_queue_size=args.negative_queue_size,
-                   learning_rate=args.learning_rate, epochs=args.epochs, max_seq_length=args.max_seq_length,
-                   eval_data=eval_data, precision=args.precision, device=args.device, **_train_kwargs(args))
+    config = TrainConfig(mode=args.mode, pooler=args.pooler, mlp_only_train=mlp, mlp_init=args.mlp_init,
+                         temperature=args.temperature, hard_negative_weight=args.hard_negative_weight,
+                         mask_duplicates=args.mask_duplicates, negative_queue_size=args.negative_queue_size,
+                         learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+                         warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm or None,
+                         epochs=args.epochs, max_seq_length=args.max_seq_length,
+                         eval_data=eval_data, precision=args.precision, device=args.device, **_train_settings(args))
+    result = train(model, args.data, config=config)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank holds the result; one prints it
         return 0
     if result.best_metric is not None:
@@ -275,16 +312,88 @@ def run_gpu_check(args) -> int:
     return run(args)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (loading, evaluating): stop as Ctrl-C would, exit 143."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated("SIGTERM")
+
+
+# The errors a user causes (a bad argument, a missing or unreadable file, a folder another run
+# holds, a loss driven to NaN): one line and exit 2. Anything else is a bug: its traceback shows.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def _user_error_types() -> tuple:
+    from fastcse.training import OutputDirInUse
+
+    return USER_ERRORS + (OutputDirInUse,)
+
+
+def resume_command(argv: list[str], output_dir) -> str:
+    """The command line that continues the run ``argv`` started: the same arguments, with
+    ``--resume-from output_dir`` and without ``--overwrite-output-dir`` (which would delete it)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume-from":
+            skip = True
+        elif not (arg.startswith("--resume-from=") or arg == "--overwrite-output-dir"):
+            kept.append(arg)
+    return shlex.join(["python", "-m", "fastcse", *kept, "--resume-from", str(output_dir)])
+
+
+def _interrupted(interrupt: KeyboardInterrupt, args, argv: list[str]) -> int:
+    """One line for a stop by SIGINT/SIGTERM; the shell's exit code for the signal."""
+    from fastcse.training.interrupts import StopAborted, TrainingInterrupted
+
+    code = getattr(interrupt, "exit_code", 128 + signal.SIGINT)
+    name = signal.Signals(code - 128).name
+    resume = (f"; resume with: {resume_command(argv, args.output_dir)}"
+              if args.command in ("train", "demo") else "")
+    if isinstance(interrupt, TrainingInterrupted):
+        saved = f"saved {interrupt.checkpoint}" if interrupt.checkpoint is not None else "nothing trained yet"
+        message = f"stopped by {name} after step {interrupt.step} of {interrupt.total_steps} ({saved}){resume}"
+    elif isinstance(interrupt, StopAborted):
+        message = f"{interrupt}{resume}"
+    else:  # outside the training loop (loading, evaluating, the final save)
+        message = f"interrupted by {name}" + (f" (the last complete checkpoint, if any, stays valid){resume}"
+                                              if resume else "")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"fastcse: {message}", file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if getattr(args, "no_progress", False):  # transformers' own bars too ("Writing model shards" at every save)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return {"demo": run_demo, "train": run_train, "eval": run_eval, "gpu-check": run_gpu_check}[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        if args.verbose:
+            raise
+        return _interrupted(interrupt, args, argv)
+    except Exception as error:
+        if args.verbose or not isinstance(error, _user_error_types()):
+            raise
+        print(f"fastcse: error: {getattr(error, 'cli_message', None) or error}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -189,7 +189,24 @@ def model_source(model_or_path) -> str:
     if reason is not None:
         shown = f"{name!r} (= {expanded!r})" if expanded != name else repr(name)
         raise FileNotFoundError(f"model folder not found: {shown}: {reason}")
+    if _offline() and not _in_hub_cache(name):
+        raise FileNotFoundError(f"model {name!r} is not a local folder and not in the local Hugging Face cache "
+                                "(offline: HF_HUB_OFFLINE is set)")
     return name
+
+
+def _offline() -> bool:
+    """Whether the Hub may not be reached (huggingface_hub's and transformers' switches)."""
+    return any(os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds the model's config: offline, a Hub id that is
+    not there fails at once here instead of after transformers' retries and a traceback."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
 def load_model(model_or_path, tokenizer=None, *, device=None):

@@ -30,7 +30,7 @@ from fastcse.data import load_unsup  # noqa: E402
 from fastcse.evaluation import load_model, shared_dir  # noqa: E402
 from fastcse.gradcache import cached_step, split_chunks, uncached_step  # noqa: E402
 from fastcse.pooling import pool  # noqa: E402
-from fastcse.trainer import build_bert_from_scratch  # noqa: E402
+from fastcse.training import build_bert_from_scratch  # noqa: E402
 
 
 def main(argv=None) -> int:

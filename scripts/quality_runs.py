@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastcse.evaluation import SENTEVAL_TASKS, evaluate_loaded, shared_dir  # noqa: E402
-from fastcse.trainer import build_bert_from_scratch, train  # noqa: E402
+from fastcse.training import build_bert_from_scratch, train  # noqa: E402
 
 TASKS = ["STSBenchmark-dev", *SENTEVAL_TASKS]
 

@@ -55,7 +55,7 @@ def sequences_per_example(args, examples) -> int:
 
 
 def run_fastcse(args, examples) -> list[float]:
-    from fastcse.trainer import train
+    from fastcse.training import train
 
     with tempfile.TemporaryDirectory() as out:
         result = train(args.model, examples, mode=args.mode, batch_size=args.batch_size,

@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -123,15 +124,17 @@ def test_demo_help_mentions_only_options_the_demo_takes(capsys):
 
 
 def test_train_passes_the_duplicate_masking_and_queue_flags(monkeypatch):
-    import fastcse.trainer
+    import dataclasses
+
+    import fastcse.training
 
     seen = []
 
-    def fake_train(model, data, **kwargs):
-        seen.append(kwargs)
+    def fake_train(model, data, *, config):
+        seen.append(dataclasses.asdict(config))
         raise ValueError("stop here")  # the CLI's handled error: exit code 2, nothing trained
 
-    monkeypatch.setattr(fastcse.trainer, "train", fake_train)
+    monkeypatch.setattr(fastcse.training, "train", fake_train)
     assert main(TRAIN + ["--output-dir", "unused"]) == 2
     assert main(TRAIN + ["--no-mask-duplicates", "--negative-queue-size", "64", "--output-dir", "unused"]) == 2
     assert [(k["mask_duplicates"], k["negative_queue_size"]) for k in seen] == [(True, 0), (False, 64)]
@@ -141,3 +144,183 @@ def test_train_passes_the_duplicate_masking_and_queue_flags(monkeypatch):
 def test_negative_queue_size_must_be_a_non_negative_int(capsys, value):
     err = _usage_error(capsys, TRAIN + ["--negative-queue-size", value])
     assert "argument --negative-queue-size" in err and f"expected a non-negative integer, got {value!r}" in err
+
+
+# ---- long runs from the command line: interrupts, reruns, one-line errors
+
+TOKENIZER = SHARED / "models" / "all-MiniLM-L6-v2"
+SCRATCH = ["train", "--model", str(TOKENIZER), "--from-scratch", "--scratch-hidden-size", "32", "--scratch-layers",
+           "1", "--batch-size", "8", "--max-seq-length", "16", "--no-progress"]
+
+
+def _sentences(tmp_path) -> str:
+    path = tmp_path / "s.txt"
+    path.write_text("\n".join(f"line {i} of a tiny corpus about topic {i % 5}" for i in range(40)), encoding="utf-8")
+    return str(path)
+
+
+def _start(argv) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", FASTCSE_SHARED=str(SHARED), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "fastcse", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def _wait_for(condition, process, timeout=180):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the run ended before the condition held: {process.communicate()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"timed out: {process.communicate()}")
+        time.sleep(0.05)
+
+
+def _trained_steps(run) -> list[int]:
+    """The steps of the complete training records in the metrics file."""
+    steps = []
+    try:
+        lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return steps
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # being appended
+            continue
+        if "loss" in record:
+            steps.append(record["step"])
+    return steps
+
+
+def _saved_step(run) -> int:
+    try:
+        return json.loads((run / "last" / "fastcse.json").read_text(encoding="utf-8"))["step"]
+    except (OSError, ValueError):
+        return -1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_the_finished_step_and_prints_the_command_that_resumes(tmp_path, signum):
+    import shlex
+
+    run = tmp_path / "run"
+    argv = SCRATCH + ["--data", _sentences(tmp_path), "--max-steps", "100000", "--eval-data", "none",
+                      "--output-dir", str(run)]
+    process = _start(argv)
+    _wait_for(lambda: len(_trained_steps(run)) >= 2, process)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    step = _saved_step(run)
+    assert step >= 2 and _trained_steps(run) == list(range(1, step + 1))  # every trained step is in the checkpoint
+    resume = shlex.join(["python", "-m", "fastcse", *argv, "--resume-from", str(run)])
+    name = signal.Signals(signum).name
+    assert err.strip().splitlines()[-1] == (f"fastcse: stopped by {name} after step {step} of 100000 "
+                                            f"(saved {run / 'last'}); resume with: {resume}")
+    assert not (run / ".fastcse.lock").exists()
+
+
+def test_the_same_command_after_a_kill_continues_the_run_and_keeps_its_checkpoints(tmp_path):
+    src = (SHARED / "data" / "sts-raw" / "STSB" / "dev.tsv").read_text(encoding="utf-8").splitlines()
+    pairs = tmp_path / "dev20.tsv"
+    pairs.write_text("\n".join(src[:21]) + "\n", encoding="utf-8")
+    run = tmp_path / "run"
+    argv = SCRATCH + ["--data", _sentences(tmp_path), "--max-steps", "100000", "--save-steps", "2", "--eval-data",
+                      str(pairs), "--eval-steps", "100000", "--output-dir", str(run)]
+    first = _start(argv)
+    _wait_for(lambda: _saved_step(run) >= 2, first)
+    first.kill()  # kill -9: no handler runs
+    first.communicate()
+    saved = _saved_step(run)
+    again = _start(argv)  # the same command, without --resume-from
+    _wait_for(lambda: _saved_step(run) >= saved + 2, again)
+    again.send_signal(signal.SIGINT)
+    _, err = again.communicate(timeout=120)
+    assert again.returncode == 130 and "Traceback" not in err
+    assert f"saved at step {saved} of 100000: continuing it" in err
+    steps = _trained_steps(run)
+    assert steps == list(range(1, len(steps) + 1)) and steps[-1] == _saved_step(run)  # no step lost or repeated
+    assert json.loads((run / "best" / "fastcse.json").read_text(encoding="utf-8"))["step"] == 0  # kept
+
+
+def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path):
+    import time
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x", encoding="utf-8")
+    data = _sentences(tmp_path)
+    held = tmp_path / "held"
+    held.mkdir()
+    other = subprocess.Popen(["sleep", "60"])
+    (held / ".fastcse.lock").write_text(json.dumps({"pid": other.pid, "host": __import__("socket").gethostname()}),
+                                        encoding="utf-8")
+    cases = [(SCRATCH + ["--data", data, "--output-dir", str(a_file)], "is a file, not a folder"),
+             (SCRATCH + ["--data", data, "--output-dir", str(held)], "is in use by another fastcse run"),
+             (["eval", "--model", "no_such_dir/best"], "not a local folder and not in the local Hugging Face cache"),
+             (SCRATCH + ["--data", data, "--weight-decay", "-1", "--output-dir", str(tmp_path / "o")],
+              "weight_decay must be a finite non-negative number, got -1.0")]
+    try:
+        for argv, message in cases:
+            started = time.monotonic()
+            code = main(argv)
+            err = capsys.readouterr().err
+            assert code == 2 and err.startswith("fastcse: error: ") and err.count("\n") == 1, (argv, err)
+            assert message in err and time.monotonic() - started < 5, (argv, err)  # offline: no Hub retries
+    finally:
+        other.kill()
+        other.wait()
+    with pytest.raises(NotADirectoryError):  # --verbose: the traceback of a user error too
+        main(cases[0][0] + ["--verbose"])
+    process = _start(cases[0][0])  # the whole output of the real command is that one line
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 2 and err.strip().splitlines() == [f"fastcse: error: output_dir={str(a_file)!r} is "
+                                                                    "a file, not a folder"], err
+
+
+def test_a_resume_refusal_names_the_command_line_flags(capsys, tmp_path):
+    run = tmp_path / "run"
+    common = SCRATCH + ["--data", _sentences(tmp_path), "--eval-data", "none", "--output-dir", str(run)]
+    argv = common + ["--max-steps", "2"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv + ["--learning-rate", "0.01"]) == 2  # a rerun with another setting
+    err = capsys.readouterr().err
+    assert f"--resume-from {run} --resume-override learning_rate" in err and "--overwrite-output-dir" in err
+    assert "resume_override=" not in err and err.count("\n") == 1
+    assert main(argv + ["--learning-rate", "0.01", "--resume-from", str(run)]) == 2
+    assert f"--resume-from {run} was trained with other settings: learning_rate 3e-05 -> 0.01. Resume with the " \
+           "run's settings, or add --resume-override learning_rate (or all)" in capsys.readouterr().err
+    # max_steps names the step count, which is compared as total_steps
+    assert main(common + ["--max-steps", "3", "--resume-from", str(run), "--resume-override", "max_steps"]) == 0
+    assert _trained_steps(run) == [1, 2, 3]
+
+
+def test_train_passes_the_optimizer_and_checkpoint_flags(monkeypatch):
+    import dataclasses
+
+    import fastcse.training
+
+    seen = []
+
+    def fake_train(model, data, *, config):
+        seen.append(dataclasses.asdict(config))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(fastcse.training, "train", fake_train)
+    assert main(TRAIN + ["--weight-decay", "0.01", "--warmup-steps", "3", "--max-grad-norm", "0", "--save-steps", "7",
+                         "--save-total-limit", "2", "--overwrite-output-dir", "--output-dir", "unused"]) == 2
+    assert main(TRAIN + ["--save-steps", "0", "--output-dir", "unused"]) == 2
+    keys = ("weight_decay", "warmup_steps", "max_grad_norm", "save_steps", "save_total_limit", "overwrite_output_dir")
+    assert [tuple(k[key] for key in keys) for k in seen] == [(0.01, 3, None, 7, 2, True),
+                                                              (0.0, 0, 1.0, None, 1, False)]
+
+
+def test_the_resume_command_drops_overwrite_and_replaces_resume_from():
+    from fastcse.__main__ import resume_command
+
+    argv = ["train", "--model", "m", "--resume-from", "old", "--overwrite-output-dir", "--output-dir", "o p"]
+    assert resume_command(argv, "o p") == "python -m fastcse train --model m --output-dir 'o p' --resume-from 'o p'"

@@ -140,7 +140,7 @@ def test_csv_quoting_that_balances_still_loads(tmp_path):
     assert load_sup(path) == [("a man, a plan", 'he said "hi"'), ("plain", "row")]
 
 
-# Labels (issue #12): integer ids, equal ids are positives of each other.
+# Labels: integer ids, equal ids are positives of each other.
 
 
 def test_sup_labels_from_a_csv_column(tmp_path):

@@ -14,7 +14,9 @@ from fastcse import encoding as enc  # noqa: E402
 from fastcse.evaluation import shared_dir  # noqa: E402
 from fastcse.gradcache import uncached_step  # noqa: E402
 from fastcse.pooling import POOLERS, pool  # noqa: E402
-from fastcse.trainer import BatchOrder, ContrastiveStep, TokenizedBatches, build_bert_from_scratch  # noqa: E402
+from fastcse.training.batches import BatchOrder, TokenizedBatches  # noqa: E402
+from fastcse.training.model import build_bert_from_scratch  # noqa: E402
+from fastcse.training.step import ContrastiveStep  # noqa: E402
 
 MINILM = shared_dir() / "models" / "all-MiniLM-L6-v2"
 TEXTS = ["a man is playing a guitar .", "rain", "two dogs run along the beach while the sun sets over the sea",
@@ -296,7 +298,7 @@ SENTENCES = [f"sentence {i} " + "with more words " * (i % 5) for i in range(24)]
 
 
 def train_tiny(tmp_path, **kwargs):
-    from fastcse.trainer import train
+    from fastcse.training import train
 
     args = dict(batch_size=8, max_steps=2, eval_data=None, progress=False, output_dir=tmp_path / "out",
                 learning_rate=1e-3)
@@ -323,7 +325,7 @@ def test_mini_batch_tokens_below_the_longest_sequence_fails_before_training(tmp_
 def test_token_budget_training_runs_cached_chunks(tmp_path, monkeypatch, encoding):
     import json
 
-    import fastcse.trainer as trainer
+    import fastcse.training.step as trainer
 
     chunk_counts = []
     real = trainer.cached_step
@@ -340,7 +342,7 @@ def test_token_budget_training_runs_cached_chunks(tmp_path, monkeypatch, encodin
 
 
 def test_packed_encoding_on_a_model_that_cannot_pack_fails_before_training(tmp_path):
-    from fastcse.trainer import train
+    from fastcse.training import train
 
     model, tok = tiny()
     model.config._attn_implementation = "flex_attention"

@@ -190,9 +190,27 @@ def test_a_missing_local_model_path_is_not_tried_as_a_hub_id(tmp_path, monkeypat
 @pytest.mark.parametrize("name", ["org/name", "bert-base-uncased", "sentence-transformers/all-MiniLM-L6-v2"])
 def test_hub_ids_still_go_to_transformers(tmp_path, monkeypatch, hub_calls, name):
     monkeypatch.chdir(tmp_path)
+    for switch in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # online: the Hub is transformers' to ask
+        monkeypatch.delenv(switch, raising=False)
     with pytest.raises(OSError, match="stub"):
         evaluate_module.load_model(name)
     assert hub_calls == [name]
+
+
+@pytest.mark.parametrize("switch", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_offline_a_hub_id_missing_from_the_cache_fails_at_once(tmp_path, monkeypatch, hub_calls, switch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(switch, "1")
+    with pytest.raises(FileNotFoundError, match="'no_such_dir/best' is not a local folder and not in the local "
+                                                "Hugging Face cache"):
+        evaluate_module.load_model("no_such_dir/best")
+    assert hub_calls == []  # transformers never asked: no retries, no traceback
+    monkeypatch.setattr(evaluate_module, "_in_hub_cache", lambda name: True)  # a cached model still loads offline
+    with pytest.raises(OSError, match="stub"):
+        evaluate_module.load_model("org/name")
+    assert hub_calls == ["org/name"]
 
 
 def test_a_home_relative_model_path_is_expanded(tmp_path, monkeypatch, hub_calls):

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -14,10 +15,19 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import fastcse  # noqa: E402
-import fastcse.trainer as train_module  # noqa: E402
+import fastcse.training.batches as batches_module  # noqa: E402
+import fastcse.training.checkpoints as checkpoints_module  # noqa: E402
+import fastcse.training.loop as loop_module  # noqa: E402
+import fastcse.training.model as model_module  # noqa: E402
+import fastcse.training.ranks as ranks_module  # noqa: E402
+import fastcse.training.resume as resume_module  # noqa: E402
+import fastcse.training.step as step_module  # noqa: E402
 from fastcse.data import batch_order  # noqa: E402
 from fastcse.evaluation import encode, shared_dir  # noqa: E402
-from fastcse.trainer import build_bert_from_scratch, save_checkpoint, train  # noqa: E402
+from fastcse.training import (RESUME_SETTINGS, OutputDirInUse, TrainConfig, build_bert_from_scratch,  # noqa: E402
+                              save_checkpoint, train)
+from fastcse.training.config import RunRefused  # noqa: E402
+from fastcse.training.interrupts import StopAborted, TrainingInterrupted  # noqa: E402
 
 SHARED = shared_dir()
 TOKENIZER = SHARED / "models" / "all-MiniLM-L6-v2"
@@ -111,7 +121,7 @@ def test_resume_continues_to_the_same_weights(tmp_path, monkeypatch, queue):
                   progress=False, seed=7, negative_queue_size=queue)
     straight = train(tiny(), SENTENCES, output_dir=tmp_path / "straight", **common)
 
-    real_step = train_module.cached_step
+    real_step = step_module.cached_step
     calls = {"n": 0}
 
     def crash_on_third(*a, **k):
@@ -120,10 +130,10 @@ def test_resume_continues_to_the_same_weights(tmp_path, monkeypatch, queue):
             raise KeyboardInterrupt("simulated crash")
         return real_step(*a, **k)
 
-    monkeypatch.setattr(train_module, "cached_step", crash_on_third)
+    monkeypatch.setattr(step_module, "cached_step", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         train(tiny(), SENTENCES, output_dir=tmp_path / "resumed", **common)
-    monkeypatch.setattr(train_module, "cached_step", real_step)
+    monkeypatch.setattr(step_module, "cached_step", real_step)
     run = tmp_path / "resumed"
     saved_queue = torch.load(run / "last" / "trainer_state.pt", weights_only=True).get("negative_queue")
     if queue:
@@ -236,7 +246,9 @@ def test_bad_data_fails_before_training(tmp_path):
              (dict(data=empty), ValueError, "no sentences"),
              (dict(data=wrong, mode="sup"), ValueError, "sent0,sent1"),
              (dict(data=named, mode="sup"), ValueError, "named.csv, line 10: label must be an integer id"),
-             (dict(data=SENTENCES, model=str(tmp_path / "no-model")), FileNotFoundError, "no-model")]
+             (dict(data=SENTENCES, model=str(tmp_path / "no-model")), FileNotFoundError, "no-model"),
+             (dict(data=[(f"a{i}", f"b{i}") for i in range(8)], mode="sup", hard_negative_weight=0.5), ValueError,
+              "the data has none")]
     for case, error, match in cases:
         args = dict(dict(model=tiny(), batch_size=8, max_steps=1, eval_data=None, progress=False,
                          output_dir=tmp_path / "out"), **case)
@@ -247,6 +259,32 @@ def test_bad_data_fails_before_training(tmp_path):
 
 def test_package_exposes_train():
     assert fastcse.train is train
+    assert fastcse.TrainConfig is TrainConfig
+
+
+def test_train_takes_a_config_or_its_fields_as_keywords(tmp_path):
+    settings = dict(batch_size=8, max_steps=2, eval_data=None, learning_rate=1e-3, progress=False, seed=5)
+    by_config = train(tiny(), SENTENCES, config=TrainConfig(output_dir=tmp_path / "a", **settings))
+    by_keywords = train(tiny(), SENTENCES, output_dir=tmp_path / "b", **settings)
+    a, b = weights(by_config.model_path), weights(by_keywords.model_path)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    # keywords replace the config's fields
+    assert train(tiny(), SENTENCES, config=TrainConfig(**settings), output_dir=tmp_path / "c", max_steps=1).steps == 1
+    with pytest.raises(TypeError, match="unknown settings.*colour"):
+        train(tiny(), SENTENCES, config=TrainConfig(**settings), colour="red")
+    with pytest.raises(TypeError, match="config must be a fastcse.TrainConfig"):
+        train(tiny(), SENTENCES, config=dict(settings))
+    with pytest.raises(ValueError, match="batch_size must be an int >= 2, got 1"):  # checked when made
+        TrainConfig(batch_size=1)
+
+
+def test_the_settings_compared_on_resume_are_the_config_fields_marked_so():
+    from dataclasses import fields
+
+    compared = {f.name for f in fields(TrainConfig) if f.metadata["compared"]}
+    assert set(RESUME_SETTINGS) == compared | {"data", "num_examples", "total_steps"}
+    assert {"mini_batch_size", "mini_batch_tokens", "encoding", "device", "eval_steps", "mlp_init"}.isdisjoint(
+        RESUME_SETTINGS)
 
 
 def _record_linear_dtypes(model) -> list:
@@ -277,7 +315,7 @@ def test_fp32_precision_computes_in_fp32(tmp_path):
     assert seen and set(seen) == {torch.float32}
 
 
-# ---- checkpoints survive a kill at any moment (issue #9, 1)
+# ---- checkpoints survive a kill at any moment
 
 
 class Killed(BaseException):
@@ -337,9 +375,9 @@ def test_a_kill_at_any_filesystem_operation_of_a_save_leaves_the_newest_complete
             with pytest.raises(Killed):
                 _save_step(run, model, tok, 2)
         expected = 2 if k > published else 1  # the newest checkpoint that was complete at the kill
-        found = train_module._resume_folder(run, run)
+        found = resume_module.find_resume_checkpoint(run, run)
         assert found is not None and weights(found)["pooler.dense.bias"][0] == expected, (k, fs.log[k - 1])
-        train_module._recover_checkpoints(run, found)  # what the next start does
+        checkpoints_module.recover_checkpoints(run, found)  # what the next start does
         assert weights(run / "last")["pooler.dense.bias"][0] == expected, k
         assert json.loads((run / "last" / "fastcse.json").read_text(encoding="utf-8"))["step"] == expected
         assert not [name for name in os.listdir(run) if name.startswith(".")], (k, os.listdir(run))
@@ -366,14 +404,14 @@ def test_a_checkpoint_is_fsynced_before_it_is_published(tmp_path, monkeypatch):
 
 
 def test_resume_after_a_kill_between_the_renames_of_last(tmp_path, monkeypatch):
-    """The issue's case end to end: a kill in the middle of replacing ``last`` (at step 4, after
+    """A kill in the middle of replacing ``last`` (at step 4, after
     the first rename in the run folder); ``resume_from=output_dir`` still finds a checkpoint and
     the run ends with the weights of an uninterrupted one."""
     common = dict(batch_size=8, max_steps=4, eval_steps=2, eval_data=None, learning_rate=1e-3, progress=False,
                   seed=3)
     straight = train(tiny(), SENTENCES, output_dir=tmp_path / "straight", **common)
     run = tmp_path / "run"
-    real_save = train_module.save_checkpoint
+    real_save = resume_module.save_checkpoint
 
     def killed_while_switching(path, *args, **kwargs):
         if args[2]["step"] != 4:
@@ -392,17 +430,17 @@ def test_resume_after_a_kill_between_the_renames_of_last(tmp_path, monkeypatch):
             KillingFilesystem(patch, kill_when=kill_when)
             real_save(path, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "save_checkpoint", killed_while_switching)
+    monkeypatch.setattr(resume_module, "save_checkpoint", killed_while_switching)
     with pytest.raises(Killed):
         train(tiny(), SENTENCES, output_dir=run, **common)
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(resume_module, "save_checkpoint", real_save)
     resumed = train(tiny(), SENTENCES, output_dir=run, resume_from=run, **common)
     assert resumed.steps == 4
     a, b = weights(straight.model_path), weights(resumed.model_path)
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
-# ---- resume from the same command (issue #9, 2)
+# ---- resume from the same command
 
 
 def test_resume_from_the_output_dir_without_a_checkpoint_starts_from_the_beginning(tmp_path, caplog):
@@ -421,7 +459,7 @@ def test_resume_from_the_output_dir_without_a_checkpoint_starts_from_the_beginni
         train(tiny(), SENTENCES, output_dir=tmp_path / "out", resume_from=tmp_path / "absent", **args)
 
 
-# ---- one run per output_dir (issue #9, 3)
+# ---- one run per output_dir
 
 
 def _lock(folder, pid, host=None):
@@ -436,11 +474,11 @@ def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path):
     other = subprocess.Popen(["sleep", "60"])  # a live process holding the folder
     try:
         _lock(run, other.pid)
-        with pytest.raises(train_module.OutputDirInUse, match=rf"{re.escape(str(run))}.*pid {other.pid}"):
+        with pytest.raises(OutputDirInUse, match=rf"{re.escape(str(run))}.*pid {other.pid}"):
             train(tiny(), SENTENCES, output_dir=run, **args)
         assert json.loads((run / ".fastcse.lock").read_text())["pid"] == other.pid  # not taken from it
         _lock(tmp_path / "elsewhere", 12345, host="another-host")  # cannot be checked from here: refused
-        with pytest.raises(train_module.OutputDirInUse, match="another-host"):
+        with pytest.raises(OutputDirInUse, match="another-host"):
             train(tiny(), SENTENCES, output_dir=tmp_path / "elsewhere", **args)
     finally:
         other.kill()
@@ -458,14 +496,14 @@ def test_the_lock_is_released_when_the_run_fails(tmp_path, monkeypatch):
     def crash(self, *args):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(train_module.ContrastiveStep, "__call__", crash)
+    monkeypatch.setattr(step_module.ContrastiveStep, "__call__", crash)
     with pytest.raises(RuntimeError, match="boom"):
         train(tiny(), SENTENCES, output_dir=tmp_path / "run", batch_size=8, max_steps=1, eval_data=None,
               progress=False)
     assert not (tmp_path / "run" / ".fastcse.lock").exists()
 
 
-# ---- a failed start leaves a reused folder alone (issue #9, 4)
+# ---- a failed start leaves a reused folder alone
 
 
 @pytest.mark.parametrize("content", ["", "sentence1\tsentence2\tscore\n", "a\tb\n"])
@@ -481,7 +519,7 @@ def test_a_bad_eval_file_fails_before_the_reused_folder_is_touched(tmp_path, dev
     assert first.best_metric is not None
 
 
-# ---- resuming with other settings (issue #9, 5)
+# ---- resuming with other settings
 
 
 @pytest.fixture
@@ -489,16 +527,16 @@ def crash_at_step(monkeypatch):
     """Makes the next train() die (KeyboardInterrupt) when it reaches step ``n``."""
 
     def arm(n):
-        real, calls = train_module.ContrastiveStep.__call__, {"n": 0}
+        real, calls = step_module.ContrastiveStep.__call__, {"n": 0}
 
         def call(self, *args):
             calls["n"] += 1
             if calls["n"] == n:
-                monkeypatch.setattr(train_module.ContrastiveStep, "__call__", real)
+                monkeypatch.setattr(step_module.ContrastiveStep, "__call__", real)
                 raise KeyboardInterrupt("simulated kill")
             return real(self, *args)
 
-        monkeypatch.setattr(train_module.ContrastiveStep, "__call__", call)
+        monkeypatch.setattr(step_module.ContrastiveStep, "__call__", call)
 
     return arm
 
@@ -510,7 +548,7 @@ def test_resume_refuses_other_settings_naming_each_unless_overridden(tmp_path, c
     with pytest.raises(KeyboardInterrupt):
         train(tiny(), SENTENCES, output_dir=run, **common)
     saved = torch.load(run / "last" / "trainer_state.pt", weights_only=True)["settings"]
-    assert set(train_module.RESUME_SETTINGS) <= set(saved) and saved["learning_rate"] == 1e-3
+    assert set(RESUME_SETTINGS) <= set(saved) and saved["learning_rate"] == 1e-3
     metrics_before = (run / "metrics.jsonl").read_text()
     with pytest.raises(ValueError, match=r"learning_rate 0\.001 -> 0\.002.*temperature 0\.05 -> 0\.1") as error:
         train(tiny(), SENTENCES, output_dir=run, resume_from=run, **dict(common, learning_rate=2e-3, temperature=0.1))
@@ -557,11 +595,11 @@ def test_resume_into_another_output_dir_carries_the_best_checkpoint_and_metrics(
     assert not (tmp_path / "elsewhere").exists()
 
 
-# ---- the device of each rank under torchrun (issue #9, 6)
+# ---- the device of each rank under torchrun
 
 
 def test_rank_device_is_the_local_gpu_under_torchrun():
-    rank_device = train_module.rank_device
+    rank_device = ranks_module.rank_device
     assert rank_device(None, 2, 1, True) == torch.device("cuda", 1)
     assert rank_device("cuda", 4, 3, True) == torch.device("cuda", 3)
     assert rank_device(torch.device("cuda"), 2, 1, True) == torch.device("cuda", 1)
@@ -585,25 +623,25 @@ def test_train_sets_the_rank_device_before_the_first_collective(tmp_path, monkey
         raise Stop
 
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(train_module, "_world", lambda: (1, 2))
+    monkeypatch.setattr(loop_module, "current_world", lambda: (1, 2))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: events.append(torch.device(device)))
     monkeypatch.setattr(fastcse.distributed, "_load_extension", lambda: None)
-    monkeypatch.setattr(train_module, "_on_rank0", first_collective)
+    monkeypatch.setattr(loop_module, "on_rank0", first_collective)
     with pytest.raises(Stop):
         train(tiny(), SENTENCES, output_dir=tmp_path / "run", batch_size=8, max_steps=1, eval_data=None,
               progress=False)
     assert events == [torch.device("cuda", 1), "collective"]
 
 
-# ---- clear errors before loading the model (issue #9, 7)
+# ---- clear errors before loading the model
 
 
 def test_bad_output_dirs_fail_before_the_model_loads(tmp_path, monkeypatch):
     def no_model(*a):
         raise AssertionError("the model was loaded before the output_dir was checked")
 
-    monkeypatch.setattr(train_module, "_load_training_model", no_model)
+    monkeypatch.setattr(model_module, "load_training_model", no_model)
     a_file = tmp_path / "a-file"
     a_file.write_text("x", encoding="utf-8")
     args = dict(batch_size=8, max_steps=1, eval_data=None, progress=False)
@@ -624,7 +662,7 @@ def test_max_seq_length_past_the_position_embeddings_is_refused(tmp_path):
                  max_seq_length=128, progress=False).steps == 1
 
 
-# ---- SimCSE's MLP head starts fresh (issue #9, 8)
+# ---- SimCSE's MLP head starts fresh
 
 
 def test_cls_pooler_trains_a_fresh_mlp_head_by_default(tmp_path):
@@ -672,7 +710,7 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch, 
         snapshot.update({n: p.detach().clone() for n, p in model.named_parameters()})
         return out
 
-    monkeypatch.setattr(fastcse, "info_nce", nan_on_second_step)
+    monkeypatch.setattr(step_module, "info_nce", nan_on_second_step)
     monkeypatch.setattr(torch.optim.AdamW, "step", remember_weights)
     with pytest.raises(FloatingPointError, match="loss became nan at step 2") as error:
         train((model, tok), SENTENCES, batch_size=8, max_steps=3, eval_data=None, learning_rate=1e-3,
@@ -683,7 +721,7 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch, 
         assert torch.equal(p.detach(), snapshot[name]), name  # no update from the NaN step
 
 
-# ---- false negatives, a negative queue, several positives (issue #12)
+# ---- false negatives, a negative queue, several positives
 
 
 class RecordedLosses:
@@ -692,7 +730,7 @@ class RecordedLosses:
 
     def __init__(self, monkeypatch):
         self.calls, self.real = [], fastcse.info_nce
-        monkeypatch.setattr(fastcse, "info_nce", self)
+        monkeypatch.setattr(step_module, "info_nce", self)
 
     def __call__(self, anchor, positive, negative=None, **kwargs):
         self.calls.append({"anchor": anchor.detach().clone(), "positive": positive.detach().clone(),
@@ -800,7 +838,7 @@ def test_labels_from_a_csv_column_are_the_positives(tmp_path, monkeypatch):
     assert torch.equal(call["labels"], labels) and "group_ids" not in call  # labels replace the masking
     assert step_losses(result)[0] == pytest.approx(reference_loss(call, labels=labels), rel=1e-5)
     saved = torch.load(tmp_path / "run" / "last" / "trainer_state.pt", weights_only=True)["settings"]
-    unlabelled = train_module._data_fingerprint([r[:2] for r in rows])
+    unlabelled = batches_module.data_fingerprint([r[:2] for r in rows])
     assert saved["data"] != unlabelled  # other labels are other data: a resume compares them
 
 
@@ -818,3 +856,136 @@ def test_a_checkpoint_from_before_the_masking_counts_as_unmasked(tmp_path):
     with pytest.raises(ValueError, match=r"mask_duplicates False -> True.*resume_override=\['mask_duplicates'\]"):
         train(tiny(), SENTENCES, output_dir=run, resume_from=run, **args)
     assert train(tiny(), SENTENCES, output_dir=run, resume_from=run, mask_duplicates=False, **args).steps == 2
+
+
+# ---- long runs: interrupts, periodic checkpoints, reruns
+
+
+def _step_of(checkpoint) -> int:
+    return json.loads((Path(checkpoint) / "fastcse.json").read_text(encoding="utf-8"))["step"]
+
+
+def send_signal_during_step(monkeypatch, step, signum):
+    """Makes the next train() receive ``signum`` in the middle of its step ``step`` (1-based)."""
+    real, calls = step_module.ContrastiveStep.__call__, {"n": 0}
+
+    def call(self, *args):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signum)
+        return real(self, *args)
+
+    monkeypatch.setattr(step_module.ContrastiveStep, "__call__", call)
+
+
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_finishes_the_step_saves_it_and_the_resumed_run_matches_an_uninterrupted_one(
+        tmp_path, monkeypatch, signum, exit_code):
+    common = dict(batch_size=8, max_steps=4, eval_data=None, learning_rate=1e-3, progress=False, seed=11)
+    straight = train(tiny(), SENTENCES, output_dir=tmp_path / "straight", **common)
+    run = tmp_path / "run"
+    send_signal_during_step(monkeypatch, 2, signum)
+    previous = signal.getsignal(signum)
+    with pytest.raises(TrainingInterrupted) as stop:
+        train(tiny(), SENTENCES, output_dir=run, **common)
+    assert isinstance(stop.value, KeyboardInterrupt) and stop.value.exit_code == exit_code
+    assert stop.value.step == 2 and stop.value.checkpoint == run / "last"  # step 2 finished, then saved
+    assert f"resume_from={str(run)!r}" in str(stop.value)
+    assert _step_of(run / "last") == 2 and not (run / ".fastcse.lock").exists()
+    assert signal.getsignal(signum) is previous  # the handlers are the caller's again
+    monkeypatch.undo()
+    resumed = train(tiny(), SENTENCES, output_dir=run, resume_from=run, **common)
+    a, b = weights(straight.model_path), weights(resumed.model_path)
+    assert all(torch.equal(a[name], b[name]) for name in a)  # bit-identical: the stop fell between steps
+
+
+def test_a_second_signal_while_saving_aborts_at_once_and_the_last_checkpoint_stays(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    send_signal_during_step(monkeypatch, 3, signal.SIGINT)
+    real_save = resume_module.save_checkpoint
+
+    def second_ctrl_c(path, *args, **kwargs):
+        if args[2]["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # pressed again while step 3 is being saved
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(resume_module, "save_checkpoint", second_ctrl_c)
+    with pytest.raises(StopAborted, match="second SIGINT"):
+        train(tiny(), SENTENCES, output_dir=run, batch_size=8, max_steps=6, save_steps=2, eval_data=None,
+              progress=False)
+    assert _step_of(run / "last") == 2 and weights(run / "last")  # the previous complete checkpoint
+    assert not (run / ".fastcse.lock").exists()
+
+
+def test_save_steps_checkpoints_between_evaluations_and_save_total_limit_prunes(tmp_path, dev_pairs, crash_at_step):
+    run = tmp_path / "run"
+    args = dict(batch_size=8, max_steps=6, eval_steps=100, eval_data=dev_pairs, save_steps=2, save_total_limit=2,
+                progress=False)
+    crash_at_step(6)  # a kill in step 6: what periodic checkpoints keep
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), SENTENCES, output_dir=run, **args)
+    versions = sorted(name for name in os.listdir(run) if name.startswith("last."))
+    assert versions == ["last.2", "last.4"] and _step_of(run / "last") == 4
+    assert _step_of(run / "best") == 0  # the evaluation before training: never pruned
+    result = train(tiny(), SENTENCES, output_dir=run, **args)  # the same command again: continues at step 4
+    assert result.steps == 6 and sorted(n for n in os.listdir(run) if n.startswith("last.")) == ["last.4", "last.6"]
+    steps = [json.loads(x)["step"] for x in open(result.metrics_path, encoding="utf-8")]
+    assert steps == [0, 1, 2, 3, 4, 5, 6, 6]  # evaluations at 0 and 6, every step once
+
+
+def test_a_rerun_continues_a_matching_run_and_refuses_other_settings_naming_both_ways_out(
+        tmp_path, crash_at_step, caplog):
+    common = dict(batch_size=8, max_steps=4, eval_steps=2, eval_data=None, learning_rate=1e-3, progress=False)
+    run = tmp_path / "run"
+    crash_at_step(3)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), SENTENCES, output_dir=run, **common)
+    with pytest.raises(RunRefused) as refused:
+        train(tiny(), SENTENCES, output_dir=run, **dict(common, learning_rate=2e-3))
+    message, cli = str(refused.value), refused.value.cli_message
+    assert "learning_rate 0.001 -> 0.002" in message and f"resume_from={str(run)!r}" in message
+    assert "overwrite_output_dir=True" in message and "resume_override=['learning_rate']" in message
+    assert f"--resume-from {run} --resume-override learning_rate" in cli and "--overwrite-output-dir" in cli
+    assert _step_of(run / "last") == 2  # refused: nothing deleted
+    with caplog.at_level("WARNING", logger="fastcse.train"):
+        result = train(tiny(), SENTENCES, output_dir=run, **common)  # the same command: continues it
+    assert result.steps == 4 and "saved at step 2 of 4: continuing it" in caplog.text
+    assert [json.loads(x)["step"] for x in open(result.metrics_path, encoding="utf-8")] == [1, 2, 3, 4]
+    with caplog.at_level("WARNING", logger="fastcse.train"):
+        assert train(tiny(), SENTENCES, output_dir=run, **common).steps == 4  # complete: the same command is a no-op
+    assert "nothing is left to train" in caplog.text
+    fresh = train(tiny(), SENTENCES, output_dir=run, overwrite_output_dir=True, **dict(common, learning_rate=2e-3))
+    lrs = [json.loads(x)["lr"] for x in open(fresh.metrics_path, encoding="utf-8")]
+    assert len(lrs) == 4 and lrs[0] == pytest.approx(2e-3)  # started over with the new settings
+    with pytest.raises(ValueError, match="pass one of them"):
+        train(tiny(), SENTENCES, output_dir=run, resume_from=run, overwrite_output_dir=True, **common)
+
+
+def test_a_rerun_never_deletes_checkpoints_it_cannot_continue(tmp_path, dev_pairs):
+    args = dict(batch_size=8, max_steps=2, eval_steps=2, eval_data=dev_pairs, progress=False)
+    done = tmp_path / "done"
+    train(tiny(), SENTENCES, output_dir=done, save_last=False, **args)  # best/ only: nothing to resume
+    with pytest.raises(RunRefused, match="cannot be resumed.*overwrite_output_dir=True"):
+        train(tiny(), SENTENCES, output_dir=done, **args)
+    assert (done / "best").is_dir()
+    source, other = tmp_path / "source", tmp_path / "other"
+    for folder in (source, other):
+        train(tiny(), SENTENCES, output_dir=folder, **args)
+    with pytest.raises(RunRefused, match=f"{re.escape(str(other))}.* would be replaced by the run resumed from"):
+        train(tiny(), SENTENCES, output_dir=other, resume_from=source, **args)
+    assert (other / "last").is_dir()
+    assert train(tiny(), SENTENCES, output_dir=done, overwrite_output_dir=True, **args).steps == 2
+
+
+def test_a_collapse_to_one_point_is_warned_once(tmp_path, caplog):
+    watch = loop_module.CollapseWatch(batch_size=8, learning_rate=1000.0)
+    stuck = [watch.observe(step, 2.0, 0.0) for step in range(1, 6)]
+    assert stuck == [False, False, True, False, False]  # the third step in a row, once
+    assert "ln(batch 8) = 2.08" in caplog.text and "since step 1" in caplog.text
+    solved = loop_module.CollapseWatch(batch_size=8, learning_rate=1e-3)
+    assert not any(solved.observe(step, 0.01, 0.0) for step in range(1, 6))  # a solved task is no collapse
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fastcse.train"):  # a learning rate of 1000 collapses the embeddings
+        train(tiny(), SENTENCES, batch_size=8, max_steps=8, eval_data=None, learning_rate=1000.0, progress=False,
+              output_dir=tmp_path / "run")
+    assert caplog.text.count("the embeddings have collapsed") == 1

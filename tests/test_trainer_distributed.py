@@ -26,7 +26,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fastcse.evaluation import shared_dir  # noqa: E402
-from fastcse.trainer import build_bert_from_scratch, train  # noqa: E402
+from fastcse.training import build_bert_from_scratch, train  # noqa: E402
 from spawn_world import spawn_world  # noqa: E402
 
 SHARED = shared_dir()
