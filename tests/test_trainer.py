@@ -626,7 +626,7 @@ def test_train_sets_the_rank_device_before_the_first_collective(tmp_path, monkey
     monkeypatch.setattr(loop_module, "current_world", lambda: (1, 2))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: events.append(torch.device(device)))
-    monkeypatch.setattr(fastcse.distributed, "_load_extension", lambda: None)
+    monkeypatch.setattr(fastcse.distributed, "load_extension", lambda: None)
     monkeypatch.setattr(loop_module, "on_rank0", first_collective)
     with pytest.raises(Stop):
         train(tiny(), SENTENCES, output_dir=tmp_path / "run", batch_size=8, max_steps=1, eval_data=None,

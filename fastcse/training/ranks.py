@@ -117,8 +117,8 @@ def check_multi_process(batch_size: int, world: int) -> None:
         if batch_size < world:
             raise ValueError(f"batch_size ({batch_size}) is the global batch, split over {world} ranks: it must be "
                              f"at least the world size")
-        from fastcse.distributed import _load_extension
+        from fastcse.distributed import load_extension
 
-        _load_extension()  # a missing extension fails now, on every rank, not at the first step
+        load_extension()  # a missing extension fails now, on every rank, not at the first step
 
 
