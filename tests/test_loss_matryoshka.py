@@ -79,6 +79,17 @@ def test_dimensions_off_the_block_sizes(dims, dtype):
                                 symmetric=True, matryoshka_dims=dims)
 
 
+def test_zero_prefixes():
+    """A row whose first coordinates are all zero: that prefix's norm is the constant eps (as
+    F.normalize), so its logits are 0 and its gradient finite, in every dimension alike."""
+    anchor, positive, negative = make_inputs(8, 12, 1, torch.float64)
+    anchor[0, :5] = 0.0
+    positive[3, :5] = 0.0
+    negative[5, 0, :] = 0.0
+    check_against_reference(anchor, positive, negative, 0.1, reduction="none", symmetric=True,
+                            matryoshka_dims=(12, 5, 2))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_16_bit_inputs(dtype):
     anchor, positive, negative = make_inputs(12, 24, 1, dtype)
