@@ -142,38 +142,48 @@ class _MatryoshkaOperands(_SweepOperands):
             block.mul_(columns)
         return self.decorate(direction, block, r0, r1)
 
-    def subtract_targets(self, block: torch.Tensor, target_weight: torch.Tensor, r0: int, r1: int):
-        """The target's -1 (scaled per row) on query_to_doc's dS: the positive, or the label's mean."""
+    def _subtract_targets(self, h, target_weight, columns, r0: int, r1: int):
+        """The target's -1 on query_to_doc's dS (the positive, or the label's mean), scaled like
+        H: ``target_weight`` already holds the rows' factor, ``columns`` the keys' (or None)."""
         if self.problem.id_mode == "label":
-            block[:, : self.problem.num_positives].sub_(self.label_weights(r0, r1).mul_(target_weight[:, None]))
+            positives = slice(0, self.problem.num_positives)
+            cells = self.label_weights(r0, r1).mul_(target_weight[:, None])
+            h[:, positives].sub_(cells if columns is None else cells.mul_(columns[positives]))
         else:
-            block[torch.arange(r1 - r0), self.targets(r0, r1)] -= target_weight
+            targets = self.targets(r0, r1)
+            h[torch.arange(r1 - r0), targets] -= target_weight if columns is None else target_weight * columns[targets]
 
-    def backprop_dimension(self, direction: str, k: int, d_scores, raw, running: dict, r0: int, r1: int):
-        """Adds dimension k's dS (``d_scores``, the working block) to the direction's running sum
-        of dL/dR over the dimensions >= k, then segment k's two gradient products."""
+    def backprop_dimension(self, direction: str, k: int, probs, row_factor, target_weight, raw, running: dict,
+                           r0: int, r1: int):
+        """Turns dimension k's probabilities (the working block) into H_k = dL/dR_k, adds it to the
+        direction's running sum over the dimensions >= k, then segment k's two gradient products.
+
+        dS = probs * row_factor (rows), less target_weight (rows) at the targets (query_to_doc's
+        only: ``target_weight`` None elsewhere); H_k = dS scaled by both prefix norms and 1/tau."""
         queries, offset = self.query_side(direction)
         keys = self.key_side(direction)
         width = self.widths[direction]
-        columns = self.column_scale(direction, k)
-        if columns is not None:
-            d_scores.mul_(columns)
-        # The norms' backward and dL/dtau: sum of dS sim over each row and each column.
-        cells = raw.mul_(d_scores)  # dS_ij R_ij / |k_j|: R_k is not needed any more
-        rows = self.row_scale(direction, k, r0, r1).mul_(self.problem.tau)  # 1 / |q_i[:m_k]|
-        row_dots = cells.sum(1).mul_(rows)
+        rows = self.row_scale(direction, k, r0, r1)  # 1 / (tau |q_i[:m_k]|)
+        columns = self.column_scale(direction, k)  # 1 / |k_j[:m_k]|
+        h = probs if columns is None else probs.mul_(columns)
+        h.mul_((row_factor * rows)[:, None])
+        if target_weight is not None:
+            self._subtract_targets(h, target_weight * rows, columns, r0, r1)
+        # The norms' backward and dL/dtau: sum of dS sim over each row and each column
+        # (H_ij R_ij = dS_ij sim_ij / tau). R_k is not needed any more.
+        cells = raw.mul_(h)
+        row_dots = cells.sum(1).mul_(self.problem.tau)
         queries.dots[k, offset + r0: offset + r1] += row_dots
-        keys.dots[k, :width] += torch.mv(cells.T, rows)
+        keys.dots[k, :width] += cells.sum(0).mul_(self.problem.tau)
         self.tau_dots += row_dots.sum()
-        d_scores.mul_((rows / self.problem.tau)[:, None])  # H_k = dL/dR_k
         if direction in running:
-            running[direction].add_(d_scores)
+            running[direction].add_(h)
         else:  # the widest dimension: its raw block, consumed above, holds the running sum
-            running[direction] = raw.copy_(d_scores)
+            running[direction] = raw.copy_(h)
         lo, hi = self.segments[k]
-        h = running[direction]
-        queries.grad[offset + r0: offset + r1, lo:hi].addmm_(h, keys.x[:width, lo:hi])
-        keys.grad[:width, lo:hi].addmm_(h.T, queries.x[offset + r0: offset + r1, lo:hi])
+        total = running[direction]
+        queries.grad[offset + r0: offset + r1, lo:hi].addmm_(total, keys.x[:width, lo:hi])
+        keys.grad[:width, lo:hi].addmm_(total.T, queries.x[offset + r0: offset + r1, lo:hi])
 
     def finish_grads(self):
         """(dA, dC, dK or None, dtau) through the prefix norms."""
@@ -207,12 +217,11 @@ def _fused_sweep(operands: _MatryoshkaOperands):
             stats = _exp_in_place(operands, blocks, problem.joint)
             lse[_lse_rows(problem, k), r0:r1] = _partition_rows(operands, stats)
             row_loss[r0:r1] += weight * _row_loss(operands, {d: s[0] for d, s in stats.items()}, target)
-            for direction, block in blocks.items():
-                block.mul_((weight / (partitions * stats[direction][1]))[:, None])  # w_k softmax
-            operands.subtract_targets(blocks[QUERY_TO_DOC], torch.full((r1 - r0,), weight, dtype=operands.dtype),
-                                      r0, r1)
-            for direction, block in blocks.items():
-                operands.backprop_dimension(direction, k, block, raws[direction][k], running, r0, r1)
+            target_weight = torch.full((r1 - r0,), weight, dtype=operands.dtype)
+            for direction, block in blocks.items():  # block = E = exp(S - m): dS = w_k E / rowsum(E) - w_k target
+                operands.backprop_dimension(direction, k, block, weight / (partitions * stats[direction][1]),
+                                            target_weight if direction == QUERY_TO_DOC else None,
+                                            raws[direction][k], running, r0, r1)
     return row_loss, lse, operands.finish_grads()
 
 
@@ -249,14 +258,12 @@ def _grad_sweep(operands: _MatryoshkaOperands, grad_rows, lse):
         for k in reversed(range(len(operands.dims))):
             weight = operands.weights[k]
             rows = lse[_lse_rows(problem, k), r0:r1]
-            blocks = {}
             for p, direction in enumerate(problem.directions):
                 block = operands.dimension_scores(direction, k, raws[direction][k], r0, r1)
                 block.sub_(rows[0 if problem.joint else p, :, None]).exp_()  # P = exp(S - LSE)
-                blocks[direction] = block.mul_((weight * g_direction[r0:r1])[:, None])
-            operands.subtract_targets(blocks[QUERY_TO_DOC], weight * g[r0:r1], r0, r1)
-            for direction, block in blocks.items():
-                operands.backprop_dimension(direction, k, block, raws[direction][k], running, r0, r1)
+                operands.backprop_dimension(direction, k, block, weight * g_direction[r0:r1],
+                                            weight * g[r0:r1] if direction == QUERY_TO_DOC else None,
+                                            raws[direction][k], running, r0, r1)
     return operands.finish_grads()
 
 

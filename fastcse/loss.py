@@ -184,13 +184,12 @@ def _resolve_backend(backend, anchor: torch.Tensor) -> str:
 
 
 def _check_inputs_on_every_rank(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
-                                process_group, variant_options, row_options, matryoshka_options=None):
+                                process_group, variant_options, row_options):
     """check_inputs; under a process group a failure is also announced to the other ranks, which
     would otherwise wait for this rank in the gather until the group's timeout."""
     try:
         return check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
-                            distributed=process_group is not None, variant_options=variant_options, **row_options,
-                            **(matryoshka_options or {}))
+                            distributed=process_group is not None, variant_options=variant_options, **row_options)
     except (TypeError, ValueError, NotImplementedError) as error:
         if process_group is not None:
             from fastcse.distributed import announce_input_error
@@ -284,24 +283,19 @@ def info_nce(
         backend: "auto" (Triton for CUDA tensors, CPU otherwise), "cpu" or "triton".
         process_group: a ``torch.distributed`` group: score the local anchors against the
             candidates of every rank (see ``fastcse.distributed``).
-        matryoshka_dims: None, or the dimensions m_k of Matryoshka training (Kusupati et al.
-            2022), distinct ints in [1, d] in any order (d itself need not be listed): the loss is
-            sum_k w_k * loss_k, loss_k this call's loss on the first m_k coordinates of every
-            input (each prefix normalized on its own with ``normalize``), all from one sweep
-            over the coordinates. With reduction="none", each row's sum over the dimensions.
-            CPU backend only for now.
-        matryoshka_weights: None (1 for every dimension, as sentence-transformers'
-            MatryoshkaLoss) or one finite weight per dimension, in ``matryoshka_dims``' order.
+        matryoshka_dims, matryoshka_weights: Matryoshka training: sum_k w_k * (this loss on the
+            first m_k coordinates, each prefix normalized on its own), one sweep over d; dims
+            distinct in [1, d], any order; weights default 1 (docs/loss.md; CPU backend only).
 
     Returns:
         The fp32 loss: a scalar, or [B] with reduction="none".
     """
     variant_options = dict(symmetric=symmetric, directions=directions, partition_mode=partition_mode,
                            hardness_mode=hardness_mode, hardness_strength=hardness_strength)
-    row_options = dict(group_ids=group_ids, labels=labels, extra_negatives=extra_negatives)
+    row_options = dict(group_ids=group_ids, labels=labels, extra_negatives=extra_negatives,
+                       matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights)
     checked = _check_inputs_on_every_rank(anchor, positive, negative, temperature, hard_negative_weight, reduction,
-                                          backend, process_group, variant_options, row_options,
-                                          dict(matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights))
+                                          backend, process_group, variant_options, row_options)
     temperature = _temperature_tensor(temperature)
     if process_group is not None:
         from fastcse.distributed import distributed_info_nce
@@ -309,6 +303,13 @@ def info_nce(
         return distributed_info_nce(anchor, positive, negative, checked, temperature=temperature,
                                     normalize=normalize, hard_negative_weight=hard_negative_weight,
                                     reduction=reduction, process_group=process_group)
+    return _local_info_nce(anchor, positive, negative, checked, temperature, normalize, hard_negative_weight,
+                           reduction)
+
+
+def _local_info_nce(anchor, positive, negative, checked: CheckedInputs, temperature, normalize, hard_negative_weight,
+                    reduction) -> torch.Tensor:
+    """``info_nce`` in one process (``temperature`` already a 0-dim tensor)."""
     candidates = _candidates(positive, negative, checked.num_neg, checked.extra_negatives)
     anchor = anchor.contiguous()
     problem = _local_problem(anchor, candidates, checked, normalize, hard_negative_weight)
