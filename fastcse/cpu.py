@@ -22,6 +22,9 @@ Two sweeps:
   hardness penalty): doc_to_query's rows are the columns of query_to_doc's positive block, so
   a statistics sweep with column log-sum-exps and one gradient sweep cost 4 B x N x d in all,
   against 3 (N + B) B d for two row blocks: fewer while N < 3 B (up to one hard negative).
+
+Matryoshka dimensions (``problem.matryoshka_dims``) run in ``fastcse.cpu_matryoshka``: the row
+sweeps with every dimension's logits from one sweep over the coordinates.
 """
 
 from __future__ import annotations

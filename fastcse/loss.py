@@ -9,7 +9,6 @@ the gathered ranks."""
 from __future__ import annotations
 
 import os
-import sys
 from typing import Literal, NamedTuple
 
 import torch
@@ -343,7 +342,7 @@ class InfoNCE(nn.Module):
         self.backend = backend
         self.process_group = process_group
         # The dimensions' own rules now (their bound, the inputs' d, at the first call).
-        check_dims(matryoshka_dims, matryoshka_weights, sys.maxsize)
+        check_dims(matryoshka_dims, matryoshka_weights, None)
         self.matryoshka_dims = matryoshka_dims
         self.matryoshka_weights = matryoshka_weights
 

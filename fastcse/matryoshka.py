@@ -28,12 +28,13 @@ def _as_int(value):
         return None
 
 
-def check_dims(dims, weights, dim: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+def check_dims(dims, weights, dim: int | None) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """(dimensions ascending, their weights), or ((), ()) for ``dims`` None.
 
     ``dims``: a non-empty sequence of distinct ints in [1, dim], any order (``dim`` itself need not
     be listed). ``weights``: None (1 each, as sentence-transformers' MatryoshkaLoss) or one finite
-    number per dimension, in ``dims``' order."""
+    number per dimension, in ``dims``' order. ``dim`` None: the embeddings' d is not known yet
+    (a module's construction), only the lower bound is checked."""
     if dims is None:
         if weights is not None:
             raise ValueError("matryoshka_weights given without matryoshka_dims: the weights apply to the dimensions")
@@ -43,8 +44,9 @@ def check_dims(dims, weights, dim: int) -> tuple[tuple[int, ...], tuple[float, .
     if len(dims) == 0:
         raise ValueError("matryoshka_dims must hold at least one dimension, got an empty sequence")
     ints = [_as_int(m) for m in dims]
-    if any(m is None or not 1 <= m <= dim for m in ints):
-        raise ValueError(f"matryoshka_dims must hold ints in [1, {dim}] (the embeddings' dim), got {tuple(dims)!r}")
+    if any(m is None or m < 1 or (dim is not None and m > dim) for m in ints):
+        bound = "positive ints" if dim is None else f"ints in [1, {dim}] (the embeddings' dim)"
+        raise ValueError(f"matryoshka_dims must hold {bound}, got {tuple(dims)!r}")
     if len(set(ints)) != len(ints):
         raise ValueError(f"matryoshka_dims must be distinct, got {tuple(ints)}")
     if weights is None:

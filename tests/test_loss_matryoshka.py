@@ -187,6 +187,8 @@ def test_module_takes_the_keywords():
     assert "matryoshka_dims=(8, 4)" in repr(module)
     with pytest.raises(ValueError, match="matryoshka_dims must be distinct"):
         fastcse.InfoNCE(matryoshka_dims=(4, 4))
+    with pytest.raises(ValueError, match="matryoshka_dims must hold positive ints"):
+        fastcse.InfoNCE(matryoshka_dims=(4, 0))
 
 
 def test_torch_compile_fullgraph():
