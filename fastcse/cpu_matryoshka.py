@@ -31,14 +31,14 @@ from fastcse.problem import ANCHOR_KEYS, ANCHORS, DIRECTION_ROLES, QUERY_TO_DOC,
 
 
 class _PrefixOperand:
-    """One input's rows in the compute dtype, their inverse prefix norms, and their buffers:
-    the gradient [n, d] and the norms' backward dots [D, n] (sum_j dS_k sim_k, row by row)."""
+    """One input's rows in the compute dtype, their inverse prefix norms, and (``with_grads``)
+    their buffers: the gradient [n, d] and the norms' backward dots [D, n] (sum_j dS_k sim_k)."""
 
-    def __init__(self, x: torch.Tensor, problem: LossProblem, dtype: torch.dtype):
+    def __init__(self, x: torch.Tensor, problem: LossProblem, dtype: torch.dtype, with_grads: bool):
         self.x = x.to(dtype).contiguous()
-        count = self.x.shape[0]
-        self.grad = torch.zeros_like(self.x)
-        self.dots = torch.zeros(problem.num_dimensions, count, dtype=dtype)
+        if with_grads:
+            self.grad = torch.zeros_like(self.x)
+            self.dots = torch.zeros(problem.num_dimensions, self.x.shape[0], dtype=dtype)
         if not problem.normalize:
             self.inv = self.small = None
             return
@@ -69,18 +69,18 @@ class _MatryoshkaOperands(_SweepOperands):
     Inherits the plain loss's row logic (targets, hard negatives, ids, ``decorate``), not its
     normalized operands: every product here reads the raw inputs."""
 
-    def __init__(self, anchor, candidates, anchor_keys, ids, problem: LossProblem):
+    def __init__(self, anchor, candidates, anchor_keys, ids, problem: LossProblem, *, with_grads: bool):
         # Not the plain operands' __init__: it would normalize full-width copies no product reads.
         self.problem = problem
         self.ids = ids
         self.dtype = accumulation_dtype(anchor)
         self.dims, self.weights = problem.matryoshka_dims, problem.matryoshka_weights
         self.segments = segments(self.dims)
-        self.anchors = _PrefixOperand(anchor, problem, self.dtype)
-        self.candidates = _PrefixOperand(candidates, problem, self.dtype)
+        self.anchors = _PrefixOperand(anchor, problem, self.dtype, with_grads)
+        self.candidates = _PrefixOperand(candidates, problem, self.dtype, with_grads)
         self.anchor_keys = self.anchors
         if problem.variant.needs_anchor_keys and problem.separate_anchor_keys:
-            self.anchor_keys = _PrefixOperand(anchor_keys, problem, self.dtype)
+            self.anchor_keys = _PrefixOperand(anchor_keys, problem, self.dtype, with_grads)
         self.widths = direction_widths(problem)
         # D raw blocks and one working block per direction (the plain loss: one).
         self.rows = _rows_per_chunk(problem.batch, sum(self.widths.values()) * (len(self.dims) + 1))
@@ -100,7 +100,7 @@ class _MatryoshkaOperands(_SweepOperands):
         keys = DIRECTION_ROLES[direction].keys
         return self.anchor_keys if keys == ANCHOR_KEYS else self.candidates
 
-    def buffer(self, name, slot: int, width: int, rows: int) -> torch.Tensor:
+    def buffer(self, name: str, slot: int | str, width: int, rows: int) -> torch.Tensor:
         """A reused [rows, width] block (the allocator would otherwise cycle large blocks)."""
         key = (name, slot)
         if key not in self._blocks:
@@ -277,7 +277,7 @@ def matrix_products(problem: LossProblem, *, grad_in_forward: bool = True) -> li
 
 
 def forward(anchor, candidates, anchor_keys, problem: LossProblem, *, compute_grad, ids=None):
-    operands = _MatryoshkaOperands(anchor, candidates, anchor_keys, ids, problem)
+    operands = _MatryoshkaOperands(anchor, candidates, anchor_keys, ids, problem, with_grads=compute_grad)
     if compute_grad:
         return _fused_sweep(operands)
     row_loss, lse = _stats_sweep(operands)
@@ -285,5 +285,5 @@ def forward(anchor, candidates, anchor_keys, problem: LossProblem, *, compute_gr
 
 
 def backward(grad_rows, anchor, candidates, anchor_keys, problem: LossProblem, lse, *, ids=None):
-    operands = _MatryoshkaOperands(anchor, candidates, anchor_keys, ids, problem)
+    operands = _MatryoshkaOperands(anchor, candidates, anchor_keys, ids, problem, with_grads=True)
     return _grad_sweep(operands, grad_rows, lse.to(operands.dtype))

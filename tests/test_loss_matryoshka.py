@@ -132,7 +132,7 @@ def test_chunk_rows_shrink_with_the_dimensions():
     anchor, positive, _ = make_inputs(4096, 8, 0)
     problem = describe(anchor, positive, 0.05, pos_start=0, neg_start=0, num_neg=0, normalize=True,
                        hard_negative_weight=0.0, matryoshka_dims=(2, 4, 8), matryoshka_weights=(1.0, 1.0, 1.0))
-    operands = _MatryoshkaOperands(anchor, positive, None, None, problem)
+    operands = _MatryoshkaOperands(anchor, positive, None, None, problem, with_grads=False)
     assert operands.rows == cpu._rows_per_chunk(4096, 4096 * 4)
 
 
