@@ -22,6 +22,9 @@ Two sweeps:
   hardness penalty): doc_to_query's rows are the columns of query_to_doc's positive block, so
   a statistics sweep with column log-sum-exps and one gradient sweep cost 4 B x N x d in all,
   against 3 (N + B) B d for two row blocks: fewer while N < 3 B (up to one hard negative).
+
+Matryoshka dimensions (``problem.matryoshka_dims``) run in ``fastcse.cpu_matryoshka``: the row
+sweeps with every dimension's logits from one sweep over the coordinates.
 """
 
 from __future__ import annotations
@@ -197,6 +200,10 @@ class _SweepOperands:
             self._blocks[direction] = torch.empty(self.rows, self.widths[direction], dtype=self.dtype)
         block = torch.mm(self.queries(direction)[r0:r1], self.key_hat(direction).T,
                          out=self._blocks[direction][: r1 - r0])
+        return self.decorate(direction, block, r0, r1)
+
+    def decorate(self, direction: str, block: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """The direction's bias, hardness penalty and masks, in place on rows [r0, r1)' logits."""
         rows = torch.arange(r1 - r0)
         role = DIRECTION_ROLES[direction]
         if role.holds_target:
@@ -473,7 +480,15 @@ def matrix_products(problem: LossProblem, *, grad_in_forward: bool = True) -> li
     "scores" (Q K^T), "dq" (dS K) and "dk" (dS^T Q): the count the benchmarks' floor runs.
 
     ``grad_in_forward``: a scalar upstream gradient (reduction mean/sum), gradients in the
-    forward sweep; otherwise a statistics sweep, then a gradient sweep in the backward."""
+    forward sweep; otherwise a statistics sweep, then a gradient sweep in the backward.
+
+    Each product is over the d coordinates, except with Matryoshka dimensions: then over the
+    widest one's coordinates, once (``fastcse.cpu_matryoshka``: the segments between the
+    dimensions share one sweep), so B x n x max(dims) each."""
+    if problem.matryoshka_dims:
+        from fastcse import cpu_matryoshka
+
+        return cpu_matryoshka.matrix_products(problem, grad_in_forward=grad_in_forward)
     if _uses_column_sweep(problem):
         width = problem.num_candidates
         return [("scores", width)] * 2 + [("dq", width), ("dk", width)]
@@ -489,6 +504,10 @@ def matrix_products(problem: LossProblem, *, grad_in_forward: bool = True) -> li
 
 
 def forward(anchor, candidates, anchor_keys, problem: LossProblem, *, compute_grad, ids=None):
+    if problem.matryoshka_dims:
+        from fastcse import cpu_matryoshka
+
+        return cpu_matryoshka.forward(anchor, candidates, anchor_keys, problem, compute_grad=compute_grad, ids=ids)
     operands = _SweepOperands(anchor, candidates, anchor_keys, ids, problem)
     if _uses_column_sweep(problem):
         row_loss, lse = _stats_column_sweep(operands)
@@ -504,6 +523,10 @@ def forward(anchor, candidates, anchor_keys, problem: LossProblem, *, compute_gr
 
 
 def backward(grad_rows, anchor, candidates, anchor_keys, problem: LossProblem, lse, *, ids=None):
+    if problem.matryoshka_dims:
+        from fastcse import cpu_matryoshka
+
+        return cpu_matryoshka.backward(grad_rows, anchor, candidates, anchor_keys, problem, lse, ids=ids)
     operands = _SweepOperands(anchor, candidates, anchor_keys, ids, problem)
     lse = lse.to(operands.dtype)
     if _uses_column_sweep(problem):

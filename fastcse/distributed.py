@@ -190,7 +190,8 @@ def distributed_info_nce(anchor, positive, negative, checked, *, temperature, no
         parts.append(anchor)
     # Checked across ranks by the gather's header exchange: a mismatch raises on every rank.
     options = (f"k={num_neg} variant={encode_variant(variant)} weight={float(hard_negative_weight)!r} "
-               f"tau={float(temperature.detach())!r} reduction={reduction} ids={checked.id_mode or ''}")
+               f"tau={float(temperature.detach())!r} reduction={reduction} ids={checked.id_mode or ''}"
+               f" matryoshka={checked.matryoshka_dims}:{checked.matryoshka_weights}")
     gathered, counts = gather_rows(parts, group, normalize=normalize, bf16_transport=bf16_transport, options=options)
     sizes = counts[:, 0].tolist()
     rank = group.rank()
@@ -212,7 +213,7 @@ def distributed_info_nce(anchor, positive, negative, checked, *, temperature, no
         anchor_keys = None
         queries = _normalized(anchor) if normalize else anchor.contiguous()
     problem = _rank_problem(queries, candidates, anchor_keys, all_ids, checked, start=start, total=total,
-                            hard_negative_weight=hard_negative_weight)
+                            hard_negative_weight=hard_negative_weight, normalize=normalize)
     op_reduction = "none" if reduction == "none" else "sum"
     local = info_nce_call(problem, queries, candidates, temperature, anchor_keys=anchor_keys, ids=all_ids,
                           reduction=op_reduction, grad_in_forward=op_reduction == "sum" and grad_needed,
@@ -223,15 +224,20 @@ def distributed_info_nce(anchor, positive, negative, checked, *, temperature, no
 
 
 def _rank_problem(queries, candidates, anchor_keys, all_ids, checked, *, start, total,
-                  hard_negative_weight) -> LossProblem:
+                  hard_negative_weight, normalize=False) -> LossProblem:
     """This rank's rows against the gathered candidates: its anchor i has its positive at
     start + i, its hard negatives after all ranks' positives, its anchor key at start + i. The
-    rows are normalized already (pack kernel / _normalized): the op runs with normalize=False."""
+    rows are normalized already (pack kernel / _normalized): the op runs with normalize=False,
+    except with Matryoshka dimensions, whose prefixes it normalizes each on its own (a prefix
+    of a normalized row, normalized, is the row's prefix normalized: one gather of the full
+    rows serves every dimension)."""
     extra = checked.extra_negatives
     return describe(queries, candidates, None, pos_start=start, neg_start=total + start * checked.num_neg,
-                    num_neg=checked.num_neg, normalize=False, hard_negative_weight=hard_negative_weight,
+                    num_neg=checked.num_neg, normalize=normalize and bool(checked.matryoshka_dims),
+                    hard_negative_weight=hard_negative_weight,
                     variant=checked.variant, anchor_keys=anchor_keys, anchor_start=start, ids=all_ids,
-                    id_mode=checked.id_mode, num_extra=0 if extra is None else extra.shape[0])
+                    id_mode=checked.id_mode, num_extra=0 if extra is None else extra.shape[0],
+                    matryoshka_dims=checked.matryoshka_dims, matryoshka_weights=checked.matryoshka_weights)
 
 
 def gather_variable(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:

@@ -16,6 +16,7 @@ from torch import nn
 
 from fastcse import checks
 from fastcse.checks import DEFAULT_TEMPERATURE
+from fastcse.matryoshka import check_dims
 from fastcse.ops import info_nce_call, needs_grad
 from fastcse.problem import LossProblem, Variant, describe, resolve_variant
 
@@ -79,6 +80,8 @@ class CheckedInputs(NamedTuple):
     ids: torch.Tensor | None  # int64 group ids or labels, [B]
     id_mode: str | None  # "group", "label" or None
     extra_negatives: torch.Tensor | None  # [Q, d], Q >= 1
+    matryoshka_dims: tuple[int, ...] = ()  # ascending (fastcse.matryoshka.check_dims)
+    matryoshka_weights: tuple[float, ...] = ()
 
 
 def _check_row_ids(name: str, ids, anchor: torch.Tensor) -> torch.Tensor:
@@ -112,7 +115,7 @@ def _check_extra_negatives(extra_negatives, anchor: torch.Tensor) -> torch.Tenso
 
 def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
                  distributed=False, variant_options=None, group_ids=None, labels=None,
-                 extra_negatives=None) -> CheckedInputs:
+                 extra_negatives=None, matryoshka_dims=None, matryoshka_weights=None) -> CheckedInputs:
     """Validates the user's arguments; returns them resolved (``variant_options``: resolve_variant's keywords).
 
     ``distributed``: a rank may hold no anchors (the last batch of an epoch); raising here would
@@ -156,7 +159,12 @@ def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, 
     elif labels is not None:
         ids, id_mode = _check_row_ids("labels", labels, anchor), "label"
     extra_negatives = _check_extra_negatives(extra_negatives, anchor)
-    return CheckedInputs(_resolve_backend(backend, anchor), num_neg, variant, ids, id_mode, extra_negatives)
+    dims, weights = check_dims(matryoshka_dims, matryoshka_weights, dim)
+    backend = _resolve_backend(backend, anchor)
+    if dims and backend == "triton":
+        raise NotImplementedError("matryoshka_dims runs on backend='cpu' only for now: the Triton kernels do not "
+                                  "implement it yet")
+    return CheckedInputs(backend, num_neg, variant, ids, id_mode, extra_negatives, dims, weights)
 
 
 def _resolve_backend(backend, anchor: torch.Tensor) -> str:
@@ -181,7 +189,7 @@ def _check_inputs_on_every_rank(anchor, positive, negative, temperature, hard_ne
     try:
         return check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
                             distributed=process_group is not None, variant_options=variant_options, **row_options)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, NotImplementedError) as error:
         if process_group is not None:
             from fastcse.distributed import announce_input_error
 
@@ -212,7 +220,8 @@ def _local_problem(anchor, candidates, checked: CheckedInputs, normalize, hard_n
     extra = checked.extra_negatives
     return describe(anchor, candidates, None, pos_start=0, neg_start=anchor.shape[0], num_neg=checked.num_neg,
                     normalize=normalize, hard_negative_weight=hard_negative_weight, variant=checked.variant,
-                    ids=checked.ids, id_mode=checked.id_mode, num_extra=0 if extra is None else extra.shape[0])
+                    ids=checked.ids, id_mode=checked.id_mode, num_extra=0 if extra is None else extra.shape[0],
+                    matryoshka_dims=checked.matryoshka_dims, matryoshka_weights=checked.matryoshka_weights)
 
 
 def info_nce(
@@ -234,6 +243,8 @@ def info_nce(
     reduction: Literal["mean", "sum", "none"] = "mean",
     backend: Literal["auto", "cpu", "triton"] = "auto",
     process_group=None,
+    matryoshka_dims: tuple[int, ...] | None = None,
+    matryoshka_weights: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
     """InfoNCE (SimCSE / MultipleNegativesRankingLoss) without materializing the B x N logits.
 
@@ -271,13 +282,17 @@ def info_nce(
         backend: "auto" (Triton for CUDA tensors, CPU otherwise), "cpu" or "triton".
         process_group: a ``torch.distributed`` group: score the local anchors against the
             candidates of every rank (see ``fastcse.distributed``).
+        matryoshka_dims, matryoshka_weights: Matryoshka training: sum_k w_k * (this loss on the
+            first m_k coordinates, each prefix normalized on its own), one sweep over d; dims
+            distinct in [1, d], any order; weights default 1 (docs/loss.md; CPU backend only).
 
     Returns:
         The fp32 loss: a scalar, or [B] with reduction="none".
     """
     variant_options = dict(symmetric=symmetric, directions=directions, partition_mode=partition_mode,
                            hardness_mode=hardness_mode, hardness_strength=hardness_strength)
-    row_options = dict(group_ids=group_ids, labels=labels, extra_negatives=extra_negatives)
+    row_options = dict(group_ids=group_ids, labels=labels, extra_negatives=extra_negatives,
+                       matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights)
     checked = _check_inputs_on_every_rank(anchor, positive, negative, temperature, hard_negative_weight, reduction,
                                           backend, process_group, variant_options, row_options)
     temperature = _temperature_tensor(temperature)
@@ -287,6 +302,13 @@ def info_nce(
         return distributed_info_nce(anchor, positive, negative, checked, temperature=temperature,
                                     normalize=normalize, hard_negative_weight=hard_negative_weight,
                                     reduction=reduction, process_group=process_group)
+    return _local_info_nce(anchor, positive, negative, checked, temperature, normalize, hard_negative_weight,
+                           reduction)
+
+
+def _local_info_nce(anchor, positive, negative, checked: CheckedInputs, temperature, normalize, hard_negative_weight,
+                    reduction) -> torch.Tensor:
+    """``info_nce`` in one process (``temperature`` already a 0-dim tensor)."""
     candidates = _candidates(positive, negative, checked.num_neg, checked.extra_negatives)
     anchor = anchor.contiguous()
     problem = _local_problem(anchor, candidates, checked, normalize, hard_negative_weight)
@@ -302,7 +324,8 @@ class InfoNCE(nn.Module):
                  symmetric: bool = False, hard_negative_weight: float = 0.0, directions: tuple[str, ...] | None = None,
                  partition_mode: str | None = None, hardness_mode: str | None = None,
                  hardness_strength: float = 0.0, reduction: str = "mean", backend: str = "auto",
-                 process_group=None):
+                 process_group=None, matryoshka_dims: tuple[int, ...] | None = None,
+                 matryoshka_weights: tuple[float, ...] | None = None):
         super().__init__()
         # Checked now, so that a bad variant fails at construction rather than at the first step.
         resolve_variant(symmetric=symmetric, directions=directions, partition_mode=partition_mode,
@@ -318,6 +341,10 @@ class InfoNCE(nn.Module):
         self.reduction = reduction
         self.backend = backend
         self.process_group = process_group
+        # The dimensions' own rules now (their bound, the inputs' d, at the first call).
+        check_dims(matryoshka_dims, matryoshka_weights, None)
+        self.matryoshka_dims = matryoshka_dims
+        self.matryoshka_weights = matryoshka_weights
 
     def forward(self, anchor, positive, negative=None, *, group_ids=None, extra_negatives=None, labels=None):
         return info_nce(anchor, positive, negative, temperature=self.temperature, normalize=self.normalize,
@@ -325,7 +352,8 @@ class InfoNCE(nn.Module):
                         directions=self.directions, partition_mode=self.partition_mode,
                         hardness_mode=self.hardness_mode, hardness_strength=self.hardness_strength,
                         group_ids=group_ids, extra_negatives=extra_negatives, labels=labels,
-                        reduction=self.reduction, backend=self.backend, process_group=self.process_group)
+                        reduction=self.reduction, backend=self.backend, process_group=self.process_group,
+                        matryoshka_dims=self.matryoshka_dims, matryoshka_weights=self.matryoshka_weights)
 
     def extra_repr(self) -> str:
         variant = ""
@@ -333,5 +361,7 @@ class InfoNCE(nn.Module):
             variant = f", directions={self.directions}, partition_mode={self.partition_mode!r}"
         if self.hardness_mode is not None:
             variant += f", hardness_mode={self.hardness_mode!r}, hardness_strength={self.hardness_strength}"
+        if self.matryoshka_dims is not None:
+            variant += f", matryoshka_dims={self.matryoshka_dims}, matryoshka_weights={self.matryoshka_weights}"
         return (f"temperature={self.temperature}, normalize={self.normalize}, symmetric={self.symmetric}, "
                 f"hard_negative_weight={self.hard_negative_weight}{variant}, reduction={self.reduction!r}")

@@ -15,7 +15,8 @@ Backend contract (``fastcse.cpu`` and ``fastcse.triton_info_nce`` both implement
 
     forward(anchor [B, d], candidates [N, d], anchor_keys [M, d] or None, problem: LossProblem,
             *, compute_grad, ids: [P] or None = None)
-        -> row_loss [B], lse [P, B] (P = problem.variant.num_partitions),
+        -> row_loss [B], lse [P * D, B] (P = problem.variant.num_partitions,
+           D = problem.num_dimensions: one block of P rows per Matryoshka dimension, ascending),
            grads: None, or (grad_anchor [B, d], grad_candidates [N, d],
                             grad_anchor_keys [M, d] or None, grad_tau 0-dim)
                   = the gradients of row_loss.sum()
@@ -75,14 +76,25 @@ class _ProblemArguments(NamedTuple):
     hard_negative_weight: float
     variant: str  # encode_variant's string: schemas take no tuples of strings
     id_mode: str  # "" without ids
+    matryoshka_dims: list[int]  # ascending; [] for the plain loss
+    matryoshka_weights: list[float]
 
     @classmethod
     def of(cls, problem: LossProblem) -> _ProblemArguments:
         return cls(problem.pos_start, problem.neg_start, problem.num_neg, problem.anchor_start, problem.num_extra,
-                   problem.normalize, problem.weight, encode_variant(problem.variant), problem.id_mode or "")
+                   problem.normalize, problem.weight, encode_variant(problem.variant), problem.id_mode or "",
+                   list(problem.matryoshka_dims), list(problem.matryoshka_weights))
 
 
-_PROBLEM_SCHEMA = ", ".join(f"{kind.__name__} {name}" for name, kind in get_type_hints(_ProblemArguments).items())
+def _schema_type(kind) -> str:
+    """A field's annotation as a schema type: int, float, bool, str, or int[] / float[] for lists."""
+    if getattr(kind, "__origin__", None) is list:
+        return f"{kind.__args__[0].__name__}[]"
+    return kind.__name__
+
+
+_PROBLEM_SCHEMA = ", ".join(f"{_schema_type(kind)} {name}"
+                            for name, kind in get_type_hints(_ProblemArguments).items())
 _NUM_PROBLEM_ARGUMENTS = len(_ProblemArguments._fields)
 _EMPTY = (0,)
 
@@ -149,7 +161,8 @@ def _backend_call(anchor, candidates, anchor_keys, ids, temperature, arguments: 
                        hard_negative_weight=arguments.hard_negative_weight,
                        variant=decode_variant(arguments.variant), anchor_keys=keys,
                        anchor_start=arguments.anchor_start, ids=ids, id_mode=arguments.id_mode or None,
-                       num_extra=arguments.num_extra)
+                       num_extra=arguments.num_extra, matryoshka_dims=tuple(arguments.matryoshka_dims),
+                       matryoshka_weights=tuple(arguments.matryoshka_weights))
     return keys, problem, ids
 
 
@@ -181,13 +194,19 @@ def _info_nce_impl(anchor, candidates, anchor_keys, ids, temperature, *arguments
     return loss, lse, grad_anchor, grad_candidates, grad_keys, grad_tau
 
 
+def _lse_rows(arguments: _ProblemArguments) -> int:
+    """The saved LSEs' rows: each row's partitions, once per Matryoshka dimension (one without)."""
+    return decode_variant(arguments.variant).num_partitions * max(1, len(arguments.matryoshka_dims))
+
+
 @torch.library.register_fake("fastcse::info_nce", lib=_LIB)
 def _info_nce_fake(anchor, candidates, anchor_keys, ids, temperature, *arguments):
     problem_arguments, (reduction, grad_in_forward, _backend_name) = _split(arguments)
     batch, dim = anchor.shape
     f32 = dict(dtype=accumulation_dtype(anchor), device=anchor.device)
     loss = anchor.new_empty((batch,) if reduction == "none" else (), **f32)
-    lse = anchor.new_empty((decode_variant(problem_arguments.variant).num_partitions, batch), **f32)
+    # One block of partitions per Matryoshka dimension (see _lse_rows).
+    lse = anchor.new_empty((_lse_rows(problem_arguments), batch), **f32)
     if grad_in_forward:
         keys_shape = tuple(anchor_keys.shape) if _has_anchor_keys(anchor_keys) else _EMPTY
         grads = (anchor.new_empty((batch, dim), **f32), anchor.new_empty(tuple(candidates.shape), **f32),

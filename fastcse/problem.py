@@ -205,6 +205,10 @@ class LossProblem:
     id_mode: str | None = None  # None, "group" or "label"
     num_positives: int = 0  # P: the positive block [0, P) the ids cover (with id_mode)
     num_extra: int = 0  # extra negatives: the last num_extra candidates
+    # Matryoshka: the loss is sum_k weights[k] * (the loss on the first dims[k] coordinates),
+    # dims ascending (fastcse.matryoshka's canonical form); () for the plain loss.
+    matryoshka_dims: tuple[int, ...] = ()
+    matryoshka_weights: tuple[float, ...] = ()
 
     @property
     def num_documents(self) -> int:
@@ -238,6 +242,11 @@ class LossProblem:
     @property
     def hardness_strength(self) -> float:
         return self.variant.hardness_strength
+
+    @property
+    def num_dimensions(self) -> int:
+        """How many losses the call sums: 1, or one per Matryoshka dimension (the LSEs' blocks)."""
+        return max(1, len(self.matryoshka_dims))
 
 
 def encode_variant(variant: Variant) -> str:
@@ -286,15 +295,24 @@ def _check_ids(ids, id_mode, *, pos_start, batch, num_candidates, num_extra, num
     return num_positives
 
 
+def _check_matryoshka(dims, weights, dim: int) -> None:
+    """The canonical form of fastcse.matryoshka.check_dims: ascending, in [1, dim], one weight each."""
+    if len(weights) != len(dims) or list(dims) != sorted(set(dims)) or (dims and not 1 <= dims[0] <= dims[-1] <= dim):
+        raise ValueError(f"matryoshka_dims must be distinct ascending dimensions in [1, {dim}] with one weight "
+                         f"each, got dims {tuple(dims)} and weights {tuple(weights)}")
+
+
 def describe(anchor: torch.Tensor, candidates: torch.Tensor, tau: float | None, *, pos_start: int, neg_start: int,
              num_neg: int, normalize: bool, hard_negative_weight: float, variant: Variant = Variant(),
              anchor_keys: torch.Tensor | None = None, anchor_start: int = 0, ids: torch.Tensor | None = None,
-             id_mode: str | None = None, num_extra: int = 0) -> LossProblem:
+             id_mode: str | None = None, num_extra: int = 0, matryoshka_dims: tuple[int, ...] = (),
+             matryoshka_weights: tuple[float, ...] = ()) -> LossProblem:
     """The checked description of a call (the public checks are in ``fastcse.loss``).
 
     ``tau`` None: the caller's problem, before the op reads the temperature. ``anchor_keys``
     None: the anchors themselves are the keys of query_to_query / doc_to_query. ``ids``: the
-    [P] ids of the positive block with ``id_mode`` "group" or "label"."""
+    [P] ids of the positive block with ``id_mode`` "group" or "label". ``matryoshka_dims`` /
+    ``matryoshka_weights``: as ``fastcse.matryoshka.check_dims`` returns them (ascending)."""
     if candidates.dtype != anchor.dtype:
         raise TypeError(f"candidates have dtype {candidates.dtype} but anchor has {anchor.dtype}")
     batch, dim = anchor.shape
@@ -314,10 +332,12 @@ def describe(anchor: torch.Tensor, candidates: torch.Tensor, tau: float | None, 
     if not 0 <= num_extra <= num_candidates - batch:
         raise ValueError(f"num_extra = {num_extra} extra negatives do not fit after the positives among the "
                          f"{num_candidates} candidates")
+    _check_matryoshka(matryoshka_dims, matryoshka_weights, dim)
     num_positives = _check_ids(ids, id_mode, pos_start=pos_start, batch=batch, num_candidates=num_candidates,
                                num_extra=num_extra, num_anchor_keys=num_anchor_keys, variant=variant)
     return LossProblem(batch=batch, dim=dim, num_candidates=num_candidates, tau=None if tau is None else float(tau),
                        pos_start=pos_start, neg_start=neg_start, num_neg=num_neg, normalize=bool(normalize),
                        weight=weight, variant=variant, num_anchor_keys=num_anchor_keys, anchor_start=anchor_start,
                        separate_anchor_keys=anchor_keys is not None, id_mode=id_mode, num_positives=num_positives,
-                       num_extra=num_extra)
+                       num_extra=num_extra, matryoshka_dims=tuple(matryoshka_dims),
+                       matryoshka_weights=tuple(matryoshka_weights))

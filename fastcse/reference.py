@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcse.checks import DEFAULT_TEMPERATURE, accumulation_dtype
+from fastcse.matryoshka import check_dims
 from fastcse.problem import DOC_TO_DOC, DOC_TO_QUERY, QUERY_TO_DOC, QUERY_TO_QUERY, resolve_variant
 
 
@@ -29,6 +30,51 @@ def _pad_columns(mask: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def info_nce_reference(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor | None = None,
+    *,
+    temperature: float | torch.Tensor = DEFAULT_TEMPERATURE,
+    normalize: bool = True,
+    symmetric: bool = False,
+    hard_negative_weight: float = 0.0,
+    directions: tuple[str, ...] | None = None,
+    partition_mode: str | None = None,
+    hardness_mode: str | None = None,
+    hardness_strength: float = 0.0,
+    group_ids: torch.Tensor | None = None,
+    extra_negatives: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    reduction: str = "mean",
+    matryoshka_dims: tuple[int, ...] | None = None,
+    matryoshka_weights: tuple[float, ...] | None = None,
+) -> torch.Tensor:
+    """InfoNCE with materialized logits (see :func:`_one_dimension_reference` for the options).
+
+    ``matryoshka_dims`` / ``matryoshka_weights`` (Matryoshka representation learning): the sum
+    over the dimensions m_k of w_k times the loss on the first m_k coordinates of every input,
+    each prefix normalized on its own when ``normalize``; one call per dimension, for clarity."""
+    options = dict(temperature=temperature, normalize=normalize, symmetric=symmetric,
+                   hard_negative_weight=hard_negative_weight, directions=directions, partition_mode=partition_mode,
+                   hardness_mode=hardness_mode, hardness_strength=hardness_strength, group_ids=group_ids,
+                   labels=labels)
+    if matryoshka_dims is None and matryoshka_weights is None:
+        return _one_dimension_reference(anchor, positive, negative, extra_negatives=extra_negatives,
+                                        reduction=reduction, **options)
+    dims, weights = check_dims(matryoshka_dims, matryoshka_weights, anchor.shape[1])
+    rows = 0.0
+    for m, w in zip(dims, weights):
+        rows = rows + w * _one_dimension_reference(_prefix(anchor, m), _prefix(positive, m), _prefix(negative, m),
+                                                   extra_negatives=_prefix(extra_negatives, m), reduction="none",
+                                                   **options)
+    return _reduced(rows, reduction)
+
+
+def _prefix(x: torch.Tensor | None, m: int) -> torch.Tensor | None:
+    return None if x is None else x[..., :m]
+
+
+def _one_dimension_reference(
     anchor: torch.Tensor,
     positive: torch.Tensor,
     negative: torch.Tensor | None = None,

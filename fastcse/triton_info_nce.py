@@ -141,6 +141,9 @@ class _TritonSweeps:
     def __init__(self, anchor, candidates, anchor_keys, ids, problem: LossProblem):
         if anchor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"the Triton backend takes float16, bfloat16 or float32, got {anchor.dtype}")
+        if problem.matryoshka_dims:  # never a silent per-dimension fallback
+            raise NotImplementedError("matryoshka_dims runs on backend='cpu' only for now: the Triton kernels do "
+                                      "not implement it yet")
         if (ids is None) != (problem.id_mode is None):
             raise ValueError(f"ids and problem.id_mode go together, got ids {'None' if ids is None else 'given'} "
                              f"and id_mode {problem.id_mode!r}")

@@ -1,0 +1,117 @@
+"""The workloads of bench/test_bench_matryoshka.py: the Matryoshka loss (sum over dimensions m_k
+of w_k times InfoNCE on the first m_k coordinates, each prefix normalized), forward + backward on
+the same embeddings (B anchors, B positives, one hard negative each), each factory returning
+(setup, run) for bench/memory.py's fresh processes.
+
+- fastcse_fused: ``fastcse.info_nce(..., matryoshka_dims=DIMS)``, one sweep over the coordinates.
+- fastcse_per_dimension: ``fastcse.info_nce`` once per dimension on the prefixes, summed.
+- fastcse_full_width: one ``fastcse.info_nce`` call at the full width (no Matryoshka): the cost
+  the fused call is measured against.
+- matryoshka_mnrl: sentence-transformers' ``MatryoshkaLoss(MultipleNegativesRankingLoss)``
+  through its ``forward`` on a stand-in model whose forward returns the precomputed embeddings
+  (MatryoshkaLoss shrinks and normalizes them per dimension and reruns MNRL once per dimension).
+- matryoshka_cached_mnrl: ``MatryoshkaLoss(CachedMultipleNegativesRankingLoss(mini_batch_size))``:
+  the decorated ``calculate_loss(..., with_backward=True)`` on the embeddings (the part that
+  replaces the loss; the embedding passes are not timed), as bench/variant_workloads.py does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import fastcse
+
+TEMPERATURE = 0.05
+
+
+def dims_for(dim: int) -> tuple[int, ...]:
+    """768 -> (768, 512, 256, 128, 64); other widths (the smoke run) scaled alike."""
+    return tuple(max(1, dim * m // 768) for m in (768, 512, 256, 128, 64))
+
+
+def _embeddings(batch: int, dim: int, seed: int = 0):
+    """anchor, positive, one hard negative per anchor: [B, d] each, leaves that require grad."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, dim, generator=gen).requires_grad_() for _ in range(3)]
+
+
+def _zero_grads(tensors):
+    for t in tensors:
+        t.grad = None
+
+
+def _fastcse(batch: int, dim: int, loss_of):
+    def run(state):
+        _zero_grads(state)
+        loss = loss_of(*state)
+        loss.backward()
+        return loss
+
+    return lambda: _embeddings(batch, dim), run
+
+
+def fastcse_fused(batch: int, dim: int):
+    dims = dims_for(dim)
+    return _fastcse(batch, dim, lambda a, p, n: fastcse.info_nce(a, p, n, temperature=TEMPERATURE,
+                                                                 matryoshka_dims=dims))
+
+
+def fastcse_per_dimension(batch: int, dim: int):
+    dims = dims_for(dim)
+
+    def loss_of(a, p, n):
+        return sum(fastcse.info_nce(a[:, :m], p[:, :m], n[:, :m], temperature=TEMPERATURE) for m in dims)
+
+    return _fastcse(batch, dim, loss_of)
+
+
+def fastcse_full_width(batch: int, dim: int):
+    return _fastcse(batch, dim, lambda a, p, n: fastcse.info_nce(a, p, n, temperature=TEMPERATURE))
+
+
+class _EmbeddingModel(torch.nn.Sequential):
+    """Stands in for a SentenceTransformer: its forward returns the embeddings it is handed (a
+    Sequential with one module, which CachedMNRL's constructor inspects)."""
+
+    def __init__(self, dim: int):
+        super().__init__(torch.nn.Identity())
+        self.dim = dim
+
+    def forward(self, features: dict) -> dict:
+        return {"sentence_embedding": features["embedding"]}
+
+    def _get_untruncated_embedding_dimension(self) -> int:
+        return self.dim
+
+    def get_embedding_dimension(self) -> int:
+        return self.dim
+
+
+def matryoshka_mnrl(batch: int, dim: int):
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
+
+    model = _EmbeddingModel(dim)
+    loss_fn = MatryoshkaLoss(model, MultipleNegativesRankingLoss(model, scale=1.0 / TEMPERATURE), dims_for(dim))
+
+    def run(state):
+        _zero_grads(state)
+        loss = loss_fn([{"embedding": t} for t in state], None)
+        loss.backward()
+        return loss
+
+    return lambda: _embeddings(batch, dim), run
+
+
+def matryoshka_cached_mnrl(batch: int, dim: int, mini_batch_size: int = 32):
+    from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
+                                                                   MatryoshkaLoss)
+
+    model = _EmbeddingModel(dim)
+    inner = CachedMultipleNegativesRankingLoss(model, scale=1.0 / TEMPERATURE, mini_batch_size=mini_batch_size)
+    MatryoshkaLoss(model, inner, dims_for(dim))  # decorates inner.calculate_loss with the dimensions
+
+    def run(state):
+        _zero_grads(state)
+        return inner.calculate_loss([[t] for t in state], None, with_backward=True)
+
+    return lambda: _embeddings(batch, dim), run

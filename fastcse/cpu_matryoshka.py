@@ -1,0 +1,289 @@
+"""CPU backend, Matryoshka: every dimension's loss from one sweep over the coordinates.
+
+The loss is sum_k w_k loss_k, loss_k the problem's loss on the first m_k coordinates (dims
+ascending), each prefix normalized on its own. A prefix dot product is a running sum over
+coordinates, so per chunk of rows and per direction the raw prefix products are built segment
+by segment between the boundaries: R_1 = Q_1 K_1^T, R_k = R_{k-1} + Q_k K_k^T (Q_k, K_k the
+coordinates [m_{k-1}, m_k)): one product over max(dims) coordinates in all. Dimension k's
+logits are R_k scaled by its prefix norms (rows 1 / (tau |q[:m_k]|), columns 1 / |k[:m_k]|),
+then the plain loss's bias, penalty (on dimension k's own similarity) and masks
+(``fastcse.cpu._SweepOperands.decorate``) and its own log-sum-exps.
+
+Backward (H_k = dL/dR_k = w_k dS_k scaled by the same prefix norms): coordinate segment s
+receives (sum_{k >= s} H_k) K_s and its transpose, so the running sum from the widest dimension
+down feeds one product per segment for dQ and one for dK: again one sweep over max(dims). The
+normalizations' backward needs, per row and dimension, sum_j dS_k sim_k: one elementwise pass
+over each R_k, applied to the R x d operands at the end (no per-dimension products).
+
+Memory: D raw blocks and one working block per direction are alive per chunk, so the chunk has
+D + 1 times fewer rows than the plain loss's (down to ``fastcse.cpu.MIN_ROWS``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastcse.checks import NORMALIZE_EPS, accumulation_dtype
+from fastcse.cpu import (_GroupCells, _exp_in_place, _partition_rows, _row_loss, _rows_per_chunk, _SweepOperands,
+                         SAFE_EXP, direction_widths)
+from fastcse.matryoshka import segments
+from fastcse.problem import ANCHOR_KEYS, ANCHORS, DIRECTION_ROLES, QUERY_TO_DOC, LossProblem
+
+
+class _PrefixOperand:
+    """One input's rows in the compute dtype, their inverse prefix norms, and (``with_grads``)
+    their buffers: the gradient [n, d] and the norms' backward dots [D, n] (sum_j dS_k sim_k)."""
+
+    def __init__(self, x: torch.Tensor, problem: LossProblem, dtype: torch.dtype, with_grads: bool):
+        self.x = x.to(dtype).contiguous()
+        if with_grads:
+            self.grad = torch.zeros_like(self.x)
+            self.dots = torch.zeros(problem.num_dimensions, self.x.shape[0], dtype=dtype)
+        if not problem.normalize:
+            self.inv = self.small = None
+            return
+        squares = torch.stack([self.x[:, lo:hi].square().sum(1) for lo, hi in segments(problem.matryoshka_dims)])
+        norms = squares.cumsum(0).sqrt_()  # [D, n]: |x[:m_k]|
+        self.inv = 1.0 / norms.clamp_min(NORMALIZE_EPS)
+        self.small = norms < NORMALIZE_EPS  # below eps the norm is the constant eps: no backward
+
+    def inverse_norms(self, k: int, start: int, stop: int) -> torch.Tensor | None:
+        return None if self.inv is None else self.inv[k, start:stop]
+
+    def finish(self, dims: tuple[int, ...], tau: float) -> torch.Tensor:
+        """The gradient with the prefix norms' backward: -x[:m_k] (dots_k / |x[:m_k]|^2) / tau for
+        each k, applied segment by segment (segment s takes the sum over k >= s)."""
+        if self.inv is not None:
+            coefficients = (self.dots * self.inv.square()).masked_fill_(self.small, 0.0).div_(tau)
+            running = torch.zeros_like(coefficients[0])
+            for k in reversed(range(len(dims))):
+                lo, hi = segments(dims)[k]
+                running += coefficients[k]
+                self.grad[:, lo:hi].addcmul_(self.x[:, lo:hi], running[:, None], value=-1.0)
+        return self.grad
+
+
+class _MatryoshkaOperands(_SweepOperands):
+    """The per-call state: the inputs with their prefix norms, and each direction's blocks.
+
+    Inherits the plain loss's row logic (targets, hard negatives, ids, ``decorate``), not its
+    normalized operands: every product here reads the raw inputs."""
+
+    def __init__(self, anchor, candidates, anchor_keys, ids, problem: LossProblem, *, with_grads: bool):
+        # Not the plain operands' __init__: it would normalize full-width copies no product reads.
+        self.problem = problem
+        self.ids = ids
+        self.dtype = accumulation_dtype(anchor)
+        self.dims, self.weights = problem.matryoshka_dims, problem.matryoshka_weights
+        self.segments = segments(self.dims)
+        self.anchors = _PrefixOperand(anchor, problem, self.dtype, with_grads)
+        self.candidates = _PrefixOperand(candidates, problem, self.dtype, with_grads)
+        self.anchor_keys = self.anchors
+        if problem.variant.needs_anchor_keys and problem.separate_anchor_keys:
+            self.anchor_keys = _PrefixOperand(anchor_keys, problem, self.dtype, with_grads)
+        self.widths = direction_widths(problem)
+        # D raw blocks and one working block per direction (the plain loss: one).
+        self.rows = _rows_per_chunk(problem.batch, sum(self.widths.values()) * (len(self.dims) + 1))
+        self.group_cells = _GroupCells.build(ids, problem) if problem.id_mode == "group" else None
+        self._blocks = {}
+        bound = 1.0 / problem.tau + abs(problem.weight) + problem.hardness_strength
+        self.unshifted = problem.normalize and bound <= SAFE_EXP
+        self.tau_dots = torch.zeros((), dtype=self.dtype)  # sum over all cells of dS sim (dL/dtau)
+
+    def query_side(self, direction: str) -> tuple[_PrefixOperand, int]:
+        """(the operand holding the direction's query rows, the offset of row 0 in it)."""
+        if DIRECTION_ROLES[direction].queries == ANCHORS:
+            return self.anchors, 0
+        return self.candidates, self.problem.pos_start
+
+    def key_side(self, direction: str) -> _PrefixOperand:
+        keys = DIRECTION_ROLES[direction].keys
+        return self.anchor_keys if keys == ANCHOR_KEYS else self.candidates
+
+    def buffer(self, name: str, slot: int | str, width: int, rows: int) -> torch.Tensor:
+        """A reused [rows, width] block (the allocator would otherwise cycle large blocks)."""
+        key = (name, slot)
+        if key not in self._blocks:
+            self._blocks[key] = torch.empty(self.rows, width, dtype=self.dtype)
+        return self._blocks[key][:rows]
+
+    def raw_products(self, direction: str, r0: int, r1: int) -> list[torch.Tensor]:
+        """[R_1, ..., R_D]: the raw prefix products of rows [r0, r1), one segment's product each."""
+        queries, offset = self.query_side(direction)
+        q = queries.x[offset + r0: offset + r1]
+        k = self.key_side(direction).x[: self.widths[direction]]
+        raws, previous = [], None
+        for slot, (lo, hi) in enumerate(self.segments):
+            out = self.buffer(direction, slot, self.widths[direction], r1 - r0)
+            if previous is None:
+                torch.mm(q[:, lo:hi], k[:, lo:hi].T, out=out)
+            else:
+                torch.addmm(previous, q[:, lo:hi], k[:, lo:hi].T, out=out)
+            raws.append(out)
+            previous = out
+        return raws
+
+    def row_scale(self, direction: str, k: int, r0: int, r1: int) -> torch.Tensor:
+        """1 / (tau |q[:m_k]|) of rows [r0, r1) (1 / tau without normalization)."""
+        queries, offset = self.query_side(direction)
+        inv = queries.inverse_norms(k, offset + r0, offset + r1)
+        tau = torch.full((r1 - r0,), self.problem.tau, dtype=self.dtype)
+        return 1.0 / tau if inv is None else inv / self.problem.tau
+
+    def column_scale(self, direction: str, k: int) -> torch.Tensor | None:
+        return self.key_side(direction).inverse_norms(k, 0, self.widths[direction])
+
+    def dimension_scores(self, direction: str, k: int, raw: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Dimension k's logits of rows [r0, r1) from its raw products, into the working block."""
+        block = torch.mul(raw, self.row_scale(direction, k, r0, r1)[:, None],
+                          out=self.buffer(direction, "work", raw.shape[1], r1 - r0))
+        columns = self.column_scale(direction, k)
+        if columns is not None:
+            block.mul_(columns)
+        return self.decorate(direction, block, r0, r1)
+
+    def _subtract_targets(self, h, target_weight, columns, r0: int, r1: int):
+        """The target's -1 on query_to_doc's dS (the positive, or the label's mean), scaled like
+        H: ``target_weight`` already holds the rows' factor, ``columns`` the keys' (or None)."""
+        if self.problem.id_mode == "label":
+            positives = slice(0, self.problem.num_positives)
+            cells = self.label_weights(r0, r1).mul_(target_weight[:, None])
+            h[:, positives].sub_(cells if columns is None else cells.mul_(columns[positives]))
+        else:
+            targets = self.targets(r0, r1)
+            h[torch.arange(r1 - r0), targets] -= target_weight if columns is None else target_weight * columns[targets]
+
+    def backprop_dimension(self, direction: str, k: int, probs, row_factor, target_weight, raw, running: dict,
+                           r0: int, r1: int):
+        """Turns dimension k's probabilities (the working block) into H_k = dL/dR_k, adds it to the
+        direction's running sum over the dimensions >= k, then segment k's two gradient products.
+
+        dS = probs * row_factor (rows), less target_weight (rows) at the targets (query_to_doc's
+        only: ``target_weight`` None elsewhere); H_k = dS scaled by both prefix norms and 1/tau."""
+        queries, offset = self.query_side(direction)
+        keys = self.key_side(direction)
+        width = self.widths[direction]
+        rows = self.row_scale(direction, k, r0, r1)  # 1 / (tau |q_i[:m_k]|)
+        columns = self.column_scale(direction, k)  # 1 / |k_j[:m_k]|
+        h = probs if columns is None else probs.mul_(columns)
+        h.mul_((row_factor * rows)[:, None])
+        if target_weight is not None:
+            self._subtract_targets(h, target_weight * rows, columns, r0, r1)
+        # The norms' backward and dL/dtau: sum of dS sim over each row and each column
+        # (H_ij R_ij = dS_ij sim_ij / tau). R_k is not needed any more.
+        cells = raw.mul_(h)
+        row_dots = cells.sum(1).mul_(self.problem.tau)
+        queries.dots[k, offset + r0: offset + r1] += row_dots
+        keys.dots[k, :width] += cells.sum(0).mul_(self.problem.tau)
+        self.tau_dots += row_dots.sum()
+        if direction in running:
+            running[direction].add_(h)
+        else:  # the widest dimension: its raw block, consumed above, holds the running sum
+            running[direction] = raw.copy_(h)
+        lo, hi = self.segments[k]
+        total = running[direction]
+        queries.grad[offset + r0: offset + r1, lo:hi].addmm_(total, keys.x[:width, lo:hi])
+        keys.grad[:width, lo:hi].addmm_(total.T, queries.x[offset + r0: offset + r1, lo:hi])
+
+    def finish_grads(self):
+        """(dA, dC, dK or None, dtau) through the prefix norms."""
+        tau = self.problem.tau
+        grad_anchor = self.anchors.finish(self.dims, tau)
+        grad_candidates = self.candidates.finish(self.dims, tau)
+        grad_keys = self.anchor_keys.finish(self.dims, tau) if self.anchor_keys is not self.anchors else None
+        return grad_anchor, grad_candidates, grad_keys, -self.tau_dots / tau**2
+
+
+def _lse_rows(problem: LossProblem, k: int) -> slice:
+    """Dimension k's rows of the saved [P * D, B] LSEs."""
+    partitions = problem.variant.num_partitions
+    return slice(k * partitions, (k + 1) * partitions)
+
+
+def _fused_sweep(operands: _MatryoshkaOperands):
+    """Forward that also produces the gradients of sum(row_loss): per chunk, one sweep of raw
+    products, each dimension's loss and dS (widest first), one sweep of gradient products."""
+    problem = operands.problem
+    partitions = 1.0 if problem.joint else float(len(problem.directions))
+    row_loss = torch.zeros(problem.batch, dtype=operands.dtype)
+    lse = torch.empty(problem.variant.num_partitions * problem.num_dimensions, problem.batch, dtype=operands.dtype)
+    for r0, r1 in operands.chunks():
+        raws = {d: operands.raw_products(d, r0, r1) for d in problem.directions}
+        running = {}
+        for k in reversed(range(len(operands.dims))):
+            weight = operands.weights[k]
+            blocks = {d: operands.dimension_scores(d, k, raws[d][k], r0, r1) for d in problem.directions}
+            target = operands.target_logits(blocks[QUERY_TO_DOC], r0, r1)
+            stats = _exp_in_place(operands, blocks, problem.joint)
+            lse[_lse_rows(problem, k), r0:r1] = _partition_rows(operands, stats)
+            row_loss[r0:r1] += weight * _row_loss(operands, {d: s[0] for d, s in stats.items()}, target)
+            target_weight = torch.full((r1 - r0,), weight, dtype=operands.dtype)
+            for direction, block in blocks.items():  # block = E = exp(S - m): dS = w_k E / rowsum(E) - w_k target
+                operands.backprop_dimension(direction, k, block, weight / (partitions * stats[direction][1]),
+                                            target_weight if direction == QUERY_TO_DOC else None,
+                                            raws[direction][k], running, r0, r1)
+    return row_loss, lse, operands.finish_grads()
+
+
+def _stats_sweep(operands: _MatryoshkaOperands):
+    """Row losses and the [P * D, B] LSEs, no gradients: one sweep of raw products per chunk."""
+    problem = operands.problem
+    row_loss = torch.zeros(problem.batch, dtype=operands.dtype)
+    lse = torch.empty(problem.variant.num_partitions * problem.num_dimensions, problem.batch, dtype=operands.dtype)
+    for r0, r1 in operands.chunks():
+        raws = {d: operands.raw_products(d, r0, r1) for d in problem.directions}
+        for k, weight in enumerate(operands.weights):
+            blocks = {d: operands.dimension_scores(d, k, raws[d][k], r0, r1) for d in problem.directions}
+            target = operands.target_logits(blocks[QUERY_TO_DOC], r0, r1)
+            if problem.joint:
+                joint = torch.logsumexp(torch.stack([torch.logsumexp(b, dim=1) for b in blocks.values()]), dim=0)
+                by_direction = {d: joint for d in blocks}
+            else:
+                by_direction = {d: torch.logsumexp(b, dim=1) for d, b in blocks.items()}
+            stats = {d: (v, None) for d, v in by_direction.items()}
+            lse[_lse_rows(problem, k), r0:r1] = _partition_rows(operands, stats)
+            row_loss[r0:r1] += weight * _row_loss(operands, by_direction, target)
+    return row_loss, lse
+
+
+def _grad_sweep(operands: _MatryoshkaOperands, grad_rows, lse):
+    """Gradients for per-row upstream gradients, recomputing each dimension's probabilities from
+    the saved LSEs: two sweeps of products per chunk (raw products, gradient products)."""
+    problem = operands.problem
+    g = grad_rows.to(operands.dtype)
+    g_direction = g if problem.joint else g / len(problem.directions)
+    for r0, r1 in operands.chunks():
+        raws = {d: operands.raw_products(d, r0, r1) for d in problem.directions}
+        running = {}
+        for k in reversed(range(len(operands.dims))):
+            weight = operands.weights[k]
+            rows = lse[_lse_rows(problem, k), r0:r1]
+            for p, direction in enumerate(problem.directions):
+                block = operands.dimension_scores(direction, k, raws[direction][k], r0, r1)
+                block.sub_(rows[0 if problem.joint else p, :, None]).exp_()  # P = exp(S - LSE)
+                operands.backprop_dimension(direction, k, block, weight * g_direction[r0:r1],
+                                            weight * g[r0:r1] if direction == QUERY_TO_DOC else None,
+                                            raws[direction][k], running, r0, r1)
+    return operands.finish_grads()
+
+
+def matrix_products(problem: LossProblem, *, grad_in_forward: bool = True) -> list[tuple[str, int]]:
+    """As ``fastcse.cpu.matrix_products``, each product over max(dims) coordinates (not D of
+    them): the raw products per direction block, and the gradient products (dq, dk) per block;
+    a statistics sweep first when the gradients are not produced in the forward."""
+    widths = list(direction_widths(problem).values())
+    recompute = [] if grad_in_forward else [("scores", n) for n in widths]
+    return recompute + [(kind, n) for n in widths for kind in ("scores", "dq", "dk")]
+
+
+def forward(anchor, candidates, anchor_keys, problem: LossProblem, *, compute_grad, ids=None):
+    operands = _MatryoshkaOperands(anchor, candidates, anchor_keys, ids, problem, with_grads=compute_grad)
+    if compute_grad:
+        return _fused_sweep(operands)
+    row_loss, lse = _stats_sweep(operands)
+    return row_loss, lse, None
+
+
+def backward(grad_rows, anchor, candidates, anchor_keys, problem: LossProblem, lse, *, ids=None):
+    operands = _MatryoshkaOperands(anchor, candidates, anchor_keys, ids, problem, with_grads=True)
+    return _grad_sweep(operands, grad_rows, lse.to(operands.dtype))

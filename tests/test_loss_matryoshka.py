@@ -1,0 +1,327 @@
+"""Matryoshka dimensions in fastcse.info_nce (CPU backend, one sweep over the coordinates) against
+the reference's per-dimension loop: every option, dtypes, dimensions that do not align with the
+segments' sizes, errors, torch.compile, the op's schema, and a 2-rank gloo world."""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+from spawn_world import spawn_world
+from test_loss import check_against_reference, make_inputs
+
+import fastcse
+from fastcse import cpu, info_nce, info_nce_reference
+from fastcse.matryoshka import check_dims
+
+ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+
+# Each option of the loss at least once, hard negatives 0 / 1 / several.
+OPTION_GRID = [
+    dict(num_neg=0),
+    dict(num_neg=1, hard_negative_weight=0.7),
+    dict(num_neg=3, hard_negative_weight=-1.2, symmetric=True),
+    dict(num_neg=1, directions=ALL_DIRECTIONS, partition_mode="joint", hardness_mode="all_negatives",
+         hardness_strength=2.0),
+    dict(num_neg=2, directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction",
+         hardness_mode="in_batch_negatives", hardness_strength=3.0, hard_negative_weight=0.4),
+    dict(num_neg=1, hardness_mode="hard_negatives", hardness_strength=1.5),
+    dict(num_neg=1, directions=("query_to_doc", "query_to_query", "doc_to_doc"), group_ids=True),
+    dict(num_neg=1, labels=True, hardness_mode="all_negatives", hardness_strength=2.0),
+    dict(num_neg=1, extra_negatives=4, symmetric=True),
+    dict(num_neg=1, normalize=False, temperature=1.0),
+]
+
+
+def _option_id(options):
+    return "-".join(f"{k}={v}" for k, v in options.items() if k != "directions") or "plain"
+
+
+def _realize(options, batch, dim, dtype, seed=0):
+    """(inputs, keywords) of an OPTION_GRID entry: ids and extra negatives drawn here."""
+    options = dict(options)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    anchor, positive, negative = make_inputs(batch, dim, options.pop("num_neg"), dtype)
+    if options.pop("group_ids", False):
+        options["group_ids"] = torch.randint(0, batch // 2, (batch,), generator=gen)
+    if options.pop("labels", False):
+        options["labels"] = torch.randint(0, batch // 2, (batch,), generator=gen)
+    if "extra_negatives" in options:
+        options["extra_negatives"] = torch.randn(options["extra_negatives"], dim, generator=gen).to(dtype)
+    return (anchor, positive, negative), options
+
+
+@pytest.mark.parametrize("learnable_tau", [False, True], ids=["tau_float", "tau_tensor"])
+@pytest.mark.parametrize("options", OPTION_GRID, ids=_option_id)
+def test_options_match_reference(options, learnable_tau):
+    """Every option x each reduction, fp64 to 1e-10 and fp32, unsorted dims without d, weights."""
+    for reduction, dtype in itertools.product(("mean", "sum", "none"), (torch.float64, torch.float32)):
+        (anchor, positive, negative), kwargs = _realize(options, 10, 12, dtype)
+        tau = kwargs.pop("temperature", 0.07)
+        temperature = torch.tensor(tau, dtype=dtype) if learnable_tau else tau
+        check_against_reference(anchor, positive, negative, temperature, reduction=reduction,
+                                matryoshka_dims=(3, 11, 6), matryoshka_weights=(0.5, 1.0, 2.0), **kwargs)
+
+
+@pytest.mark.parametrize("dims", [(40, 3), (40, 39, 21, 5, 1), (1,), (17, 33), (21, 40, 5, 39, 1)],
+                         ids=lambda d: ",".join(map(str, d)))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dimensions_off_the_block_sizes(dims, dtype):
+    """d = 40 with dimensions of every size (1, odd, d - 1), in any order, d listed or not."""
+    anchor, positive, negative = make_inputs(13, 40, 2, dtype)
+    for reduction in ("mean", "none"):
+        check_against_reference(anchor, positive, negative, 0.05, reduction=reduction, hard_negative_weight=0.3,
+                                symmetric=True, matryoshka_dims=dims)
+
+
+def test_zero_prefixes():
+    """A row whose first coordinates are all zero: that prefix's norm is the constant eps (as
+    F.normalize), so its logits are 0 and its gradient finite, in every dimension alike."""
+    anchor, positive, negative = make_inputs(8, 12, 1, torch.float64)
+    anchor[0, :5] = 0.0
+    positive[3, :5] = 0.0
+    negative[5, 0, :] = 0.0
+    check_against_reference(anchor, positive, negative, 0.1, reduction="none", symmetric=True,
+                            matryoshka_dims=(12, 5, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_inputs(dtype):
+    anchor, positive, negative = make_inputs(12, 24, 1, dtype)
+    check_against_reference(anchor, positive, negative, hard_negative_weight=0.4, hardness_mode="all_negatives",
+                            hardness_strength=2.0, directions=ALL_DIRECTIONS, partition_mode="joint",
+                            matryoshka_dims=(24, 16, 8, 4))
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(symmetric=True, hard_negative_weight=0.5, reduction="none"),
+    dict(normalize=False, reduction="sum"),
+    dict(directions=ALL_DIRECTIONS, partition_mode="joint"),  # (the hardness penalty has no gradient by design)
+])
+def test_gradcheck_fp64(options):
+    anchor, positive, negative = make_inputs(5, 7, 2, torch.float64)
+    tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    leaves = [t.requires_grad_() for t in (anchor, positive, negative)]
+    assert torch.autograd.gradcheck(
+        lambda a, p, n, t: info_nce(a, p, n, temperature=t, matryoshka_dims=(7, 2, 5), matryoshka_weights=(1, .5, 2),
+                                    **options), (*leaves, tau))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_multiple_chunks(monkeypatch, reduction):
+    """Several row chunks (the block budget shrunk), both the unshifted and the row-max paths."""
+    monkeypatch.setattr(cpu, "BLOCK_BYTES", 4 * 40 * 3 * 5)  # 3 rows of 40 candidates' 4 blocks + 1
+    monkeypatch.setattr(cpu, "MIN_ROWS", 1)
+    anchor, positive, negative = make_inputs(20, 9, 1)
+    for tau in (0.05, 0.01):
+        check_against_reference(anchor, positive, negative, tau, reduction=reduction, hard_negative_weight=0.4,
+                                group_ids=torch.arange(20) % 7, matryoshka_dims=(9, 4, 2, 1))
+
+
+def test_chunk_rows_shrink_with_the_dimensions():
+    """D raw blocks and a working block per direction live at once: D + 1 times fewer rows."""
+    from fastcse.cpu_matryoshka import _MatryoshkaOperands
+    from fastcse.problem import describe
+
+    anchor, positive, _ = make_inputs(4096, 8, 0)
+    problem = describe(anchor, positive, 0.05, pos_start=0, neg_start=0, num_neg=0, normalize=True,
+                       hard_negative_weight=0.0, matryoshka_dims=(2, 4, 8), matryoshka_weights=(1.0, 1.0, 1.0))
+    operands = _MatryoshkaOperands(anchor, positive, None, None, problem, with_grads=False)
+    assert operands.rows == cpu._rows_per_chunk(4096, 4096 * 4)
+
+
+def test_one_full_dimension_is_the_plain_loss():
+    anchor, positive, negative = make_inputs(9, 8, 1, torch.float64)
+    plain = info_nce(anchor, positive, negative, hard_negative_weight=0.5, reduction="none")
+    fused = info_nce(anchor, positive, negative, hard_negative_weight=0.5, reduction="none", matryoshka_dims=[8])
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_weights_scale_each_dimension():
+    anchor, positive, _ = make_inputs(7, 10, 0, torch.float64)
+    per_dim = {m: info_nce(anchor, positive, matryoshka_dims=(m,)) for m in (10, 3)}
+    fused = info_nce(anchor, positive, matryoshka_dims=(3, 10), matryoshka_weights=(2.0, -0.5))
+    torch.testing.assert_close(fused, 2.0 * per_dim[3] - 0.5 * per_dim[10], rtol=1e-12, atol=1e-12)
+
+
+def test_products_stay_one_sweep():
+    """matrix_products: the plain row sweep's products (one sweep over the widest dimension)."""
+    from fastcse.problem import describe, resolve_variant
+
+    anchor, positive, negative = make_inputs(6, 8, 1, neg_2d=True)
+    candidates = torch.cat([positive, negative])
+    variant = resolve_variant(directions=ALL_DIRECTIONS, partition_mode="joint")
+    plain = describe(anchor, candidates, 0.05, pos_start=0, neg_start=6, num_neg=1, normalize=True,
+                     hard_negative_weight=0.0, variant=variant)
+    fused = describe(anchor, candidates, 0.05, pos_start=0, neg_start=6, num_neg=1, normalize=True,
+                     hard_negative_weight=0.0, variant=variant, matryoshka_dims=(2, 4, 8),
+                     matryoshka_weights=(1.0, 1.0, 1.0))
+    assert cpu.matrix_products(fused) == cpu.matrix_products(plain)
+    assert cpu.matrix_products(fused, grad_in_forward=False) == cpu.matrix_products(plain, grad_in_forward=False)
+
+
+def test_no_grad_forward():
+    anchor, positive, negative = make_inputs(10, 8, 1)
+    with torch.no_grad():
+        loss = info_nce(anchor, positive, negative, matryoshka_dims=(8, 2))
+    want = info_nce_reference(anchor.double(), positive.double(), negative.double(), matryoshka_dims=(8, 2))
+    torch.testing.assert_close(loss.double(), want, rtol=2e-4, atol=2e-4)
+
+
+def test_module_takes_the_keywords():
+    module = fastcse.InfoNCE(temperature=torch.nn.Parameter(torch.tensor(0.05)), symmetric=True,
+                             matryoshka_dims=(8, 4), matryoshka_weights=(1.0, 0.5))
+    anchor, positive, _ = make_inputs(8, 8, 0)
+    loss = module(anchor, positive)
+    loss.backward()
+    assert module.temperature.grad is not None and torch.isfinite(module.temperature.grad)
+    ref = info_nce_reference(anchor, positive, temperature=torch.tensor(0.05), symmetric=True,
+                             matryoshka_dims=(8, 4), matryoshka_weights=(1.0, 0.5))
+    torch.testing.assert_close(loss, ref, rtol=2e-4, atol=2e-4)
+    assert "matryoshka_dims=(8, 4)" in repr(module)
+    with pytest.raises(ValueError, match="matryoshka_dims must be distinct"):
+        fastcse.InfoNCE(matryoshka_dims=(4, 4))
+    with pytest.raises(ValueError, match="matryoshka_dims must hold positive ints"):
+        fastcse.InfoNCE(matryoshka_dims=(4, 0))
+
+
+def test_torch_compile_fullgraph():
+    anchor, positive, negative = make_inputs(12, 8, 1)
+
+    def step(a, p, n):
+        return info_nce(a, p, n, hard_negative_weight=0.2, matryoshka_dims=(8, 5, 2)) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in (anchor, positive, negative)]
+    loss = compiled(*leaves)
+    loss.backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (anchor, positive, negative)]
+    ref = step(*ref_leaves)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_custom_op_passes_opcheck():
+    from fastcse.ops import info_nce_op, op_arguments
+    from fastcse.problem import describe, resolve_variant
+
+    anchor, positive, negative = make_inputs(6, 5, 1, neg_2d=True)
+    candidates = torch.cat([positive, negative])
+    variant = resolve_variant(directions=ALL_DIRECTIONS, partition_mode="joint")
+    for grad_in_forward, reduction in [(True, "mean"), (False, "none")]:
+        problem = describe(anchor, candidates, None, pos_start=0, neg_start=6, num_neg=1, normalize=True,
+                           hard_negative_weight=0.3, variant=variant, matryoshka_dims=(2, 5),
+                           matryoshka_weights=(0.5, 1.0))
+        args = op_arguments(problem, anchor.requires_grad_(), candidates.requires_grad_(), torch.tensor(0.05),
+                            reduction=reduction, grad_in_forward=grad_in_forward, backend="cpu")
+        torch.library.opcheck(info_nce_op, args, test_utils=("test_schema", "test_faketensor",
+                                                             "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("dims,weights,error,match", [
+    ((), None, ValueError, "at least one dimension"),
+    ((8, 0), None, ValueError, r"ints in \[1, 8\]"),
+    ((9,), None, ValueError, r"ints in \[1, 8\]"),
+    ((4, 2.0), None, ValueError, r"ints in \[1, 8\]"),
+    ((True,), None, ValueError, r"ints in \[1, 8\]"),
+    ((4, 8, 4), None, ValueError, "must be distinct"),
+    ("8", None, TypeError, "sequence of ints"),
+    (8, None, TypeError, "sequence of ints"),
+    ((8, 4), (1.0,), ValueError, "2 numbers"),
+    ((8, 4), (1.0, float("nan")), ValueError, r"matryoshka_weights\[1\] must be a finite number"),
+    (None, (1.0,), ValueError, "without matryoshka_dims"),
+])
+def test_bad_dimensions(dims, weights, error, match):
+    anchor, positive, _ = make_inputs(4, 8, 0)
+    with pytest.raises(error, match=match):
+        info_nce(anchor, positive, matryoshka_dims=dims, matryoshka_weights=weights)
+    with pytest.raises(error, match=match):
+        info_nce_reference(anchor, positive, matryoshka_dims=dims, matryoshka_weights=weights)
+
+
+def test_canonical_form_is_ascending():
+    assert check_dims([64, 768, 256], [1, 2, 3], 768) == ((64, 256, 768), (1.0, 3.0, 2.0))
+    assert check_dims(None, None, 768) == ((), ())
+
+
+def test_triton_backend_refuses_rather_than_falling_back():
+    anchor, positive, _ = make_inputs(4, 8, 0)  # TRITON_INTERPRET=1 (conftest): the backend is reachable
+    with pytest.raises(NotImplementedError, match="backend='cpu'"):
+        info_nce(anchor, positive, backend="triton", matryoshka_dims=(8, 4))
+
+
+# ---------------------------------------------------------------- 2 gloo ranks
+DISTRIBUTED_CASES = [
+    dict(k=1, weight=0.5, reduction="mean", normalize=True, variant={}),
+    dict(k=0, weight=0.0, reduction="none", normalize=True, variant=dict(symmetric=True), ids="group"),
+    dict(k=1, weight=0.0, reduction="sum", normalize=False,
+         variant=dict(directions=ALL_DIRECTIONS, partition_mode="joint", hardness_mode="all_negatives",
+                      hardness_strength=2.0), ids="label"),
+]
+
+
+def _check_distributed_case(case, seed, group):
+    rank, sizes = group.rank(), [3, 5]
+    start, batch, total = sum(sizes[:rank]), sizes[rank], sum(sizes)
+    gen = torch.Generator().manual_seed(seed)
+    anchor = torch.randn(total, 12, generator=gen)
+    positive = anchor + torch.randn(total, 12, generator=gen)
+    negative = torch.randn(total, 12, generator=gen) if case["k"] else None
+    ids = torch.randint(0, 4, (total,), generator=gen)
+    row_weights = torch.rand(total, generator=gen) + 0.5
+    options = dict(normalize=case["normalize"], hard_negative_weight=case["weight"], reduction=case["reduction"],
+                   matryoshka_dims=(12, 7, 3), matryoshka_weights=(1.0, 0.5, 2.0), **case["variant"])
+    id_key = {"group": "group_ids", "label": "labels"}.get(case.get("ids"))
+    mine = [x[start:start + batch].clone().requires_grad_() for x in (anchor, positive, negative) if x is not None]
+    full = [x.double().requires_grad_() for x in (anchor, positive, negative) if x is not None]
+    tau, ref_tau = torch.tensor(0.1, requires_grad=True), torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    row_options = {id_key: ids[start:start + batch]} if id_key else {}
+    loss = fastcse.info_nce(*mine, temperature=tau, process_group=group, backend="cpu", **options, **row_options)
+    ref = info_nce_reference(*full, temperature=ref_tau, **options, **({id_key: ids} if id_key else {}))
+    if case["reduction"] == "none":
+        (loss * row_weights[start:start + batch]).sum().backward()
+        (ref * row_weights).sum().backward()
+        ref = ref[start:start + batch]
+    else:
+        loss.backward()
+        ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-4, atol=1e-5)
+    for mine_t, ref_t in zip(mine, full):
+        scale = ref_t.grad.abs().max().item() or 1.0
+        torch.testing.assert_close(mine_t.grad.double() / scale, ref_t.grad[start:start + batch] / scale,
+                                   rtol=1e-4, atol=1e-5)
+    tau_grad = tau.grad.detach().clone()
+    dist.all_reduce(tau_grad, group=group)
+    torch.testing.assert_close(tau_grad.double(), ref_tau.grad, rtol=1e-4, atol=1e-5)
+
+
+def _worker(rank, world, port, results):
+    failures = []
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        for index, case in enumerate(DISTRIBUTED_CASES):
+            try:
+                _check_distributed_case(case, seed=index, group=dist.group.WORLD)
+            except AssertionError as error:
+                failures.append(f"rank {rank} case {case}: {error}")
+        dist.destroy_process_group()
+    except Exception:  # a crash is a failure to report, not a hang of the parent
+        failures.append(f"rank {rank} crashed:\n{traceback.format_exc()}")
+    results.put((rank, failures))
+
+
+def test_two_gloo_ranks_match_the_reference():
+    """One gather of the full embeddings serves every dimension: loss and every input's gradient."""
+    reports = spawn_world(_worker, 2, timeout_s=150)
+    failures = [f for rank in sorted(reports) for f in reports[rank]]
+    assert not failures, "\n\n".join(failures)
