@@ -16,6 +16,7 @@ from torch import nn
 
 from fastcse import checks
 from fastcse.checks import DEFAULT_TEMPERATURE
+from fastcse.false_negatives import FalseNegativeOptions, GuideRows, check_options, guide_candidates
 from fastcse.ops import info_nce_call, needs_grad
 from fastcse.problem import LossProblem, Variant, describe, resolve_variant
 
@@ -79,6 +80,7 @@ class CheckedInputs(NamedTuple):
     ids: torch.Tensor | None  # int64 group ids or labels, [B]
     id_mode: str | None  # "group", "label" or None
     extra_negatives: torch.Tensor | None  # [Q, d], Q >= 1
+    false_negatives: FalseNegativeOptions | None = None  # None: no false negatives by similarity
 
 
 def _check_row_ids(name: str, ids, anchor: torch.Tensor) -> torch.Tensor:
@@ -112,11 +114,12 @@ def _check_extra_negatives(extra_negatives, anchor: torch.Tensor) -> torch.Tenso
 
 def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
                  distributed=False, variant_options=None, group_ids=None, labels=None,
-                 extra_negatives=None) -> CheckedInputs:
+                 extra_negatives=None, false_negative_options=None) -> CheckedInputs:
     """Validates the user's arguments; returns them resolved (``variant_options``: resolve_variant's keywords).
 
     ``distributed``: a rank may hold no anchors (the last batch of an epoch); raising here would
-    leave the other ranks waiting in the gather, so B = 0 is allowed and the gather checks ranks."""
+    leave the other ranks waiting in the gather, so B = 0 is allowed and the gather checks ranks.
+    ``false_negative_options``: the false-negative keywords (see :func:`_check_false_negatives`)."""
     _check_matrix("anchor", anchor, 2)
     _check_matrix("positive", positive, 2)
     batch, dim = anchor.shape
@@ -156,7 +159,27 @@ def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, 
     elif labels is not None:
         ids, id_mode = _check_row_ids("labels", labels, anchor), "label"
     extra_negatives = _check_extra_negatives(extra_negatives, anchor)
-    return CheckedInputs(_resolve_backend(backend, anchor), num_neg, variant, ids, id_mode, extra_negatives)
+    backend = _resolve_backend(backend, anchor)
+    false_negatives = _check_false_negatives(false_negative_options, anchor, negative, extra_negatives, backend)
+    return CheckedInputs(backend, num_neg, variant, ids, id_mode, extra_negatives, false_negatives)
+
+
+def _check_false_negatives(options, anchor, negative, extra_negatives, backend) -> FalseNegativeOptions | None:
+    """``options``: info_nce's false_negative_margin, margin_strategy, guide and guide_extra_negatives."""
+    if options is None:
+        return None
+    checked = check_options(**options, anchor=anchor, negative=negative, extra_negatives=extra_negatives)
+    if checked is not None and backend == "triton":
+        raise NotImplementedError("false_negative_margin runs on backend='cpu' only for now (the Triton kernels do "
+                                  "not apply the rule): pass CPU tensors with backend='cpu'")
+    return checked
+
+
+def _guide_rows(options: FalseNegativeOptions | None) -> GuideRows | None:
+    """One process: the guide's rows in the candidates' layout (None: no guide)."""
+    if options is None or not options.guided:
+        return None
+    return GuideRows(options.guide_anchor, guide_candidates(options), None)
 
 
 def _resolve_backend(backend, anchor: torch.Tensor) -> str:
@@ -209,10 +232,18 @@ def _temperature_tensor(temperature) -> torch.Tensor:
 
 def _local_problem(anchor, candidates, checked: CheckedInputs, normalize, hard_negative_weight) -> LossProblem:
     """One process: the positives first (row i's target is candidate i), then the hard negatives."""
-    extra = checked.extra_negatives
+    extra, rule = checked.extra_negatives, checked.false_negatives
     return describe(anchor, candidates, None, pos_start=0, neg_start=anchor.shape[0], num_neg=checked.num_neg,
                     normalize=normalize, hard_negative_weight=hard_negative_weight, variant=checked.variant,
-                    ids=checked.ids, id_mode=checked.id_mode, num_extra=0 if extra is None else extra.shape[0])
+                    ids=checked.ids, id_mode=checked.id_mode, num_extra=0 if extra is None else extra.shape[0],
+                    **false_negative_keywords(rule, _guide_rows(rule)))
+
+
+def false_negative_keywords(rule: FalseNegativeOptions | None, guide: GuideRows | None) -> dict:
+    """``describe``'s keywords for the rule (none without one)."""
+    if rule is None:
+        return {}
+    return dict(false_negative_margin=rule.margin, margin_strategy=rule.strategy, guide=guide)
 
 
 def info_nce(
@@ -234,6 +265,8 @@ def info_nce(
     reduction: Literal["mean", "sum", "none"] = "mean",
     backend: Literal["auto", "cpu", "triton"] = "auto",
     process_group=None,
+    false_negative_margin: float | None = None, margin_strategy: Literal["absolute", "relative"] = "absolute",
+    guide: tuple[torch.Tensor, ...] | None = None, guide_extra_negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE (SimCSE / MultipleNegativesRankingLoss) without materializing the B x N logits.
 
@@ -271,13 +304,17 @@ def info_nce(
         backend: "auto" (Triton for CUDA tensors, CPU otherwise), "cpu" or "triton".
         process_group: a ``torch.distributed`` group: score the local anchors against the
             candidates of every rank (see ``fastcse.distributed``).
+        false_negative_margin, margin_strategy, guide, guide_extra_negatives: false negatives by
+            similarity (GISTEmbedLoss's rule; self-guided with ``guide=None``): ``fastcse.false_negatives``.
 
     Returns:
         The fp32 loss: a scalar, or [B] with reduction="none".
     """
     variant_options = dict(symmetric=symmetric, directions=directions, partition_mode=partition_mode,
                            hardness_mode=hardness_mode, hardness_strength=hardness_strength)
-    row_options = dict(group_ids=group_ids, labels=labels, extra_negatives=extra_negatives)
+    row_options = dict(group_ids=group_ids, labels=labels, extra_negatives=extra_negatives,
+                       false_negative_options=dict(margin=false_negative_margin, strategy=margin_strategy,
+                                                   guide=guide, guide_extra_negatives=guide_extra_negatives))
     checked = _check_inputs_on_every_rank(anchor, positive, negative, temperature, hard_negative_weight, reduction,
                                           backend, process_group, variant_options, row_options)
     temperature = _temperature_tensor(temperature)
@@ -287,12 +324,19 @@ def info_nce(
         return distributed_info_nce(anchor, positive, negative, checked, temperature=temperature,
                                     normalize=normalize, hard_negative_weight=hard_negative_weight,
                                     reduction=reduction, process_group=process_group)
+    return _local_info_nce(anchor, positive, negative, checked, temperature, normalize, hard_negative_weight,
+                           reduction)
+
+
+def _local_info_nce(anchor, positive, negative, checked: CheckedInputs, temperature, normalize, hard_negative_weight,
+                    reduction) -> torch.Tensor:
+    """info_nce in one process, its inputs checked (``temperature`` a 0-dim tensor)."""
     candidates = _candidates(positive, negative, checked.num_neg, checked.extra_negatives)
     anchor = anchor.contiguous()
     problem = _local_problem(anchor, candidates, checked, normalize, hard_negative_weight)
     return info_nce_call(problem, anchor, candidates, temperature, ids=checked.ids, reduction=reduction,
                          grad_in_forward=reduction != "none" and needs_grad(anchor, candidates, temperature),
-                         backend=checked.backend)
+                         backend=checked.backend, guide=_guide_rows(checked.false_negatives))
 
 
 class InfoNCE(nn.Module):
@@ -302,7 +346,7 @@ class InfoNCE(nn.Module):
                  symmetric: bool = False, hard_negative_weight: float = 0.0, directions: tuple[str, ...] | None = None,
                  partition_mode: str | None = None, hardness_mode: str | None = None,
                  hardness_strength: float = 0.0, reduction: str = "mean", backend: str = "auto",
-                 process_group=None):
+                 process_group=None, false_negative_margin: float | None = None, margin_strategy: str = "absolute"):
         super().__init__()
         # Checked now, so that a bad variant fails at construction rather than at the first step.
         resolve_variant(symmetric=symmetric, directions=directions, partition_mode=partition_mode,
@@ -318,14 +362,22 @@ class InfoNCE(nn.Module):
         self.reduction = reduction
         self.backend = backend
         self.process_group = process_group
+        check_options(false_negative_margin, margin_strategy, None, None, anchor=None, negative=None,
+                      extra_negatives=None)
+        self.false_negative_margin = false_negative_margin
+        self.margin_strategy = margin_strategy
 
-    def forward(self, anchor, positive, negative=None, *, group_ids=None, extra_negatives=None, labels=None):
+    def forward(self, anchor, positive, negative=None, *, group_ids=None, extra_negatives=None, labels=None,
+                guide=None, guide_extra_negatives=None):
+        """``guide``: the guide model's embeddings of this batch's rows (with ``false_negative_margin``)."""
         return info_nce(anchor, positive, negative, temperature=self.temperature, normalize=self.normalize,
                         symmetric=self.symmetric, hard_negative_weight=self.hard_negative_weight,
                         directions=self.directions, partition_mode=self.partition_mode,
                         hardness_mode=self.hardness_mode, hardness_strength=self.hardness_strength,
                         group_ids=group_ids, extra_negatives=extra_negatives, labels=labels,
-                        reduction=self.reduction, backend=self.backend, process_group=self.process_group)
+                        reduction=self.reduction, backend=self.backend, process_group=self.process_group,
+                        false_negative_margin=self.false_negative_margin, margin_strategy=self.margin_strategy,
+                        guide=guide, guide_extra_negatives=guide_extra_negatives)
 
     def extra_repr(self) -> str:
         variant = ""
@@ -334,4 +386,9 @@ class InfoNCE(nn.Module):
         if self.hardness_mode is not None:
             variant += f", hardness_mode={self.hardness_mode!r}, hardness_strength={self.hardness_strength}"
         return (f"temperature={self.temperature}, normalize={self.normalize}, symmetric={self.symmetric}, "
-                f"hard_negative_weight={self.hard_negative_weight}{variant}, reduction={self.reduction!r}")
+                f"hard_negative_weight={self.hard_negative_weight}{variant}, reduction={self.reduction!r}"
+                + _false_negative_repr(self.false_negative_margin, self.margin_strategy))
+
+
+def _false_negative_repr(margin, strategy) -> str:
+    return "" if margin is None else f", false_negative_margin={margin}, margin_strategy={strategy!r}"
