@@ -144,6 +144,13 @@ def guide_candidates(options: FalseNegativeOptions) -> torch.Tensor:
     return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
 
 
+def problem_keywords(options: FalseNegativeOptions | None, guide: GuideRows | None) -> dict:
+    """``fastcse.problem.describe``'s keywords for the rule (none without one)."""
+    if options is None:
+        return {}
+    return dict(false_negative_margin=options.margin, margin_strategy=options.strategy, guide=guide)
+
+
 class FalseNegativeTiles:
     """The CPU backend's per-call state for the rule: the guide's normalized rows and, per chunk
     of rows, the thresholds; ``left_out`` gives one direction's [R, n] cells from one tile.

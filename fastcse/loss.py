@@ -16,7 +16,8 @@ from torch import nn
 
 from fastcse import checks
 from fastcse.checks import DEFAULT_TEMPERATURE
-from fastcse.false_negatives import FalseNegativeOptions, GuideRows, check_options, guide_candidates
+from fastcse.false_negatives import (FalseNegativeOptions, GuideRows, check_options, guide_candidates,
+                                     problem_keywords)
 from fastcse.ops import info_nce_call, needs_grad
 from fastcse.problem import LossProblem, Variant, describe, resolve_variant
 
@@ -236,14 +237,7 @@ def _local_problem(anchor, candidates, checked: CheckedInputs, normalize, hard_n
     return describe(anchor, candidates, None, pos_start=0, neg_start=anchor.shape[0], num_neg=checked.num_neg,
                     normalize=normalize, hard_negative_weight=hard_negative_weight, variant=checked.variant,
                     ids=checked.ids, id_mode=checked.id_mode, num_extra=0 if extra is None else extra.shape[0],
-                    **false_negative_keywords(rule, _guide_rows(rule)))
-
-
-def false_negative_keywords(rule: FalseNegativeOptions | None, guide: GuideRows | None) -> dict:
-    """``describe``'s keywords for the rule (none without one)."""
-    if rule is None:
-        return {}
-    return dict(false_negative_margin=rule.margin, margin_strategy=rule.strategy, guide=guide)
+                    **problem_keywords(rule, _guide_rows(rule)))
 
 
 def info_nce(
