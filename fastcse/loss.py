@@ -161,19 +161,15 @@ def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, 
         ids, id_mode = _check_row_ids("labels", labels, anchor), "label"
     extra_negatives = _check_extra_negatives(extra_negatives, anchor)
     backend = _resolve_backend(backend, anchor)
-    false_negatives = _check_false_negatives(false_negative_options, anchor, negative, extra_negatives, backend)
+    false_negatives = _check_false_negatives(false_negative_options, anchor, negative, extra_negatives)
     return CheckedInputs(backend, num_neg, variant, ids, id_mode, extra_negatives, false_negatives)
 
 
-def _check_false_negatives(options, anchor, negative, extra_negatives, backend) -> FalseNegativeOptions | None:
+def _check_false_negatives(options, anchor, negative, extra_negatives) -> FalseNegativeOptions | None:
     """``options``: info_nce's false_negative_margin, margin_strategy, guide and guide_extra_negatives."""
     if options is None:
         return None
-    checked = check_options(**options, anchor=anchor, negative=negative, extra_negatives=extra_negatives)
-    if checked is not None and backend == "triton":
-        raise NotImplementedError("false_negative_margin runs on backend='cpu' only for now (the Triton kernels do "
-                                  "not apply the rule): pass CPU tensors with backend='cpu'")
-    return checked
+    return check_options(**options, anchor=anchor, negative=negative, extra_negatives=extra_negatives)
 
 
 def _guide_rows(options: FalseNegativeOptions | None) -> GuideRows | None:
