@@ -99,6 +99,13 @@ The per-row options, and what each costs (no launch, no product, no B x N tensor
 - extra negatives (the last Q = num_extra candidates): more query_to_doc columns, no bias, no
   own-negative penalty, never masked, gradients through d(candidates) like any column;
   doc_to_doc's keys are the first N - Q candidates (a prefix view, its gradient rows the same).
+- false negatives by similarity (FALSE_NEG, ``fastcse.false_negatives``): a [B] threshold per
+  row, computed once with torch; every tile compares its guide similarities with it, before the
+  penalty and the bias, and sets the cells above it to -inf (but the target(s) and doc_to_query's
+  own anchor). Self-guided, the guide is the tile's plain scores (thresholds over tau): no
+  product. A guide's normalized fp32 rows ([B + N (+ M), d_g], O((B + N) d_g)) give its tile: one
+  B x n x d_g product per direction in the forward and one in the backward. doc_to_query gets
+  launches of its own (its cells' thresholds are its rows', not query_to_doc's).
 
 Under ``TRITON_INTERPRET=1`` (the tests) the kernels run on CPU tensors (see
 ``fastcse.triton_tiles``).
