@@ -14,12 +14,12 @@ variant's string encoding live in this module and nowhere else.
 Backend contract (``fastcse.cpu`` and ``fastcse.triton_info_nce`` both implement it)::
 
     forward(anchor [B, d], candidates [N, d], anchor_keys [M, d] or None, problem: LossProblem,
-            *, compute_grad, ids: [P] or None = None)
+            *, compute_grad, ids: [P] or None = None[, guide: GuideRows or None])
         -> row_loss [B], lse [P, B] (P = problem.variant.num_partitions),
            grads: None, or (grad_anchor [B, d], grad_candidates [N, d],
                             grad_anchor_keys [M, d] or None, grad_tau 0-dim)
                   = the gradients of row_loss.sum()
-    backward(grad_rows [B], anchor, candidates, anchor_keys, problem, lse, *, ids=None)
+    backward(grad_rows [B], anchor, candidates, anchor_keys, problem, lse, *, ids=None[, guide])
         -> (grad_anchor, grad_candidates, grad_anchor_keys or None, grad_tau)
 
 Every returned tensor is fp32 (fp64 for fp64 inputs: the CPU path, for gradcheck); the
@@ -30,7 +30,9 @@ partition, all that backward needs besides the inputs. ``anchor_keys`` None: the
 themselves are the keys of the query_to_query / doc_to_query directions (one process); under
 ``torch.distributed`` they are every rank's anchors, with this rank's at ``anchor_start``.
 ``ids``: the int64 group ids or labels of the positive block (``problem.id_mode``); the last
-``problem.num_extra`` candidates are the extra negatives.
+``problem.num_extra`` candidates are the extra negatives. ``guide`` (passed only when the problem
+has a false-negative rule, ``problem.false_negative_margin`` not None): the guide's rows in the
+operands' layout, None when self-guided (``fastcse.false_negatives``).
 """
 
 from __future__ import annotations

@@ -41,6 +41,11 @@ being id ``ids[pos_start + i]``:
 Extra negatives (a queue): the last ``num_extra`` candidates, scored by query_to_doc only (not
 by doc_to_doc), never anyone's own documents (so in_batch_negatives and all_negatives penalize
 them, hard_negatives does not).
+
+False negatives by similarity (``false_negative_margin``, ``margin_strategy``, ``guide_dim``):
+in every direction, the keys whose guide similarity to row i's query exceeds row i's threshold
+are left out, but row i's target(s) and doc_to_query's own anchor; the rule and its guide are
+``fastcse.false_negatives``'.
 """
 
 from __future__ import annotations
