@@ -14,9 +14,10 @@ import triton
 import triton.language as tl
 
 from fastcse.problem import LossProblem
-from fastcse.triton_tiles import (FALSE_NEG_NONE, IDS_GROUP, IDS_LABEL, IDS_NONE, MASK_NONE, Config, Sweep,
-                                  cell_args, diagonal, false_negative_cells, group_masked, guide_args,
-                                  online_lse_update, pointer_or, reverse_columns, same_id, tile_logits, tile_scores)
+from fastcse.triton_tiles import (FALSE_NEG_GUIDED, FALSE_NEG_NONE, FALSE_NEG_SELF, IDS_GROUP, IDS_LABEL, IDS_NONE,
+                                  MASK_NONE, Config, Sweep, above_limit, cell_args, diagonal, group_masked,
+                                  guide_above_limit, guide_args, never_left_out, online_lse_update, pointer_or,
+                                  reverse_columns, same_id, tile_logits, tile_scores)
 
 
 @triton.jit
@@ -60,10 +61,13 @@ def _forward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, target_ptr, c
                     cell_ok = cell_ok & ~group_masked(same, rows, cols, pos_start)
                 e = tl.exp(tl.where(cell_ok, s - fixed_max, float("-inf")))
                 tl.atomic_add(col_sum_ptr + rev, tl.sum(e, axis=0), mask=rev_ok)
-        if FALSE_NEG != FALSE_NEG_NONE:  # from the plain scores, before the penalty and the bias
-            left_out = false_negative_cells(s, same, gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g,
-                                            stride_gq, stride_gk, pos_start, self_start, FALSE_NEG, HAS_TARGET, IDS,
-                                            BLOCK_M, BLOCK_N, BLOCK_D)
+        if FALSE_NEG == FALSE_NEG_GUIDED:  # after the scores here: before them, fp32 spills on sm_80
+            above = guide_above_limit(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq,
+                                      stride_gk, BLOCK_M, BLOCK_N)
+        if FALSE_NEG == FALSE_NEG_SELF:  # the plain scores, before the penalty and the bias
+            above = above_limit(s, thr_ptr, rows, n_rows)
+        if FALSE_NEG != FALSE_NEG_NONE:
+            left_out = above & ~never_left_out(same, rows, cols, pos_start, self_start, HAS_TARGET, IDS)
         else:
             left_out = 0  # unread
         s = tile_logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,

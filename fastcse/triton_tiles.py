@@ -182,20 +182,29 @@ def tile_logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, pena
 
 
 @triton.jit
-def false_negative_cells(s, same, gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq, stride_gk,
-                         pos_start, self_start, FALSE_NEG: tl.constexpr, HAS_TARGET: tl.constexpr,
-                         IDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The cells the false-negative rule leaves out: guide similarity strictly above row i's
-    threshold, less the cells that are never left out: query_to_doc's target(s) (HAS_TARGET:
-    the diagonal, or with labels the row's label cells), elsewhere the key self_start + i
-    (doc_to_query's own anchor; in query_to_query and doc_to_doc that cell is masked anyway).
-    The guide's rows are fp32: its dot in 3xTF32, as accurate as fp32 FMA."""
-    if FALSE_NEG == FALSE_NEG_GUIDED:
-        sim = raw_scores(gq_ptr, gk_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq, stride_gk,
-                         BLOCK_M, BLOCK_N, BLOCK_D, False, "tf32x3")
-    else:
-        sim = s
+def above_limit(sim, thr_ptr, rows, n_rows):
+    """The false-negative rule's cells before its exceptions: similarity strictly above the row's limit."""
     limit = tl.load(thr_ptr + rows, mask=rows < n_rows, other=float("inf"))
+    return sim > limit[:, None]
+
+
+@triton.jit
+def guide_above_limit(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq, stride_gk,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """above_limit of a guide's tile, from its normalized fp32 rows, in 16-wide chunks of d_g and
+    3xTF32 (as accurate as fp32 FMA). Register budget (tests/test_triton_aot.py): the backward
+    calls it before its scores (one fp32 tile live at a time; after them, 16-bit spills on sm_80),
+    the forward after them (before them, fp32 spills); 32-wide chunks spill either way."""
+    sim = raw_scores(gq_ptr, gk_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq, stride_gk,
+                     BLOCK_M, BLOCK_N, 16, False, "tf32x3")
+    return above_limit(sim, thr_ptr, rows, n_rows)
+
+
+@triton.jit
+def never_left_out(same, rows, cols, pos_start, self_start, HAS_TARGET: tl.constexpr, IDS: tl.constexpr):
+    """The cells the false-negative rule spares: query_to_doc's target(s) (HAS_TARGET: the
+    diagonal, or with labels the row's label cells), elsewhere the key self_start + i
+    (doc_to_query's own anchor; in query_to_query and doc_to_doc that cell is masked anyway)."""
     if HAS_TARGET:
         if IDS == IDS_LABEL:
             kept = same
@@ -203,7 +212,7 @@ def false_negative_cells(s, same, gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n
             kept = diagonal(rows, cols, pos_start)
     else:
         kept = diagonal(rows, cols, self_start)
-    return (sim > limit[:, None]) & ~kept
+    return kept
 
 
 @triton.jit
