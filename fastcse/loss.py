@@ -358,9 +358,14 @@ class InfoNCE(nn.Module):
                  matryoshka_weights: tuple[float, ...] | None = None, false_negative_margin: float | None = None,
                  margin_strategy: str = "absolute"):
         super().__init__()
-        # Checked now, so that a bad variant fails at construction rather than at the first step.
+        # Checked now, so that a bad setting fails at construction rather than at the first step
+        # (hard_negative_weight's need for negatives waits for the call: they come per batch).
         resolve_variant(symmetric=symmetric, directions=directions, partition_mode=partition_mode,
                         hardness_mode=hardness_mode, hardness_strength=hardness_strength)
+        _check_temperature(temperature)
+        checks.hard_negative_weight(hard_negative_weight, has_negatives=True)
+        checks.choice("reduction", reduction, _REDUCTIONS)
+        checks.choice("backend", backend, _BACKENDS)
         self.temperature = temperature
         self.normalize = normalize
         self.symmetric = symmetric

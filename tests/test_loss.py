@@ -252,6 +252,19 @@ def test_module_with_learnable_temperature():
     assert "symmetric=True" in repr(module)
 
 
+@pytest.mark.parametrize("settings,error,match", [
+    (dict(temperature=-1), ValueError, "temperature must be a finite positive number"),
+    (dict(temperature="0.05"), TypeError, "temperature must be a float"),
+    (dict(hard_negative_weight=float("nan")), ValueError, "hard_negative_weight must be a finite float"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(directions=("doc_to_doc",)), ValueError, "query_to_doc"),
+])
+def test_module_checks_its_settings_at_construction(settings, error, match):
+    with pytest.raises(error, match=match):
+        fastcse.InfoNCE(**settings)
+
+
 def test_torch_compile_fullgraph():
     anchor, positive, negative = make_inputs(12, 8, 1)
 
