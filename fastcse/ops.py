@@ -28,6 +28,7 @@ extra negatives.
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from fastcse import cpu as _cpu
 from fastcse.problem import LossProblem, decode_variant, describe
@@ -181,17 +182,27 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(anchor, candidates, anchor_keys, ids, temperature, lse)
 
 
+def _is_unit_upstream_gradient(grad_loss: torch.Tensor) -> bool:
+    """Whether the upstream gradient is exactly 1 (the usual loss.backward()), so that backward
+    can skip the passes over O((B + N) d) that would scale by it.
+
+    Reading the value syncs, so only a real CPU tensor in eager mode is read. While torch traces
+    the backward (torch.compile's AOTAutograd, export, make_fx) the tensor is symbolic and
+    ``.item() == 1.0`` a data-dependent guard that fails the compile: tracing is recognized by its
+    dispatch modes (fake / functional / proxy tensors), because torch 2.11's AOTAutograd traces the
+    backward with torch.compiler.is_compiling() False (2.13 sets it)."""
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or type(grad_loss) is not torch.Tensor:
+        return False
+    return grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and grad_loss.item() == 1.0
+
+
 def _backward(ctx, grad_loss, *unused_grads):
     if torch.is_grad_enabled():  # backward(create_graph=True): the gradients are not differentiable
         raise RuntimeError("fastcse.info_nce does not support double backward (create_graph=True); "
                            "use fastcse.info_nce_reference for higher-order gradients")
     if ctx.grad_in_forward:
         grads = ctx.saved_tensors
-        # The usual upstream gradient is exactly 1 (loss.backward()): skip the passes over
-        # O((B + N) d) then. Checking the value syncs, so only in eager mode on the CPU.
-        unit = (not torch.compiler.is_compiling() and grad_loss.device.type == "cpu"
-                and grad_loss.numel() == 1 and grad_loss.item() == 1.0)
-        if not unit:
+        if not _is_unit_upstream_gradient(grad_loss):
             scale = grad_loss.to(grads[0].dtype)
             grads = tuple(g * scale for g in grads)
     else:
