@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# fastcse on the GPU machine's own stack (.ci/gpu_stack_requirements.txt: Python 3.12, torch 2.11,
+# triton 3.6, ...), seen as the GPU kit sees it there: a copy of the checkout without fastcse._C,
+# imported through PYTHONPATH (no install). Runs the GPU kit's harness through the Triton
+# interpreter (gpu-check --interpret: 0 failures) and the CPU-path tests where versions matter:
+# the loss (torch.compile, the custom op's opcheck), its variants and row options, the
+# sentence-transformers integration.
+#   env: FASTCSE_GPU_STACK_VENV (see .ci/gpu_stack_venv.sh), FASTCSE_SHARED (default ../shared)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$(bash "$ROOT/.ci/gpu_stack_venv.sh" | tail -1)"
+PORTABILITY_TESTS=(tests/test_loss.py tests/test_loss_variants.py tests/test_loss_groups_queue_labels.py
+                   tests/test_integrations_sentence_transformers.py)
+
+COPY="$(mktemp -d)"
+trap 'rm -rf "$COPY"' EXIT
+# The tracked files only (git's view of a fresh clone): no fastcse/_C*.so, no build outputs.
+git -C "$ROOT" ls-files -z --cached --others --exclude-standard | (cd "$ROOT" && tar --null -T - -cf -) | tar -xf - -C "$COPY"
+rm -f "$COPY"/fastcse/_C*.so
+export PYTHONPATH="$COPY" FASTCSE_SHARED="${FASTCSE_SHARED:-$(cd "$ROOT/.." && pwd)/shared}"
+cd "$COPY"
+"$VENV/bin/python" -c "import fastcse, torch, triton, numpy, transformers, sentence_transformers as st, sys
+assert fastcse.__file__.startswith('$COPY'), fastcse.__file__
+print('gpu_stack: python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__,
+      'numpy', numpy.__version__, 'transformers', transformers.__version__, 'sentence-transformers', st.__version__)"
+
+t0=$SECONDS
+"$VENV/bin/python" -m fastcse gpu-check --interpret --out "$COPY/gpu_check_out"
+echo "::gpu-stack gpu-check --interpret took $((SECONDS - t0)) s"
+t0=$SECONDS
+# Two workers, one torch thread each: the small CPU cases are single-threaded Python and numpy.
+OMP_NUM_THREADS=1 "$VENV/bin/python" -m pytest "${PORTABILITY_TESTS[@]}" -q -p no:cacheprovider -n 2
+echo "::gpu-stack tests took $((SECONDS - t0)) s"
