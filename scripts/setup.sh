@@ -16,7 +16,11 @@ EXTENSION_STAMP="$VENV/.fastcse-extension.sha256"
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+pip_install() {
+    # (grep drops pip's notes about unreachable local index folders; pipefail keeps pip's status)
+    "$VENV/bin/python" -m pip --disable-pip-version-check -q install "$@" 2>&1 \
+        | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
 # ninja (from PyPI, into the venv) makes the extension build parallel; torch looks for it on PATH.
 export PATH="$(cd "$VENV/bin" && pwd):$PATH"
 
@@ -28,10 +32,10 @@ extension_inputs() {
 
 packages_inputs="$(cat scripts/setup.sh pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$PACKAGES_STAMP" 2>/dev/null)" != "$packages_inputs" ]; then
-    $PIP install --upgrade "pip>=23" setuptools wheel
-    $PIP install "torch==2.13.0" "triton==3.9.0" numpy scipy tqdm "transformers>=5.17" datasets \
+    pip_install --upgrade "pip>=23" setuptools wheel
+    pip_install "torch==2.13.0" "triton==3.9.0" numpy scipy tqdm "transformers>=5.17" datasets \
         "sentence-transformers>=6.0.1" "accelerate>=1.1" matplotlib pytest pytest-benchmark pytest-xdist hypothesis ninja
-    $PIP install --no-build-isolation -e ".[test,sentence-transformers]"  # builds _C in place too
+    pip_install --no-build-isolation -e ".[test,sentence-transformers]"  # builds _C in place too
     extension_inputs > "$EXTENSION_STAMP"
     echo "$packages_inputs" > "$PACKAGES_STAMP"
 elif ! ls fastcse/_C*.so > /dev/null 2>&1 || [ "$(cat "$EXTENSION_STAMP" 2>/dev/null)" != "$(extension_inputs)" ]; then

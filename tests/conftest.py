@@ -1,10 +1,10 @@
 """Test configuration. The Triton kernels run through the interpreter on CPU tensors here
 (no GPU on this project's machines); this must be set before any kernel module is imported.
 
-CI runs the suite on two pytest-xdist workers (``-n 2 --dist loadgroup``): on 2 cores each worker
-keeps one torch thread (most cases are small single-threaded ops, the interpreter, or subprocesses
-with their own threads), and the tests that share a module-scoped fixture (a spawned gloo world,
-a loaded model, the AOT compile) stay on one worker, which builds that fixture once."""
+CI runs the suite on two pytest-xdist workers (``-n 2 --dist loadfile``; a file's tests on one
+worker, so that a module-scoped fixture such as a spawned gloo world or the AOT compile is built
+once). On 2 cores each worker keeps one torch thread: most cases are small ops, the Triton
+interpreter or subprocesses, and two workers' OpenMP threads would wait on each other."""
 
 import os
 
@@ -28,11 +28,3 @@ def _seed():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (still part of the default run)")
 
-
-def pytest_collection_modifyitems(config, items):
-    """Under ``--dist loadgroup``: a test that uses a module-scoped fixture joins its module's group."""
-    for item in items:
-        fixture_defs = getattr(item, "_fixtureinfo", None)
-        fixture_defs = fixture_defs.name2fixturedefs if fixture_defs else {}
-        if any(defs and defs[-1].scope == "module" for defs in fixture_defs.values()):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

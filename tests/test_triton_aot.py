@@ -235,7 +235,7 @@ def kernel_source_files() -> list[Path]:
         if path not in found:
             found.add(path)
             pending.extend(_fastcse_imports(path) - found)
-    return sorted(found | {Path(__file__).resolve()})
+    return sorted(found | {ROOT / "tests" / Path(__file__).name})
 
 
 def kernel_sources_hash() -> dict:
@@ -292,6 +292,32 @@ def test_stored_kernel_hash_is_current():
         f"the kernel sources or triton changed since the AOT compile recorded in {HASH_FILE.relative_to(ROOT)} "
         f"(stored: triton {stored.get('triton')}, {stored.get('files')}; now: triton {current['triton']}, "
         f"{current['files']}): run `{UPDATE_COMMAND}` and commit the file")
+
+
+def test_kernel_hash_follows_every_kernel_input(tmp_path, monkeypatch):
+    """The hash moves with a kernel module, with a module it imports and with this file, and not
+    with the rest of the package (a copy of the checkout, edited)."""
+    import shutil
+
+    shutil.copytree(ROOT / "fastcse", tmp_path / "fastcse", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    (tmp_path / "tests").mkdir()
+    shutil.copy(Path(__file__), tmp_path / "tests" / Path(__file__).name)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    inputs = kernel_source_files()
+    kernel = next(p for p in inputs if p.parent.name != "tests" and _defines_triton_kernels(p))
+    imported = sorted(_fastcse_imports(kernel) - {kernel})
+    untouched = next(p for p in sorted((tmp_path / "fastcse").rglob("*.py")) if p not in inputs)
+    assert imported, "the kernel module imports nothing from fastcse: the import search is out of date"
+    start = kernel_sources_hash()["sha256"]
+    with open(untouched, "a") as f:
+        f.write("# an edit outside the kernels' inputs\n")
+    assert kernel_sources_hash()["sha256"] == start
+    seen = {start}
+    for path in (kernel, imported[0], tmp_path / "tests" / Path(__file__).name):
+        with open(path, "a") as f:
+            f.write("# an edit\n")
+        seen.add(kernel_sources_hash()["sha256"])
+    assert len(seen) == 4
 
 
 @pytest.mark.parametrize("capability", sorted(TARGETS))
