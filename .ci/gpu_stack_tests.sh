@@ -17,7 +17,7 @@ NEEDS_EXTENSION=(--deselect tests/test_integrations_sentence_transformers.py::te
 
 COPY="$(mktemp -d)"
 trap 'rm -rf "$COPY"' EXIT
-# The tracked files only (git's view of a fresh clone): no fastcse/_C*.so, no build outputs.
+# The files git tracks or would track: none it ignores (no fastcse/_C*.so, no build outputs).
 git -C "$ROOT" ls-files -z --cached --others --exclude-standard | (cd "$ROOT" && tar --null -T - -cf -) | tar -xf - -C "$COPY"
 rm -f "$COPY"/fastcse/_C*.so
 export PYTHONPATH="$COPY" FASTCSE_SHARED="${FASTCSE_SHARED:-$(cd "$ROOT/.." && pwd)/shared}"
