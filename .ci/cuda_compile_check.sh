@@ -2,27 +2,22 @@
 # CUDA build check of fastcse._C without a GPU: setup.py's CUDAExtension branch builds the CUDA
 # pack kernel (nvcc, sm_80 and sm_90, ptxas register/spill report) and the C++ ops against a
 # CUDA build of torch, then the built module is imported under that torch and runs a one-rank
-# gloo info_nce through fastcse::gather_rows. The project venv's CPU torch has no CUDA headers,
-# so the CUDA torch lives in its own venv outside the work tree (created when missing).
-#   env: FASTCSE_CUDA_VENV (default /tmp/cudatorch), FASTCSE_CUDA_TORCH (default 2.14.1),
-#        CUDA_HOME (default /usr/local/cuda)
+# gloo info_nce through fastcse::gather_rows. The project venv's CPU torch has no CUDA headers:
+# the CUDA torch is the GPU machine's own (torch 2.11.0+cu130 in the venv of
+# .ci/gpu_stack_venv.sh, which the GPU-stack tests use too), so the extension is compiled against
+# the very torch it will be loaded by there.
+#   env: FASTCSE_GPU_STACK_VENV (see .ci/gpu_stack_venv.sh), CUDA_HOME (default /usr/local/cuda)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${FASTCSE_CUDA_VENV:-/tmp/cudatorch}"
-TORCH_VERSION="${FASTCSE_CUDA_TORCH:-2.14.1}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 [ -x "$CUDA_HOME/bin/nvcc" ] || { echo "cuda_compile_check: no nvcc in $CUDA_HOME/bin (set CUDA_HOME)" >&2; exit 1; }
 
 start=$SECONDS
-if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.version.cuda is None)" 2>/dev/null; then
-  echo "cuda_compile_check: creating $VENV with torch==$TORCH_VERSION (CUDA build)"
-  python3 -m venv "$VENV"
-  # (grep drops pip's notes about unreachable local index folders; pipefail keeps pip's status)
-  "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" setuptools wheel 2>&1 \
-    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-fi
-echo "cuda_compile_check: venv ready after $((SECONDS - start))s"
+VENV="$(bash "$ROOT/.ci/gpu_stack_venv.sh" | tail -1)"
+"$VENV/bin/python" -c "import torch, sys; sys.exit(torch.version.cuda is None)" \
+  || { echo "cuda_compile_check: the torch in $VENV is not a CUDA build" >&2; exit 1; }
+echo "cuda_compile_check: venv $VENV ready after $((SECONDS - start))s"
 
 # Build in a scratch copy: nothing lands in the work tree.
 SRC="$(mktemp -d)"
@@ -31,11 +26,12 @@ cp -r "$ROOT/setup.py" "$ROOT/pyproject.toml" "$ROOT/kernels" "$ROOT/fastcse" "$
 [ -f "$ROOT/README.md" ] && cp "$ROOT/README.md" "$SRC/"
 rm -f "$SRC"/fastcse/_C*.so
 
+# (PATH: the venv's ninja compiles the two sources at once.)
 # The CUDA headers torch's own headers include (cusparse.h, ...) ship in the torch wheel's nvidia
-# package (nvidia/cu13 for torch 2.14.1+cu130); the toolkit in CUDA_HOME may lack them.
+# package (nvidia/cu13 for torch 2.11.0+cu130); the toolkit in CUDA_HOME may lack them.
 WHEEL_CUDA_INC="$(dirname "$(ls "$VENV"/lib/python3*/site-packages/nvidia/*/include/cusparse.h | head -1)")"
 t0=$SECONDS
-(cd "$SRC" && TORCH_CUDA_ARCH_LIST="8.0;9.0" NVCC_APPEND_FLAGS="-I$WHEEL_CUDA_INC -Xptxas -v" \
+(cd "$SRC" && PATH="$VENV/bin:$PATH" TORCH_CUDA_ARCH_LIST="8.0;9.0" NVCC_APPEND_FLAGS="-I$WHEEL_CUDA_INC -Xptxas -v" \
   CPATH="$WHEEL_CUDA_INC" MAX_JOBS=2 \
   "$VENV/bin/python" -W ignore setup.py -q build_ext --inplace > "$SRC/build.log" 2>&1) || {
   cat "$SRC/build.log"; echo "cuda_compile_check: build FAILED" >&2; exit 1; }

@@ -3,7 +3,7 @@
 from fastcse.loss import InfoNCE, info_nce
 from fastcse.reference import info_nce_reference
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["InfoNCE", "info_nce", "info_nce_reference", "train", "TrainConfig", "evaluate", "alignment_uniformity",
            "__version__"]

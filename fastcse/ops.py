@@ -41,6 +41,7 @@ from __future__ import annotations
 from typing import NamedTuple, get_type_hints
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from fastcse import cpu as _cpu
 from fastcse.checks import accumulation_dtype
@@ -320,11 +321,7 @@ def _setup_context(ctx, inputs, output):
 def _scaled_saved_grads(ctx, grad_loss):
     """The forward's gradients (for a unit upstream gradient) times the upstream gradient."""
     grads = ctx.saved_tensors
-    # The usual upstream gradient is exactly 1 (loss.backward()): skip the passes over
-    # O((B + N) d) then. Checking the value syncs, so only in eager mode on the CPU.
-    unit = (not torch.compiler.is_compiling() and grad_loss.device.type == "cpu"
-            and grad_loss.numel() == 1 and grad_loss.item() == 1.0)
-    if unit:
+    if _is_unit_upstream_gradient(grad_loss):
         return grads
     scale = grad_loss.to(grads[0].dtype)
     return tuple(g * scale for g in grads)
@@ -342,6 +339,20 @@ def _recomputed_grads(ctx, grad_loss):
         grad_rows = (grad_loss * scale).expand(batch)
     return info_nce_backward_op(grad_rows.contiguous(), lse, anchor, candidates, anchor_keys, ids, temperature,
                                 *ctx.problem_arguments, ctx.backend, *guide_rows, *ctx.false_negative_options)
+
+
+def _is_unit_upstream_gradient(grad_loss: torch.Tensor) -> bool:
+    """Whether the upstream gradient is exactly 1 (the usual loss.backward()), so that backward
+    can skip the passes over O((B + N) d) that would scale by it.
+
+    Reading the value syncs, so only a real CPU tensor in eager mode is read. While torch traces
+    the backward (torch.compile's AOTAutograd, export, make_fx) the tensor is symbolic and
+    ``.item() == 1.0`` a data-dependent guard that fails the compile: tracing is recognized by its
+    dispatch modes (fake / functional / proxy tensors), because torch 2.11's AOTAutograd traces the
+    backward with torch.compiler.is_compiling() False (2.13 sets it)."""
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or type(grad_loss) is not torch.Tensor:
+        return False
+    return grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and grad_loss.item() == 1.0
 
 
 def _backward(ctx, grad_loss, *unused_grads):

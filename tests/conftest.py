@@ -1,12 +1,22 @@
 """Test configuration. The Triton kernels run through the interpreter on CPU tensors here
-(no GPU on this project's machines); this must be set before any kernel module is imported."""
+(no GPU on this project's machines); this must be set before any kernel module is imported.
+
+CI runs the suite on two pytest-xdist workers (``-n 2 --dist loadfile``; a file's tests on one
+worker, so that a module-scoped fixture such as a spawned gloo world or the AOT compile is built
+once). On 2 cores each worker keeps one torch thread: most cases are small ops, the Triton
+interpreter or subprocesses, and two workers' OpenMP threads would wait on each other."""
 
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported; subprocesses inherit it
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)
@@ -17,3 +27,4 @@ def _seed():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (still part of the default run)")
+

@@ -7,11 +7,32 @@ shared-memory budget overrun fails the test; registers and shared memory per ker
 conftest.py sets TRITON_INTERPRET=1 for the session, which turns @triton.jit functions into
 interpreter objects that triton.compile cannot take: the compilation runs in a subprocess
 (this file run as a script) with TRITON_INTERPRET removed.
+
+The full matrix takes minutes on 2 cores, so it is compiled only when its inputs changed: a
+sha256 of the kernel sources (every fastcse module with a @triton.jit / autotune / heuristics
+function and every fastcse module those import, transitively), this file (it picks the compiled
+specializations and the limits) and the installed triton version. ``tests/triton_aot_hash.json``
+(kept in the repository) holds the hash of the last inputs whose compile passed:
+
+- equal: the compile tests are skipped, saying so (FASTCSE_AOT_COMPILE=1 compiles anyway);
+- different: the compile tests run, and test_stored_kernel_hash_is_current fails, so a kernel
+  change cannot pass CI without a fresh AOT compile recorded in the repository.
+
+After a kernel change (or a triton upgrade) run, with the project venv, and commit the file:
+
+    .venv/bin/python tests/test_triton_aot.py --update-hash
+
+It compiles the whole matrix for sm_80 and sm_90 (both at once), prints the table, and rewrites
+tests/triton_aot_hash.json only if every kernel compiled without errors, spills or shared-memory
+overruns (exit 1 otherwise).
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import hashlib
+import importlib.metadata
 import io
 import json
 import os
@@ -25,6 +46,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+HASH_FILE = ROOT / "tests" / "triton_aot_hash.json"
+UPDATE_COMMAND = ".venv/bin/python tests/test_triton_aot.py --update-hash"
 TARGETS = {80: 166912, 90: 232448}  # compute capability -> max shared memory per block (bytes)
 DTYPES = ("float32", "float16", "bfloat16")
 # The production configs do not depend on d once d >= 32 (16-bit) / 16 (fp32), the d chunk widths;
@@ -174,31 +197,146 @@ def _compile_all(capability: int) -> list[dict]:
     return records
 
 
-@pytest.fixture(scope="module")
-def compile_jobs():
+def _module_path(name: str) -> Path | None:
+    """The file of module ``name`` (a dotted name under the repository root), if it is one."""
+    base = ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _fastcse_imports(path: Path) -> set[Path]:
+    """The fastcse modules that the module at ``path`` imports (anywhere in it, relative imports too)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # relative: `from . import x`, `from ..a import x`
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(parts + [module] if module else parts)
+            # `from fastcse.x import y`: y may be a submodule or a name defined in fastcse.x.
+            names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found.update(p for name in names if name.split(".")[0] == "fastcse" and (p := _module_path(name)))
+    return found
+
+
+def _defines_triton_kernels(path: Path) -> bool:
+    kernel_decorators = ("triton.jit", "triton.autotune", "triton.heuristics")
+    return any(ast.unparse(decorator).startswith(kernel_decorators)
+               for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) for decorator in node.decorator_list)
+
+
+def kernel_source_files() -> list[Path]:
+    """Every input of the AOT compile kept in this repository: the fastcse modules that define
+    Triton kernels, every fastcse module they import (transitively: constants, configs, the
+    problem description) and this file (the specializations, the limits)."""
+    pending = [p for p in sorted((ROOT / "fastcse").rglob("*.py")) if _defines_triton_kernels(p)]
+    assert pending, "no module of fastcse defines a Triton kernel: the kernel search is out of date"
+    found = set()
+    while pending:
+        path = pending.pop()
+        if path not in found:
+            found.add(path)
+            pending.extend(_fastcse_imports(path) - found)
+    return sorted(found | {ROOT / "tests" / Path(__file__).name})
+
+
+def kernel_sources_hash() -> dict:
+    """sha256 over the installed triton version and the kernel source files (path and bytes)."""
+    digest = hashlib.sha256(f"triton {importlib.metadata.version('triton')}\n".encode())
+    files = [p.relative_to(ROOT).as_posix() for p in kernel_source_files()]
+    for name in files:
+        digest.update(f"{name}\n".encode() + (ROOT / name).read_bytes() + b"\n")
+    return {"sha256": digest.hexdigest(), "triton": importlib.metadata.version("triton"), "files": files}
+
+
+def _stored_hash() -> dict:
+    return json.loads(HASH_FILE.read_text(encoding="utf-8")) if HASH_FILE.is_file() else {}
+
+
+def _compile_is_current() -> bool:
+    """Whether the stored hash is the current one (the matrix passed on these sources)."""
+    return _stored_hash().get("sha256") == kernel_sources_hash()["sha256"]
+
+
+def start_compile_jobs(stack: contextlib.ExitStack) -> dict:
     """Starts one compiling subprocess per target at once (they are independent: ~half the wall time on 2 cores)."""
     ptxas = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     assert ptxas.is_file(), f"the triton wheel ships no ptxas at {ptxas}: AOT compilation cannot run"
     jobs = {}
+    for capability in sorted(TARGETS):
+        # A fresh cache forces ptxas to run (and log) for every kernel.
+        cache = stack.enter_context(tempfile.TemporaryDirectory())
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1", TRITON_DEFAULT_FP_FUSION="1",
+                   PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+        jobs[capability] = stack.enter_context(
+            subprocess.Popen([sys.executable, __file__, str(capability)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def compile_jobs():
+    if _compile_is_current() and os.environ.get("FASTCSE_AOT_COMPILE") != "1":
+        pytest.skip(f"kernel sources unchanged since the last passing AOT compile ({HASH_FILE.name}); "
+                    "FASTCSE_AOT_COMPILE=1 compiles anyway")
     with contextlib.ExitStack() as stack:
-        for capability in sorted(TARGETS):
-            # A fresh cache forces ptxas to run (and log) for every kernel.
-            cache = stack.enter_context(tempfile.TemporaryDirectory())
-            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-            env.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1", TRITON_DEFAULT_FP_FUSION="1",
-                       PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
-            jobs[capability] = stack.enter_context(
-                subprocess.Popen([sys.executable, __file__, str(capability)], env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True))
+        jobs = start_compile_jobs(stack)
         yield jobs
         for proc in jobs.values():
             if proc.poll() is None:
                 proc.kill()
 
 
+def test_stored_kernel_hash_is_current():
+    current, stored = kernel_sources_hash(), _stored_hash()
+    assert stored.get("sha256") == current["sha256"], (
+        f"the kernel sources or triton changed since the AOT compile recorded in {HASH_FILE.relative_to(ROOT)} "
+        f"(stored: triton {stored.get('triton')}, {stored.get('files')}; now: triton {current['triton']}, "
+        f"{current['files']}): run `{UPDATE_COMMAND}` and commit the file")
+
+
+def test_kernel_hash_follows_every_kernel_input(tmp_path, monkeypatch):
+    """The hash moves with a kernel module, with a module it imports and with this file, and not
+    with the rest of the package (a copy of the checkout, edited)."""
+    import shutil
+
+    shutil.copytree(ROOT / "fastcse", tmp_path / "fastcse", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    (tmp_path / "tests").mkdir()
+    shutil.copy(Path(__file__), tmp_path / "tests" / Path(__file__).name)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    inputs = kernel_source_files()
+    kernel = next(p for p in inputs if p.parent.name != "tests" and _defines_triton_kernels(p))
+    imported = sorted(_fastcse_imports(kernel) - {kernel})
+    untouched = next(p for p in sorted((tmp_path / "fastcse").rglob("*.py")) if p not in inputs)
+    assert imported, "the kernel module imports nothing from fastcse: the import search is out of date"
+    start = kernel_sources_hash()["sha256"]
+    with open(untouched, "a") as f:
+        f.write("# an edit outside the kernels' inputs\n")
+    assert kernel_sources_hash()["sha256"] == start
+    seen = {start}
+    for path in (kernel, imported[0], tmp_path / "tests" / Path(__file__).name):
+        with open(path, "a") as f:
+            f.write("# an edit\n")
+        seen.add(kernel_sources_hash()["sha256"])
+    assert len(seen) == 4
+
+
 @pytest.mark.parametrize("capability", sorted(TARGETS))
 def test_kernels_compile_for_gpu_without_spills(capability, compile_jobs):
-    proc = compile_jobs[capability]
+    check_compile_job(capability, compile_jobs[capability])
+
+
+def check_compile_job(capability: int, proc: subprocess.Popen) -> None:
+    """Waits for one target's compiling subprocess; prints its table and asserts on it."""
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, f"AOT subprocess failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
     records = [json.loads(line[len("AOT "):]) for line in stdout.splitlines() if line.startswith("AOT ")]
@@ -222,7 +360,30 @@ def test_kernels_compile_for_gpu_without_spills(capability, compile_jobs):
     assert not over, f"shared memory above sm_{capability}'s {TARGETS[capability]} bytes:\n" + "\n".join(over)
 
 
+def update_hash() -> int:
+    """Compiles the whole matrix for every target; on success rewrites HASH_FILE (atomically)."""
+    current = kernel_sources_hash()  # before the compile: a source edited meanwhile is not recorded
+    failed = []
+    with contextlib.ExitStack() as stack:
+        for capability, proc in start_compile_jobs(stack).items():
+            try:
+                check_compile_job(capability, proc)
+            except AssertionError as exc:
+                failed.append(f"sm_{capability}: {exc}")
+    if failed:
+        print("\n".join(failed) + f"\nAOT compile failed: {HASH_FILE.name} left as it was", file=sys.stderr)
+        return 1
+    temporary = HASH_FILE.with_name(HASH_FILE.name + ".tmp")
+    temporary.write_text(json.dumps(current, indent=1) + "\n", encoding="utf-8")
+    os.replace(temporary, HASH_FILE)
+    print(f"AOT compile passed for sm_{', sm_'.join(map(str, sorted(TARGETS)))}: "
+          f"{HASH_FILE.relative_to(ROOT)} = {current['sha256'][:16]}... (commit it)")
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--update-hash"]:
+        sys.exit(update_hash())  # its compiling subprocesses run without TRITON_INTERPRET
     assert os.environ.get("TRITON_INTERPRET") != "1", "AOT compilation needs TRITON_INTERPRET unset"
     for rec in _compile_all(int(sys.argv[1])):
         print("AOT " + json.dumps(rec), flush=True)
