@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -28,12 +29,14 @@ from sentence_transformers import SentenceTransformer  # noqa: E402
 from sentence_transformers.base.modules import Transformer  # noqa: E402
 from sentence_transformers.sentence_transformer.losses import (  # noqa: E402
     CachedMultipleNegativesRankingLoss,
+    MatryoshkaLoss,
     MultipleNegativesRankingLoss,
 )
 from sentence_transformers.sentence_transformer.modules import Pooling  # noqa: E402
 
 from fastcse.evaluation import shared_dir  # noqa: E402
-from fastcse.integrations.sentence_transformers import InfoNCELoss  # noqa: E402
+from fastcse import info_nce  # noqa: E402
+from fastcse.integrations.sentence_transformers import InfoNCELoss, _per_dimension_info_nce  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = shared_dir()  # $FASTCSE_SHARED, else ../shared beside the checkout
@@ -272,8 +275,6 @@ def test_cached_scales_with_upstream_gradient(tiny_model):
 @pytest.mark.parametrize("mini_batch_size", [None, 4])
 def test_inside_matryoshka_loss(tiny_model, mini_batch_size):
     """MatryoshkaLoss wraps calculate_loss for gradient-cached losses and the model's forward otherwise."""
-    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
-
     texts = columns(1)
     dims = [32, 16, 8]
     if mini_batch_size is None:
@@ -285,6 +286,105 @@ def test_inside_matryoshka_loss(tiny_model, mini_batch_size):
                                                                   sort_by_length=False), dims), tiny_model, texts)
     assert_same(expected, actual)
 
+
+
+# ---------------------------------------------------------------- Matryoshka as InfoNCELoss's own keywords
+def mnrl(mini_batch_size, **kwargs):
+    """MNRL, or CachedMNRL with these mini-batches: a factory of the model."""
+    if mini_batch_size is None:
+        return lambda m: MultipleNegativesRankingLoss(m, **kwargs)
+    return lambda m: CachedMultipleNegativesRankingLoss(m, mini_batch_size=mini_batch_size, **kwargs)
+
+
+def seeded(make_loss, seed):
+    """make_loss with Python's RNG (MatryoshkaLoss's n_dims_per_step draw) seeded just before the step."""
+    def make(model):
+        random.seed(seed)
+        return make_loss(model)
+    return make
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 4])
+@pytest.mark.parametrize("num_neg, dims, weights", [(0, [32, 16, 8], None), (1, [8, 32, 20], [0.5, 1.0, 2.0]),
+                                                    (2, [16, 4], [1.0, 0.25])])
+def test_matryoshka_keywords_match_matryoshka_loss(tiny_model, mini_batch_size, num_neg, dims, weights):
+    """InfoNCELoss(matryoshka_dims=...) is MatryoshkaLoss(MNRL) and MatryoshkaLoss(CachedMNRL) (the
+    same mini-batches), dropout on; dims in any order, the model's width listed or not."""
+    texts = columns(num_neg)
+    expected = loss_and_grads(lambda m: MatryoshkaLoss(m, mnrl(mini_batch_size)(m), dims, weights), tiny_model,
+                              texts)
+    actual = loss_and_grads(lambda m: InfoNCELoss(m, mini_batch_size=mini_batch_size, sort_by_length=False,
+                                                  matryoshka_dims=dims, matryoshka_weights=weights),
+                            tiny_model, texts)
+    assert_same(expected, actual)
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 2])
+def test_matryoshka_with_a_variant_matches(tiny_model, mini_batch_size):
+    variant = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction",
+                   hardness_mode="hard_negatives", hardness_strength=5.0)
+    texts, dims = columns(1), [32, 8]
+    expected = loss_and_grads(lambda m: MatryoshkaLoss(m, mnrl(mini_batch_size, **variant)(m), dims), tiny_model,
+                              texts)
+    actual = loss_and_grads(lambda m: InfoNCELoss(m, mini_batch_size=mini_batch_size, sort_by_length=False,
+                                                  matryoshka_dims=dims, **variant), tiny_model, texts)
+    assert_same(expected, actual)
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 4])
+def test_n_dims_per_step_draws_matryoshka_loss_dimensions(tiny_model, mini_batch_size):
+    """Same seed, same dimensions (and so the same loss and gradients); the draw is a real subset."""
+    texts, dims, weights = columns(1), [32, 24, 16, 8, 4], [1.0, 2.0, 3.0, 4.0, 5.0]
+    full = loss_and_grads(lambda m: InfoNCELoss(m, matryoshka_dims=dims, matryoshka_weights=weights), tiny_model,
+                          texts)
+    for seed in (0, 1):
+        expected = loss_and_grads(seeded(lambda m: MatryoshkaLoss(m, mnrl(mini_batch_size)(m), dims, weights,
+                                                                  n_dims_per_step=2), seed), tiny_model, texts)
+        actual = loss_and_grads(seeded(lambda m: InfoNCELoss(m, mini_batch_size=mini_batch_size, sort_by_length=False,
+                                                             matryoshka_dims=dims, matryoshka_weights=weights,
+                                                             n_dims_per_step=2), seed), tiny_model, texts)
+        assert_same(expected, actual)
+        assert actual[0] < full[0] - 1.0  # two of the five weighted losses
+
+
+def test_matryoshka_per_dimension_path_is_the_fused_loss():
+    """The per-dimension calls (the Triton backend's path until its kernels fuse Matryoshka) give the
+    one-sweep loss and gradients (compared on the CPU, fp64)."""
+    gen = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(5, 12, generator=gen, dtype=torch.float64) for _ in range(3)]
+    keywords = dict(temperature=0.1, matryoshka_dims=(12, 7, 3), matryoshka_weights=(1.0, 0.5, 2.0),
+                    symmetric=True, hard_negative_weight=0.3)
+
+    def loss_and_grads_of(fn):
+        inputs = [x.clone().requires_grad_() for x in leaves]
+        loss = fn(*inputs, **keywords)
+        loss.backward()
+        return loss.detach(), [x.grad for x in inputs]
+
+    fused, per_dimension = loss_and_grads_of(info_nce), loss_and_grads_of(_per_dimension_info_nce)
+    torch.testing.assert_close(per_dimension[0], fused[0], rtol=1e-12, atol=1e-12)
+    for got, want in zip(per_dimension[1], fused[1]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_matryoshka_in_the_trainer(tiny_model, tmp_path):
+    """A few SentenceTransformerTrainer steps with the cached Matryoshka loss: finite, and it learns."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    rows = nli_rows(32)
+    dataset = Dataset.from_dict({key: [r[key] for r in rows] for key in ("sent0", "sent1", "hard_neg")})
+    model = copy.deepcopy(tiny_model)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=4, per_device_train_batch_size=16, learning_rate=5e-4,
+        warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[], seed=0, use_cpu=True,
+        dataloader_drop_last=True, disable_tqdm=True)
+    loss = InfoNCELoss(model, mini_batch_size=8, matryoshka_dims=(32, 16, 8), matryoshka_weights=(1.0, 0.5, 0.5))
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 8 and all(math.isfinite(v) for v in logged)
+    assert sum(logged[-2:]) < sum(logged[:2])
 
 def hand_written_simcse(model, hard_negative_weight):
     """SimCSE's weighted loss written out on MNRL's candidate layout: pos, then negative column 1, 2, ...
@@ -420,6 +520,10 @@ def test_gather_across_devices_matches_mnrl_on_two_ranks(tiny_model, tmp_path):
     (dict(hardness_mode="hardest"), "hardness_mode must be None or one of"),
     (dict(hardness_mode="all_negatives", hardness_strength=-1.0), "hardness_strength must be"),
     (dict(symmetric=True, partition_mode="per_direction"), "give either symmetric"),
+    (dict(matryoshka_dims=(64, 16)), "matryoshka_dims must hold ints in \\[1, 32\\]"),
+    (dict(matryoshka_dims=(16, 8), matryoshka_weights=(1.0,)), "matryoshka_weights must be None or 2 numbers"),
+    (dict(matryoshka_dims=(16, 8), n_dims_per_step=0), "n_dims_per_step must be -1"),
+    (dict(n_dims_per_step=2), "n_dims_per_step was given without matryoshka_dims"),
 ])
 def test_bad_arguments(tiny_model, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -34,6 +34,7 @@ the logits never materialized. Correspondences with sentence-transformers 6.2:
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterable
 from typing import Any
 
@@ -42,6 +43,7 @@ from torch import Tensor, nn
 
 from fastcse import checks
 from fastcse.loss import info_nce
+from fastcse.matryoshka import check_dims
 from fastcse.problem import QUERY_TO_DOC, SYMMETRIC_DIRECTIONS, resolve_variant
 
 logger = logging.getLogger(__name__)
@@ -104,6 +106,63 @@ def _variant_options(symmetric, directions, partition_mode, hardness_mode, hardn
                 hardness_strength=hardness_strength)
 
 
+def _check_caching(model, mini_batch_size, mini_batch_num_tokens, sort_by_length) -> bool:
+    """Whether the loss caches gradients (GradCache), after checking its keywords."""
+    if mini_batch_size is not None and (isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int)
+                                        or mini_batch_size < 1):
+        raise ValueError(f"mini_batch_size must be None (no gradient caching) or a positive int, "
+                         f"got {mini_batch_size!r}")
+    if mini_batch_num_tokens is not None and (isinstance(mini_batch_num_tokens, bool)
+                                              or not isinstance(mini_batch_num_tokens, int)
+                                              or mini_batch_num_tokens < 1):
+        raise ValueError(f"mini_batch_num_tokens must be None or a positive int, got {mini_batch_num_tokens!r}")
+    if not isinstance(sort_by_length, bool):
+        raise TypeError(f"sort_by_length must be a bool, got {sort_by_length!r}")
+    caching = mini_batch_size is not None or mini_batch_num_tokens is not None
+    if caching and has_static_embedding_input(model):
+        raise ValueError("mini_batch_size needs a model whose inputs split along the batch dimension; a "
+                         "StaticEmbedding model's do not: use mini_batch_size=None")
+    return caching
+
+
+def _untruncated_dimension(model) -> int | None:
+    """The model's embedding width before any ``truncate_dim`` (None: no model, or not known)."""
+    for name in ("_get_untruncated_embedding_dimension", "get_embedding_dimension"):
+        getter = getattr(model, name, None)
+        if callable(getter):
+            return getter()
+    return None
+
+
+def _matryoshka_setting(model, dims, weights, n_dims_per_step) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(dims, weights) in MatryoshkaLoss's order, widest first: its ``n_dims_per_step`` draw picks
+    indices into that order, and ours must pick the same ones from the same seed. () without dims."""
+    width = _untruncated_dimension(model)
+    ascending, ascending_weights = check_dims(dims, weights, width)
+    if n_dims_per_step != -1 and (isinstance(n_dims_per_step, bool) or not isinstance(n_dims_per_step, int)
+                                  or n_dims_per_step < 1):
+        raise ValueError(f"n_dims_per_step must be -1 (every dimension each step) or a positive int, "
+                         f"got {n_dims_per_step!r}")
+    if n_dims_per_step != -1 and not ascending:
+        raise ValueError("n_dims_per_step was given without matryoshka_dims: it picks among those dimensions")
+    if ascending and width is not None and width not in ascending:
+        logger.warning(f"The model's embedding dimension {width} is not in matryoshka_dims {tuple(dims)}: the full "
+                       "embedding is not trained, so the model may do worse untruncated. Add it to matryoshka_dims.")
+    return ascending[::-1], ascending_weights[::-1]
+
+
+def _per_dimension_info_nce(anchor, positive, negative, *, matryoshka_dims, matryoshka_weights, extra_negatives=None,
+                            **keywords) -> Tensor:
+    """sum_k w_k * info_nce(the first m_k coordinates): Matryoshka as one call per dimension, where
+    the backend has no one-sweep form (the Triton kernels, for now): MatryoshkaLoss's cost."""
+    def prefix(x, m):
+        return None if x is None else x[..., :m]
+
+    return sum(w * info_nce(anchor[:, :m], positive[:, :m], prefix(negative, m),
+                            extra_negatives=prefix(extra_negatives, m), **keywords)
+               for m, w in zip(matryoshka_dims, matryoshka_weights))
+
+
 class InfoNCELoss(CachedLossMixin, nn.Module):
     """MultipleNegativesRankingLoss (and its symmetric and cached variants) on fastcse's fused kernel.
 
@@ -132,6 +191,11 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
             is a no-op when torch.distributed is not initialized. The gradients are MNRL's; the
             returned value is the global-batch loss on every rank (MNRL returns each rank's
             local mean).
+        matryoshka_dims, matryoshka_weights, n_dims_per_step: ``MatryoshkaLoss``'s: the loss is
+            sum_k w_k * (this loss on the first m_k coordinates, each prefix normalized), computed
+            in one sweep over the embedding (``fastcse.info_nce(matryoshka_dims=...)``); weights
+            default 1; ``n_dims_per_step=n > 0`` sums n dimensions per step, drawn with Python's
+            ``random.sample`` exactly as MatryoshkaLoss draws them (same seed, same dimensions).
 
     Inputs: ``(anchor, positive)`` pairs or ``(anchor, positive, negative_1, ..., negative_k)``
     tuples, any column names, no labels.
@@ -152,6 +216,9 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
         partition_mode: str = "joint",
         hardness_mode: str | None = None,
         hardness_strength: float = 0.0,
+        matryoshka_dims: tuple[int, ...] | None = None,
+        matryoshka_weights: tuple[float, ...] | None = None,
+        n_dims_per_step: int = -1,
     ) -> None:
         super().__init__()
         if temperature is not None and scale is not None:
@@ -171,22 +238,12 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
                            "weighting has no effect. Set hardness_strength to a positive value to enable it.")
         # Finite now; that it needs negative columns is checked per batch, when they are known.
         checks.finite_float("hard_negative_weight", hard_negative_weight)
-        if mini_batch_size is not None and (isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int)
-                                            or mini_batch_size < 1):
-            raise ValueError(f"mini_batch_size must be None (no gradient caching) or a positive int, "
-                             f"got {mini_batch_size!r}")
         if not isinstance(gather_across_devices, bool):
             raise TypeError(f"gather_across_devices must be a bool, got {gather_across_devices!r}")
-        if mini_batch_num_tokens is not None and (isinstance(mini_batch_num_tokens, bool)
-                                                  or not isinstance(mini_batch_num_tokens, int)
-                                                  or mini_batch_num_tokens < 1):
-            raise ValueError(f"mini_batch_num_tokens must be None or a positive int, got {mini_batch_num_tokens!r}")
-        if not isinstance(sort_by_length, bool):
-            raise TypeError(f"sort_by_length must be a bool, got {sort_by_length!r}")
-        caching = mini_batch_size is not None or mini_batch_num_tokens is not None
-        if caching and has_static_embedding_input(model):
-            raise ValueError("mini_batch_size needs a model whose inputs split along the batch dimension; a "
-                             "StaticEmbedding model's do not: use mini_batch_size=None")
+        caching = _check_caching(model, mini_batch_size, mini_batch_num_tokens, sort_by_length)
+        self.matryoshka_dims, self.matryoshka_weights = _matryoshka_setting(model, matryoshka_dims, matryoshka_weights,
+                                                                            n_dims_per_step)
+        self.n_dims_per_step = n_dims_per_step
         self.model = model
         self.symmetric = symmetric
         self.directions = SYMMETRIC_DIRECTIONS if symmetric else tuple(directions)
@@ -245,8 +302,13 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
         # [B, k, d]: negative[i, t] is row i of negative column t, anchor i's own t-th hard negative
         negative = torch.stack(negatives, dim=1) if negatives else None
         group, world_size = self._process_group()
-        loss = info_nce(anchor, positive, negative, temperature=self.temperature,
-                        hard_negative_weight=self.hard_negative_weight, process_group=group, **self._variant_options)
+        keywords = dict(temperature=self.temperature, hard_negative_weight=self.hard_negative_weight,
+                        process_group=group, **self._variant_options)
+        matryoshka = self._matryoshka_step()
+        if matryoshka and anchor.device.type != "cpu":
+            loss = _per_dimension_info_nce(anchor, positive, negative, **matryoshka, **keywords)
+        else:
+            loss = info_nce(anchor, positive, negative, **matryoshka, **keywords)
         if world_size > 1:
             # fastcse's distributed loss hands each rank the gradient of the global mean; the
             # Trainer's DDP then averages gradients over ranks. Scale the gradient (not the
@@ -257,6 +319,19 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
             loss.backward()
             loss = loss.detach()
         return loss
+
+    def _matryoshka_step(self) -> dict:
+        """This step's ``matryoshka_dims`` / ``matryoshka_weights`` keywords ({} without them): every
+        dimension, or ``n_dims_per_step`` of them drawn as MatryoshkaLoss draws them, one
+        ``random.sample`` of indices into the widest-first order per step."""
+        dims, weights, count = self.matryoshka_dims, self.matryoshka_weights, self.n_dims_per_step
+        if not dims:
+            return {}
+        picked = range(len(dims))
+        if 0 < count < len(dims):
+            picked = sorted(random.sample(picked, count))
+        return dict(matryoshka_dims=tuple(dims[i] for i in picked),
+                    matryoshka_weights=tuple(weights[i] for i in picked))
 
     def _process_group(self):
         if self.gather_across_devices and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -276,6 +351,9 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
             "mini_batch_num_tokens": self.mini_batch_num_tokens,
             "sort_by_length": self.sort_by_length,
             "gather_across_devices": self.gather_across_devices,
+            "matryoshka_dims": self.matryoshka_dims or None,
+            "matryoshka_weights": self.matryoshka_weights or None,
+            "n_dims_per_step": self.n_dims_per_step,
         }
 
     @property
