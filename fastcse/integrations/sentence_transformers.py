@@ -29,6 +29,9 @@ the logits never materialized. Correspondences with sentence-transformers 6.2:
 - ``hard_negative_weight`` is SimCSE's constant added to the logits of each anchor with its own
   hard negatives. It has no MNRL counterpart (MNRL's ``hardness_mode="hard_negatives"`` adds
   ``strength * stop_grad(cos)`` instead); 0.0 (the default) is plain MNRL.
+- ``matryoshka_dims``, ``matryoshka_weights``, ``n_dims_per_step``: ``MatryoshkaLoss`` around
+  (Cached)MNRL, its dimensions drawn from the same ``random.sample``; one fused call for every
+  dimension on the CPU backend (docs/sentence-transformers.md).
 """
 
 from __future__ import annotations
