@@ -32,6 +32,9 @@ the logits never materialized. Correspondences with sentence-transformers 6.2:
 - ``matryoshka_dims``, ``matryoshka_weights``, ``n_dims_per_step``: ``MatryoshkaLoss`` around
   (Cached)MNRL, its dimensions drawn from the same ``random.sample``; one fused call for every
   dimension on the CPU backend (docs/sentence-transformers.md).
+- ``guide``, ``margin``, ``margin_strategy``, ``contrast_anchors``, ``contrast_positives``:
+  ``GISTEmbedLoss`` (and ``CachedGISTEmbedLoss`` with caching), on the fused loss's
+  false-negative rule; ``margin`` without a guide is self-guided (no GIST counterpart).
 """
 
 from __future__ import annotations
