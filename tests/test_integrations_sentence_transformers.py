@@ -492,6 +492,17 @@ def test_self_guided_is_the_model_as_its_own_guide(tiny_model, mini_batch_size):
     assert actual[0] < unmasked[0] - 0.05
 
 
+@pytest.mark.parametrize("mini_batch_size", [None, 2])
+def test_guide_with_matryoshka_matches_matryoshka_gist(tiny_model, tiny_guide, mini_batch_size):
+    """matryoshka_dims with a guide: MatryoshkaLoss around (Cached)GISTEmbedLoss (the guide's
+    embeddings untruncated), one fused call per dimension."""
+    texts, dims, weights = columns(1), [32, 12], [1.0, 0.5]
+    expected = loss_and_grads(lambda m: MatryoshkaLoss(m, gist(tiny_guide, mini_batch_size)(m), dims, weights),
+                              tiny_model, texts)
+    actual = loss_and_grads(guided(tiny_guide, mini_batch_size, matryoshka_dims=dims, matryoshka_weights=weights),
+                            tiny_model, texts)
+    assert_same(expected, actual)
+
 def test_guide_under_no_grad(tiny_model, tiny_guide):
     texts = columns(1)
     model = copy.deepcopy(tiny_model).eval()
