@@ -71,6 +71,8 @@ try:
     # CachedLossMixin (the shared GradCache engine) and embed_columns (MNRL's merged column forward)
     # are what make this loss replay and embed exactly like sentence-transformers' own losses.
     from sentence_transformers.base.losses import CachedLossMixin
+    # _create_minibatch / _minibatch_ranges: the slicing CachedGISTEmbedLoss imports to run its guide
+    # on the model's mini-batches; the guide here must see exactly those.
     from sentence_transformers.base.losses.gradcache import (_create_minibatch, _minibatch_ranges,
                                                              has_static_embedding_input)
     from sentence_transformers.base.losses.merged_forward import embed_columns
