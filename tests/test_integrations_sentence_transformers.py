@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -27,13 +28,17 @@ pytest.importorskip("sentence_transformers")
 from sentence_transformers import SentenceTransformer  # noqa: E402
 from sentence_transformers.base.modules import Transformer  # noqa: E402
 from sentence_transformers.sentence_transformer.losses import (  # noqa: E402
+    CachedGISTEmbedLoss,
     CachedMultipleNegativesRankingLoss,
+    GISTEmbedLoss,
+    MatryoshkaLoss,
     MultipleNegativesRankingLoss,
 )
 from sentence_transformers.sentence_transformer.modules import Pooling  # noqa: E402
 
 from fastcse.evaluation import shared_dir  # noqa: E402
-from fastcse.integrations.sentence_transformers import InfoNCELoss  # noqa: E402
+from fastcse import info_nce  # noqa: E402
+from fastcse.integrations.sentence_transformers import InfoNCELoss, _per_dimension_info_nce  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = shared_dir()  # $FASTCSE_SHARED, else ../shared beside the checkout
@@ -53,20 +58,31 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> SentenceTransformer:
+def make_tiny_bert(path, seed: int, hidden: int = 32, max_seq_length: int = 32) -> SentenceTransformer:
+    """A random 2-layer BERT of width ``hidden`` with the shared tokenizer, mean-pooled (loaded in
+    eval mode, as from_pretrained leaves it)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    path = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    transformer = Transformer(str(path), max_seq_length=32)
+    transformer = Transformer(str(path), max_seq_length=max_seq_length)
     return SentenceTransformer(modules=[transformer, Pooling(transformer.get_embedding_dimension(), "mean")],
                                device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> SentenceTransformer:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_guide(tmp_path_factory) -> SentenceTransformer:
+    """GISTEmbedLoss's guide: another random BERT (width 24), the model's tokenizer and length."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-guide"), seed=1, hidden=24)
 
 
 def nli_rows(count: int) -> list[dict[str, str]]:
@@ -272,8 +288,6 @@ def test_cached_scales_with_upstream_gradient(tiny_model):
 @pytest.mark.parametrize("mini_batch_size", [None, 4])
 def test_inside_matryoshka_loss(tiny_model, mini_batch_size):
     """MatryoshkaLoss wraps calculate_loss for gradient-cached losses and the model's forward otherwise."""
-    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
-
     texts = columns(1)
     dims = [32, 16, 8]
     if mini_batch_size is None:
@@ -285,6 +299,220 @@ def test_inside_matryoshka_loss(tiny_model, mini_batch_size):
                                                                   sort_by_length=False), dims), tiny_model, texts)
     assert_same(expected, actual)
 
+
+
+# ---------------------------------------------------------------- Matryoshka as InfoNCELoss's own keywords
+def mnrl(mini_batch_size, **kwargs):
+    """MNRL, or CachedMNRL with these mini-batches: a factory of the model."""
+    if mini_batch_size is None:
+        return lambda m: MultipleNegativesRankingLoss(m, **kwargs)
+    return lambda m: CachedMultipleNegativesRankingLoss(m, mini_batch_size=mini_batch_size, **kwargs)
+
+
+def seeded(make_loss, seed):
+    """make_loss with Python's RNG (MatryoshkaLoss's n_dims_per_step draw) seeded just before the step."""
+    def make(model):
+        random.seed(seed)
+        return make_loss(model)
+    return make
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 4])
+@pytest.mark.parametrize("num_neg, dims, weights", [(0, [32, 16, 8], None), (1, [8, 32, 20], [0.5, 1.0, 2.0]),
+                                                    (2, [16, 4], [1.0, 0.25])])
+def test_matryoshka_keywords_match_matryoshka_loss(tiny_model, mini_batch_size, num_neg, dims, weights):
+    """InfoNCELoss(matryoshka_dims=...) is MatryoshkaLoss(MNRL) and MatryoshkaLoss(CachedMNRL) (the
+    same mini-batches), dropout on; dims in any order, the model's width listed or not."""
+    texts = columns(num_neg)
+    expected = loss_and_grads(lambda m: MatryoshkaLoss(m, mnrl(mini_batch_size)(m), dims, weights), tiny_model,
+                              texts)
+    actual = loss_and_grads(lambda m: InfoNCELoss(m, mini_batch_size=mini_batch_size, sort_by_length=False,
+                                                  matryoshka_dims=dims, matryoshka_weights=weights),
+                            tiny_model, texts)
+    assert_same(expected, actual)
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 2])
+def test_matryoshka_with_a_variant_matches(tiny_model, mini_batch_size):
+    variant = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction",
+                   hardness_mode="hard_negatives", hardness_strength=5.0)
+    texts, dims = columns(1), [32, 8]
+    expected = loss_and_grads(lambda m: MatryoshkaLoss(m, mnrl(mini_batch_size, **variant)(m), dims), tiny_model,
+                              texts)
+    actual = loss_and_grads(lambda m: InfoNCELoss(m, mini_batch_size=mini_batch_size, sort_by_length=False,
+                                                  matryoshka_dims=dims, **variant), tiny_model, texts)
+    assert_same(expected, actual)
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 4])
+def test_n_dims_per_step_draws_matryoshka_loss_dimensions(tiny_model, mini_batch_size):
+    """Same seed, same dimensions (and so the same loss and gradients); the draw is a real subset."""
+    texts, dims, weights = columns(1), [32, 24, 16, 8, 4], [1.0, 2.0, 3.0, 4.0, 5.0]
+    full = loss_and_grads(lambda m: InfoNCELoss(m, matryoshka_dims=dims, matryoshka_weights=weights), tiny_model,
+                          texts)
+    for seed in (0, 1):
+        expected = loss_and_grads(seeded(lambda m: MatryoshkaLoss(m, mnrl(mini_batch_size)(m), dims, weights,
+                                                                  n_dims_per_step=2), seed), tiny_model, texts)
+        actual = loss_and_grads(seeded(lambda m: InfoNCELoss(m, mini_batch_size=mini_batch_size, sort_by_length=False,
+                                                             matryoshka_dims=dims, matryoshka_weights=weights,
+                                                             n_dims_per_step=2), seed), tiny_model, texts)
+        assert_same(expected, actual)
+        assert actual[0] < full[0] - 1.0  # two of the five weighted losses
+
+
+def test_matryoshka_per_dimension_path_is_the_fused_loss():
+    """The per-dimension calls (the Triton backend's path until its kernels fuse Matryoshka) give the
+    one-sweep loss and gradients (compared on the CPU, fp64)."""
+    gen = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(5, 12, generator=gen, dtype=torch.float64) for _ in range(3)]
+    keywords = dict(temperature=0.1, matryoshka_dims=(12, 7, 3), matryoshka_weights=(1.0, 0.5, 2.0),
+                    symmetric=True, hard_negative_weight=0.3)
+
+    def loss_and_grads_of(fn):
+        inputs = [x.clone().requires_grad_() for x in leaves]
+        loss = fn(*inputs, **keywords)
+        loss.backward()
+        return loss.detach(), [x.grad for x in inputs]
+
+    fused, per_dimension = loss_and_grads_of(info_nce), loss_and_grads_of(_per_dimension_info_nce)
+    torch.testing.assert_close(per_dimension[0], fused[0], rtol=1e-12, atol=1e-12)
+    for got, want in zip(per_dimension[1], fused[1]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_matryoshka_in_the_trainer(tiny_model, tmp_path):
+    """A few SentenceTransformerTrainer steps with the cached Matryoshka loss: finite, and it learns."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    rows = nli_rows(32)
+    dataset = Dataset.from_dict({key: [r[key] for r in rows] for key in ("sent0", "sent1", "hard_neg")})
+    model = copy.deepcopy(tiny_model)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=4, per_device_train_batch_size=16, learning_rate=5e-4,
+        warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[], seed=0, use_cpu=True,
+        dataloader_drop_last=True, disable_tqdm=True)
+    loss = InfoNCELoss(model, mini_batch_size=8, matryoshka_dims=(32, 16, 8), matryoshka_weights=(1.0, 0.5, 0.5))
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 8 and all(math.isfinite(v) for v in logged)
+    assert sum(logged[-2:]) < sum(logged[:2])
+
+
+# ---------------------------------------------------------------- guided false negatives (GISTEmbedLoss)
+CONTRASTS = [(False, False), (True, False), (False, True), (True, True)]
+# Margins that leave out some of the keys, not all: the tiny guide's cosines lie within ~0.15 of
+# each row's positive cosine t_i (~0.95); these leave out about half of them.
+STRATEGIES = [("absolute", 0.02), ("relative", 0.01)]
+
+
+def gist(guide, mini_batch_size, **kwargs):
+    """GISTEmbedLoss, or CachedGISTEmbedLoss with these mini-batches: a factory of the model."""
+    if mini_batch_size is None:
+        return lambda m: GISTEmbedLoss(m, guide, **kwargs)
+    return lambda m: CachedGISTEmbedLoss(m, guide, mini_batch_size=mini_batch_size, **kwargs)
+
+
+def guided(guide, mini_batch_size, **kwargs):
+    return lambda m: InfoNCELoss(m, guide=guide, mini_batch_size=mini_batch_size, sort_by_length=False, **kwargs)
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 2])
+@pytest.mark.parametrize("num_neg", [0, 1])
+@pytest.mark.parametrize("contrast_anchors, contrast_positives", CONTRASTS)
+@pytest.mark.parametrize("strategy, margin", STRATEGIES)
+def test_guide_matches_gist_embed_loss(tiny_model, tiny_guide, mini_batch_size, num_neg, contrast_anchors,
+                                       contrast_positives, strategy, margin):
+    """InfoNCELoss(guide=...) is GISTEmbedLoss (and CachedGISTEmbedLoss, same mini-batches), at
+    their defaults otherwise (temperature 0.01), dropout on in the model."""
+    texts = columns(num_neg)
+    options = dict(margin_strategy=strategy, margin=margin, contrast_anchors=contrast_anchors,
+                   contrast_positives=contrast_positives)
+    expected = loss_and_grads(gist(tiny_guide, mini_batch_size, **options), tiny_model, texts)
+    actual = loss_and_grads(guided(tiny_guide, mini_batch_size, **options), tiny_model, texts)
+    assert_same(expected, actual)
+
+
+def test_guide_leaves_out_keys(tiny_model, tiny_guide):
+    """The margins above leave out some keys and keep others: neither MNRL with GISTEmbedLoss's
+    blocks (nothing left out) nor only the targets (every negative left out)."""
+    texts = columns(1)
+    blocks = dict(temperature=0.01, directions=("query_to_doc", "query_to_query"))
+    unmasked = loss_and_grads(lambda m: InfoNCELoss(m, **blocks), tiny_model, texts, train=False)[0]
+    for strategy, margin in STRATEGIES:
+        masked = loss_and_grads(lambda m: InfoNCELoss(m, guide=tiny_guide, margin=margin, margin_strategy=strategy,
+                                                      contrast_positives=False, temperature=0.01),
+                                tiny_model, texts, train=False)[0]
+        assert 0.05 < masked < unmasked - 0.05, (strategy, masked, unmasked)
+
+
+def test_guide_with_dropout_in_the_guide(tiny_model, tiny_guide):
+    """A guide in train mode draws dropout too: in step 1 each mini-batch's guide forward comes right
+    after the model's, as in CachedGISTEmbedLoss, so the draws (and the replay's) are the same."""
+    guide = copy.deepcopy(tiny_guide).train()
+    texts = columns(1)
+    for mini_batch_size in (None, 2):
+        expected = loss_and_grads(gist(guide, mini_batch_size), tiny_model, texts)
+        assert_same(expected, loss_and_grads(guided(guide, mini_batch_size), tiny_model, texts))
+
+
+def test_guide_that_retokenizes(tmp_path, tiny_model):
+    """A guide that reads fewer tokens than the model re-tokenizes the decoded text, as GISTEmbedLoss."""
+    guide = make_tiny_bert(tmp_path / "short-guide", seed=2, hidden=16, max_seq_length=12)
+    texts = columns(1)
+    for mini_batch_size in (None, 4):
+        expected = loss_and_grads(gist(guide, mini_batch_size, margin=0.0), tiny_model, texts)
+        assert_same(expected, loss_and_grads(guided(guide, mini_batch_size, margin=0.0), tiny_model, texts))
+
+
+@pytest.mark.parametrize("cache", [dict(mini_batch_size=2), dict(mini_batch_num_tokens=40)])
+def test_guide_with_length_sorted_mini_batches(tiny_model, tiny_guide, cache):
+    """Sorted mini-batches: the guide's rows go back to row order with the model's (dropout off,
+    so the whole-batch GISTEmbedLoss is the reference)."""
+    texts = columns(1)
+    expected = loss_and_grads(gist(tiny_guide, None), tiny_model, texts, train=False)
+    actual = loss_and_grads(lambda m: InfoNCELoss(m, guide=tiny_guide, **cache), tiny_model, texts, train=False)
+    assert_same(expected, actual)
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 2])
+def test_self_guided_is_the_model_as_its_own_guide(tiny_model, mini_batch_size):
+    """guide=None with a margin: the model's own cosines decide, i.e. a guide equal to the model
+    (dropout off, so that both embed alike); it leaves keys out (the loss drops)."""
+    texts = columns(1)
+    options = dict(margin=0.0, contrast_anchors=True, contrast_positives=True, temperature=0.05)
+    expected = loss_and_grads(lambda m: InfoNCELoss(m, guide=tiny_model, mini_batch_size=mini_batch_size, **options),
+                              tiny_model, texts, train=False)
+    actual = loss_and_grads(lambda m: InfoNCELoss(m, mini_batch_size=mini_batch_size, **options), tiny_model, texts,
+                            train=False)
+    assert_same(expected, actual)
+    unmasked = loss_and_grads(lambda m: InfoNCELoss(m, contrast_anchors=True, contrast_positives=True),
+                              tiny_model, texts, train=False)
+    assert actual[0] < unmasked[0] - 0.05
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 2])
+def test_guide_with_matryoshka_matches_matryoshka_gist(tiny_model, tiny_guide, mini_batch_size):
+    """matryoshka_dims with a guide: MatryoshkaLoss around (Cached)GISTEmbedLoss (the guide's
+    embeddings untruncated), one fused call per dimension."""
+    texts, dims, weights = columns(1), [32, 12], [1.0, 0.5]
+    expected = loss_and_grads(lambda m: MatryoshkaLoss(m, gist(tiny_guide, mini_batch_size)(m), dims, weights),
+                              tiny_model, texts)
+    actual = loss_and_grads(guided(tiny_guide, mini_batch_size, matryoshka_dims=dims, matryoshka_weights=weights),
+                            tiny_model, texts)
+    assert_same(expected, actual)
+
+def test_guide_under_no_grad(tiny_model, tiny_guide):
+    texts = columns(1)
+    model = copy.deepcopy(tiny_model).eval()
+    features = [model.preprocess(column) for column in texts]
+    with torch.no_grad():
+        theirs = GISTEmbedLoss(model, tiny_guide)(features, None)
+        plain = InfoNCELoss(model, guide=tiny_guide)([dict(f) for f in features], None)
+        cached = InfoNCELoss(model, guide=tiny_guide, mini_batch_size=4)([dict(f) for f in features], None)
+    torch.testing.assert_close(plain, theirs)
+    torch.testing.assert_close(cached, theirs)
 
 def hand_written_simcse(model, hard_negative_weight):
     """SimCSE's weighted loss written out on MNRL's candidate layout: pos, then negative column 1, 2, ...
@@ -420,10 +648,31 @@ def test_gather_across_devices_matches_mnrl_on_two_ranks(tiny_model, tmp_path):
     (dict(hardness_mode="hardest"), "hardness_mode must be None or one of"),
     (dict(hardness_mode="all_negatives", hardness_strength=-1.0), "hardness_strength must be"),
     (dict(symmetric=True, partition_mode="per_direction"), "give either symmetric"),
+    (dict(matryoshka_dims=(64, 16)), "matryoshka_dims must hold ints in \\[1, 32\\]"),
+    (dict(matryoshka_dims=(16, 8), matryoshka_weights=(1.0,)), "matryoshka_weights must be None or 2 numbers"),
+    (dict(matryoshka_dims=(16, 8), n_dims_per_step=0), "n_dims_per_step must be -1"),
+    (dict(n_dims_per_step=2), "n_dims_per_step was given without matryoshka_dims"),
+    (dict(margin=0.1, margin_strategy="proportional"), "margin_strategy must be one of"),
+    (dict(margin=float("inf")), "margin must be a finite number"),
+    (dict(contrast_positives=True, directions=("query_to_doc", "doc_to_doc")), "contrast_positives=True"),
+    (dict(contrast_anchors=False, directions=("query_to_doc", "query_to_query")), "contrast_anchors=False"),
+    (dict(contrast_anchors=True, symmetric=True), "with symmetric=True set both to False"),
+    (dict(contrast_positives=True, hardness_mode="all_negatives", hardness_strength=1.0), "use neither"),
+    (dict(contrast_positives=True, hard_negative_weight=0.5), "use neither"),
 ])
 def test_bad_arguments(tiny_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         InfoNCELoss(tiny_model, **kwargs)
+
+
+def test_guide_symmetric_needs_the_contrasts_off(tiny_model, tiny_guide):
+    """With a guide the contrasts default to GISTEmbedLoss's (on), which symmetric=True refuses."""
+    with pytest.raises(ValueError, match="with symmetric=True set both to False"):
+        InfoNCELoss(tiny_model, guide=tiny_guide, symmetric=True)
+    loss = InfoNCELoss(tiny_model, guide=tiny_guide, symmetric=True, contrast_anchors=False, contrast_positives=False)
+    assert loss.temperature == 0.01 and loss.margin == 0.0
+    with pytest.raises(TypeError, match="contrast_anchors must be a bool"):
+        InfoNCELoss(tiny_model, contrast_anchors="yes")
 
 
 def test_bad_columns(tiny_model):
