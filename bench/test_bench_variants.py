@@ -11,7 +11,7 @@ time over the floor of the same round: fastcse's own matrix products (``fastcse.
 matrix_products``) as bare matmuls. MNRL is skipped where its materialized score matrices
 (about 5 x 4 B sum(n) bytes) would not fit in 70% of the available memory.
 
-The fastcse-only options of issue #12 (``group_ids`` with every id 4 times; a queue of
+The options only fastcse has (``group_ids`` with every id 4 times; a queue of
 Q = 65536 extra negatives) run beside the floor of their own products and the same call without
 the option ("fastcse plain call"), the two alternating their order from round to round;
 ``x_plain`` is the option's time over the plain call's of the same round (the summary: the

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=2 examples/ddp_loop.py --steps 100 --global-batch 128       # gloo on CPU
     torchrun --nproc_per_node=2 examples/ddp_loop.py --tiny --steps 10 --global-batch 16  # seconds
 
-The recipe (see DESIGN.md, "Distributed negatives"):
+The recipe (see docs/design.md, "Distributed negatives: exact gradients"):
 
     loss = fastcse.info_nce(anchor, positive, negative, process_group=dist.group.WORLD)
     (loss * world_size).backward()

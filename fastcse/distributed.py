@@ -1,7 +1,7 @@
 """Distributed negatives: ``info_nce(..., process_group=pg)`` scores each rank's anchors against
 the candidates of every rank.
 
-Layout and convention (see DESIGN.md, "Distributed negatives"). Rank r holds B_r anchors and
+Layout and convention (see docs/design.md, "Distributed negatives: exact gradients"). Rank r holds B_r anchors and
 starts at global row start_r = B_0 + ... + B_{r-1}; B_t = sum of all B_r. The candidates of all
 ranks are gathered (the C++ op ``fastcse::gather_rows``, ``kernels/gather_rows.cpp``) into one
 tensor, block-major and rank-ordered: [positives of rank 0, 1, ..., negatives of rank 0, 1, ...,
@@ -88,9 +88,6 @@ def load_extension() -> None:
                                     setup_context=_gather_rows_setup_context)
     _extension_loaded = True
 
-
-# The old private name, kept until the trainer imports load_extension.
-_load_extension = load_extension
 
 
 def _gather_rows_setup_context(ctx, inputs, output):

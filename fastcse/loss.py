@@ -293,29 +293,23 @@ def info_nce(
         hardness_mode: None, "in_batch_negatives", "hard_negatives" or "all_negatives": adds
             ``hardness_strength * sim`` (no gradient) to those query_to_doc negative logits.
         hardness_strength: the penalty's non-negative strength (alpha in Lan et al. 2025).
-        group_ids: None or [B] integer ids: rows with one id are not each other's negatives
-            (false negatives: duplicates, rows sharing a premise); in every direction, their
-            positives / anchors are left out of each other's softmax. Hard and extra negatives
-            are never masked. Under ``process_group`` the ids are compared across ranks.
-        extra_negatives: None or [Q, d] more candidates (e.g. a queue of earlier batches'
-            embeddings), after the hard negatives, scored by every anchor in the query_to_doc
-            direction; they get gradients if they require grad. Under ``process_group`` each
-            rank scores its own (pass the same queue on every rank): they are not gathered.
-        labels: None or [B] integer labels: anchor i's positives are every positive with its
-            label (itself included), its loss the mean of their -log softmax (SupCon's L_out).
-            Not with ``group_ids``.
+        group_ids: None or [B] integer ids: rows with one id are not each other's negatives in
+            any direction (hard and extra negatives never masked; compared across ranks).
+        extra_negatives: None or [Q, d] more query_to_doc candidates (a queue), after the hard
+            negatives; each rank scores its own under ``process_group`` (not gathered).
+        labels: None or [B] integer labels: every positive with anchor i's label is a positive
+            (the mean of their -log softmax, SupCon's L_out). Not with ``group_ids``.
         reduction: "mean", "sum" or "none" (per-anchor losses, fp32).
         backend: "auto" (Triton for CUDA tensors, CPU otherwise), "cpu" or "triton".
         process_group: a ``torch.distributed`` group: score the local anchors against the
             candidates of every rank (see ``fastcse.distributed``).
-        matryoshka_dims, matryoshka_weights: Matryoshka training: sum_k w_k * (this loss on the
-            first m_k coordinates, each prefix normalized on its own), one sweep over d; dims
-            distinct in [1, d], any order; weights default 1 (docs/loss.md; CPU backend only).
+        matryoshka_dims, matryoshka_weights: sum_k w_k * (this loss on the first m_k coordinates,
+            each prefix normalized on its own) in one sweep; dims distinct in [1, d], weights 1.
         false_negative_margin, margin_strategy, guide, guide_extra_negatives: false negatives by
             similarity (GISTEmbedLoss's rule; self-guided with ``guide=None``): ``fastcse.false_negatives``.
 
-    Returns:
-        The fp32 loss: a scalar, or [B] with reduction="none".
+    Every option in detail: docs/loss.md. Returns the fp32 loss: a scalar, or [B] with
+    reduction="none".
     """
     variant_options = dict(symmetric=symmetric, directions=directions, partition_mode=partition_mode,
                            hardness_mode=hardness_mode, hardness_strength=hardness_strength)

@@ -1,7 +1,7 @@
 """The plain PyTorch InfoNCE that every test and benchmark compares against.
 
 Written for clarity, not speed: it materializes every B x N score matrix and calls
-``torch.logsumexp``. Its semantics define fastcse's (see ../shared/DESIGN.md and
+``torch.logsumexp``. Its semantics define fastcse's (see docs/design.md and
 ``fastcse.problem`` for the loss family):
 
 - candidates are the positives (column i is anchor i's target) followed by the

@@ -57,7 +57,7 @@ def _cases(world):
     cases += [dict(sizes=empty_rank, k=2, weight=0.5, symmetric=symmetric, bf16=False, reduction=reduction,
                    tau_grad=True, normalize=True, dtype=torch.float32)
               for symmetric, reduction in ((False, "mean"), (True, "none"))]
-    # sentence-transformers 6's variants (#11): every direction's keys gathered across ranks.
+    # sentence-transformers 6's variants: every direction's keys gathered across ranks.
     gte = dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"), partition_mode="joint")
     base = dict(sizes=unequal, bf16=False, tau_grad=True, normalize=True, dtype=torch.float32, symmetric=False)
     cases += [
@@ -76,7 +76,7 @@ def _cases(world):
              variant=dict(directions=("query_to_doc", "doc_to_doc"))),
         dict(base, k=1, weight=0.0, reduction="mean", variant=gte, backend="triton"),
     ]
-    # False negatives, a queue, several positives (#12): ids compared across ranks; the same
+    # False negatives, a queue, several positives: ids compared across ranks; the same
     # queue on every rank, not gathered.
     cases += [
         dict(base, k=1, weight=0.4, reduction="mean", ids="group"),

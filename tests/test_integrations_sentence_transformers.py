@@ -158,7 +158,7 @@ def test_cached_matches_cached_mnrl(tiny_model, num_neg, symmetric, mini_batch_s
     assert_same(expected, actual)
 
 
-# ---------------------------------------------------------------- sentence-transformers 6 variants (#11)
+# ---------------------------------------------------------------- sentence-transformers 6 variants
 _EXTRA = ("query_to_query", "doc_to_query", "doc_to_doc")
 ST_VARIANTS = [dict(directions=("query_to_doc",) + extra, partition_mode=partition, hardness_mode=mode,
                     hardness_strength=strength)

@@ -1,5 +1,5 @@
 """info_nce's group_ids (false negatives), extra_negatives (a queue) and labels (several positives),
-issue #12, on the CPU backend: against the materialized reference, with every other option."""
+on the CPU backend: against the materialized reference, with every other option."""
 
 from __future__ import annotations
 

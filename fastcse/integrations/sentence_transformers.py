@@ -3,7 +3,7 @@
 ``InfoNCELoss`` is a drop-in for ``MultipleNegativesRankingLoss`` (MNRL): it takes the same
 dataset columns ``(anchor, positive, negative_1, ..., negative_k)``, embeds them exactly as MNRL
 does (so even dropout draws the same masks), and gives the same loss value and gradients, with
-the logits never materialized. Correspondences with sentence-transformers 6.2:
+the logits never materialized. Correspondences with sentence-transformers 6:
 
 - ``scale = 1 / temperature`` (MNRL's ``scale=20`` is ``temperature=0.05``); cosine similarity.
 - ``symmetric=True`` is ``MultipleNegativesSymmetricRankingLoss``, i.e. MNRL with
@@ -56,7 +56,7 @@ from fastcse.problem import DOC_TO_DOC, QUERY_TO_DOC, QUERY_TO_QUERY, SYMMETRIC_
 logger = logging.getLogger(__name__)
 
 _INSTALL = "pip install 'fastcse[sentence-transformers]'"
-_MIN_VERSION = "6.0"  # the first release with base.losses.CachedLossMixin and embed_columns; tested on 6.2
+_MIN_VERSION = "6.0"  # the first release with base.losses.CachedLossMixin and embed_columns; CI tests 6.0.1 and 6.3.0
 
 try:
     import sentence_transformers
