@@ -989,3 +989,118 @@ def test_a_collapse_to_one_point_is_warned_once(tmp_path, caplog):
         train(tiny(), SENTENCES, batch_size=8, max_steps=8, eval_data=None, learning_rate=1000.0, progress=False,
               output_dir=tmp_path / "run")
     assert caplog.text.count("the embeddings have collapsed") == 1
+
+
+# ---- Matryoshka: the loss at every dimension, evaluation at each, the saved model truncated
+
+
+def test_matryoshka_run_passes_its_dimensions_to_the_loss_and_records_them(tmp_path, monkeypatch):
+    recorded = RecordedLosses(monkeypatch)
+    seen = []
+    real = recorded.real
+
+    def remember_keywords(anchor, positive, negative=None, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("matryoshka_dims", "matryoshka_weights")})
+        return real(anchor, positive, negative, **kwargs)
+
+    recorded.real = remember_keywords
+    result = train(tiny(), SENTENCES, batch_size=8, max_steps=1, eval_data=None, progress=False, seed=2,
+                   matryoshka_dims=[32, 8, 16], matryoshka_weights=[1.0, 0.5, 2.0], output_dir=tmp_path / "run")
+    assert seen == [{"matryoshka_dims": (8, 16, 32), "matryoshka_weights": (0.5, 2.0, 1.0)}]  # ascending, weights along
+    call = recorded.calls[0]
+    expected = reference_loss(call, matryoshka_dims=(8, 16, 32), matryoshka_weights=(0.5, 2.0, 1.0))
+    assert step_losses(result)[0] == pytest.approx(expected, rel=1e-5)
+    saved = torch.load(tmp_path / "run" / "last" / "trainer_state.pt", weights_only=True)["settings"]
+    assert saved["matryoshka_dims"] == (8, 16, 32) and saved["matryoshka_weights"] == (0.5, 2.0, 1.0)
+    assert json.loads((tmp_path / "run" / "last" / "fastcse.json").read_text())["matryoshka_dims"] == [8, 16, 32]
+    # without Matryoshka the loss gets none of its keywords: the plain call, bit for bit
+    seen.clear()
+    train(tiny(), SENTENCES, batch_size=8, max_steps=1, eval_data=None, progress=False, output_dir=tmp_path / "plain")
+    assert seen == [{"matryoshka_dims": None, "matryoshka_weights": None}]
+
+
+def test_matryoshka_evaluates_each_dimension_and_the_saved_model_truncates_alike(tmp_path, dev_pairs):
+    SentenceTransformer = pytest.importorskip("sentence_transformers").SentenceTransformer
+    from scipy.stats import spearmanr
+
+    from fastcse.evaluation import load_pair_file
+
+    result = train(tiny(), SENTENCES, batch_size=8, max_steps=2, eval_steps=1, eval_data=dev_pairs, pooler="avg",
+                   learning_rate=1e-3, matryoshka_dims=(16, 8), output_dir=tmp_path / "run", progress=False)
+    scores = result.history[-1]["eval"]
+    assert list(scores) == ["dev40", "dev40@16", "dev40@8"]  # the full dimension first, then widest to narrowest
+    assert all(h["metric"] == h["eval"]["dev40"] for h in result.history)  # the best is picked on the full dim
+    assert result.best_metric == max(h["eval"]["dev40"] for h in result.history)
+    best = next(h for h in result.history if h["step"] == result.best_step)
+    first, second, gold = load_pair_file(dev_pairs)
+    for dim in (16, 8):
+        model = SentenceTransformer(result.model_path, device="cpu", truncate_dim=dim)
+        a, b = (torch.as_tensor(model.encode(texts)) for texts in (first, second))
+        assert a.shape[1] == dim
+        cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        assert spearmanr(cosine.numpy(), gold).correlation * 100 == pytest.approx(best["eval"][f"dev40@{dim}"],
+                                                                                   abs=1e-4)
+    # the embeddings themselves: the first m coordinates of the full embedding
+    from transformers import AutoModel, AutoTokenizer
+
+    full = encode(AutoModel.from_pretrained(result.model_path), AutoTokenizer.from_pretrained(result.model_path),
+                  first[:5], pooler="avg")
+    truncated = SentenceTransformer(result.model_path, device="cpu", truncate_dim=8).encode(first[:5])
+    torch.testing.assert_close(torch.as_tensor(truncated), full[:, :8], rtol=1e-4, atol=1e-5)
+
+
+def test_metric_for_best_picks_the_best_checkpoint_on_a_stated_score(tmp_path, dev_pairs):
+    result = train(tiny(), SENTENCES, batch_size=8, max_steps=2, eval_steps=1, eval_data=dev_pairs, pooler="avg",
+                   learning_rate=1e-3, matryoshka_dims=(16, 8), metric_for_best="dev40@8",
+                   output_dir=tmp_path / "run", progress=False)
+    assert [h["metric"] for h in result.history] == [h["eval"]["dev40@8"] for h in result.history]
+    assert result.best_metric == max(h["eval"]["dev40@8"] for h in result.history)
+    assert json.loads((tmp_path / "run" / "best" / "fastcse.json").read_text())["step"] == result.best_step
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(matryoshka_dims=(16, 0)), ValueError, r"matryoshka_dims must hold positive ints, got \(16, 0\)"),
+    (dict(matryoshka_dims=(64, 16)), ValueError, r"matryoshka_dims must hold ints in \[1, 32\]"),
+    (dict(matryoshka_dims=(16, 16)), ValueError, "matryoshka_dims must be distinct"),
+    (dict(matryoshka_dims="16"), TypeError, "matryoshka_dims must be a sequence of ints"),
+    (dict(matryoshka_weights=(1.0,)), ValueError, "matryoshka_weights given without matryoshka_dims"),
+    (dict(matryoshka_dims=(16, 8), matryoshka_weights=(1.0,)), ValueError, "matryoshka_weights must be None or 2"),
+    (dict(matryoshka_dims=(16,), matryoshka_weights=(float("nan"),)), ValueError, "matryoshka_weights"),
+    (dict(metric_for_best="dev40"), ValueError, "eval_data is None"),
+    (dict(metric_for_best=3), TypeError, "metric_for_best must be a score name"),
+])
+def test_bad_matryoshka_settings_fail_before_training(tmp_path, kwargs, error, match):
+    kwargs = dict(dict(batch_size=8, max_steps=1, eval_data=None, progress=False, output_dir=tmp_path / "out"), **kwargs)
+    with pytest.raises(error, match=match):
+        train(tiny(), SENTENCES, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_metric_for_best_must_name_a_reported_score(tmp_path, dev_pairs):
+    with pytest.raises(ValueError, match=r"metric_for_best must be one of the evaluation's scores \['dev40', "
+                                         r"'dev40@16'\], got 'dev40@8'"):
+        train(tiny(), SENTENCES, batch_size=8, max_steps=1, eval_data=dev_pairs, matryoshka_dims=(16,),
+              metric_for_best="dev40@8", output_dir=tmp_path / "out", progress=False)
+
+
+def test_resume_refuses_changed_matryoshka_settings(tmp_path, dev_pairs):
+    args = dict(batch_size=8, max_steps=2, eval_steps=2, eval_data=dev_pairs, progress=False,
+                matryoshka_dims=(16, 8))
+    run = tmp_path / "run"
+    train(tiny(), SENTENCES, output_dir=run, **args)
+    for changed, named in ((dict(matryoshka_dims=(16, 4)), r"matryoshka_dims \(8, 16\) -> \(4, 16\)"),
+                           (dict(matryoshka_dims=None), r"matryoshka_dims \(8, 16\) -> None"),
+                           (dict(matryoshka_weights=(1.0, 2.0)), r"matryoshka_weights \(1\.0, 1\.0\) -> \(2\.0, 1\.0\)"),
+                           (dict(metric_for_best="dev40@8"), "metric_for_best None -> 'dev40@8'")):
+        with pytest.raises(RunRefused, match=named):
+            train(tiny(), SENTENCES, output_dir=run, resume_from=run, **dict(args, **changed))
+    # the same dimensions in another order are the same loss: the run continues
+    assert train(tiny(), SENTENCES, output_dir=run, resume_from=run, **dict(args, matryoshka_dims=(8, 16))).steps == 2
+    # a checkpoint from before Matryoshka counts as without it
+    state_file = (run / "last").resolve() / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    for name in ("matryoshka_dims", "matryoshka_weights", "metric_for_best"):
+        del state["settings"][name]
+    torch.save(state, state_file)
+    with pytest.raises(RunRefused, match=r"matryoshka_dims None -> \(8, 16\)"):
+        train(tiny(), SENTENCES, output_dir=run, resume_from=run, **args)

@@ -37,13 +37,13 @@ from fastcse.training.checkpoints import METRICS_FILE, append_jsonl, prepare_out
 from fastcse.training.config import TrainConfig, make_config, run_settings
 from fastcse.training.evaluator import Evaluator
 from fastcse.training.lock import RunLock, locked_output_dir
-from fastcse.training.model import (check_max_seq_length, check_mlp_head, load_model_on_device, resolve_precision,
-                                    set_starting_weights)
+from fastcse.training.model import (check_matryoshka_dims, check_max_seq_length, check_mlp_head, load_model_on_device,
+                                    resolve_precision, set_starting_weights)
 from fastcse.training.ranks import (all_reduce_grads, check_multi_process, current_world, on_rank0,
                                     set_up_rank_device, torchrun_process_group)
 from fastcse.training.interrupts import StopRequests, TrainingInterrupted
 from fastcse.training.resume import Checkpointer, ResumeChoice, RunState, choose_checkpoint, load_resume
-from fastcse.training.step import ContrastiveStep, NegativeQueue, make_optimizer
+from fastcse.training.step import ContrastiveStep, LossOptions, NegativeQueue, make_optimizer
 
 logger = logging.getLogger("fastcse.train")
 
@@ -152,6 +152,7 @@ def _load_run(model, tokenizer, data, config: TrainConfig, device, choice: Resum
     autocast_dtype = resolve_precision(config.precision, device)
     check_mlp_head(model, config.pooler, _fresh_head(config, choice.folder))
     check_max_seq_length(model, config.max_seq_length)
+    check_matryoshka_dims(model, config.matryoshka_dims, device)
     encoding = encoding_lib.resolve_encoding(config.encoding, model)
     check_mini_batch_tokens(config.mini_batch_tokens, tokenizer, examples, config.mode, config.max_seq_length)
     order = BatchOrder(len(examples), config.batch_size, config.seed)
@@ -207,7 +208,8 @@ def _train_in_folder(run: LoadedRun, config: TrainConfig, resume_folder: Path | 
 def _contrastive_step(run: LoadedRun, config: TrainConfig, queue: NegativeQueue | None,
                       world: int) -> ContrastiveStep:
     return ContrastiveStep(
-        run.model, config.pooler, run.encoding, run.views, config.temperature, config.hard_negative_weight,
+        run.model, config.pooler, run.encoding, run.views,
+        LossOptions(config.temperature, config.hard_negative_weight, config.matryoshka_dims, config.matryoshka_weights),
         dist.group.WORLD if world > 1 else None, run.autocast_dtype, run.device,
         mini_batch_sequences=config.mini_batch_size * run.views if config.mini_batch_size else None,
         mini_batch_tokens=config.mini_batch_tokens, queue=queue, rank_rows=rows_per_rank(config.batch_size, world))
@@ -219,20 +221,26 @@ def _log_ineffective_settings(run: LoadedRun, config: TrainConfig) -> None:
         logger.warning("unsupervised SimCSE uses dropout as its augmentation, but the model's dropout is 0")
     if run.labels is not None and config.mask_duplicates:
         logger.info("the data has labels: they define the positives, so mask_duplicates has no effect")
+    if config.matryoshka_dims and config.eval_pooler != config.pooler:
+        logger.warning("matryoshka_dims trains the prefixes of the MLP head's output, but evaluation and the saved "
+                       "model use the raw [CLS] (mlp_only_train): its truncations are not the ones trained; "
+                       "pooler='avg' or mlp_only_train=False evaluate what Matryoshka trains")
 
 
 def _model_record(config: TrainConfig) -> dict:
     """How a saved model was trained and is to be pooled, written with every checkpoint."""
     return {"mode": config.mode, "pooler": config.pooler, "mlp_only_train": config.mlp_only_train,
             "mlp_init": config.mlp_init, "eval_pooler": config.eval_pooler, "temperature": config.temperature,
-            "batch_size": config.batch_size, "max_seq_length": config.max_seq_length, "fastcse_version": __version__}
+            "batch_size": config.batch_size, "max_seq_length": config.max_seq_length,
+            "matryoshka_dims": list(config.matryoshka_dims) if config.matryoshka_dims else None,
+            "fastcse_version": __version__}
 
 
 def _log_run_start(run: LoadedRun, config: TrainConfig, world: int, caching: bool) -> None:
     """One line describing the run about to train."""
     batch_size = config.batch_size
     logger.info("training %s SimCSE: %d examples%s, batch %d%s%s, %d steps, lr %g, pooler %s, %s encoding, "
-                "precision %s, %s, negative queue %s", config.mode, len(run.examples),
+                "precision %s, %s, negative queue %s%s", config.mode, len(run.examples),
                 " (labelled)" if run.labels is not None else "", batch_size,
                 f" over {world} processes ({batch_size // world}{'+' if batch_size % world else ''} each)"
                 if world > 1 else "",
@@ -241,7 +249,9 @@ def _log_run_start(run: LoadedRun, config: TrainConfig, world: int, caching: boo
                 run.total_steps, config.learning_rate, config.pooler, run.encoding,
                 "bf16" if run.autocast_dtype else "fp32",
                 "duplicates masked" if config.mask_duplicates and run.labels is None else "duplicates not masked",
-                config.negative_queue_size or "off")
+                config.negative_queue_size or "off",
+                f", Matryoshka dims {list(config.matryoshka_dims)} weights {list(config.matryoshka_weights)}"
+                if config.matryoshka_dims else "")
 
 
 def _train_result(state: RunState, model_path: Path, output_dir: Path, metrics_path: Path,

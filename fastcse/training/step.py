@@ -64,6 +64,23 @@ class NegativeQueue:
 # One step: encode (length-aware, cached or not), loss over the whole batch, backward
 
 
+@dataclass(frozen=True)
+class LossOptions:
+    """The run's ``info_nce`` settings, the same at every step. Matryoshka's keywords are passed
+    only when set, so that a run without them makes the plain call."""
+
+    temperature: float
+    hard_negative_weight: float = 0.0
+    matryoshka_dims: tuple[int, ...] | None = None
+    matryoshka_weights: tuple[float, ...] | None = None
+
+    def keywords(self) -> dict:
+        options = {"temperature": self.temperature, "hard_negative_weight": self.hard_negative_weight}
+        if self.matryoshka_dims:
+            options.update(matryoshka_dims=self.matryoshka_dims, matryoshka_weights=self.matryoshka_weights)
+        return options
+
+
 @dataclass
 class ContrastiveStep:
     """Encodes a step's sequences in the units of :func:`fastcse.encoding.plan_step`, puts the
@@ -76,8 +93,7 @@ class ContrastiveStep:
     pooler: str
     encoding: str
     views: int
-    temperature: float
-    hard_negative_weight: float
+    loss_options: LossOptions
     process_group: object
     autocast_dtype: torch.dtype | None
     device: torch.device
@@ -119,9 +135,8 @@ class ContrastiveStep:
         anchor, positive = emb[:, 0], emb[:, 1]
         negative = emb[:, 2] if self.views == 3 else None
         self._positives = positive.detach()
-        return info_nce(anchor, positive, negative, temperature=self.temperature,
-                                hard_negative_weight=self.hard_negative_weight, process_group=self.process_group,
-                                **self._row_options(rows, anchor))
+        return info_nce(anchor, positive, negative, process_group=self.process_group, **self.loss_options.keywords(),
+                        **self._row_options(rows, anchor))
 
     def _row_options(self, rows: StepRows, anchor: torch.Tensor) -> dict:
         """The ``info_nce`` keywords of the step's rows, only those in use: a step without
