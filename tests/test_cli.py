@@ -324,3 +324,64 @@ def test_the_resume_command_drops_overwrite_and_replaces_resume_from():
 
     argv = ["train", "--model", "m", "--resume-from", "old", "--overwrite-output-dir", "--output-dir", "o p"]
     assert resume_command(argv, "o p") == "python -m fastcse train --model m --output-dir 'o p' --resume-from 'o p'"
+
+
+def test_train_passes_the_matryoshka_flags(monkeypatch):
+    import dataclasses
+
+    import fastcse.training
+
+    seen = []
+
+    def fake_train(model, data, *, config):
+        seen.append(dataclasses.asdict(config))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(fastcse.training, "train", fake_train)
+    assert main(TRAIN + ["--matryoshka-dims", "768", "512", "64", "--matryoshka-weights", "1", "0.5", "2",
+                         "--metric-for-best", "STSBenchmark-dev@64", "--output-dir", "unused"]) == 2
+    assert main(TRAIN + ["--output-dir", "unused"]) == 2
+    keys = ("matryoshka_dims", "matryoshka_weights", "metric_for_best")
+    assert [tuple(k[key] for key in keys) for k in seen] == [([768, 512, 64], [1.0, 0.5, 2.0], "STSBenchmark-dev@64"),
+                                                              (None, None, None)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--matryoshka-dims", "0"], "argument --matryoshka-dims: expected a positive integer, got '0'"),
+    (["--matryoshka-dims", "64.5"], "argument --matryoshka-dims: expected a positive integer, got '64.5'"),
+    (["--matryoshka-dims"], "argument --matryoshka-dims: expected at least one argument"),
+    (["--matryoshka-dims", "64", "--matryoshka-weights", "nan"],
+     "argument --matryoshka-weights: expected a finite number, got 'nan'"),
+])
+def test_matryoshka_flags_are_checked_at_parse_time(capsys, argv, message):
+    err = _usage_error(capsys, TRAIN + argv)
+    assert message in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--matryoshka-weights", "1"], "matryoshka_weights given without matryoshka_dims"),
+    (["--matryoshka-dims", "64", "32", "--matryoshka-weights", "1"], "matryoshka_weights must be None or 2 numbers"),
+    (["--matryoshka-dims", "64", "64"], "matryoshka_dims must be distinct"),
+    (["--metric-for-best", "avg@64"], "metric_for_best must be one of the evaluation's scores"),
+    (["--metric-for-best", "STSBenchmark-dev", "--eval-data", "none"], "eval_data is None"),
+])
+def test_bad_matryoshka_settings_are_one_line_errors(capsys, tmp_path, argv, message):
+    assert main(TRAIN + argv + ["--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastcse: error: ") and message in err and err.count("\n") == 1
+
+
+def test_eval_reports_truncated_dimensions(capsys, tmp_path):
+    from fastcse.training import build_bert_from_scratch, save_checkpoint
+
+    src = (SHARED / "data" / "sts-raw" / "STSB" / "dev.tsv").read_text(encoding="utf-8").splitlines()
+    pairs = tmp_path / "dev20.tsv"
+    pairs.write_text("\n".join(src[:21]) + "\n", encoding="utf-8")
+    model, tok = build_bert_from_scratch(TOKENIZER, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                                         max_position_embeddings=128)
+    save_checkpoint(tmp_path / "m", model, tok, {"eval_pooler": "avg"})
+    assert main(["eval", "--model", str(tmp_path / "m"), "--tasks", str(pairs), "--truncate-dims", "16", "8",
+                 "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores == pytest.approx(fastcse.evaluate(tmp_path / "m", [str(pairs)], truncate_dims=(16, 8)), abs=1e-9)
+    assert list(scores) == ["dev20", "dev20@16", "dev20@8"]
