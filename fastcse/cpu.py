@@ -34,6 +34,7 @@ import math
 import torch
 
 from fastcse.checks import NORMALIZE_EPS, accumulation_dtype
+from fastcse.false_negatives import FalseNegativeTiles
 from fastcse.problem import (ANCHOR_KEYS, ANCHORS, CANDIDATES, DIRECTION_ROLES, DOCUMENTS, MASK_OWN_DOCUMENTS,
                              MASK_SELF, QUERY_TO_DOC, LossProblem)
 
@@ -131,7 +132,7 @@ class _SweepOperands:
     Queries carry the temperature (S = (Q_hat / tau) K_hat^T): the scaled copies are the small
     operands. Query-side gradient buffers hold tau * dQ_hat (finish_grads divides once)."""
 
-    def __init__(self, anchor, candidates, anchor_keys, ids, problem: LossProblem):
+    def __init__(self, anchor, candidates, anchor_keys, ids, problem: LossProblem, guide=None):
         self.problem = problem
         self.ids = ids
         self.dtype = accumulation_dtype(anchor)
@@ -153,6 +154,9 @@ class _SweepOperands:
         # and the shift are skipped. Otherwise (small tau, dot products) the exact row max is used.
         bound = 1.0 / problem.tau + abs(problem.weight) + problem.hardness_strength
         self.unshifted = problem.normalize and bound <= SAFE_EXP
+        # False negatives by similarity: recomputed per tile in every sweep, never stored B x N.
+        self.false_negatives = None if problem.false_negative_margin is None else \
+            FalseNegativeTiles(problem, guide, self)
 
     def chunks(self):
         for r0 in range(0, self.problem.batch, self.rows):
@@ -180,7 +184,10 @@ class _SweepOperands:
     def target_logits(self, block, r0, r1) -> torch.Tensor:
         """Each row's target: its positive's logit, or the mean over its label's positives."""
         if self.problem.id_mode == "label":
-            return (block[:, : self.problem.num_positives] * self.label_weights(r0, r1)).sum(1)
+            positives = block[:, : self.problem.num_positives]
+            if self.false_negatives is not None:  # left-out cells are -inf, and -inf * 0 is NaN
+                positives = positives.nan_to_num(neginf=0.0)
+            return (positives * self.label_weights(r0, r1)).sum(1)
         return block[torch.arange(r1 - r0), self.targets(r0, r1)]
 
     def targets(self, r0, r1):
@@ -204,6 +211,8 @@ class _SweepOperands:
 
     def decorate(self, direction: str, block: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         """The direction's bias, hardness penalty and masks, in place on rows [r0, r1)' logits."""
+        # Read before the bias and the penalty: self-guided, the raw scores are the guide.
+        left_out = None if self.false_negatives is None else self.false_negatives.left_out(direction, block, r0, r1)
         rows = torch.arange(r1 - r0)
         role = DIRECTION_ROLES[direction]
         if role.holds_target:
@@ -218,6 +227,8 @@ class _SweepOperands:
                 block[self.own_negatives(r0, r1)] = -math.inf
         if self.problem.id_mode == "group":
             self._mask_group(block, r0, r1)
+        if left_out is not None:
+            block.masked_fill_(left_out, -math.inf)
         return block
 
     def _mask_group(self, block, r0, r1):
@@ -415,8 +426,10 @@ def _grad_row_sweep(operands: _SweepOperands, grad_rows, lse):
 
 def _uses_column_sweep(problem: LossProblem) -> bool:
     # The reverse direction reads query_to_doc's positive block: it must hold no bias or penalty.
+    # A false-negative rule leaves out different cells in the two directions (thresholds by row).
     return (problem.symmetric and not problem.separate_anchor_keys and problem.hardness_mode is None
-            and (problem.weight == 0.0 or problem.neg_start >= problem.batch))
+            and (problem.weight == 0.0 or problem.neg_start >= problem.batch)
+            and problem.false_negative_margin is None)
 
 
 def _column_stats_update(col_max, col_sum, block):
@@ -477,7 +490,8 @@ def _grad_column_sweep(operands: _SweepOperands, grad_rows, lse):
 
 def matrix_products(problem: LossProblem, *, grad_in_forward: bool = True) -> list[tuple[str, int]]:
     """The B x n x d matrix products forward + backward costs, as (kind, n) with kind one of
-    "scores" (Q K^T), "dq" (dS K) and "dk" (dS^T Q): the count the benchmarks' floor runs.
+    "scores" (Q K^T), "dq" (dS K) and "dk" (dS^T Q): the count the benchmarks' floor runs; a
+    guided false-negative rule adds "guide" (the guide's tile, B x n x d_g).
 
     ``grad_in_forward``: a scalar upstream gradient (reduction mean/sum), gradients in the
     forward sweep; otherwise a statistics sweep, then a gradient sweep in the backward.
@@ -495,7 +509,16 @@ def matrix_products(problem: LossProblem, *, grad_in_forward: bool = True) -> li
     widths = list(direction_widths(problem).values())
     recompute = [] if grad_in_forward else [("scores", n) for n in widths]
     labels = [("dq", problem.num_positives), ("dk", problem.num_positives)] if problem.id_mode == "label" else []
-    return recompute + [(kind, n) for n in widths for kind in ("scores", "dq", "dk")] + labels
+    return recompute + [(kind, n) for n in widths for kind in ("scores", "dq", "dk")] + labels \
+        + _guide_products(problem, widths, grad_in_forward)
+
+
+def _guide_products(problem: LossProblem, widths: list[int], grad_in_forward: bool) -> list[tuple[str, int]]:
+    """A given guide's tiles, ("guide", n): B x n x d_g each, once per sweep that scores the block
+    (self-guided, the rule reads the score blocks themselves: no product)."""
+    if problem.false_negative_margin is None or problem.guide_dim == 0:
+        return []
+    return [("guide", n) for n in widths] * (1 if grad_in_forward else 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,12 +526,12 @@ def matrix_products(problem: LossProblem, *, grad_in_forward: bool = True) -> li
 # --------------------------------------------------------------------------------------------
 
 
-def forward(anchor, candidates, anchor_keys, problem: LossProblem, *, compute_grad, ids=None):
+def forward(anchor, candidates, anchor_keys, problem: LossProblem, *, compute_grad, ids=None, guide=None):
     if problem.matryoshka_dims:
         from fastcse import cpu_matryoshka
 
         return cpu_matryoshka.forward(anchor, candidates, anchor_keys, problem, compute_grad=compute_grad, ids=ids)
-    operands = _SweepOperands(anchor, candidates, anchor_keys, ids, problem)
+    operands = _SweepOperands(anchor, candidates, anchor_keys, ids, problem, guide)
     if _uses_column_sweep(problem):
         row_loss, lse = _stats_column_sweep(operands)
         # The column LSEs are final only at the end: gradients take a second sweep.
@@ -522,12 +545,12 @@ def forward(anchor, candidates, anchor_keys, problem: LossProblem, *, compute_gr
     return row_loss, lse, None
 
 
-def backward(grad_rows, anchor, candidates, anchor_keys, problem: LossProblem, lse, *, ids=None):
+def backward(grad_rows, anchor, candidates, anchor_keys, problem: LossProblem, lse, *, ids=None, guide=None):
     if problem.matryoshka_dims:
         from fastcse import cpu_matryoshka
 
         return cpu_matryoshka.backward(grad_rows, anchor, candidates, anchor_keys, problem, lse, ids=ids)
-    operands = _SweepOperands(anchor, candidates, anchor_keys, ids, problem)
+    operands = _SweepOperands(anchor, candidates, anchor_keys, ids, problem, guide)
     lse = lse.to(operands.dtype)
     if _uses_column_sweep(problem):
         return _grad_column_sweep(operands, grad_rows, lse)

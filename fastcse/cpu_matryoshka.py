@@ -89,6 +89,9 @@ class _MatryoshkaOperands(_SweepOperands):
         bound = 1.0 / problem.tau + abs(problem.weight) + problem.hardness_strength
         self.unshifted = problem.normalize and bound <= SAFE_EXP
         self.tau_dots = torch.zeros((), dtype=self.dtype)  # sum over all cells of dS sim (dL/dtau)
+        # The similarity rule for false negatives is not combined with Matryoshka dimensions
+        # (fastcse.loss refuses the pair), so ``decorate`` leaves no key out here.
+        self.false_negatives = None
 
     def query_side(self, direction: str) -> tuple[_PrefixOperand, int]:
         """(the operand holding the direction's query rows, the offset of row 0 in it)."""

@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fastcse.checks import NORMALIZE_EPS, accumulation_dtype
+from fastcse.false_negatives import GuideRows, problem_keywords
 from fastcse.ops import info_nce_call, needs_grad
 from fastcse.problem import LossProblem, describe, encode_variant
 
@@ -191,13 +192,15 @@ def distributed_info_nce(anchor, positive, negative, checked, *, temperature, no
     # Checked across ranks by the gather's header exchange: a mismatch raises on every rank.
     options = (f"k={num_neg} variant={encode_variant(variant)} weight={float(hard_negative_weight)!r} "
                f"tau={float(temperature.detach())!r} reduction={reduction} ids={checked.id_mode or ''}"
-               f" matryoshka={checked.matryoshka_dims}:{checked.matryoshka_weights}")
+               f" matryoshka={checked.matryoshka_dims}:{checked.matryoshka_weights}"
+               + _false_negative_header(checked.false_negatives))
     gathered, counts = gather_rows(parts, group, normalize=normalize, bf16_transport=bf16_transport, options=options)
     sizes = counts[:, 0].tolist()
     rank = group.rank()
     start, total = sum(sizes[:rank]), sum(sizes)
     # Every rank takes part, the one without rows too (the ids are a collective of their own).
     all_ids = gather_variable(checked.ids, sizes, group) if checked.id_mode else None
+    guide = _gathered_guide(checked, sizes, group)
     candidates = gathered[: total * (1 + num_neg)]
     if extra_negatives is not None:
         candidates = torch.cat([candidates, _normalized(extra_negatives) if normalize else extra_negatives])
@@ -213,18 +216,18 @@ def distributed_info_nce(anchor, positive, negative, checked, *, temperature, no
         anchor_keys = None
         queries = _normalized(anchor) if normalize else anchor.contiguous()
     problem = _rank_problem(queries, candidates, anchor_keys, all_ids, checked, start=start, total=total,
-                            hard_negative_weight=hard_negative_weight, normalize=normalize)
+                            hard_negative_weight=hard_negative_weight, normalize=normalize, guide=guide)
     op_reduction = "none" if reduction == "none" else "sum"
     local = info_nce_call(problem, queries, candidates, temperature, anchor_keys=anchor_keys, ids=all_ids,
                           reduction=op_reduction, grad_in_forward=op_reduction == "sum" and grad_needed,
-                          backend=checked.backend)
+                          backend=checked.backend, guide=guide)
     if reduction == "none":
         return local
     return _global(local, reduction, total, group)
 
 
 def _rank_problem(queries, candidates, anchor_keys, all_ids, checked, *, start, total,
-                  hard_negative_weight, normalize=False) -> LossProblem:
+                  hard_negative_weight, normalize=False, guide: GuideRows | None = None) -> LossProblem:
     """This rank's rows against the gathered candidates: its anchor i has its positive at
     start + i, its hard negatives after all ranks' positives, its anchor key at start + i. The
     rows are normalized already (pack kernel / _normalized): the op runs with normalize=False,
@@ -237,7 +240,32 @@ def _rank_problem(queries, candidates, anchor_keys, all_ids, checked, *, start, 
                     hard_negative_weight=hard_negative_weight,
                     variant=checked.variant, anchor_keys=anchor_keys, anchor_start=start, ids=all_ids,
                     id_mode=checked.id_mode, num_extra=0 if extra is None else extra.shape[0],
-                    matryoshka_dims=checked.matryoshka_dims, matryoshka_weights=checked.matryoshka_weights)
+                    matryoshka_dims=checked.matryoshka_dims, matryoshka_weights=checked.matryoshka_weights,
+                    **problem_keywords(checked.false_negatives, guide))
+
+
+def _false_negative_header(rule) -> str:
+    """The false-negative rule in the gather's options: ranks that disagree raise together."""
+    if rule is None:
+        return ""
+    guide = f"{rule.guide_anchor.shape[1]},{rule.guide_anchor.dtype}" if rule.guided else "self"
+    return f" fn={rule.margin!r},{rule.strategy},{guide}"
+
+
+def _gathered_guide(checked, sizes: list[int], group) -> GuideRows | None:
+    """The guide's rows in the gathered layout (no gradient): every rank's guide positives, then
+    every rank's guide hard negatives, then this rank's guide extra negatives; every rank's guide
+    anchors as the anchor keys' guide when a direction scores against the anchors."""
+    rule = checked.false_negatives
+    if rule is None or not rule.guided:
+        return None
+    blocks = [gather_variable(rule.guide_positive, sizes, group)]
+    if checked.num_neg:
+        blocks.append(gather_variable(rule.guide_negative, [n * checked.num_neg for n in sizes], group))
+    if rule.guide_extra_negatives is not None:
+        blocks.append(rule.guide_extra_negatives)
+    keys = gather_variable(rule.guide_anchor, sizes, group) if checked.variant.needs_anchor_keys else None
+    return GuideRows(rule.guide_anchor, torch.cat(blocks), keys)
 
 
 def gather_variable(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:

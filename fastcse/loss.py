@@ -17,6 +17,8 @@ from torch import nn
 from fastcse import checks
 from fastcse.checks import DEFAULT_TEMPERATURE
 from fastcse.matryoshka import check_dims
+from fastcse.false_negatives import (FalseNegativeOptions, GuideRows, check_options, guide_candidates,
+                                     problem_keywords)
 from fastcse.ops import info_nce_call, needs_grad
 from fastcse.problem import LossProblem, Variant, describe, resolve_variant
 
@@ -82,6 +84,7 @@ class CheckedInputs(NamedTuple):
     extra_negatives: torch.Tensor | None  # [Q, d], Q >= 1
     matryoshka_dims: tuple[int, ...] = ()  # ascending (fastcse.matryoshka.check_dims)
     matryoshka_weights: tuple[float, ...] = ()
+    false_negatives: FalseNegativeOptions | None = None  # None: no false negatives by similarity
 
 
 def _check_row_ids(name: str, ids, anchor: torch.Tensor) -> torch.Tensor:
@@ -115,11 +118,13 @@ def _check_extra_negatives(extra_negatives, anchor: torch.Tensor) -> torch.Tenso
 
 def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, reduction, backend,
                  distributed=False, variant_options=None, group_ids=None, labels=None,
-                 extra_negatives=None, matryoshka_dims=None, matryoshka_weights=None) -> CheckedInputs:
+                 extra_negatives=None, matryoshka_dims=None, matryoshka_weights=None,
+                 false_negative_options=None) -> CheckedInputs:
     """Validates the user's arguments; returns them resolved (``variant_options``: resolve_variant's keywords).
 
     ``distributed``: a rank may hold no anchors (the last batch of an epoch); raising here would
-    leave the other ranks waiting in the gather, so B = 0 is allowed and the gather checks ranks."""
+    leave the other ranks waiting in the gather, so B = 0 is allowed and the gather checks ranks.
+    ``false_negative_options``: the false-negative keywords (see :func:`_check_false_negatives`)."""
     _check_matrix("anchor", anchor, 2)
     _check_matrix("positive", positive, 2)
     batch, dim = anchor.shape
@@ -164,7 +169,25 @@ def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, 
     if dims and backend == "triton":
         raise NotImplementedError("matryoshka_dims runs on backend='cpu' only for now: the Triton kernels do not "
                                   "implement it yet")
-    return CheckedInputs(backend, num_neg, variant, ids, id_mode, extra_negatives, dims, weights)
+    false_negatives = _check_false_negatives(false_negative_options, anchor, negative, extra_negatives)
+    if dims and false_negatives is not None:
+        raise NotImplementedError("matryoshka_dims with false_negative_margin is not implemented yet: the one-pass "
+                                  "Matryoshka sweep does not apply the similarity rule")
+    return CheckedInputs(backend, num_neg, variant, ids, id_mode, extra_negatives, dims, weights, false_negatives)
+
+
+def _check_false_negatives(options, anchor, negative, extra_negatives) -> FalseNegativeOptions | None:
+    """``options``: info_nce's false_negative_margin, margin_strategy, guide and guide_extra_negatives."""
+    if options is None:
+        return None
+    return check_options(**options, anchor=anchor, negative=negative, extra_negatives=extra_negatives)
+
+
+def _guide_rows(options: FalseNegativeOptions | None) -> GuideRows | None:
+    """One process: the guide's rows in the candidates' layout (None: no guide)."""
+    if options is None or not options.guided:
+        return None
+    return GuideRows(options.guide_anchor, guide_candidates(options), None)
 
 
 def _resolve_backend(backend, anchor: torch.Tensor) -> str:
@@ -217,11 +240,12 @@ def _temperature_tensor(temperature) -> torch.Tensor:
 
 def _local_problem(anchor, candidates, checked: CheckedInputs, normalize, hard_negative_weight) -> LossProblem:
     """One process: the positives first (row i's target is candidate i), then the hard negatives."""
-    extra = checked.extra_negatives
+    extra, rule = checked.extra_negatives, checked.false_negatives
     return describe(anchor, candidates, None, pos_start=0, neg_start=anchor.shape[0], num_neg=checked.num_neg,
                     normalize=normalize, hard_negative_weight=hard_negative_weight, variant=checked.variant,
                     ids=checked.ids, id_mode=checked.id_mode, num_extra=0 if extra is None else extra.shape[0],
-                    matryoshka_dims=checked.matryoshka_dims, matryoshka_weights=checked.matryoshka_weights)
+                    matryoshka_dims=checked.matryoshka_dims, matryoshka_weights=checked.matryoshka_weights,
+                    **problem_keywords(rule, _guide_rows(rule)))
 
 
 def info_nce(
@@ -245,6 +269,8 @@ def info_nce(
     process_group=None,
     matryoshka_dims: tuple[int, ...] | None = None,
     matryoshka_weights: tuple[float, ...] | None = None,
+    false_negative_margin: float | None = None, margin_strategy: Literal["absolute", "relative"] = "absolute",
+    guide: tuple[torch.Tensor, ...] | None = None, guide_extra_negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE (SimCSE / MultipleNegativesRankingLoss) without materializing the B x N logits.
 
@@ -285,6 +311,8 @@ def info_nce(
         matryoshka_dims, matryoshka_weights: Matryoshka training: sum_k w_k * (this loss on the
             first m_k coordinates, each prefix normalized on its own), one sweep over d; dims
             distinct in [1, d], any order; weights default 1 (docs/loss.md; CPU backend only).
+        false_negative_margin, margin_strategy, guide, guide_extra_negatives: false negatives by
+            similarity (GISTEmbedLoss's rule; self-guided with ``guide=None``): ``fastcse.false_negatives``.
 
     Returns:
         The fp32 loss: a scalar, or [B] with reduction="none".
@@ -292,7 +320,9 @@ def info_nce(
     variant_options = dict(symmetric=symmetric, directions=directions, partition_mode=partition_mode,
                            hardness_mode=hardness_mode, hardness_strength=hardness_strength)
     row_options = dict(group_ids=group_ids, labels=labels, extra_negatives=extra_negatives,
-                       matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights)
+                       matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights,
+                       false_negative_options=dict(margin=false_negative_margin, strategy=margin_strategy,
+                                                   guide=guide, guide_extra_negatives=guide_extra_negatives))
     checked = _check_inputs_on_every_rank(anchor, positive, negative, temperature, hard_negative_weight, reduction,
                                           backend, process_group, variant_options, row_options)
     temperature = _temperature_tensor(temperature)
@@ -314,7 +344,7 @@ def _local_info_nce(anchor, positive, negative, checked: CheckedInputs, temperat
     problem = _local_problem(anchor, candidates, checked, normalize, hard_negative_weight)
     return info_nce_call(problem, anchor, candidates, temperature, ids=checked.ids, reduction=reduction,
                          grad_in_forward=reduction != "none" and needs_grad(anchor, candidates, temperature),
-                         backend=checked.backend)
+                         backend=checked.backend, guide=_guide_rows(checked.false_negatives))
 
 
 class InfoNCE(nn.Module):
@@ -325,7 +355,8 @@ class InfoNCE(nn.Module):
                  partition_mode: str | None = None, hardness_mode: str | None = None,
                  hardness_strength: float = 0.0, reduction: str = "mean", backend: str = "auto",
                  process_group=None, matryoshka_dims: tuple[int, ...] | None = None,
-                 matryoshka_weights: tuple[float, ...] | None = None):
+                 matryoshka_weights: tuple[float, ...] | None = None, false_negative_margin: float | None = None,
+                 margin_strategy: str = "absolute"):
         super().__init__()
         # Checked now, so that a bad variant fails at construction rather than at the first step.
         resolve_variant(symmetric=symmetric, directions=directions, partition_mode=partition_mode,
@@ -345,15 +376,23 @@ class InfoNCE(nn.Module):
         check_dims(matryoshka_dims, matryoshka_weights, None)
         self.matryoshka_dims = matryoshka_dims
         self.matryoshka_weights = matryoshka_weights
+        check_options(false_negative_margin, margin_strategy, None, None, anchor=None, negative=None,
+                      extra_negatives=None)
+        self.false_negative_margin = false_negative_margin
+        self.margin_strategy = margin_strategy
 
-    def forward(self, anchor, positive, negative=None, *, group_ids=None, extra_negatives=None, labels=None):
+    def forward(self, anchor, positive, negative=None, *, group_ids=None, extra_negatives=None, labels=None,
+                guide=None, guide_extra_negatives=None):
+        """``guide``: the guide model's embeddings of this batch's rows (with ``false_negative_margin``)."""
         return info_nce(anchor, positive, negative, temperature=self.temperature, normalize=self.normalize,
                         symmetric=self.symmetric, hard_negative_weight=self.hard_negative_weight,
                         directions=self.directions, partition_mode=self.partition_mode,
                         hardness_mode=self.hardness_mode, hardness_strength=self.hardness_strength,
                         group_ids=group_ids, extra_negatives=extra_negatives, labels=labels,
                         reduction=self.reduction, backend=self.backend, process_group=self.process_group,
-                        matryoshka_dims=self.matryoshka_dims, matryoshka_weights=self.matryoshka_weights)
+                        matryoshka_dims=self.matryoshka_dims, matryoshka_weights=self.matryoshka_weights,
+                        false_negative_margin=self.false_negative_margin, margin_strategy=self.margin_strategy,
+                        guide=guide, guide_extra_negatives=guide_extra_negatives)
 
     def extra_repr(self) -> str:
         variant = ""
@@ -364,4 +403,9 @@ class InfoNCE(nn.Module):
         if self.matryoshka_dims is not None:
             variant += f", matryoshka_dims={self.matryoshka_dims}, matryoshka_weights={self.matryoshka_weights}"
         return (f"temperature={self.temperature}, normalize={self.normalize}, symmetric={self.symmetric}, "
-                f"hard_negative_weight={self.hard_negative_weight}{variant}, reduction={self.reduction!r}")
+                f"hard_negative_weight={self.hard_negative_weight}{variant}, reduction={self.reduction!r}"
+                + _false_negative_repr(self.false_negative_margin, self.margin_strategy))
+
+
+def _false_negative_repr(margin, strategy) -> str:
+    return "" if margin is None else f", false_negative_margin={margin}, margin_strategy={strategy!r}"

@@ -41,6 +41,11 @@ being id ``ids[pos_start + i]``:
 Extra negatives (a queue): the last ``num_extra`` candidates, scored by query_to_doc only (not
 by doc_to_doc), never anyone's own documents (so in_batch_negatives and all_negatives penalize
 them, hard_negatives does not).
+
+False negatives by similarity (``false_negative_margin``, ``margin_strategy``, ``guide_dim``):
+in every direction, the keys whose guide similarity to row i's query exceeds row i's threshold
+are left out, but row i's target(s) and doc_to_query's own anchor; the rule and its guide are
+``fastcse.false_negatives``'.
 """
 
 from __future__ import annotations
@@ -209,6 +214,10 @@ class LossProblem:
     # dims ascending (fastcse.matryoshka's canonical form); () for the plain loss.
     matryoshka_dims: tuple[int, ...] = ()
     matryoshka_weights: tuple[float, ...] = ()
+    # False negatives by similarity (fastcse.false_negatives): None leaves no key out.
+    false_negative_margin: float | None = None
+    margin_strategy: str = "absolute"  # or "relative"
+    guide_dim: int = 0  # the guide's width d_g; 0: self-guided (the loss's own similarities)
 
     @property
     def num_documents(self) -> int:
@@ -306,13 +315,16 @@ def describe(anchor: torch.Tensor, candidates: torch.Tensor, tau: float | None, 
              num_neg: int, normalize: bool, hard_negative_weight: float, variant: Variant = Variant(),
              anchor_keys: torch.Tensor | None = None, anchor_start: int = 0, ids: torch.Tensor | None = None,
              id_mode: str | None = None, num_extra: int = 0, matryoshka_dims: tuple[int, ...] = (),
-             matryoshka_weights: tuple[float, ...] = ()) -> LossProblem:
+             matryoshka_weights: tuple[float, ...] = (), false_negative_margin: float | None = None,
+             margin_strategy: str = "absolute", guide=None) -> LossProblem:
     """The checked description of a call (the public checks are in ``fastcse.loss``).
 
     ``tau`` None: the caller's problem, before the op reads the temperature. ``anchor_keys``
     None: the anchors themselves are the keys of query_to_query / doc_to_query. ``ids``: the
     [P] ids of the positive block with ``id_mode`` "group" or "label". ``matryoshka_dims`` /
-    ``matryoshka_weights``: as ``fastcse.matryoshka.check_dims`` returns them (ascending)."""
+    ``matryoshka_weights``: as ``fastcse.matryoshka.check_dims`` returns them (ascending).
+    ``false_negative_margin`` with ``margin_strategy``: false negatives by similarity, guided by
+    ``guide`` (a ``fastcse.false_negatives.GuideRows``) or self-guided (None)."""
     if candidates.dtype != anchor.dtype:
         raise TypeError(f"candidates have dtype {candidates.dtype} but anchor has {anchor.dtype}")
     batch, dim = anchor.shape
@@ -340,4 +352,25 @@ def describe(anchor: torch.Tensor, candidates: torch.Tensor, tau: float | None, 
                        weight=weight, variant=variant, num_anchor_keys=num_anchor_keys, anchor_start=anchor_start,
                        separate_anchor_keys=anchor_keys is not None, id_mode=id_mode, num_positives=num_positives,
                        num_extra=num_extra, matryoshka_dims=tuple(matryoshka_dims),
-                       matryoshka_weights=tuple(matryoshka_weights))
+                       matryoshka_weights=tuple(matryoshka_weights),
+                       **_false_negative_fields(false_negative_margin, margin_strategy, guide, batch, num_candidates,
+                                                num_anchor_keys))
+
+
+def _false_negative_fields(margin, strategy, guide, batch: int, num_candidates: int, num_anchor_keys: int) -> dict:
+    """The problem's false-negative fields; the guide's rows must match the loss's rows one to one."""
+    if margin is None:
+        if guide is not None:
+            raise ValueError("a guide needs false_negative_margin")
+        return {}
+    checks.choice("margin_strategy", strategy, ("absolute", "relative"))
+    if guide is None:
+        return dict(false_negative_margin=float(margin), margin_strategy=strategy)
+    rows = {"anchor": (guide.anchor, batch), "candidates": (guide.candidates, num_candidates)}
+    if guide.anchor_keys is not None:
+        rows["anchor_keys"] = (guide.anchor_keys, num_anchor_keys)
+    guide_dim = guide.anchor.shape[1] if guide.anchor.dim() == 2 else 0
+    for name, (x, count) in rows.items():
+        if x.dim() != 2 or x.shape[0] != count or x.shape[1] != guide_dim or guide_dim == 0:
+            raise ValueError(f"the guide's {name} rows must be [{count}, d_g] with one d_g >= 1, got {tuple(x.shape)}")
+    return dict(false_negative_margin=float(margin), margin_strategy=strategy, guide_dim=guide_dim)

@@ -14,9 +14,10 @@ import triton.language as tl
 
 from fastcse.checks import NORMALIZE_EPS
 from fastcse.problem import LossProblem
-from fastcse.triton_tiles import (IDS_GROUP, IDS_LABEL, IDS_NONE, Config, Sweep, cell_args, diagonal, group_masked,
-                                  inverse_norms, load_tile, normalized_tile, pointer_or, reverse_columns, same_id,
-                                  tile_logits, tile_scores)
+from fastcse.triton_tiles import (FALSE_NEG_GUIDED, FALSE_NEG_NONE, FALSE_NEG_SELF, IDS_GROUP, IDS_LABEL, IDS_NONE,
+                                  Config, Sweep, above_limit, cell_args, diagonal, group_masked, guide_above_limit,
+                                  guide_args, inverse_norms, load_tile, never_left_out, normalized_tile, pointer_or,
+                                  reverse_columns, same_id, tile_logits, tile_scores)
 
 
 @triton.jit
@@ -28,7 +29,8 @@ def _backward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, lse_rev_ptr,
                      NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PENALTY: tl.constexpr, MASK: tl.constexpr,
                      HAS_TARGET: tl.constexpr, IDS: tl.constexpr, REVERSE: tl.constexpr,
                      EPS_: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                     gq_ptr, gk_ptr, thr_ptr, dim_g, stride_gq, stride_gk, FALSE_NEG: tl.constexpr):
     """Adds this tile's share of dQ_hat = dS K_hat / tau and dK_hat = dS^T Q_hat / tau (fp32, atomics).
 
     dS = g_scale * g_i * exp(logit - lse_i) (g_scale = 1 joint, 1 / P per_direction), minus g_i
@@ -36,13 +38,17 @@ def _backward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, lse_rev_ptr,
     the row's label cells: the one-hot becomes a label-match weight, no extra product). REVERSE
     (query_to_doc with local anchor keys) adds doc_to_query's dS, g_scale * g_j * exp(s_ij -
     lse_rev_j), on the positive block's column pos_start + j: the query p_j against anchor i, the
-    transposed cell of the same plain score (but for the group mask's cells, symmetric there)."""
+    transposed cell of the same plain score (but for the group mask's cells, symmetric there).
+    FALSE_NEG: the false-negative rule's cells, recomputed, get no probability (no REVERSE then)."""
     # Column blocks vary fastest, so programs running together share their query rows.
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     j0 = tl.program_id(0) * BLOCK_N
     cols = j0 + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     tile_ok = row_ok[:, None] & (cols[None, :] < n_cols)
+    if FALSE_NEG == FALSE_NEG_GUIDED:  # before the scores: one fp32 tile live at a time
+        above = guide_above_limit(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq,
+                                  stride_gk, BLOCK_M, BLOCK_N)
     s, inv_q, inv_k = tile_scores(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, rows, cols, n_rows, n_cols, dim,
                                   stride_q, stride_k, inv_tau, NORMALIZE, EPS_, BLOCK_M, BLOCK_N, BLOCK_D,
                                   UPCAST, PRECISION)
@@ -64,8 +70,16 @@ def _backward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, lse_rev_ptr,
                 cell_ok = cell_ok & ~group_masked(same, rows, cols, pos_start)
             rev_arg = tl.where(cell_ok, s - lse_rev[None, :], float("-inf"))
             ds = tl.exp(rev_arg) * g_rev[None, :]
+    if FALSE_NEG == FALSE_NEG_SELF:  # the plain scores, before the penalty and the bias
+        above = above_limit(s, thr_ptr, rows, n_rows)
+    if FALSE_NEG != FALSE_NEG_NONE:
+        left_out = above & ~never_left_out(same, rows, cols, pos_start, self_start, HAS_TARGET, IDS)
+    else:
+        left_out = 0  # unread
     s = tile_logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,
                     HAS_BIAS, PENALTY, MASK, IDS)
+    if FALSE_NEG != FALSE_NEG_NONE:
+        s = tl.where(left_out, float("-inf"), s)
     # Mask the exponents, not the products: padding scores are arbitrary and exp of them may be
     # inf. The saved lse is finite (joint includes query_to_doc; per_direction's query_to_doc and
     # doc_to_query keep each row's own pair under any mask), so masked cells (-inf) get exactly 0.
@@ -120,7 +134,8 @@ def launch_backward(sweep: Sweep, problem: LossProblem, cfg: Config, lse, g, g_s
         n_rows, n_cols, queries.shape[1], queries.stride(0), keys.stride(0),
         problem.inv_tau, *scalars, float(g_scale),
         REVERSE=lse_rev is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
-        UPCAST=cfg.upcast, PRECISION=cfg.precision, num_warps=t.warps, num_stages=t.stages, **constexprs)
+        UPCAST=cfg.upcast, PRECISION=cfg.precision, num_warps=t.warps, num_stages=t.stages, **constexprs,
+        **guide_args(sweep, lse))
 
 
 @triton.jit

@@ -14,9 +14,10 @@ import triton
 import triton.language as tl
 
 from fastcse.problem import LossProblem
-from fastcse.triton_tiles import (IDS_GROUP, IDS_LABEL, IDS_NONE, MASK_NONE, Config, Sweep, cell_args, diagonal,
-                                  group_masked, online_lse_update, pointer_or, reverse_columns, same_id,
-                                  tile_logits, tile_scores)
+from fastcse.triton_tiles import (FALSE_NEG_GUIDED, FALSE_NEG_NONE, FALSE_NEG_SELF, IDS_GROUP, IDS_LABEL, IDS_NONE,
+                                  MASK_NONE, Config, Sweep, above_limit, cell_args, diagonal, group_masked,
+                                  guide_above_limit, guide_args, never_left_out, online_lse_update, pointer_or,
+                                  reverse_columns, same_id, tile_logits, tile_scores)
 
 
 @triton.jit
@@ -27,13 +28,15 @@ def _forward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, target_ptr, c
                     NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PENALTY: tl.constexpr, MASK: tl.constexpr,
                     HAS_TARGET: tl.constexpr, IDS: tl.constexpr, FUSED_REVERSE: tl.constexpr,
                     EPS_: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                    gq_ptr, gk_ptr, thr_ptr, dim_g, stride_gq, stride_gk, FALSE_NEG: tl.constexpr):
     """One direction's LSE (and with HAS_TARGET the target logit) of a block of query rows over
     one split of the keys (program_id(1)), stored at [split, row]. FUSED_REVERSE (query_to_doc
     with local anchor keys) also adds, for the positive block's columns pos_start + j (j < n_rows),
     sum_i exp(s_ij - fixed_max) into col_sum[j]: doc_to_query's row sums, from the plain scores
     (less the group mask's cells, which are symmetric: pos_start = 0 there). With IDS_LABEL the
-    target is sum over the row's label cells of the logit, times inv_count[i] = 1 / |P_i|."""
+    target is sum over the row's label cells of the logit, times inv_count[i] = 1 / |P_i|.
+    FALSE_NEG: the false-negative rule's cells are -inf (no FUSED_REVERSE then)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split_start = tl.program_id(1) * cols_per_split
     split_end = tl.minimum(split_start + cols_per_split, n_cols)
@@ -58,15 +61,27 @@ def _forward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, target_ptr, c
                     cell_ok = cell_ok & ~group_masked(same, rows, cols, pos_start)
                 e = tl.exp(tl.where(cell_ok, s - fixed_max, float("-inf")))
                 tl.atomic_add(col_sum_ptr + rev, tl.sum(e, axis=0), mask=rev_ok)
+        if FALSE_NEG == FALSE_NEG_GUIDED:  # after the scores here: before them, fp32 spills on sm_80
+            above = guide_above_limit(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq,
+                                      stride_gk, BLOCK_M, BLOCK_N)
+        if FALSE_NEG == FALSE_NEG_SELF:  # the plain scores, before the penalty and the bias
+            above = above_limit(s, thr_ptr, rows, n_rows)
+        if FALSE_NEG != FALSE_NEG_NONE:
+            left_out = above & ~never_left_out(same, rows, cols, pos_start, self_start, HAS_TARGET, IDS)
+        else:
+            left_out = 0  # unread
         s = tile_logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,
                         HAS_BIAS, PENALTY, MASK, IDS)
+        if FALSE_NEG != FALSE_NEG_NONE:
+            s = tl.where(left_out, float("-inf"), s)
         if HAS_TARGET:
             if IDS == IDS_LABEL:
                 target += tl.sum(tl.where(same, s, 0.0), axis=1)
             else:
                 target += tl.sum(tl.where(diagonal(rows, cols, pos_start), s, 0.0), axis=1)
         s = tl.where(cols[None, :] < n_cols, s, float("-inf"))
-        m_i, l_i = online_lse_update(m_i, l_i, s, (MASK != MASK_NONE) or (IDS == IDS_GROUP))
+        m_i, l_i = online_lse_update(m_i, l_i, s,
+                                     (MASK != MASK_NONE) or (IDS == IDS_GROUP) or (FALSE_NEG != FALSE_NEG_NONE))
     out = tl.program_id(1) * n_rows + rows
     tl.store(lse_ptr + out, m_i + tl.log(l_i), mask=row_ok)
     if HAS_TARGET:
@@ -110,7 +125,8 @@ def launch_forward(sweep: Sweep, problem: LossProblem, cfg: Config, col_sum=None
         n_rows, n_cols, queries.shape[1], queries.stride(0), keys.stride(0), cols_per_split,
         problem.inv_tau, *scalars, problem.inv_tau,
         FUSED_REVERSE=col_sum is not None, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
-        UPCAST=cfg.upcast, PRECISION=cfg.precision, num_warps=t.warps, num_stages=t.stages, **constexprs)
+        UPCAST=cfg.upcast, PRECISION=cfg.precision, num_warps=t.warps, num_stages=t.stages, **constexprs,
+        **guide_args(sweep, lse))
     if splits == 1:
         return lse[0], None if target is None else target[0]
     # Only the split holding column pos_start + i adds to row i's target; the others add 0.

@@ -99,6 +99,13 @@ The per-row options, and what each costs (no launch, no product, no B x N tensor
 - extra negatives (the last Q = num_extra candidates): more query_to_doc columns, no bias, no
   own-negative penalty, never masked, gradients through d(candidates) like any column;
   doc_to_doc's keys are the first N - Q candidates (a prefix view, its gradient rows the same).
+- false negatives by similarity (FALSE_NEG, ``fastcse.false_negatives``): a [B] threshold per
+  row, computed once with torch; every tile compares its guide similarities with it, before the
+  penalty and the bias, and sets the cells above it to -inf (but the target(s) and doc_to_query's
+  own anchor). Self-guided, the guide is the tile's plain scores (thresholds over tau): no
+  product. A guide's normalized fp32 rows ([B + N (+ M), d_g], O((B + N) d_g)) give its tile: one
+  B x n x d_g product per direction in the forward and one in the backward. doc_to_query gets
+  launches of its own (its cells' thresholds are its rows', not query_to_doc's).
 
 Under ``TRITON_INTERPRET=1`` (the tests) the kernels run on CPU tensors (see
 ``fastcse.triton_tiles``).
@@ -109,13 +116,18 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
+
+from fastcse.checks import NORMALIZE_EPS
+from fastcse.false_negatives import GuideRows, threshold
 
 from fastcse.problem import (ANCHOR_KEYS, ANCHORS, CANDIDATES, DIRECTION_ROLES, DOC_TO_QUERY, DOCUMENTS, POSITIVES,
                              QUERY_TO_DOC, LossProblem)
 from fastcse.triton_backward import launch_backward, normalize_backward
 from fastcse.triton_forward import launch_forward
 from fastcse.triton_tiles import INTERPRET as _INTERPRET  # noqa: F401  (fastcse.gpu_check reads it here)
-from fastcse.triton_tiles import MASK_CODES, Sweep, row_norms, select_config
+from fastcse.triton_tiles import FALSE_NEG_GUIDED, FALSE_NEG_NONE, FALSE_NEG_SELF, MASK_CODES, Sweep, row_norms, \
+    select_config
 
 # exp(s - M) over the positive block, with M = 1/tau the largest possible normalized score,
 # stays a normal fp32 number (> 1.2e-38 = exp(-87.3)) while M - s <= 2 / tau <= this bound.
@@ -138,7 +150,7 @@ class _TritonSweeps:
     """The Triton backend's per-call state: a problem's inputs on the device, their row norms,
     its direction sweeps and the launch configuration."""
 
-    def __init__(self, anchor, candidates, anchor_keys, ids, problem: LossProblem):
+    def __init__(self, anchor, candidates, anchor_keys, ids, problem: LossProblem, guide: GuideRows | None = None):
         if anchor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"the Triton backend takes float16, bfloat16 or float32, got {anchor.dtype}")
         if problem.matryoshka_dims:  # never a silent per-dimension fallback
@@ -174,11 +186,14 @@ class _TritonSweeps:
         # With the anchors themselves as keys, doc_to_query's cells are query_to_doc's positive
         # block transposed: no sweep of its own in the backward, none in the forward when the
         # fixed max is safe.
-        self.reverse_in_query_to_doc = DOC_TO_QUERY in problem.directions and not problem.separate_anchor_keys
+        # (Not under a false-negative rule: its thresholds are per row, so the transposed cell's rule differs.)
+        self.reverse_in_query_to_doc = DOC_TO_QUERY in problem.directions and not problem.separate_anchor_keys \
+            and problem.false_negative_margin is None
         # With ids and local anchor keys, P = M = B, so pos_start = 0 and the group mask's cells
         # of query_to_doc's positive block are exactly doc_to_query's, transposed.
         assert not (problem.id_mode and self.reverse_in_query_to_doc and problem.pos_start != 0)
         self.ids, self.inv_count = (None, None) if ids is None else _dense_ids(ids, problem, self.anchor.device)
+        self.false_negatives = _FalseNegativeRows(self, guide) if problem.false_negative_margin is not None else None
 
     def _norms(self, x):
         return row_norms(x, self.cfg) if self.problem.normalize else None
@@ -187,8 +202,9 @@ class _TritonSweeps:
         role = DIRECTION_ROLES[direction]
         queries, q_norm = self.operands[role.queries]
         keys, k_norm = self.operands[role.keys]
+        rule = {} if self.false_negatives is None else self.false_negatives.sweep_fields(direction)
         return Sweep(direction, queries, q_norm, keys, k_norm, MASK_CODES[role.mask], ids=self.ids,
-                     inv_count=self.inv_count if role.holds_target else None)
+                     inv_count=self.inv_count if role.holds_target else None, **rule)
 
     def stats(self):
         """(row_loss [B], lse [P, B]): one forward launch per direction (doc_to_query fused when it can be)."""
@@ -249,6 +265,41 @@ class _TritonSweeps:
         return grad_a, grad_c, grad_k if self.separate_keys else None, grad_tau
 
 
+class _FalseNegativeRows:
+    """The false-negative rule's O((B + N) d_g) inputs: the per-row thresholds and, with a guide,
+    its normalized fp32 rows by operand (the kernels compare each tile, no B x N tensor).
+
+    Self-guided, the kernels compare the plain scores s = sim / tau: the thresholds are over tau
+    (t_i - m and t_i - |t_i| m both scale with 1 / tau > 0)."""
+
+    def __init__(self, sweeps: _TritonSweeps, guide: GuideRows | None):
+        problem = sweeps.problem
+        positives = slice(problem.pos_start, problem.pos_start + problem.batch)
+        self.code = FALSE_NEG_NONE.value
+        self.rows = {}
+        if guide is None:
+            anchor, positive = sweeps.anchor.float(), sweeps.candidates[positives].float()
+            if problem.normalize:
+                anchor, positive = (F.normalize(x, dim=1, eps=NORMALIZE_EPS) for x in (anchor, positive))
+            similarity = (anchor * positive).sum(1)
+            self.thresholds = threshold(similarity, problem.false_negative_margin, problem.margin_strategy) \
+                * problem.inv_tau
+            self.code = FALSE_NEG_SELF.value
+            return
+        ga, gc = (F.normalize(x.float(), dim=1, eps=NORMALIZE_EPS).contiguous() for x in guide[:2])
+        gk = ga if guide.anchor_keys is None else F.normalize(guide.anchor_keys.float(), dim=1, eps=NORMALIZE_EPS)
+        self.thresholds = threshold((ga * gc[positives]).sum(1), problem.false_negative_margin,
+                                    problem.margin_strategy).contiguous()
+        self.rows = {ANCHORS: ga, POSITIVES: gc[positives], CANDIDATES: gc, DOCUMENTS: gc[: problem.num_documents],
+                     ANCHOR_KEYS: gk.contiguous()}
+        self.code = FALSE_NEG_GUIDED.value
+
+    def sweep_fields(self, direction: str) -> dict:
+        role = DIRECTION_ROLES[direction]
+        return dict(false_neg=self.code, thresholds=self.thresholds, guide_queries=self.rows.get(role.queries),
+                    guide_keys=self.rows.get(role.keys))
+
+
 def _dense_ids(ids: torch.Tensor, problem: LossProblem, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(int32 [P] dense ids, fp32 [B] 1 / |P_i| with labels, else None), with torch in
     O(P log P) and no host sync: an id's dense id is its first position in the sorted ids (equal
@@ -275,9 +326,9 @@ def _on_device(x: torch.Tensor):
 # --------------------------------------------------------------------------------------------
 
 
-def forward(anchor, candidates, anchor_keys, problem: LossProblem, *, compute_grad, ids=None):
+def forward(anchor, candidates, anchor_keys, problem: LossProblem, *, compute_grad, ids=None, guide=None):
     with _on_device(anchor):
-        sweeps = _TritonSweeps(anchor, candidates, anchor_keys, ids, problem)
+        sweeps = _TritonSweeps(anchor, candidates, anchor_keys, ids, problem, guide)
         row_loss, lse = sweeps.stats()
         grads = None
         if compute_grad:  # the probabilities need the final LSEs: a second sweep with g = 1
@@ -285,8 +336,8 @@ def forward(anchor, candidates, anchor_keys, problem: LossProblem, *, compute_gr
         return row_loss, lse, grads
 
 
-def backward(grad_rows, anchor, candidates, anchor_keys, problem: LossProblem, lse, *, ids=None):
+def backward(grad_rows, anchor, candidates, anchor_keys, problem: LossProblem, lse, *, ids=None, guide=None):
     with _on_device(anchor):
-        sweeps = _TritonSweeps(anchor, candidates, anchor_keys, ids, problem)
+        sweeps = _TritonSweeps(anchor, candidates, anchor_keys, ids, problem, guide)
         f32 = dict(dtype=torch.float32)
         return sweeps.grads(grad_rows.to(**f32).contiguous(), lse.to(**f32).contiguous())

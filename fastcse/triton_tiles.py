@@ -45,6 +45,12 @@ PENALTY_MODES = {None: PENALTY_NONE.value, "in_batch_negatives": PENALTY_IN_BATC
 IDS_NONE = tl.constexpr(0)
 IDS_GROUP = tl.constexpr(1)
 IDS_LABEL = tl.constexpr(2)
+# False negatives by similarity (constexpr FALSE_NEG, fastcse.false_negatives): off, self-guided
+# (the plain scores s = sim / tau against thresholds / tau), or a guide's tile (the product of its
+# normalized fp32 rows) against the thresholds.
+FALSE_NEG_NONE = tl.constexpr(0)
+FALSE_NEG_SELF = tl.constexpr(1)
+FALSE_NEG_GUIDED = tl.constexpr(2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,6 +182,40 @@ def tile_logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, pena
 
 
 @triton.jit
+def above_limit(sim, thr_ptr, rows, n_rows):
+    """The false-negative rule's cells before its exceptions: similarity strictly above the row's limit."""
+    limit = tl.load(thr_ptr + rows, mask=rows < n_rows, other=float("inf"))
+    return sim > limit[:, None]
+
+
+@triton.jit
+def guide_above_limit(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq, stride_gk,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """above_limit of a guide's tile, from its normalized fp32 rows, in 16-wide chunks of d_g and
+    3xTF32 (as accurate as fp32 FMA). Register budget (tests/test_triton_aot.py): the backward
+    calls it before its scores (one fp32 tile live at a time; after them, 16-bit spills on sm_80),
+    the forward after them (before them, fp32 spills); 32-wide chunks spill either way."""
+    sim = raw_scores(gq_ptr, gk_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq, stride_gk,
+                     BLOCK_M, BLOCK_N, 16, False, "tf32x3")
+    return above_limit(sim, thr_ptr, rows, n_rows)
+
+
+@triton.jit
+def never_left_out(same, rows, cols, pos_start, self_start, HAS_TARGET: tl.constexpr, IDS: tl.constexpr):
+    """The cells the false-negative rule spares: query_to_doc's target(s) (HAS_TARGET: the
+    diagonal, or with labels the row's label cells), elsewhere the key self_start + i
+    (doc_to_query's own anchor; in query_to_query and doc_to_doc that cell is masked anyway)."""
+    if HAS_TARGET:
+        if IDS == IDS_LABEL:
+            kept = same
+        else:
+            kept = diagonal(rows, cols, pos_start)
+    else:
+        kept = diagonal(rows, cols, self_start)
+    return kept
+
+
+@triton.jit
 def online_lse_update(m_i, l_i, s, MAY_BE_EMPTY: tl.constexpr):
     """One tile of a row log-sum-exp's running (max, sum). Without a mask every tile holds a
     finite logit in every row (padding columns are -inf, but each tile has a valid one), so the
@@ -302,6 +342,10 @@ class Sweep(NamedTuple):
     mask: int  # MASK_* (the constexpr of the direction's DIRECTION_ROLES mask)
     ids: torch.Tensor | None = None  # int32 dense ids of the positive block [P] (group or label)
     inv_count: torch.Tensor | None = None  # fp32 [B]: 1 / |P_i| with labels
+    false_neg: int = 0  # FALSE_NEG_*
+    thresholds: torch.Tensor | None = None  # fp32 [B]: the rule's per-row limit (over tau when self-guided)
+    guide_queries: torch.Tensor | None = None  # fp32 [B, d_g], normalized: the guide's rows of the queries
+    guide_keys: torch.Tensor | None = None  # fp32 [n, d_g], normalized: the guide's rows of the keys
 
     @property
     def holds_target(self) -> bool:
@@ -322,8 +366,18 @@ def cell_args(sweep: Sweep, problem: LossProblem):
     scalars = (problem.pos_start, problem.neg_start, problem.num_neg, problem.weight,
                1.0 + problem.hardness_strength * problem.tau, problem.anchor_start, problem.num_positives)
     constexprs = dict(NORMALIZE=problem.normalize, HAS_BIAS=q2d and problem.has_bias, PENALTY=penalty,
-                      MASK=sweep.mask, HAS_TARGET=q2d, IDS=ids, EPS_=NORMALIZE_EPS)
+                      MASK=sweep.mask, HAS_TARGET=q2d, IDS=ids, EPS_=NORMALIZE_EPS, FALSE_NEG=sweep.false_neg)
     return scalars, constexprs
+
+
+def guide_args(sweep: Sweep, placeholder: torch.Tensor) -> dict:
+    """The false-negative rule's kernel arguments (unread placeholders without a rule or guide)."""
+    guide_q = pointer_or(sweep.guide_queries, placeholder)
+    guide_k = pointer_or(sweep.guide_keys, placeholder)
+    return dict(gq_ptr=guide_q, gk_ptr=guide_k, thr_ptr=pointer_or(sweep.thresholds, placeholder),
+                dim_g=guide_q.shape[-1] if sweep.guide_queries is not None else 1,
+                stride_gq=guide_q.stride(0) if sweep.guide_queries is not None else 1,
+                stride_gk=guide_k.stride(0) if sweep.guide_keys is not None else 1)
 
 
 def pointer_or(x, placeholder):

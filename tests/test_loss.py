@@ -301,10 +301,13 @@ def test_custom_op_passes_opcheck():
 
 
 # ---------------------------------------------------------------- property test
+# dim >= 2: at d = 1 every cosine is +-1 and the exact gradient through the normalization is 0,
+# so only fp32 rounding is compared, amplified by 1/|x| for a short row (hypothesis found
+# 2e-4 against 0 for |x| = 0.019); test_zero_rows_are_finite covers rows at the norm floor.
 @settings(max_examples=40, deadline=None)
 @given(
     batch=st.integers(1, 12),
-    dim=st.integers(1, 20),
+    dim=st.integers(2, 20),
     num_neg=st.integers(0, 3),
     weight=st.sampled_from([0.0, 0.5, -2.0]),
     tau=st.floats(0.01, 2.0),

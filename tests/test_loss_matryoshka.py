@@ -258,6 +258,16 @@ def test_triton_backend_refuses_rather_than_falling_back():
         info_nce(anchor, positive, backend="triton", matryoshka_dims=(8, 4))
 
 
+@pytest.mark.parametrize("guide", [False, True])
+def test_false_negative_rule_is_refused_rather_than_ignored(guide):
+    # The one-pass sweep does not apply the similarity rule: the pair must fail loudly, not
+    # return the loss without the rule.
+    anchor, positive, _ = make_inputs(4, 8, 0)
+    options = dict(guide=(anchor.detach(), positive.detach())) if guide else {}
+    with pytest.raises(NotImplementedError, match="false_negative_margin"):
+        info_nce(anchor, positive, matryoshka_dims=(8, 4), false_negative_margin=0.1, **options)
+
+
 # ---------------------------------------------------------------- 2 gloo ranks
 DISTRIBUTED_CASES = [
     dict(k=1, weight=0.5, reduction="mean", normalize=True, variant={}),

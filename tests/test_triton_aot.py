@@ -33,7 +33,8 @@ DIM = 768
 _TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 _INPUT_POINTERS = ("q_ptr", "k_ptr", "x_ptr")  # the embeddings; ids_ptr is int32, every other pointer fp32
 _FLOAT_SCALARS = ("inv_tau", "weight", "penalty_scale", "fixed_max", "g_scale")
-_DIVISIBLE_INTS = ("dim", "stride", "stride_q", "stride_k", "cols_per_split")  # as the JIT specializes d = 768
+# As the JIT specializes d = 768 (and d_g = 768: the guide's width and strides).
+_DIVISIBLE_INTS = ("dim", "stride", "stride_q", "stride_k", "cols_per_split", "dim_g", "stride_gq", "stride_gk")
 
 
 def _score_specializations():
@@ -53,10 +54,10 @@ def _score_specializations():
     none, self_, own = k.MASK_NONE.value, k.MASK_SELF.value, k.MASK_OWN_DOCUMENTS.value
     out = []
 
-    def add(label, normalize, bias, penalty, mask, target, rev, ids=k.IDS_NONE.value):
+    def add(label, normalize, bias, penalty, mask, target, rev, ids=k.IDS_NONE.value, false_neg=k.FALSE_NEG_NONE.value):
         out.append((f"{label} norm={int(normalize)} bias={int(bias)} rev={int(rev)}",
                     dict(NORMALIZE=normalize, HAS_BIAS=bias, PENALTY=penalty, MASK=mask, HAS_TARGET=target, IDS=ids,
-                         REV=rev)))
+                         FALSE_NEG=false_neg, REV=rev)))
 
     for normalize in (True, False):
         for bias in (True, False):
@@ -71,6 +72,12 @@ def _score_specializations():
     add("doc_to_query", True, False, k.PENALTY_NONE.value, none, False, False)
     add("doc_to_doc", True, False, k.PENALTY_NONE.value, own, False, False)
     add("doc_to_doc group", True, False, k.PENALTY_NONE.value, own, False, False, k.IDS_GROUP.value)
+    # False negatives by similarity (never with the fused doc_to_query): a guide's tile is one more
+    # fp32 product and accumulator, at the heaviest cell rules above; self-guided reads the scores.
+    for name, code in (("self-guided", k.FALSE_NEG_SELF.value), ("guided", k.FALSE_NEG_GUIDED.value)):
+        add(f"query_to_doc in_batch_negatives label {name}", True, True, k.PENALTY_IN_BATCH.value, none, True, False,
+            k.IDS_LABEL.value, code)
+        add(f"doc_to_doc group {name}", True, False, k.PENALTY_NONE.value, own, False, False, k.IDS_GROUP.value, code)
     return out
 
 
