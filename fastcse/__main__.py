@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from fastcse.encoding import ENCODINGS
+from fastcse.false_negatives import MARGIN_STRATEGIES
 from fastcse.pooling import POOLERS
 from fastcse.training.config import DEFAULT_EPOCHS, DEFAULT_LR, MLP_INITS, MODES, PRECISIONS, TrainConfig
 
@@ -188,6 +189,15 @@ def _add_train_command(sub) -> None:
     tr.add_argument("--negative-queue-size", type=non_negative_int, default=DEFAULTS.negative_queue_size, metavar="Q",
                     help="score the last Q queued positives of earlier batches as extra negatives (XBM); "
                          "0: no queue (default: %(default)s)")
+    tr.add_argument("--false-negative-margin", type=finite_float, default=None, metavar="M",
+                    help="false negatives by similarity (GISTEmbed): leave out of an anchor's softmax the negatives "
+                         "scoring above its positive less M (self-guided: the model's own cosine; see --guide-model)")
+    tr.add_argument("--margin-strategy", choices=MARGIN_STRATEGIES, default=DEFAULTS.margin_strategy,
+                    help="absolute: threshold t - M; relative: t - |t| M, t the positive's similarity "
+                         "(default: %(default)s)")
+    tr.add_argument("--guide-model", default=None, metavar="PATH",
+                    help="with --false-negative-margin: a local model (sharing the model's tokenizer) whose "
+                         "similarities decide instead, encoded without gradient each step")
     tr.add_argument("--matryoshka-dims", type=positive_int, nargs="+", default=None, metavar="M",
                     help="Matryoshka training: the loss also on the first M coordinates of every embedding, for "
                          "each M (e.g. 768 512 256 128 64); evaluation reports each (<task>@M) and the saved model "
@@ -297,7 +307,8 @@ def run_train(args) -> int:
                          temperature=args.temperature, hard_negative_weight=args.hard_negative_weight,
                          mask_duplicates=args.mask_duplicates, negative_queue_size=args.negative_queue_size,
                          matryoshka_dims=args.matryoshka_dims, matryoshka_weights=args.matryoshka_weights,
-                         metric_for_best=args.metric_for_best,
+                         metric_for_best=args.metric_for_best, false_negative_margin=args.false_negative_margin,
+                         margin_strategy=args.margin_strategy, guide_model=args.guide_model,
                          learning_rate=args.learning_rate, weight_decay=args.weight_decay,
                          warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm or None,
                          epochs=args.epochs, max_seq_length=args.max_seq_length,

@@ -385,3 +385,44 @@ def test_eval_reports_truncated_dimensions(capsys, tmp_path):
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scores == pytest.approx(fastcse.evaluate(tmp_path / "m", [str(pairs)], truncate_dims=(16, 8)), abs=1e-9)
     assert list(scores) == ["dev20", "dev20@16", "dev20@8"]
+
+
+def test_train_passes_the_false_negative_flags(monkeypatch):
+    import dataclasses
+
+    import fastcse.training
+
+    seen = []
+
+    def fake_train(model, data, *, config):
+        seen.append(dataclasses.asdict(config))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(fastcse.training, "train", fake_train)
+    assert main(TRAIN + ["--false-negative-margin", "0.1", "--margin-strategy", "relative", "--guide-model",
+                         str(TOKENIZER), "--output-dir", "unused"]) == 2
+    assert main(TRAIN + ["--false-negative-margin", "-0.1", "--output-dir", "unused"]) == 2
+    assert main(TRAIN + ["--output-dir", "unused"]) == 2
+    keys = ("false_negative_margin", "margin_strategy", "guide_model")
+    assert [tuple(k[key] for key in keys) for k in seen] == [(0.1, "relative", str(TOKENIZER)),
+                                                              (-0.1, "absolute", None), (None, "absolute", None)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--false-negative-margin", "inf"], "argument --false-negative-margin: expected a finite number, got 'inf'"),
+    (["--false-negative-margin", "x"], "argument --false-negative-margin: expected a finite number, got 'x'"),
+    (["--margin-strategy", "max"], "argument --margin-strategy: invalid choice: 'max'"),
+])
+def test_false_negative_flags_are_checked_at_parse_time(capsys, argv, message):
+    assert message in _usage_error(capsys, TRAIN + argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--guide-model", "g"], "guide_model decides which negatives false_negative_margin leaves out"),
+    (["--false-negative-margin", "0.1", "--guide-model", "/nonexistent/guide"],
+     "guide_model='/nonexistent/guide' does not exist"),
+])
+def test_bad_false_negative_settings_are_one_line_errors(capsys, tmp_path, argv, message):
+    assert main(TRAIN + argv + ["--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastcse: error: ") and message in err and err.count("\n") == 1

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import fastcse  # noqa: E402
 import fastcse.training.batches as batches_module  # noqa: E402
 import fastcse.training.checkpoints as checkpoints_module  # noqa: E402
+import fastcse.training.guide as guide_module  # noqa: E402
 import fastcse.training.loop as loop_module  # noqa: E402
 import fastcse.training.model as model_module  # noqa: E402
 import fastcse.training.ranks as ranks_module  # noqa: E402
@@ -1104,3 +1105,142 @@ def test_resume_refuses_changed_matryoshka_settings(tmp_path, dev_pairs):
     torch.save(state, state_file)
     with pytest.raises(RunRefused, match=r"matryoshka_dims None -> \(8, 16\)"):
         train(tiny(), SENTENCES, output_dir=run, resume_from=run, **args)
+
+
+# ---- false negatives by similarity: self-guided and guided by a second model
+
+
+class RecordedKeywords(RecordedLosses):
+    """RecordedLosses that also keeps each call's hard negatives and other keywords (floats,
+    strings, the guide's tuple)."""
+
+    def __call__(self, anchor, positive, negative=None, **kwargs):
+        loss = super().__call__(anchor, positive, negative, **kwargs)
+        self.calls[-1].update({k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)})
+        if negative is not None:
+            self.calls[-1]["negative"] = negative.detach().clone()
+        return loss
+
+
+@pytest.fixture
+def guide_folder(tmp_path):
+    """A saved tiny model with the trained models' tokenizer, declaring mean pooling."""
+    model, tok = tiny(seed=11)
+    save_checkpoint(tmp_path / "guide", model, tok, {"eval_pooler": "avg"})
+    return tmp_path / "guide"
+
+
+def test_self_guided_false_negatives_pass_the_margin_to_the_loss(tmp_path, monkeypatch):
+    recorded = RecordedKeywords(monkeypatch)
+    result = train(tiny(), SENTENCES, batch_size=8, max_steps=1, eval_data=None, progress=False, seed=3,
+                   false_negative_margin=0.2, margin_strategy="relative", output_dir=tmp_path / "run")
+    call = recorded.calls[0]
+    assert call["false_negative_margin"] == 0.2 and call["margin_strategy"] == "relative" and "guide" not in call
+    expected = reference_loss(call, false_negative_margin=0.2, margin_strategy="relative")
+    assert step_losses(result)[0] == pytest.approx(expected, rel=1e-5, abs=1e-6)  # most negatives are left out:
+    assert expected < reference_loss(call)  # a small loss, whose fp32 roundoff is about 1e-7
+    recorded.calls.clear()
+    train(tiny(), SENTENCES, batch_size=8, max_steps=1, eval_data=None, progress=False, output_dir=tmp_path / "plain")
+    assert "false_negative_margin" not in recorded.calls[0]  # off: the plain call
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 4])
+def test_the_guide_encodes_the_steps_rows_without_gradient_in_eval_mode(tmp_path, monkeypatch, guide_folder,
+                                                                        mini_batch_size):
+    from transformers import AutoModel, AutoTokenizer
+
+    recorded = RecordedKeywords(monkeypatch)
+    guide_calls = []
+    real_rows = guide_module.GuideEncoder.rows
+
+    def count_rows(self, *args):
+        guide_calls.append(self.model.training)
+        return real_rows(self, *args)
+
+    monkeypatch.setattr(guide_module.GuideEncoder, "rows", count_rows)
+    result = train(tiny(), SENTENCES, batch_size=8, max_steps=2, eval_data=None, progress=False, seed=5,
+                   learning_rate=1e-3, false_negative_margin=0.05, guide_model=guide_folder,
+                   mini_batch_size=mini_batch_size, negative_queue_size=8, output_dir=tmp_path / "run")
+    assert guide_calls == [False, False]  # once a step (cached or not), in eval mode
+    guide = AutoModel.from_pretrained(guide_folder)
+    texts = [SENTENCES[i] for i in batch_rows(SENTENCES, 8, seed=5)]
+    expected = encode(guide, AutoTokenizer.from_pretrained(guide_folder), texts, pooler="avg")
+    first, second = recorded.calls
+    assert len(first["guide"]) == 2 and not first["guide"][0].requires_grad
+    for rows in first["guide"]:  # no dropout: both views of a sentence get the same guide row
+        torch.testing.assert_close(rows, expected, rtol=1e-4, atol=1e-5)
+    # the queue keeps the guide's rows of its positives for the next steps
+    assert "guide_extra_negatives" not in first
+    assert torch.equal(second["guide_extra_negatives"], first["guide"][1])
+    losses = step_losses(result)
+    for loss, call in zip(losses, (first, second)):
+        extra = {} if "extra_negatives" not in call else dict(extra_negatives=call["extra_negatives"].double(),
+                                                              guide_extra_negatives=call["guide_extra_negatives"])
+        assert loss == pytest.approx(reference_loss(call, false_negative_margin=0.05, guide=call["guide"], **extra),
+                                     rel=1e-5)
+    assert all(torch.equal(p, weights(guide_folder)[name]) for name, p in guide.state_dict().items()
+               if name in weights(guide_folder))  # the guide is never trained (nor saved over)
+    settings = torch.load(tmp_path / "run" / "last" / "trainer_state.pt", weights_only=True)["settings"]
+    assert settings["guide_model"] == str(guide_folder.resolve()) and settings["false_negative_margin"] == 0.05
+
+
+def test_a_supervised_guide_covers_the_hard_negatives(tmp_path, monkeypatch, guide_folder):
+    recorded = RecordedKeywords(monkeypatch)
+    result = train(tiny(), NLI, mode="sup", batch_size=8, max_steps=1, eval_data=None, progress=False,
+                   false_negative_margin=0.1, guide_model=guide_folder, output_dir=tmp_path / "run")
+    call = recorded.calls[0]
+    assert len(call["guide"]) == 3 and all(rows.shape == (8, 32) for rows in call["guide"])
+    expected = fastcse.info_nce_reference(call["anchor"].double(), call["positive"].double(),
+                                          call["negative"].double(), false_negative_margin=0.1, guide=call["guide"],
+                                          group_ids=call.get("group_ids"))
+    assert step_losses(result)[0] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_resume_refuses_changed_false_negative_settings(tmp_path, guide_folder):
+    other = tmp_path / "other-guide"
+    shutil.copytree(guide_folder.resolve(), other)
+    args = dict(batch_size=8, max_steps=2, eval_steps=2, eval_data=None, progress=False, false_negative_margin=0.1,
+                guide_model=guide_folder)
+    run = tmp_path / "run"
+    train(tiny(), SENTENCES, output_dir=run, **args)
+    for changed, named in ((dict(false_negative_margin=0.2), "false_negative_margin 0.1 -> 0.2"),
+                           (dict(margin_strategy="relative"), "margin_strategy 'absolute' -> 'relative'"),
+                           (dict(guide_model=other), f"guide_model '{guide_folder.resolve()}' -> '{other}'"),
+                           (dict(guide_model=None), f"guide_model '{guide_folder.resolve()}' -> None")):
+        with pytest.raises(RunRefused, match=re.escape(named)):
+            train(tiny(), SENTENCES, output_dir=run, resume_from=run, **dict(args, **changed))
+    assert train(tiny(), SENTENCES, output_dir=run, resume_from=run, **args).steps == 2
+    state_file = (run / "last").resolve() / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    for name in ("false_negative_margin", "margin_strategy", "guide_model"):
+        del state["settings"][name]
+    torch.save(state, state_file)  # a checkpoint from before the option: without it
+    with pytest.raises(RunRefused, match=r"false_negative_margin None -> 0\.1"):
+        train(tiny(), SENTENCES, output_dir=run, resume_from=run, **args)
+
+
+def test_bad_false_negative_settings_fail_before_training(tmp_path, guide_folder):
+    from transformers import AutoTokenizer
+
+    other_vocab = tmp_path / "other-vocab"
+    shutil.copytree(guide_folder.resolve(), other_vocab)
+    tok = AutoTokenizer.from_pretrained(other_vocab)
+    tok.add_tokens(["qqqzz"])
+    tok.save_pretrained(other_vocab)
+    cases = [(dict(false_negative_margin=float("nan")), ValueError, "false_negative_margin must be a finite number"),
+             (dict(false_negative_margin=True), ValueError, "false_negative_margin must be a finite number"),
+             (dict(false_negative_margin=0.1, margin_strategy="max"), ValueError, "margin_strategy must be one of"),
+             (dict(guide_model=guide_folder), ValueError, "give false_negative_margin too"),
+             (dict(false_negative_margin=0.1, guide_model=3), TypeError, "guide_model must be a local model folder"),
+             (dict(false_negative_margin=0.1, guide_model=tmp_path / "nope"), FileNotFoundError,
+              "guide_model=.*nope.* does not exist"),
+             (dict(false_negative_margin=0.1, guide_model=other_vocab), ValueError, "another vocabulary"),
+             # refused by the loss (not implemented yet): before training, not at the first step
+             (dict(false_negative_margin=0.1, matryoshka_dims=(16,)), ValueError,
+              "matryoshka_dims with false_negative_margin is not implemented")]
+    for case, error, match in cases:
+        kwargs = dict(dict(batch_size=8, max_steps=1, eval_data=None, progress=False, output_dir=tmp_path / "out"),
+                      **case)
+        with pytest.raises(error, match=match):
+            train(tiny(), SENTENCES, **kwargs)
+    assert not (tmp_path / "out").exists()

@@ -17,8 +17,10 @@ from pathlib import Path
 from fastcse.checks import DEFAULT_TEMPERATURE, choice, finite_float, positive_float, positive_int
 from fastcse.encoding import check_encoding
 from fastcse.evaluation import DEV_TASKS, SENTEVAL_TASKS, load_task, score_names
+from fastcse.false_negatives import MARGIN_STRATEGIES
 from fastcse.matryoshka import check_dims
 from fastcse.pooling import check_pooler
+from fastcse.training.guide import guide_model_path
 
 MODES = ("unsup", "sup")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -114,6 +116,16 @@ class TrainConfig:
             number per dimension in ``matryoshka_dims``' order, default 1 each. Evaluation also
             scores each truncation (``"<task>@<m>"``). Compared on resume. CPU tensors only
             for now (the loss's Triton kernels do not implement it; refused before training).
+        false_negative_margin, margin_strategy, guide_model: false negatives by similarity
+            (``info_nce(false_negative_margin=...)``, GISTEmbed's rule): a negative whose
+            similarity to the anchor exceeds the anchor's positive similarity less the margin
+            (``"absolute"``: t - m; ``"relative"``: t - |t| m) is left out of its softmax as a
+            likely false negative. Self-guided (``guide_model=None``): the loss's own cosine,
+            without gradient. ``guide_model``: a local model folder whose embeddings decide
+            instead; it encodes every step's rows through the same length-aware units as the
+            model, in eval mode and without gradient (once per step under gradient caching), so
+            it must share the model's tokenizer; its pooling is what the folder declares (else
+            [CLS]). Compared on resume (the guide by its absolute path).
         metric_for_best: the evaluation score that picks the best checkpoint, by the name it is
             reported under: a task (``"STSBenchmark-dev"``, a pair file's stem), ``"avg"``, or
             either at a Matryoshka dimension (``"STSBenchmark-dev@256"``). Default None: the
@@ -176,7 +188,8 @@ class TrainConfig:
             (the fields marked ``compared``, listed in ``RESUME_SETTINGS``: mode, the data and
             its labels, batch size, seed, total steps (max_steps / epochs), learning rate, weight decay, warmup, max_grad_norm, temperature,
             hard_negative_weight, pooler, mlp_only_train, max_seq_length, precision, eval_data,
-            mask_duplicates, negative_queue_size, matryoshka_dims, matryoshka_weights, metric_for_best);
+            mask_duplicates, negative_queue_size, matryoshka_dims, matryoshka_weights, metric_for_best,
+            false_negative_margin, margin_strategy, guide_model);
             a difference is refused, naming every differing setting with both values. Pass a
             list of setting names (or True for all; ``max_steps`` and ``epochs`` name
             ``total_steps``) to continue with the new values instead: the
@@ -200,6 +213,9 @@ class TrainConfig:
     negative_queue_size: int = _setting(0, compared=True, before_recorded=0)
     matryoshka_dims: tuple[int, ...] | None = _setting(None, compared=True, before_recorded=None)
     matryoshka_weights: tuple[float, ...] | None = _setting(None, compared=True, before_recorded=None)
+    false_negative_margin: float | None = _setting(None, compared=True, before_recorded=None)
+    margin_strategy: str = _setting("absolute", compared=True, before_recorded="absolute")
+    guide_model: object = _setting(None, compared=True, before_recorded=None)
     pooler: str = _setting("cls", compared=True)
     mlp_only_train: bool | None = _setting(None, compared=True)
     mlp_init: str = _setting("fresh")
@@ -254,11 +270,27 @@ class TrainConfig:
             raise TypeError(f"mask_duplicates must be True or False, got {self.mask_duplicates!r}")
         positive_int("negative_queue_size", self.negative_queue_size, minimum=0)
         check_dims(self.matryoshka_dims, self.matryoshka_weights, None)  # the bound d once the model is loaded
+        self._check_false_negative_settings()
         positive_int("max_seq_length", self.max_seq_length, minimum=2)
         try:
             choice("precision", self.precision, PRECISIONS)
         except ValueError as error:
             raise ValueError(f"{error} (fp16 would need loss scaling; use bf16)") from None
+
+    def _check_false_negative_settings(self) -> None:
+        if self.false_negative_margin is not None:
+            if isinstance(self.false_negative_margin, bool):
+                raise ValueError(f"false_negative_margin must be a finite number or None, got "
+                                 f"{self.false_negative_margin!r}")
+            finite_float("false_negative_margin", self.false_negative_margin)
+        choice("margin_strategy", self.margin_strategy, MARGIN_STRATEGIES)
+        if self.guide_model is not None:
+            if not isinstance(self.guide_model, (str, os.PathLike)):
+                raise TypeError(f"guide_model must be a local model folder (str or os.PathLike) or None, got "
+                                f"{self.guide_model!r}")
+            if self.false_negative_margin is None:
+                raise ValueError("guide_model decides which negatives false_negative_margin leaves out: give "
+                                 "false_negative_margin too")
 
     def _check_schedule(self) -> None:
         """The optimizer, its schedule and the run's length."""
@@ -308,6 +340,8 @@ class TrainConfig:
             max_grad_norm=None if self.max_grad_norm is None else float(self.max_grad_norm),
             temperature=float(self.temperature), hard_negative_weight=float(self.hard_negative_weight),
             **_canonical_matryoshka(self.matryoshka_dims, self.matryoshka_weights),
+            false_negative_margin=None if self.false_negative_margin is None else float(self.false_negative_margin),
+            guide_model=guide_model_path(self.guide_model),
             epochs=DEFAULT_EPOCHS[self.mode] if self.epochs is None else self.epochs,
             mlp_only_train=(self.mode == "unsup" and self.pooler == "cls") if self.mlp_only_train is None
             else self.mlp_only_train,

@@ -8,7 +8,6 @@ import os
 import torch
 
 from fastcse.evaluation import load_model
-from fastcse.matryoshka import check_dims
 from fastcse.pooling import has_mlp_head
 from fastcse.training.config import PRECISIONS
 from fastcse.training.ranks import broadcast_model
@@ -82,23 +81,6 @@ def init_fresh_mlp_head(model, seed: int) -> None:
         dense.weight.copy_(torch.empty(dense.weight.shape).normal_(0.0, std, generator=generator))
         if dense.bias is not None:
             dense.bias.zero_()
-
-
-def check_matryoshka_dims(model, dims: tuple[int, ...] | None, device: torch.device) -> None:
-    """The Matryoshka dimensions fit the model's embeddings (every pooler gives hidden_size
-    coordinates), and the loss runs them on ``device``: asked of the loss's own input check on a
-    one-row probe, so that a backend that cannot is refused now, not at the first step."""
-    if not dims:
-        return
-    from fastcse.loss import check_inputs
-
-    dim = int(model.config.hidden_size)
-    check_dims(dims, None, dim)
-    probe = torch.zeros(1, dim, device=device)
-    try:
-        check_inputs(probe, probe, None, 1.0, 0.0, "mean", "auto", matryoshka_dims=dims)
-    except NotImplementedError as error:
-        raise ValueError(f"{error} (the model is on {device})") from None
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
