@@ -1173,6 +1173,7 @@ def test_the_guide_encodes_the_steps_rows_without_gradient_in_eval_mode(tmp_path
     assert "guide_extra_negatives" not in first
     assert torch.equal(second["guide_extra_negatives"], first["guide"][1])
     losses = step_losses(result)
+    assert losses[0] < reference_loss(first) - 1e-3  # the guide leaves negatives out: the rule is at work
     for loss, call in zip(losses, (first, second)):
         extra = {} if "extra_negatives" not in call else dict(extra_negatives=call["extra_negatives"].double(),
                                                               guide_extra_negatives=call["guide_extra_negatives"])
