@@ -426,3 +426,29 @@ def test_bad_false_negative_settings_are_one_line_errors(capsys, tmp_path, argv,
     assert main(TRAIN + argv + ["--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastcse: error: ") and message in err and err.count("\n") == 1
+
+
+def test_train_with_matryoshka_and_with_a_guide_from_the_command_line(capsys, tmp_path):
+    from fastcse.training import build_bert_from_scratch, save_checkpoint
+
+    src = (SHARED / "data" / "sts-raw" / "STSB" / "dev.tsv").read_text(encoding="utf-8").splitlines()
+    pairs = tmp_path / "dev20.tsv"
+    pairs.write_text("\n".join(src[:21]) + "\n", encoding="utf-8")
+    run = tmp_path / "mrl"
+    assert main(SCRATCH + ["--data", _sentences(tmp_path), "--max-steps", "2", "--eval-steps", "2", "--pooler", "avg",
+                           "--eval-data", str(pairs), "--matryoshka-dims", "32", "16", "8",
+                           "--metric-for-best", "dev20@8", "--output-dir", str(run)]) == 0
+    evaluations = [r for r in map(json.loads, open(run / "metrics.jsonl", encoding="utf-8")) if "eval" in r]
+    assert list(evaluations[-1]["eval"]) == ["dev20", "dev20@32", "dev20@16", "dev20@8"]
+    assert all(r["metric"] == r["eval"]["dev20@8"] for r in evaluations)
+    guide, tok = build_bert_from_scratch(TOKENIZER, hidden_size=32, num_layers=1, num_heads=2, seed=3)
+    save_checkpoint(tmp_path / "guide", guide, tok, {"eval_pooler": "avg"})
+    capsys.readouterr()
+    assert main(SCRATCH + ["--data", _sentences(tmp_path), "--max-steps", "2", "--eval-data", "none",
+                           "--false-negative-margin", "0.05", "--guide-model", str(tmp_path / "guide"),
+                           "--output-dir", str(tmp_path / "guided")]) == 0
+    import torch
+
+    settings = torch.load(tmp_path / "guided" / "last" / "trainer_state.pt", weights_only=True)["settings"]
+    assert settings["false_negative_margin"] == 0.05 and settings["margin_strategy"] == "absolute"
+    assert settings["guide_model"] == str((tmp_path / "guide").resolve())
