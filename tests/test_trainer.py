@@ -1245,3 +1245,21 @@ def test_bad_false_negative_settings_fail_before_training(tmp_path, guide_folder
         with pytest.raises(error, match=match):
             train(tiny(), SENTENCES, **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_resumed_guided_run_with_a_queue_matches_an_uninterrupted_one(tmp_path, guide_folder, crash_at_step):
+    """The checkpoint holds the queue's guide rows too: without them the resumed step 3 could not
+    judge its queued negatives as the uninterrupted run did."""
+    common = dict(batch_size=8, max_steps=4, eval_steps=2, eval_data=None, learning_rate=1e-3, progress=False,
+                  seed=7, negative_queue_size=12, false_negative_margin=0.05, guide_model=guide_folder)
+    straight = train(tiny(), SENTENCES, output_dir=tmp_path / "straight", **common)
+    run = tmp_path / "resumed"
+    crash_at_step(3)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), SENTENCES, output_dir=run, **common)
+    saved_queue = torch.load(run / "last" / "trainer_state.pt", weights_only=True)["negative_queue"]
+    assert saved_queue["guide_rows"].shape == (12, 32)
+    resumed = train(tiny(), SENTENCES, output_dir=run, resume_from=run, **common)
+    a, b = weights(straight.model_path), weights(resumed.model_path)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0)

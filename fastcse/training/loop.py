@@ -267,7 +267,8 @@ def _false_negatives_note(config: TrainConfig) -> str:
     if config.false_negative_margin is None:
         return ""
     guide = f"guided by {config.guide_model}" if config.guide_model else "self-guided"
-    return f", false negatives by similarity ({guide}, {config.margin_strategy} margin {config.false_negative_margin:g})"
+    return (f", false negatives by similarity ({guide}, {config.margin_strategy} margin "
+            f"{config.false_negative_margin:g})")
 
 
 def _train_result(state: RunState, model_path: Path, output_dir: Path, metrics_path: Path,
