@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shlex
 import signal
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 from fastcse.encoding import ENCODINGS
+from fastcse.false_negatives import MARGIN_STRATEGIES
 from fastcse.pooling import POOLERS
 from fastcse.training.config import DEFAULT_EPOCHS, DEFAULT_LR, MLP_INITS, MODES, PRECISIONS, TrainConfig
 
@@ -48,6 +50,17 @@ def non_negative_int(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (a NaN or infinite weight would turn every loss into NaN)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
 
 
@@ -176,6 +189,24 @@ def _add_train_command(sub) -> None:
     tr.add_argument("--negative-queue-size", type=non_negative_int, default=DEFAULTS.negative_queue_size, metavar="Q",
                     help="score the last Q queued positives of earlier batches as extra negatives (XBM); "
                          "0: no queue (default: %(default)s)")
+    tr.add_argument("--false-negative-margin", type=finite_float, default=None, metavar="M",
+                    help="false negatives by similarity (GISTEmbed): leave out of an anchor's softmax the negatives "
+                         "scoring above its positive less M (self-guided: the model's own cosine; see --guide-model)")
+    tr.add_argument("--margin-strategy", choices=MARGIN_STRATEGIES, default=DEFAULTS.margin_strategy,
+                    help="absolute: threshold t - M; relative: t - |t| M, t the positive's similarity "
+                         "(default: %(default)s)")
+    tr.add_argument("--guide-model", default=None, metavar="PATH",
+                    help="with --false-negative-margin: a local model (sharing the model's tokenizer) whose "
+                         "similarities decide instead, encoded without gradient each step")
+    tr.add_argument("--matryoshka-dims", type=positive_int, nargs="+", default=None, metavar="M",
+                    help="Matryoshka training: the loss also on the first M coordinates of every embedding, for "
+                         "each M (e.g. 768 512 256 128 64); evaluation reports each (<task>@M) and the saved model "
+                         "can be used truncated (SentenceTransformer(path, truncate_dim=M))")
+    tr.add_argument("--matryoshka-weights", type=finite_float, nargs="+", default=None, metavar="W",
+                    help="one weight per --matryoshka-dims entry, in its order (default: 1 each)")
+    tr.add_argument("--metric-for-best", default=None, metavar="NAME",
+                    help="the evaluation score that picks the best checkpoint: a task, avg, or either at a "
+                         "Matryoshka dimension (STSBenchmark-dev@256) (default: the full dimension's score)")
     tr.add_argument("--learning-rate", type=float, default=None,
                     help=f"(default: {DEFAULT_LR['unsup']:g} unsup, {DEFAULT_LR['sup']:g} sup)")
     tr.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay,
@@ -208,6 +239,9 @@ def _add_eval_command(sub) -> None:
     ev.add_argument("--pooler", choices=("auto",) + POOLERS, default="auto",
                     help="auto: what the saved model declares, else cls (default: %(default)s)")
     ev.add_argument("--batch-size", type=positive_int, default=128, help="(default: %(default)s)")
+    ev.add_argument("--truncate-dims", type=positive_int, nargs="+", default=(), metavar="M",
+                    help="also score the first M coordinates of each embedding, for each M (a Matryoshka model "
+                         "truncated), reported as <task>@M")
     ev.add_argument("--alignment-uniformity", action="store_true", help="also Wang & Isola's metrics on STS-B test")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     _add_common(ev)
@@ -272,6 +306,9 @@ def run_train(args) -> int:
     config = TrainConfig(mode=args.mode, pooler=args.pooler, mlp_only_train=mlp, mlp_init=args.mlp_init,
                          temperature=args.temperature, hard_negative_weight=args.hard_negative_weight,
                          mask_duplicates=args.mask_duplicates, negative_queue_size=args.negative_queue_size,
+                         matryoshka_dims=args.matryoshka_dims, matryoshka_weights=args.matryoshka_weights,
+                         metric_for_best=args.metric_for_best, false_negative_margin=args.false_negative_margin,
+                         margin_strategy=args.margin_strategy, guide_model=args.guide_model,
                          learning_rate=args.learning_rate, weight_decay=args.weight_decay,
                          warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm or None,
                          epochs=args.epochs, max_seq_length=args.max_seq_length,
@@ -292,7 +329,7 @@ def run_eval(args) -> int:
     data_dir = _data_dir(args)
     started = time.time()
     scores = evaluate(args.model, args.tasks or list(DEFAULT_TASKS), data_dir=data_dir, pooler=args.pooler,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, truncate_dims=args.truncate_dims)
     if args.alignment_uniformity:
         scores.update(alignment_uniformity(args.model, data_dir=data_dir, pooler=args.pooler,
                                            batch_size=args.batch_size))

@@ -295,29 +295,69 @@ def spearman_x100(predicted, gold) -> float:
     return float(spearmanr(np.asarray(predicted, dtype=np.float64), gold).correlation * 100.0)
 
 
-def evaluate_loaded(model, tokenizer, tasks: Iterable[str], *, data_dir=None, pooler: str = "cls",
-                    batch_size: int = 128) -> dict[str, float]:
-    """Scores an in-memory model (used by the trainer between steps).
+def task_key(task: str) -> str:
+    """The name a task's score is reported under: a SentEval task's name, a pair file's stem."""
+    return task if task in SENTEVAL_TASKS + DEV_TASKS else Path(task).stem
 
-    Each distinct sentence is encoded once across all tasks (the 7 tasks hold ~27k distinct
-    sentences in ~19k pairs)."""
-    loaded = {task: load_task(task, data_dir) for task in tasks}
-    unique = list(dict.fromkeys(s for first, second, _ in loaded.values() for s in first + second))
-    emb = encode(model, tokenizer, unique, pooler=pooler, batch_size=batch_size)
-    where = {s: i for i, s in enumerate(unique)}
+
+def truncated_key(name: str, dim: int) -> str:
+    """The name of a score at a truncated dimension: ``"STSBenchmark-dev@256"``, ``"avg@256"``."""
+    return f"{name}@{dim}"
+
+
+def score_names(tasks: Iterable[str], truncate_dims: Iterable[int] = ()) -> list[str]:
+    """The names :func:`evaluate_loaded` reports its scores under, in its order: each task, their
+    ``avg`` when there are several, then the same at each truncated dimension."""
+    names = [task_key(task) for task in tasks]
+    names += ["avg"] if len(names) > 1 else []
+    return names + [truncated_key(name, dim) for dim in truncate_dims for name in names]
+
+
+def _check_truncate_dims(truncate_dims) -> tuple[int, ...]:
+    dims = tuple(truncate_dims or ())
+    if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in dims):
+        raise ValueError(f"truncate_dims must be positive ints, got {dims!r}")
+    return dims
+
+
+def _scores_of(emb: torch.Tensor, loaded: dict, where: dict[str, int]) -> dict[str, float]:
+    """Each task's Spearman x 100 of the cosine of its pairs' embeddings, and their mean."""
     results = {}
     for task, (first, second, gold) in loaded.items():
         a, b = emb[[where[s] for s in first]], emb[[where[s] for s in second]]
         cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
-        results[task if task in SENTEVAL_TASKS + DEV_TASKS else Path(task).stem] = spearman_x100(cosine, gold)
+        results[task_key(task)] = spearman_x100(cosine, gold)
     scored = [v for v in results.values() if not math.isnan(v)]
     if len(results) > 1:
         results["avg"] = float(np.mean(scored)) if scored else float("nan")
     return results
 
 
+def evaluate_loaded(model, tokenizer, tasks: Iterable[str], *, data_dir=None, pooler: str = "cls",
+                    batch_size: int = 128, truncate_dims: Iterable[int] = ()) -> dict[str, float]:
+    """Scores an in-memory model (used by the trainer between steps).
+
+    Each distinct sentence is encoded once across all tasks (the 7 tasks hold ~27k distinct
+    sentences in ~19k pairs). ``truncate_dims``: also score the embeddings truncated to their
+    first m coordinates for each m (Matryoshka models; what
+    ``SentenceTransformer(path, truncate_dim=m)`` encodes), reported as ``"<task>@<m>"`` (and
+    ``"avg@<m>"``) after the full dimension's scores; the encoding is shared."""
+    dims = _check_truncate_dims(truncate_dims)
+    loaded = {task: load_task(task, data_dir) for task in tasks}
+    unique = list(dict.fromkeys(s for first, second, _ in loaded.values() for s in first + second))
+    emb = encode(model, tokenizer, unique, pooler=pooler, batch_size=batch_size)
+    where = {s: i for i, s in enumerate(unique)}
+    if dims and max(dims) > emb.shape[-1]:
+        raise ValueError(f"truncate_dims must not exceed the embeddings' dim {emb.shape[-1]}, got {dims!r}")
+    results = _scores_of(emb, loaded, where)
+    for dim in dims:
+        results.update({truncated_key(name, dim): score for name, score in _scores_of(emb[:, :dim], loaded,
+                                                                                        where).items()})
+    return results
+
+
 def evaluate(model_or_path, tasks=DEFAULT_TASKS, *, data_dir=None, pooler: str | None = "auto",
-             tokenizer=None, batch_size: int = 128, device=None) -> dict[str, float]:
+             tokenizer=None, batch_size: int = 128, device=None, truncate_dims=()) -> dict[str, float]:
     """Spearman x 100 of cosine similarity per task, and their mean under ``"avg"``.
 
     Args:
@@ -329,7 +369,10 @@ def evaluate(model_or_path, tasks=DEFAULT_TASKS, *, data_dir=None, pooler: str |
         pooler: one of ``cls`` (MLP head), ``cls_before_pooler``, ``avg``, ``avg_first_last``,
             ``avg_top2``; ``"auto"`` takes what the saved model declares (fastcse's record or
             sentence-transformers' pooling config), else ``cls``.
+        truncate_dims: also score the first m coordinates of each embedding for each m (a
+            Matryoshka model truncated), reported as ``"<task>@<m>"`` and ``"avg@<m>"``.
     """
+    truncate_dims = _check_truncate_dims(truncate_dims)
     if isinstance(tasks, (str, os.PathLike)):
         tasks = [str(tasks)]
     tasks = [str(t) for t in tasks]
@@ -343,7 +386,8 @@ def evaluate(model_or_path, tasks=DEFAULT_TASKS, *, data_dir=None, pooler: str |
             raise ValueError(f"unknown task {task!r}: expected one of {SENTEVAL_TASKS + DEV_TASKS} "
                              "or a .tsv/.csv pair file")
     model, tokenizer = load_model(model_or_path, tokenizer, device=device)
-    return evaluate_loaded(model, tokenizer, tasks, data_dir=data_dir, pooler=pooler, batch_size=batch_size)
+    return evaluate_loaded(model, tokenizer, tasks, data_dir=data_dir, pooler=pooler, batch_size=batch_size,
+                           truncate_dims=truncate_dims)
 
 
 def alignment(a: torch.Tensor, b: torch.Tensor) -> float:

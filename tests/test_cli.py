@@ -324,3 +324,131 @@ def test_the_resume_command_drops_overwrite_and_replaces_resume_from():
 
     argv = ["train", "--model", "m", "--resume-from", "old", "--overwrite-output-dir", "--output-dir", "o p"]
     assert resume_command(argv, "o p") == "python -m fastcse train --model m --output-dir 'o p' --resume-from 'o p'"
+
+
+def test_train_passes_the_matryoshka_flags(monkeypatch):
+    import dataclasses
+
+    import fastcse.training
+
+    seen = []
+
+    def fake_train(model, data, *, config):
+        seen.append(dataclasses.asdict(config))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(fastcse.training, "train", fake_train)
+    assert main(TRAIN + ["--matryoshka-dims", "768", "512", "64", "--matryoshka-weights", "1", "0.5", "2",
+                         "--metric-for-best", "STSBenchmark-dev@64", "--output-dir", "unused"]) == 2
+    assert main(TRAIN + ["--output-dir", "unused"]) == 2
+    keys = ("matryoshka_dims", "matryoshka_weights", "metric_for_best")
+    assert [tuple(k[key] for key in keys) for k in seen] == [([768, 512, 64], [1.0, 0.5, 2.0], "STSBenchmark-dev@64"),
+                                                              (None, None, None)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--matryoshka-dims", "0"], "argument --matryoshka-dims: expected a positive integer, got '0'"),
+    (["--matryoshka-dims", "64.5"], "argument --matryoshka-dims: expected a positive integer, got '64.5'"),
+    (["--matryoshka-dims"], "argument --matryoshka-dims: expected at least one argument"),
+    (["--matryoshka-dims", "64", "--matryoshka-weights", "nan"],
+     "argument --matryoshka-weights: expected a finite number, got 'nan'"),
+])
+def test_matryoshka_flags_are_checked_at_parse_time(capsys, argv, message):
+    err = _usage_error(capsys, TRAIN + argv)
+    assert message in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--matryoshka-weights", "1"], "matryoshka_weights given without matryoshka_dims"),
+    (["--matryoshka-dims", "64", "32", "--matryoshka-weights", "1"], "matryoshka_weights must be None or 2 numbers"),
+    (["--matryoshka-dims", "64", "64"], "matryoshka_dims must be distinct"),
+    (["--metric-for-best", "avg@64"], "metric_for_best must be one of the evaluation's scores"),
+    (["--metric-for-best", "STSBenchmark-dev", "--eval-data", "none"], "eval_data is None"),
+])
+def test_bad_matryoshka_settings_are_one_line_errors(capsys, tmp_path, argv, message):
+    assert main(TRAIN + argv + ["--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastcse: error: ") and message in err and err.count("\n") == 1
+
+
+def test_eval_reports_truncated_dimensions(capsys, tmp_path):
+    from fastcse.training import build_bert_from_scratch, save_checkpoint
+
+    src = (SHARED / "data" / "sts-raw" / "STSB" / "dev.tsv").read_text(encoding="utf-8").splitlines()
+    pairs = tmp_path / "dev20.tsv"
+    pairs.write_text("\n".join(src[:21]) + "\n", encoding="utf-8")
+    model, tok = build_bert_from_scratch(TOKENIZER, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                                         max_position_embeddings=128)
+    save_checkpoint(tmp_path / "m", model, tok, {"eval_pooler": "avg"})
+    assert main(["eval", "--model", str(tmp_path / "m"), "--tasks", str(pairs), "--truncate-dims", "16", "8",
+                 "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores == pytest.approx(fastcse.evaluate(tmp_path / "m", [str(pairs)], truncate_dims=(16, 8)), abs=1e-9)
+    assert list(scores) == ["dev20", "dev20@16", "dev20@8"]
+
+
+def test_train_passes_the_false_negative_flags(monkeypatch):
+    import dataclasses
+
+    import fastcse.training
+
+    seen = []
+
+    def fake_train(model, data, *, config):
+        seen.append(dataclasses.asdict(config))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(fastcse.training, "train", fake_train)
+    assert main(TRAIN + ["--false-negative-margin", "0.1", "--margin-strategy", "relative", "--guide-model",
+                         str(TOKENIZER), "--output-dir", "unused"]) == 2
+    assert main(TRAIN + ["--false-negative-margin", "-0.1", "--output-dir", "unused"]) == 2
+    assert main(TRAIN + ["--output-dir", "unused"]) == 2
+    keys = ("false_negative_margin", "margin_strategy", "guide_model")
+    assert [tuple(k[key] for key in keys) for k in seen] == [(0.1, "relative", str(TOKENIZER)),
+                                                              (-0.1, "absolute", None), (None, "absolute", None)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--false-negative-margin", "inf"], "argument --false-negative-margin: expected a finite number, got 'inf'"),
+    (["--false-negative-margin", "x"], "argument --false-negative-margin: expected a finite number, got 'x'"),
+    (["--margin-strategy", "max"], "argument --margin-strategy: invalid choice: 'max'"),
+])
+def test_false_negative_flags_are_checked_at_parse_time(capsys, argv, message):
+    assert message in _usage_error(capsys, TRAIN + argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--guide-model", "g"], "guide_model decides which negatives false_negative_margin leaves out"),
+    (["--false-negative-margin", "0.1", "--guide-model", "/nonexistent/guide"],
+     "guide_model='/nonexistent/guide' does not exist"),
+])
+def test_bad_false_negative_settings_are_one_line_errors(capsys, tmp_path, argv, message):
+    assert main(TRAIN + argv + ["--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastcse: error: ") and message in err and err.count("\n") == 1
+
+
+def test_train_with_matryoshka_and_with_a_guide_from_the_command_line(capsys, tmp_path):
+    from fastcse.training import build_bert_from_scratch, save_checkpoint
+
+    src = (SHARED / "data" / "sts-raw" / "STSB" / "dev.tsv").read_text(encoding="utf-8").splitlines()
+    pairs = tmp_path / "dev20.tsv"
+    pairs.write_text("\n".join(src[:21]) + "\n", encoding="utf-8")
+    run = tmp_path / "mrl"
+    assert main(SCRATCH + ["--data", _sentences(tmp_path), "--max-steps", "2", "--eval-steps", "2", "--pooler", "avg",
+                           "--eval-data", str(pairs), "--matryoshka-dims", "32", "16", "8",
+                           "--metric-for-best", "dev20@8", "--output-dir", str(run)]) == 0
+    evaluations = [r for r in map(json.loads, open(run / "metrics.jsonl", encoding="utf-8")) if "eval" in r]
+    assert list(evaluations[-1]["eval"]) == ["dev20", "dev20@32", "dev20@16", "dev20@8"]
+    assert all(r["metric"] == r["eval"]["dev20@8"] for r in evaluations)
+    guide, tok = build_bert_from_scratch(TOKENIZER, hidden_size=32, num_layers=1, num_heads=2, seed=3)
+    save_checkpoint(tmp_path / "guide", guide, tok, {"eval_pooler": "avg"})
+    capsys.readouterr()
+    assert main(SCRATCH + ["--data", _sentences(tmp_path), "--max-steps", "2", "--eval-data", "none",
+                           "--false-negative-margin", "0.05", "--guide-model", str(tmp_path / "guide"),
+                           "--output-dir", str(tmp_path / "guided")]) == 0
+    import torch
+
+    settings = torch.load(tmp_path / "guided" / "last" / "trainer_state.pt", weights_only=True)["settings"]
+    assert settings["false_negative_margin"] == 0.05 and settings["margin_strategy"] == "absolute"
+    assert settings["guide_model"] == str((tmp_path / "guide").resolve())

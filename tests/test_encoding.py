@@ -16,7 +16,7 @@ from fastcse.gradcache import uncached_step  # noqa: E402
 from fastcse.pooling import POOLERS, pool  # noqa: E402
 from fastcse.training.batches import BatchOrder, TokenizedBatches  # noqa: E402
 from fastcse.training.model import build_bert_from_scratch  # noqa: E402
-from fastcse.training.step import ContrastiveStep  # noqa: E402
+from fastcse.training.step import ContrastiveStep, LossOptions  # noqa: E402
 
 MINILM = shared_dir() / "models" / "all-MiniLM-L6-v2"
 TEXTS = ["a man is playing a guitar .", "rain", "two dogs run along the beach while the sun sets over the sea",
@@ -157,7 +157,7 @@ def test_encoding_choice_and_its_errors():
 
 
 def make_step(model, encoding, views, **cache):
-    return ContrastiveStep(model, "cls", encoding, views, 0.05, 0.0, None, None, torch.device("cpu"), **cache)
+    return ContrastiveStep(model, "cls", encoding, views, LossOptions(0.05), None, None, torch.device("cpu"), **cache)
 
 
 def reference_step(model, tok, texts, views):
@@ -228,7 +228,7 @@ def test_step_gradients_are_exact_in_fp64(encoding, cache, pooler, monkeypatch):
     emb = padded_reference(model, tok, texts, pooler).view(4, 2, -1)
     fastcse.info_nce(emb[:, 0], emb[:, 1]).backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    step = ContrastiveStep(model, pooler, encoding, 2, 0.05, 0.0, None, None, torch.device("cpu"), **cache)
+    step = ContrastiveStep(model, pooler, encoding, 2, LossOptions(0.05), None, None, torch.device("cpu"), **cache)
     assert len(step.plan(enc.tokenize(tok, texts, 24)).units) > 1 or (encoding == "packed" and not cache)
     _, grads = run_step(step, model, enc.tokenize(tok, texts, 24))
     assert max(relative_errors(grads, expected).values()) < 1e-9

@@ -81,6 +81,38 @@ def test_spearman_of_cosine_against_a_direct_computation(tiny, tmp_path):
     assert model.training  # evaluation restores the caller's mode
 
 
+def test_truncated_dimensions_score_the_first_coordinates(tiny, tmp_path):
+    from scipy.stats import spearmanr
+
+    from fastcse.evaluation import score_names
+
+    model, tok = tiny
+    rows = [("a man plays guitar", "a man is playing a guitar", 4.8), ("a cat sleeps", "the stock market fell", 0.2),
+            ("kids play soccer", "children are playing football", 4.1), ("it rains", "a dog barks loudly", 0.5),
+            ("a woman cooks", "someone is cooking", 3.9), ("two birds fly", "a plane lands", 1.1)]
+    paths = []
+    for name in ("p", "q"):
+        path = tmp_path / f"{name}.csv"
+        path.write_text("sentence1,sentence2,score\n" + "".join(f"{a},{b},{s}\n" for a, b, s in rows),
+                        encoding="utf-8")
+        paths.append(str(path))
+        rows = rows[::-1][:5]
+    scores = evaluate(model, paths, tokenizer=tok, pooler="avg", truncate_dims=(16, 4))
+    assert list(scores) == score_names(paths, (16, 4)) == ["p", "q", "avg", "p@16", "q@16", "avg@16", "p@4", "q@4",
+                                                           "avg@4"]
+    pairs = load_pair_file(paths[0])
+    a, b = (encode(model, tok, texts, pooler="avg") for texts in pairs[:2])
+    for dim in (16, 4):
+        cosine = torch.nn.functional.cosine_similarity(a[:, :dim], b[:, :dim])
+        assert scores[f"p@{dim}"] == pytest.approx(spearmanr(cosine.numpy(), pairs[2]).correlation * 100, abs=1e-9)
+        assert scores[f"avg@{dim}"] == pytest.approx((scores[f"p@{dim}"] + scores[f"q@{dim}"]) / 2, abs=1e-9)
+    assert {k: scores[k] for k in ("p", "q", "avg")} == evaluate(model, paths, tokenizer=tok, pooler="avg")
+    with pytest.raises(ValueError, match=r"truncate_dims must not exceed the embeddings' dim 32, got \(64,\)"):
+        evaluate(model, paths, tokenizer=tok, pooler="avg", truncate_dims=(64,))
+    with pytest.raises(ValueError, match=r"truncate_dims must be positive ints, got \(0,\)"):
+        evaluate(model, paths, tokenizer=tok, pooler="avg", truncate_dims=(0,))
+
+
 def test_no_truncation_below_the_model_maximum(tiny):
     model, tok = tiny
     long = " ".join(["word"] * 300)  # 302 tokens: past 256 (sentence-transformers' default) and 32

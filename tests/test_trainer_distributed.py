@@ -6,8 +6,9 @@ become a step of +-lr; SGD keeps weight differences proportional to gradient dif
 ranks train the same tiny BERT; after the run each rank's weights must equal the single-process
 weights, uncached and with gradient caching (mini_batch_size), and on repeated sentences with a
 negative queue (the duplicates' group ids are compared across the ranks; every rank queues every
-rank's positives, so all score the single-process queue). The processes are spawned once and run
-every case; the parent asserts on what they report.
+rank's positives, so all score the single-process queue), and with false negatives decided by a
+guide model (each rank encodes its own rows' guide rows, the loss gathers them). The processes
+are spawned once and run every case; the parent asserts on what they report.
 """
 
 from __future__ import annotations
@@ -41,8 +42,12 @@ REPEATED = SENTENCES[:16] * 3  # every batch of 12 repeats sentences, within a r
 # queue, a smaller step: the tiny model's queued positives are nearly parallel to the current ones,
 # and at lr 0.5 a 1e-7 relative change of the start weights grew to 5e-4 in the weights after 3
 # steps (1e-6 without the queue); at lr 0.01 to 2e-6, so the comparison below still means something.
+# guided: a guide model's rows decide the false negatives; each rank encodes its own rows and the
+# loss gathers them, and every rank queues every rank's guide rows with the positives.
 CASES = {"uncached": dict(mini_batch_size=None), "cached": dict(mini_batch_size=4),
-         "repeated+queue": dict(mini_batch_size=4, negative_queue_size=18, data=REPEATED, learning_rate=0.01)}
+         "repeated+queue": dict(mini_batch_size=4, negative_queue_size=18, data=REPEATED, learning_rate=0.01),
+         "guided+queue": dict(mini_batch_size=4, negative_queue_size=18, data=REPEATED, learning_rate=0.01,
+                              false_negative_margin=0.05, guide_model="guide")}
 COMMON = dict(batch_size=12, max_steps=3, learning_rate=0.5, eval_data=None, progress=False, seed=5)
 
 
@@ -55,9 +60,22 @@ def _use_sgd():
     torch.optim.AdamW = lambda groups, lr: torch.optim.SGD(groups, lr=lr)
 
 
+def _save_guide(folder: Path) -> str:
+    """The guide model of the guided case (another seed than the trained model), saved once."""
+    from fastcse.training import save_checkpoint
+
+    if not folder.exists():
+        model, tok = build_bert_from_scratch(TOKENIZER, hidden_size=32, num_layers=1, num_heads=2,
+                                             intermediate_size=64, max_position_embeddings=128, seed=12)
+        save_checkpoint(folder, model, tok, {"eval_pooler": "avg"})
+    return str(folder)
+
+
 def _run(case, output_dir):
     model, tok = tiny()
     options = dict(CASES[case])
+    if "guide_model" in options:  # beside the run folders: the ranks share it
+        options["guide_model"] = _save_guide(Path(output_dir).parent / options["guide_model"])
     data = options.pop("data", SENTENCES)
     result = train((model, tok), data, output_dir=output_dir, **{**COMMON, **options})
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, result
@@ -93,7 +111,9 @@ def _run_world(root):
 
 @pytest.fixture(scope="module")
 def distributed_runs(tmp_path_factory):
-    return _run_world(tmp_path_factory.mktemp("dist"))
+    root = tmp_path_factory.mktemp("dist")
+    _save_guide(root / "guide")  # before the ranks start: they would both write it
+    return _run_world(root)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -16,8 +16,11 @@ from pathlib import Path
 
 from fastcse.checks import DEFAULT_TEMPERATURE, choice, finite_float, positive_float, positive_int
 from fastcse.encoding import check_encoding
-from fastcse.evaluation import DEV_TASKS, SENTEVAL_TASKS, load_task
+from fastcse.evaluation import DEV_TASKS, SENTEVAL_TASKS, load_task, score_names
+from fastcse.false_negatives import MARGIN_STRATEGIES
+from fastcse.matryoshka import check_dims
 from fastcse.pooling import check_pooler
+from fastcse.training.guide import guide_model_path
 
 MODES = ("unsup", "sup")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -105,6 +108,28 @@ class TrainConfig:
             are left out of its step. The queue is saved in ``last/`` (resume stays
             bit-identical). Under torchrun every rank queues every rank's positives, so all
             score the same queue. Works with gradient caching.
+        matryoshka_dims, matryoshka_weights: Matryoshka training (Kusupati et al. 2022): the loss
+            is ``sum_k w_k * loss_k``, ``loss_k`` the loss on the first ``m_k`` coordinates of
+            every embedding (``info_nce(matryoshka_dims=...)``, one pass), so that the saved model
+            can be used truncated (``SentenceTransformer(path, truncate_dim=m)``). Distinct ints
+            in [1, the embeddings' dim] in any order (kept ascending); the weights, one finite
+            number per dimension in ``matryoshka_dims``' order, default 1 each. Evaluation also
+            scores each truncation (``"<task>@<m>"``). Compared on resume. CPU tensors only
+            for now (the loss's Triton kernels do not implement it; refused before training).
+        false_negative_margin, margin_strategy, guide_model: false negatives by similarity
+            (``info_nce(false_negative_margin=...)``, GISTEmbed's rule): a negative whose
+            similarity to the anchor exceeds the anchor's positive similarity less the margin
+            (``"absolute"``: t - m; ``"relative"``: t - |t| m) is left out of its softmax as a
+            likely false negative. Self-guided (``guide_model=None``): the loss's own cosine,
+            without gradient. ``guide_model``: a local model folder whose embeddings decide
+            instead; it encodes every step's rows through the same length-aware units as the
+            model, in eval mode and without gradient (once per step under gradient caching), so
+            it must share the model's tokenizer; its pooling is what the folder declares (else
+            [CLS]). Compared on resume (the guide by its absolute path).
+        metric_for_best: the evaluation score that picks the best checkpoint, by the name it is
+            reported under: a task (``"STSBenchmark-dev"``, a pair file's stem), ``"avg"``, or
+            either at a Matryoshka dimension (``"STSBenchmark-dev@256"``). Default None: the
+            full dimension's score (the mean over several tasks). Compared on resume.
         pooler: ``cls`` (with the MLP head while training), ``cls_before_pooler``, ``avg``,
             ``avg_first_last``, ``avg_top2``.
         mlp_only_train: with ``pooler="cls"``, use the MLP head while training only and evaluate
@@ -163,7 +188,8 @@ class TrainConfig:
             (the fields marked ``compared``, listed in ``RESUME_SETTINGS``: mode, the data and
             its labels, batch size, seed, total steps (max_steps / epochs), learning rate, weight decay, warmup, max_grad_norm, temperature,
             hard_negative_weight, pooler, mlp_only_train, max_seq_length, precision, eval_data,
-            mask_duplicates, negative_queue_size);
+            mask_duplicates, negative_queue_size, matryoshka_dims, matryoshka_weights, metric_for_best,
+            false_negative_margin, margin_strategy, guide_model);
             a difference is refused, naming every differing setting with both values. Pass a
             list of setting names (or True for all; ``max_steps`` and ``epochs`` name
             ``total_steps``) to continue with the new values instead: the
@@ -185,6 +211,11 @@ class TrainConfig:
     hard_negative_weight: float = _setting(0.0, compared=True)
     mask_duplicates: bool = _setting(True, compared=True, before_recorded=False)
     negative_queue_size: int = _setting(0, compared=True, before_recorded=0)
+    matryoshka_dims: tuple[int, ...] | None = _setting(None, compared=True, before_recorded=None)
+    matryoshka_weights: tuple[float, ...] | None = _setting(None, compared=True, before_recorded=None)
+    false_negative_margin: float | None = _setting(None, compared=True, before_recorded=None)
+    margin_strategy: str = _setting("absolute", compared=True, before_recorded="absolute")
+    guide_model: object = _setting(None, compared=True, before_recorded=None)
     pooler: str = _setting("cls", compared=True)
     mlp_only_train: bool | None = _setting(None, compared=True)
     mlp_init: str = _setting("fresh")
@@ -195,6 +226,7 @@ class TrainConfig:
     encoding: str = _setting("auto")
     eval_steps: int = _setting(125)
     eval_data: object = _setting("STSBenchmark-dev", compared=True)
+    metric_for_best: str | None = _setting(None, compared=True, before_recorded=None)
     data_dir: object = _setting(None)
     output_dir: object = _setting("runs/fastcse")
     save_steps: int | None = _setting(DEFAULT_SAVE_STEPS)
@@ -237,11 +269,28 @@ class TrainConfig:
         if not isinstance(self.mask_duplicates, bool):
             raise TypeError(f"mask_duplicates must be True or False, got {self.mask_duplicates!r}")
         positive_int("negative_queue_size", self.negative_queue_size, minimum=0)
+        check_dims(self.matryoshka_dims, self.matryoshka_weights, None)  # the bound d once the model is loaded
+        self._check_false_negative_settings()
         positive_int("max_seq_length", self.max_seq_length, minimum=2)
         try:
             choice("precision", self.precision, PRECISIONS)
         except ValueError as error:
             raise ValueError(f"{error} (fp16 would need loss scaling; use bf16)") from None
+
+    def _check_false_negative_settings(self) -> None:
+        if self.false_negative_margin is not None:
+            if isinstance(self.false_negative_margin, bool):
+                raise ValueError(f"false_negative_margin must be a finite number or None, got "
+                                 f"{self.false_negative_margin!r}")
+            finite_float("false_negative_margin", self.false_negative_margin)
+        choice("margin_strategy", self.margin_strategy, MARGIN_STRATEGIES)
+        if self.guide_model is not None:
+            if not isinstance(self.guide_model, (str, os.PathLike)):
+                raise TypeError(f"guide_model must be a local model folder (str or os.PathLike) or None, got "
+                                f"{self.guide_model!r}")
+            if self.false_negative_margin is None:
+                raise ValueError("guide_model decides which negatives false_negative_margin leaves out: give "
+                                 "false_negative_margin too")
 
     def _check_schedule(self) -> None:
         """The optimizer, its schedule and the run's length."""
@@ -258,7 +307,7 @@ class TrainConfig:
     def _check_run_folder_settings(self) -> None:
         """Evaluation, the output folder and resuming."""
         positive_int("eval_steps", self.eval_steps)
-        _eval_task_names(self.eval_data)
+        _check_metric_for_best(self.metric_for_best, _eval_task_names(self.eval_data), self.matryoshka_dims)
         if not isinstance(self.output_dir, (str, os.PathLike)):
             raise TypeError(f"output_dir must be a folder path (str or os.PathLike), got {self.output_dir!r}")
         if not str(self.output_dir).strip():
@@ -290,6 +339,9 @@ class TrainConfig:
             self, learning_rate=learning_rate, weight_decay=float(self.weight_decay),
             max_grad_norm=None if self.max_grad_norm is None else float(self.max_grad_norm),
             temperature=float(self.temperature), hard_negative_weight=float(self.hard_negative_weight),
+            **_canonical_matryoshka(self.matryoshka_dims, self.matryoshka_weights),
+            false_negative_margin=None if self.false_negative_margin is None else float(self.false_negative_margin),
+            guide_model=guide_model_path(self.guide_model),
             epochs=DEFAULT_EPOCHS[self.mode] if self.epochs is None else self.epochs,
             mlp_only_train=(self.mode == "unsup" and self.pooler == "cls") if self.mlp_only_train is None
             else self.mlp_only_train,
@@ -354,6 +406,28 @@ def _eval_task_names(eval_data) -> list[str]:
             raise ValueError(f"eval_data must be a task name {EVAL_TASKS}, a .tsv/.csv pair file, "
                              f"a list of them or None, got {task!r}")
     return [str(task) for task in tasks]
+
+
+def _canonical_matryoshka(dims, weights) -> dict:
+    """The Matryoshka settings as resolve() keeps them (and a checkpoint records and compares
+    them): dimensions ascending, one weight each (1.0 by default), as tuples; or both None."""
+    dims, weights = check_dims(dims, weights, None)
+    return {"matryoshka_dims": dims or None, "matryoshka_weights": weights or None}
+
+
+def _check_metric_for_best(metric_for_best, tasks: list[str], matryoshka_dims) -> None:
+    """``metric_for_best`` names a score that the run's evaluation reports."""
+    if metric_for_best is None:
+        return
+    if not isinstance(metric_for_best, str):
+        raise TypeError(f"metric_for_best must be a score name (str) or None, got {metric_for_best!r}")
+    if not tasks:
+        raise ValueError(f"metric_for_best={metric_for_best!r} picks the best checkpoint among evaluations, and "
+                         "eval_data is None: give eval_data or leave metric_for_best out")
+    dims = sorted(check_dims(matryoshka_dims, None, None)[0], reverse=True)
+    names = score_names(tasks, dims)
+    if metric_for_best not in names:
+        raise ValueError(f"metric_for_best must be one of the evaluation's scores {names}, got {metric_for_best!r}")
 
 
 def _check_output_dir(output_dir) -> Path:

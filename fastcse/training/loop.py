@@ -30,12 +30,12 @@ import torch
 import torch.distributed as dist
 
 from fastcse import __version__
-from fastcse import encoding as encoding_lib
 from fastcse.training.batches import (BatchOrder, BatchRows, TokenizedBatches, check_mini_batch_tokens,
                                       data_fingerprint, load_training_data, rows_per_rank)
 from fastcse.training.checkpoints import METRICS_FILE, append_jsonl, prepare_output_dir, save_checkpoint
 from fastcse.training.config import TrainConfig, make_config, run_settings
 from fastcse.training.evaluator import Evaluator
+from fastcse.training.guide import GuideEncoder, load_guide_model, shared_encoding
 from fastcse.training.lock import RunLock, locked_output_dir
 from fastcse.training.model import (check_max_seq_length, check_mlp_head, load_model_on_device, resolve_precision,
                                     set_starting_weights)
@@ -43,7 +43,7 @@ from fastcse.training.ranks import (all_reduce_grads, check_multi_process, curre
                                     set_up_rank_device, torchrun_process_group)
 from fastcse.training.interrupts import StopRequests, TrainingInterrupted
 from fastcse.training.resume import Checkpointer, ResumeChoice, RunState, choose_checkpoint, load_resume
-from fastcse.training.step import ContrastiveStep, NegativeQueue, make_optimizer
+from fastcse.training.step import ContrastiveStep, LossOptions, NegativeQueue, make_optimizer
 
 logger = logging.getLogger("fastcse.train")
 
@@ -126,14 +126,14 @@ def train(model, data, *, tokenizer=None, config: TrainConfig | None = None, **s
     check_multi_process(config.batch_size, world)
     on_rank0(world, rank, RunLock(config.output_dir).refuse_if_held)  # a second run stops here, before the model loads
     choice = choose_checkpoint(config, rank == 0)
-    run = _load_run(model, tokenizer, data, config, device, choice)
+    run, guide = _load_run(model, tokenizer, data, config, device, choice)
     set_starting_weights(run.model, _fresh_head(config, choice.folder), config.seed, world)
     if rank == 0:
         _log_ineffective_settings(run, config)
     with locked_output_dir(config.output_dir, world, rank):  # nothing above wrote to the folder
         resume_folder = on_rank0(world, rank, prepare_output_dir, config.output_dir, choice.folder,
                                  run.saved["step"] if run.saved is not None else 0, config.save_total_limit)
-        return _train_in_folder(run, config, resume_folder, world, rank)
+        return _train_in_folder(run, guide, config, resume_folder, world, rank)
 
 
 def _fresh_head(config: TrainConfig, resume_folder: Path | None) -> bool:
@@ -141,9 +141,10 @@ def _fresh_head(config: TrainConfig, resume_folder: Path | None) -> bool:
     return config.pooler == "cls" and config.mlp_init == "fresh" and resume_folder is None
 
 
-def _load_run(model, tokenizer, data, config: TrainConfig, device, choice: ResumeChoice) -> LoadedRun:
-    """Loads the data and the model and checks them against ``config``, then the checkpoint to
-    resume against the run's settings (all before any write)."""
+def _load_run(model, tokenizer, data, config: TrainConfig, device,
+              choice: ResumeChoice) -> tuple[LoadedRun, GuideEncoder | None]:
+    """Loads the data, the model and the guide model (None without one) and checks them against
+    ``config``, then the checkpoint to resume against the run's settings (all before any write)."""
     examples, labels, views = load_training_data(data, config.mode, config.batch_size)
     if config.hard_negative_weight != 0.0 and views < 3:  # else the loss would refuse it at the first step
         raise ValueError(f"hard_negative_weight={config.hard_negative_weight} weights hard negatives, and the data has "
@@ -152,19 +153,23 @@ def _load_run(model, tokenizer, data, config: TrainConfig, device, choice: Resum
     autocast_dtype = resolve_precision(config.precision, device)
     check_mlp_head(model, config.pooler, _fresh_head(config, choice.folder))
     check_max_seq_length(model, config.max_seq_length)
-    encoding = encoding_lib.resolve_encoding(config.encoding, model)
+    _loss_options(config).check(int(model.config.hidden_size), device)  # every pooler gives hidden_size coordinates
+    guide_model, guide_pooler = (None, None) if config.guide_model is None else \
+        load_guide_model(config.guide_model, tokenizer, config.max_seq_length, device)
+    encoding = shared_encoding(config.encoding, model, guide_model)
     check_mini_batch_tokens(config.mini_batch_tokens, tokenizer, examples, config.mode, config.max_seq_length)
     order = BatchOrder(len(examples), config.batch_size, config.seed)
     total_steps = config.max_steps if config.max_steps is not None else config.epochs * order.steps_per_epoch
     facts = {"data": data_fingerprint(examples, labels), "num_examples": len(examples), "total_steps": total_steps}
     settings = run_settings(config, facts=facts, precision="bf16" if autocast_dtype else "fp32", encoding=encoding)
     saved = load_resume(choice, settings, config)
+    guide = None if guide_model is None else GuideEncoder(guide_model, guide_pooler, encoding, autocast_dtype)
     return LoadedRun(examples, labels, views, model, tokenizer, device, autocast_dtype, encoding, total_steps,
-                     settings, saved)
+                     settings, saved), guide
 
 
-def _train_in_folder(run: LoadedRun, config: TrainConfig, resume_folder: Path | None, world: int,
-                     rank: int) -> TrainResult:
+def _train_in_folder(run: LoadedRun, guide: GuideEncoder | None, config: TrainConfig, resume_folder: Path | None,
+                     world: int, rank: int) -> TrainResult:
     """The run proper, in its locked and readied output folder."""
     output_dir, model = config.output_dir, run.model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -175,7 +180,7 @@ def _train_in_folder(run: LoadedRun, config: TrainConfig, resume_folder: Path | 
     checkpointer = Checkpointer(model, run.tokenizer, optimizer, scheduler, run.settings, record, config, world, rank,
                                 queue)
     evaluator = Evaluator(model, run.tokenizer, config, record, world, rank) if config.eval_data else None
-    contrastive_step = _contrastive_step(run, config, queue, world)
+    contrastive_step = _contrastive_step(run, config, queue, world, guide)
     torch.manual_seed(config.seed + rank)  # dropout masks: a different stream per rank
     state = checkpointer.resume(run.saved, resume_folder, config.seed) if run.saved is not None else RunState()
     if rank == 0:
@@ -204,13 +209,19 @@ def _train_in_folder(run: LoadedRun, config: TrainConfig, resume_folder: Path | 
     return _train_result(state, model_path, output_dir, output_dir / METRICS_FILE, throughput)
 
 
-def _contrastive_step(run: LoadedRun, config: TrainConfig, queue: NegativeQueue | None,
-                      world: int) -> ContrastiveStep:
+def _loss_options(config: TrainConfig) -> LossOptions:
+    return LossOptions(config.temperature, config.hard_negative_weight, config.matryoshka_dims,
+                       config.matryoshka_weights, config.false_negative_margin, config.margin_strategy)
+
+
+def _contrastive_step(run: LoadedRun, config: TrainConfig, queue: NegativeQueue | None, world: int,
+                      guide: GuideEncoder | None) -> ContrastiveStep:
     return ContrastiveStep(
-        run.model, config.pooler, run.encoding, run.views, config.temperature, config.hard_negative_weight,
+        run.model, config.pooler, run.encoding, run.views, _loss_options(config),
         dist.group.WORLD if world > 1 else None, run.autocast_dtype, run.device,
         mini_batch_sequences=config.mini_batch_size * run.views if config.mini_batch_size else None,
-        mini_batch_tokens=config.mini_batch_tokens, queue=queue, rank_rows=rows_per_rank(config.batch_size, world))
+        mini_batch_tokens=config.mini_batch_tokens, queue=queue, rank_rows=rows_per_rank(config.batch_size, world),
+        guide=guide)
 
 
 def _log_ineffective_settings(run: LoadedRun, config: TrainConfig) -> None:
@@ -219,20 +230,26 @@ def _log_ineffective_settings(run: LoadedRun, config: TrainConfig) -> None:
         logger.warning("unsupervised SimCSE uses dropout as its augmentation, but the model's dropout is 0")
     if run.labels is not None and config.mask_duplicates:
         logger.info("the data has labels: they define the positives, so mask_duplicates has no effect")
+    if config.matryoshka_dims and config.eval_pooler != config.pooler:
+        logger.warning("matryoshka_dims trains the prefixes of the MLP head's output, but evaluation and the saved "
+                       "model use the raw [CLS] (mlp_only_train): its truncations are not the ones trained; "
+                       "pooler='avg' or mlp_only_train=False evaluate what Matryoshka trains")
 
 
 def _model_record(config: TrainConfig) -> dict:
     """How a saved model was trained and is to be pooled, written with every checkpoint."""
     return {"mode": config.mode, "pooler": config.pooler, "mlp_only_train": config.mlp_only_train,
             "mlp_init": config.mlp_init, "eval_pooler": config.eval_pooler, "temperature": config.temperature,
-            "batch_size": config.batch_size, "max_seq_length": config.max_seq_length, "fastcse_version": __version__}
+            "batch_size": config.batch_size, "max_seq_length": config.max_seq_length,
+            "matryoshka_dims": list(config.matryoshka_dims) if config.matryoshka_dims else None,
+            "fastcse_version": __version__}
 
 
 def _log_run_start(run: LoadedRun, config: TrainConfig, world: int, caching: bool) -> None:
     """One line describing the run about to train."""
     batch_size = config.batch_size
     logger.info("training %s SimCSE: %d examples%s, batch %d%s%s, %d steps, lr %g, pooler %s, %s encoding, "
-                "precision %s, %s, negative queue %s", config.mode, len(run.examples),
+                "precision %s, %s, negative queue %s%s%s", config.mode, len(run.examples),
                 " (labelled)" if run.labels is not None else "", batch_size,
                 f" over {world} processes ({batch_size // world}{'+' if batch_size % world else ''} each)"
                 if world > 1 else "",
@@ -241,7 +258,17 @@ def _log_run_start(run: LoadedRun, config: TrainConfig, world: int, caching: boo
                 run.total_steps, config.learning_rate, config.pooler, run.encoding,
                 "bf16" if run.autocast_dtype else "fp32",
                 "duplicates masked" if config.mask_duplicates and run.labels is None else "duplicates not masked",
-                config.negative_queue_size or "off")
+                config.negative_queue_size or "off",
+                f", Matryoshka dims {list(config.matryoshka_dims)} weights {list(config.matryoshka_weights)}"
+                if config.matryoshka_dims else "", _false_negatives_note(config))
+
+
+def _false_negatives_note(config: TrainConfig) -> str:
+    if config.false_negative_margin is None:
+        return ""
+    guide = f"guided by {config.guide_model}" if config.guide_model else "self-guided"
+    return (f", false negatives by similarity ({guide}, {config.margin_strategy} margin "
+            f"{config.false_negative_margin:g})")
 
 
 def _train_result(state: RunState, model_path: Path, output_dir: Path, metrics_path: Path,
