@@ -216,7 +216,7 @@ class FalseNegativeTiles:
         role = DIRECTION_ROLES[direction]
         if role.holds_target:  # the targets stay: the positive, or with labels every positive of the label
             if self.problem.id_mode == "label":
-                cells[:, : self.problem.num_positives].logical_and_(self.operands.same_id(r0, r1).logical_not_())
+                cells[:, : self.problem.num_positives].masked_fill_(self.operands.same_id(r0, r1), False)
             else:  # row i's positive is column pos_start + r0 + i
                 cells.narrow(1, self.problem.pos_start + r0, rows).diagonal().fill_(False)
         elif direction == DOC_TO_QUERY:  # positive i's own anchor is its pair, not a negative
