@@ -152,11 +152,15 @@ def problem_keywords(options: FalseNegativeOptions | None, guide: GuideRows | No
 
 
 class FalseNegativeTiles:
-    """The CPU backend's per-call state for the rule: the guide's normalized rows and, per chunk
-    of rows, the thresholds; ``left_out`` gives one direction's [R, n] cells from one tile.
+    """The CPU backend's per-call state for the rule: the guide's normalized rows, every row's
+    threshold, and the buffers ``left_out`` fills with one direction's [R, n] cells per tile.
 
     Self-guided, the tile is the direction's own score block before any bias or penalty, i.e.
-    sim / tau: the thresholds are scaled by 1 / tau (exact for both strategies, tau > 0)."""
+    sim / tau: the thresholds are scaled by 1 / tau (exact for both strategies, tau > 0).
+
+    Per tile the rule costs one compare into a reused bool buffer (and, guided, the guide's
+    product into a reused block): the cells that always stay (the targets, doc_to_query's own
+    anchor) sit on one diagonal of the tile and are cleared through a view, no index tensors."""
 
     def __init__(self, problem: LossProblem, guide: GuideRows | None, operands):
         self.problem = problem
@@ -167,22 +171,25 @@ class FalseNegativeTiles:
                           for x in guide]
             self.guide = GuideRows(normalized[0], normalized[1],
                                    normalized[0] if normalized[2] is None else normalized[2])
-        self._chunk = None  # (r0, r1, thresholds)
+        self.thresholds = self._thresholds()
+        # One buffer of each kind, shared by the directions (each tile is consumed before the next
+        # is built): reusing them keeps the allocator from cycling R x n blocks on every tile.
+        widest = operands.rows * max(operands.widths.values())
+        self._cells = torch.empty(widest, dtype=torch.bool)
+        self._tile = None if self.guide is None else torch.empty(widest, dtype=operands.dtype)
 
-    def _thresholds(self, r0: int, r1: int) -> torch.Tensor:
-        if self._chunk is not None and self._chunk[:2] == (r0, r1):
-            return self._chunk[2]
-        problem, positives = self.problem, slice(self.problem.pos_start + r0, self.problem.pos_start + r1)
+    def _thresholds(self) -> torch.Tensor:
+        """[B]: every row's threshold, once per call (a row dot per row)."""
+        problem = self.problem
+        positives = slice(problem.pos_start, problem.pos_start + problem.batch)
         margin = problem.false_negative_margin
         if self.guide is not None:
-            similarity = (self.guide.anchor[r0:r1] * self.guide.candidates[positives]).sum(1)
+            similarity = (self.guide.anchor * self.guide.candidates[positives]).sum(1)
         else:
-            similarity = (self.operands.a_scaled[r0:r1] * self.operands.candidates.hat[positives]).sum(1)
+            similarity = (self.operands.a_scaled * self.operands.candidates.hat[positives]).sum(1)
             if problem.margin_strategy == "absolute":  # relative margins are scale-free already
                 margin = margin / problem.tau
-        thresholds = threshold(similarity, margin, problem.margin_strategy)
-        self._chunk = (r0, r1, thresholds)
-        return thresholds
+        return threshold(similarity, margin, problem.margin_strategy)
 
     def _guide_tile(self, direction: str, r0: int, r1: int) -> torch.Tensor:
         """The guide's cosines of the direction's (query, key) pairs: one R x n x d_g product."""
@@ -196,20 +203,22 @@ class FalseNegativeTiles:
         else:
             keys = self.guide.candidates if role.keys == CANDIDATES else \
                 self.guide.candidates[: self.problem.num_documents]
-        return torch.mm(queries, keys.T)
+        out = self._tile[: (r1 - r0) * keys.shape[0]].view(r1 - r0, keys.shape[0])
+        return torch.mm(queries, keys.T, out=out)
 
     def left_out(self, direction: str, raw_block: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         """[R, n] bool: the cells of rows [r0, r1) the rule leaves out (``raw_block``: the
-        direction's scores before any bias or penalty, the tile when self-guided)."""
+        direction's scores before any bias or penalty, the tile when self-guided). A view of a
+        buffer that the next call overwrites: consume it first."""
         tile = raw_block if self.guide is None else self._guide_tile(direction, r0, r1)
-        cells = tile > self._thresholds(r0, r1)[:, None]
-        rows = torch.arange(r1 - r0)
+        rows, width = tile.shape
+        cells = torch.gt(tile, self.thresholds[r0:r1, None], out=self._cells[: rows * width].view(rows, width))
         role = DIRECTION_ROLES[direction]
         if role.holds_target:  # the targets stay: the positive, or with labels every positive of the label
             if self.problem.id_mode == "label":
-                cells[:, : self.problem.num_positives] &= ~self.operands.same_id(r0, r1)
-            else:
-                cells[rows, self.operands.targets(r0, r1)] = False
+                cells[:, : self.problem.num_positives].masked_fill_(self.operands.same_id(r0, r1), False)
+            else:  # row i's positive is column pos_start + r0 + i
+                cells.narrow(1, self.problem.pos_start + r0, rows).diagonal().fill_(False)
         elif direction == DOC_TO_QUERY:  # positive i's own anchor is its pair, not a negative
-            cells[rows, self.problem.anchor_start + torch.arange(r0, r1)] = False
+            cells.narrow(1, self.problem.anchor_start + r0, rows).diagonal().fill_(False)
         return cells
