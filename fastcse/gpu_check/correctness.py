@@ -89,8 +89,9 @@ def _guide(batch: int, dim: int, dtype: torch.dtype, device: torch.device, num_n
     gen = torch.Generator().manual_seed(77)
     anchor = torch.randn(batch, 16, generator=gen)
     rows = [anchor, anchor + 0.8 * torch.randn(batch, 16, generator=gen)]
-    if num_neg:
-        rows.append(anchor[:, None] + 1.0 * torch.randn(batch, num_neg, 16, generator=gen))
+    if num_neg:  # shaped like the case's negative: [B, d] for k = 1 (fastcse.testing.draw_inputs)
+        negative = anchor[:, None] + 1.0 * torch.randn(batch, num_neg, 16, generator=gen)
+        rows.append(negative[:, 0] if num_neg == 1 else negative)
     return dict(false_negative_margin=0.1, margin_strategy="absolute", guide=tuple(r.to(device) for r in rows))
 
 
@@ -120,12 +121,9 @@ VARIANTS = (
     Variant("labels-triples", lambda batch, dim, dtype, device, num_neg: {
         "labels": (torch.arange(batch) // 3).to(device)}),  # SupCon: rows 3i..3i+2 share a label
     # False negatives by similarity: self-guided (the loss's own cosines, relative margin) and a
-    # guide's rows (GISTEmbed), the latter with the symmetric directions too.
+    # guide's rows (GISTEmbed).
     Variant("false_negatives-self-relative", _constant(false_negative_margin=0.05, margin_strategy="relative")),
     Variant("false_negatives-guided", _guide),
-    Variant("false_negatives-guided-q2d-d2q", lambda batch, dim, dtype, device, num_neg: {
-        **_guide(batch, dim, dtype, device, num_neg), "directions": ("query_to_doc", "doc_to_query"),
-        "partition_mode": "joint"}),
     # Matryoshka: the full width and three prefixes (not aligned with the kernels' d chunks), unequal
     # weights; and with the group mask and the symmetric directions.
     Variant("matryoshka-4", lambda batch, dim, dtype, device, num_neg: {
