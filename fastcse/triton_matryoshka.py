@@ -19,7 +19,8 @@ products per tile: 1 in the forward and 4 in the backward (R in each sweep, dQ, 
 768/512/256/128/64); the operand loads stay one pass over d per sweep, and the per-dimension
 work is elementwise (2 D evaluations of a tile's logits in the backward). The prefix norms'
 backward needs, per row and dimension, w_k sum_j dS_k sim_k: added with atomics into [D, n]
-buffers, applied with torch at the end (segment s of a row takes -x_s sum_{k >= s} dots_k / (tau |x[:m_k]|^2)), as ``fastcse.cpu_matryoshka`` does.
+buffers, applied with torch at the end (segment s of a row takes -x_s sum_{k >= s} dots_k /
+(tau |x[:m_k]|^2)), as ``fastcse.cpu_matryoshka`` does.
 
 Products read the raw inputs (16-bit on tensor cores); T holds 1 / |x[:m_k]|, up to 1 / eps for
 a zero prefix, which fp16 cannot hold, so fp16's gradient products run in fp32 (3xTF32).
@@ -37,8 +38,8 @@ from fastcse.checks import NORMALIZE_EPS
 from fastcse.matryoshka import segments
 from fastcse.problem import ANCHOR_KEYS, ANCHORS, CANDIDATES, DIRECTION_ROLES, DOCUMENTS, POSITIVES, LossProblem
 from fastcse.triton_forward import column_splits
-from fastcse.triton_tiles import (IDS_LABEL, IDS_NONE, MASK_NONE, IDS_GROUP, Sweep, cell_args, diagonal, load_tile,
-                                  online_lse_update, pointer_or, same_id, tile_logits)
+from fastcse.triton_tiles import (IDS_GROUP, IDS_LABEL, IDS_NONE, MASK_NONE, Config, Sweep, Tiles, cell_args,
+                                  diagonal, load_tile, online_lse_update, pointer_or, same_id, tile_logits)
 
 
 @triton.jit
@@ -225,6 +226,17 @@ def _matryoshka_backward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, 
 # --------------------------------------------------------------------------------------------
 
 
+def matryoshka_tiles(cfg: Config, dtype: torch.dtype) -> tuple[Tiles, Tiles]:
+    """(forward, backward) tiles: the plain loss's under the interpreter (16 x 16 x 16), else
+    smaller ones than the plain kernels', which hold D running statistics per row (forward) and
+    the running sum T beside the accumulator (backward): with 64 x 64 tiles both spill on sm_80
+    and sm_90 (tests/test_triton_aot.py measures them)."""
+    if cfg.fwd.block_m == 16:
+        return cfg.fwd, cfg.bwd
+    chunk = min(cfg.fwd.block_d, 16) if dtype == torch.float16 else cfg.fwd.block_d
+    return Tiles(32, 64, cfg.fwd.block_d, 4, 2), Tiles(32, 32, chunk, 4, 2)
+
+
 def prefix_inverse_norms(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """[D, n] fp32: 1 / max(|x[:m_k]|, eps) per dimension, from the segments' squared sums (O(n d))."""
     squares = torch.stack([x[:, lo:hi].float().square().sum(1) for lo, hi in segments(dims)])
@@ -270,7 +282,7 @@ def launch_forward(sweep: Sweep, problem: LossProblem, cfg, bounds: torch.Tensor
     """([D, n_rows] LSEs, [D, n_rows] target logits or None) of the sweep's queries."""
     queries, keys = sweep.queries, sweep.keys
     n_rows, n_cols = queries.shape[0], keys.shape[0]
-    t = cfg.fwd
+    t = matryoshka_tiles(cfg, queries.dtype)[0]
     dims = problem.num_dimensions
     n_row_blocks, n_col_tiles = triton.cdiv(n_rows, t.block_m), triton.cdiv(n_cols, t.block_n)
     splits = column_splits(n_row_blocks, n_col_tiles, queries.device)
@@ -295,7 +307,7 @@ def launch_backward(sweep: Sweep, problem: LossProblem, cfg, bounds, weights, ls
     ``lse``: [D, n_rows] (a strided view), dimension k's LSE of each query row."""
     queries, keys = sweep.queries, sweep.keys
     n_rows, n_cols = queries.shape[0], keys.shape[0]
-    t = cfg.bwd
+    t = matryoshka_tiles(cfg, queries.dtype)[1]
     scalars, constexprs = cell_args(sweep, problem)
     constexprs = {k: v for k, v in constexprs.items() if k not in ("EPS_", "FALSE_NEG")}
     q_inv, k_inv, inv_stride_q, inv_stride_k = _inverse_norm_args(sweep.q_norm, sweep.k_norm, g)
