@@ -107,6 +107,9 @@ The per-row options, and what each costs (no launch, no product, no B x N tensor
   B x n x d_g product per direction in the forward and one in the backward. doc_to_query gets
   launches of its own (its cells' thresholds are its rows', not query_to_doc's).
 
+Matryoshka (``matryoshka_dims``) has kernels of its own, ``fastcse.triton_matryoshka`` (one
+sweep over d per tile yields every dimension's scores), chosen by ``_sweeps``.
+
 Under ``TRITON_INTERPRET=1`` (the tests) the kernels run on CPU tensors (see
 ``fastcse.triton_tiles``).
 """
