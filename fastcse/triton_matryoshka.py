@@ -230,9 +230,11 @@ def matryoshka_tiles(cfg: Config, dtype: torch.dtype) -> tuple[Tiles, Tiles]:
     """(forward, backward) tiles: the plain loss's under the interpreter (16 x 16 x 16), else
     smaller ones than the plain kernels', which hold D running statistics per row (forward) and
     the running sum T beside the accumulator (backward): with 64 x 64 tiles both spill on sm_80
-    and sm_90 (tests/test_triton_aot.py measures them)."""
+    and sm_90, and fp32's backward still at 32 x 32 (tests/test_triton_aot.py measures them)."""
     if cfg.fwd.block_m == 16:
         return cfg.fwd, cfg.bwd
+    if dtype == torch.float32:  # 3xTF32: three products per dot
+        return Tiles(32, 64, cfg.fwd.block_d, 4, 1), Tiles(32, 16, cfg.fwd.block_d, 4, 1)
     chunk = min(cfg.fwd.block_d, 16) if dtype == torch.float16 else cfg.fwd.block_d
     return Tiles(32, 64, cfg.fwd.block_d, 4, 2), Tiles(32, 32, chunk, 4, 2)
 
