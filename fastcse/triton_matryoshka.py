@@ -38,8 +38,8 @@ from fastcse.checks import NORMALIZE_EPS
 from fastcse.matryoshka import segments
 from fastcse.problem import ANCHOR_KEYS, ANCHORS, CANDIDATES, DIRECTION_ROLES, DOCUMENTS, POSITIVES, LossProblem
 from fastcse.triton_forward import column_splits
-from fastcse.triton_tiles import (IDS_GROUP, IDS_LABEL, IDS_NONE, MASK_NONE, Config, Sweep, Tiles, cell_args,
-                                  diagonal, load_tile, online_lse_update, pointer_or, same_id, tile_logits)
+from fastcse.triton_tiles import (IDS_GROUP, IDS_LABEL, IDS_NONE, MASK_CODES, MASK_NONE, Config, Sweep, Tiles,
+                                  cell_args, diagonal, load_tile, online_lse_update, pointer_or, same_id, tile_logits)
 
 
 @triton.jit
@@ -352,7 +352,6 @@ class MatryoshkaSweeps:
         """The direction's sweep, its norm fields holding [D, n] prefix inverse norms."""
         role = DIRECTION_ROLES[direction]
         queries, keys = self.operands[role.queries], self.operands[role.keys]
-        from fastcse.triton_tiles import MASK_CODES
         return Sweep(direction, queries["x"], queries["inv"], keys["x"], keys["inv"], MASK_CODES[role.mask],
                      ids=self.ids, inv_count=self.inv_count if role.holds_target else None)
 
