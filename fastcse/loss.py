@@ -166,9 +166,6 @@ def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, 
     extra_negatives = _check_extra_negatives(extra_negatives, anchor)
     dims, weights = check_dims(matryoshka_dims, matryoshka_weights, dim)
     backend = _resolve_backend(backend, anchor)
-    if dims and backend == "triton":
-        raise NotImplementedError("matryoshka_dims runs on backend='cpu' only for now: the Triton kernels do not "
-                                  "implement it yet")
     false_negatives = _check_false_negatives(false_negative_options, anchor, negative, extra_negatives)
     if dims and false_negatives is not None:
         raise NotImplementedError("matryoshka_dims with false_negative_margin is not implemented yet: the one-pass "

@@ -107,6 +107,9 @@ The per-row options, and what each costs (no launch, no product, no B x N tensor
   B x n x d_g product per direction in the forward and one in the backward. doc_to_query gets
   launches of its own (its cells' thresholds are its rows', not query_to_doc's).
 
+Matryoshka (``matryoshka_dims``) has kernels of its own, ``fastcse.triton_matryoshka`` (one
+sweep over d per tile yields every dimension's scores), chosen by ``_sweeps``.
+
 Under ``TRITON_INTERPRET=1`` (the tests) the kernels run on CPU tensors (see
 ``fastcse.triton_tiles``).
 """
@@ -153,9 +156,6 @@ class _TritonSweeps:
     def __init__(self, anchor, candidates, anchor_keys, ids, problem: LossProblem, guide: GuideRows | None = None):
         if anchor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"the Triton backend takes float16, bfloat16 or float32, got {anchor.dtype}")
-        if problem.matryoshka_dims:  # never a silent per-dimension fallback
-            raise NotImplementedError("matryoshka_dims runs on backend='cpu' only for now: the Triton kernels do "
-                                      "not implement it yet")
         if (ids is None) != (problem.id_mode is None):
             raise ValueError(f"ids and problem.id_mode go together, got ids {'None' if ids is None else 'given'} "
                              f"and id_mode {problem.id_mode!r}")
@@ -326,9 +326,21 @@ def _on_device(x: torch.Tensor):
 # --------------------------------------------------------------------------------------------
 
 
+def _sweeps(anchor, candidates, anchor_keys, ids, problem: LossProblem, guide):
+    """The per-call state: Matryoshka's (``fastcse.triton_matryoshka``) or the plain loss's."""
+    if problem.matryoshka_dims:
+        if problem.false_negative_margin is not None:  # fastcse.loss refuses the pair before this
+            raise NotImplementedError("matryoshka_dims with false_negative_margin is not implemented")
+        from fastcse.triton_matryoshka import MatryoshkaSweeps
+        if anchor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"the Triton backend takes float16, bfloat16 or float32, got {anchor.dtype}")
+        return MatryoshkaSweeps(anchor, candidates, anchor_keys, ids, problem, select_config(anchor.dtype, problem.dim))
+    return _TritonSweeps(anchor, candidates, anchor_keys, ids, problem, guide)
+
+
 def forward(anchor, candidates, anchor_keys, problem: LossProblem, *, compute_grad, ids=None, guide=None):
     with _on_device(anchor):
-        sweeps = _TritonSweeps(anchor, candidates, anchor_keys, ids, problem, guide)
+        sweeps = _sweeps(anchor, candidates, anchor_keys, ids, problem, guide)
         row_loss, lse = sweeps.stats()
         grads = None
         if compute_grad:  # the probabilities need the final LSEs: a second sweep with g = 1
@@ -338,6 +350,6 @@ def forward(anchor, candidates, anchor_keys, problem: LossProblem, *, compute_gr
 
 def backward(grad_rows, anchor, candidates, anchor_keys, problem: LossProblem, lse, *, ids=None, guide=None):
     with _on_device(anchor):
-        sweeps = _TritonSweeps(anchor, candidates, anchor_keys, ids, problem, guide)
+        sweeps = _sweeps(anchor, candidates, anchor_keys, ids, problem, guide)
         f32 = dict(dtype=torch.float32)
         return sweeps.grads(grad_rows.to(**f32).contiguous(), lse.to(**f32).contiguous())

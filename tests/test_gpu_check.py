@@ -35,6 +35,7 @@ from fastcse.gpu_check.report import Budget, Report, Section, _json_safe, write_
 from fastcse.gpu_check.results import CORRECTNESS, FAIL, PASS, SETUP, SKIPPED, SPEED, Outcome, Skip, skip_case
 from fastcse.gpu_check.speed import (LOSS_IMPLS, SPEED_IMPLS, _fastcse_loss, fits_in_memory, free_memory_bytes,
                                      loss_flops, measure_loss, plain_loss_bytes, speed_plan, speed_queue_size)
+from fastcse.gpu_check import speed as speed_module
 from fastcse.gpu_check.st_step import MINILM_L6, ST_LOSSES, random_sentences, st_step_plan
 from fastcse.testing import (HALF_PRECISION_CASES, HALF_PRECISION_WEIGHT, OPTION_GRID, TEMPERATURE_CASES, TOL,
                              agreement, compare_results, row_agreement)
@@ -490,6 +491,25 @@ def test_row_option_speed_rows_on_cpu(tmp_path):
     assert queue["candidates"] == 64 + speed_queue_size(32) == 192 and queue["vs_matmul"] is None
     assert queue["loss_rel_diff_vs_reference"] < 1e-5 and queue["x_plain_call"] > 0
     assert "| fastcse+group_ids |" in render_markdown(report)
+
+
+def test_matryoshka_speed_rows_on_cpu(tmp_path, monkeypatch):
+    """The fused Matryoshka call beside the per-dimension loop: the same loss (the reference's), and the
+    fused row's note gives its time over the loop's."""
+    monkeypatch.setattr(speed_module, "MATRYOSHKA_DIMS", (16, 9, 3))
+    device = torch.device("cpu")
+    report = Report(tmp_path, "unit", {})
+    section = Section(report, "speed", 60, selector(None), device)
+    for name, case in speed_module.matryoshka_speed_plan(32, 16, torch.float32):
+        section.run(name, lambda c=case: c(device), SPEED)
+    rows = {c.name.rsplit("/", 1)[1]: c for c in report.checks}
+    assert list(rows) == list(speed_module.MATRYOSHKA_IMPLS)
+    assert all(c.status == PASS for c in rows.values()), [(c.name, c.reason) for c in rows.values()]
+    loop, fused = rows["fastcse+matryoshka_loop"].numbers, rows["fastcse+matryoshka"].numbers
+    assert loop["loss_rel_diff_vs_reference"] < 1e-5 and fused["loss_rel_diff_vs_reference"] < 1e-5
+    assert fused["loss"] == pytest.approx(loop["loss"], rel=1e-5)
+    assert fused["x_per_dimension_loop"] == pytest.approx(fused["ms"] / loop["ms"])
+    assert "the per-dimension loop" in rows["fastcse+matryoshka"].reason
 
 
 def test_a_row_option_with_a_wrong_loss_fails(tmp_path, monkeypatch):

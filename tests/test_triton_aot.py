@@ -55,7 +55,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 DIM = 768
 _TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 _INPUT_POINTERS = ("q_ptr", "k_ptr", "x_ptr")  # the embeddings; ids_ptr is int32, every other pointer fp32
-_FLOAT_SCALARS = ("inv_tau", "weight", "penalty_scale", "fixed_max", "g_scale")
+_FLOAT_SCALARS = ("inv_tau", "tau", "weight", "penalty_scale", "fixed_max", "g_scale")
+_INT_POINTERS = ("ids_ptr", "bounds_ptr")  # the dense int32 ids (group / label), Matryoshka's boundaries
 # As the JIT specializes d = 768 (and d_g = 768: the guide's width and strides).
 _DIVISIBLE_INTS = ("dim", "stride", "stride_q", "stride_k", "cols_per_split", "dim_g", "stride_gq", "stride_gk")
 
@@ -129,9 +130,41 @@ def _variants(dtype_name):
                         dict(cells, FUSED_REVERSE=fused, **fwd), cfg.fwd.warps, cfg.fwd.stages))
         out.append((f"backward {label}", "_backward_kernel", dict(cells, REVERSE=rev, **bwd),
                     cfg.bwd.warps, cfg.bwd.stages))
+    out += _matryoshka_variants(dtype_name, cfg)
     for normalize in (True, False):
         out.append((f"normalize_backward norm={int(normalize)}", "_normalize_backward_kernel",
                     dict(NORMALIZE=normalize, EPS_=NORMALIZE_EPS, **rows), cfg.warps_rows, 1))
+    return out
+
+
+def _matryoshka_variants(dtype_name, cfg):
+    """Matryoshka's kernels (fastcse.triton_matryoshka) at 8 dimensions (the running statistics'
+    width DP) and the heaviest cell rules: query_to_doc with the in-batch penalty, the bias and
+    the label target, doc_to_doc with its masks and the group mask, and without normalization.
+    fp16's backward takes its gradient products in fp32 (GRAD_FP32)."""
+    from fastcse import triton_tiles as k
+
+    none, own = k.MASK_NONE.value, k.MASK_OWN_DOCUMENTS.value
+    cells = [("query_to_doc in_batch_negatives label", dict(NORMALIZE=True, HAS_BIAS=True, MASK=none,
+                                                            PENALTY=k.PENALTY_IN_BATCH.value, HAS_TARGET=True,
+                                                            IDS=k.IDS_LABEL.value)),
+             ("doc_to_doc group", dict(NORMALIZE=True, HAS_BIAS=False, PENALTY=k.PENALTY_NONE.value, MASK=own,
+                                       HAS_TARGET=False, IDS=k.IDS_GROUP.value)),
+             ("query_to_doc norm=0", dict(NORMALIZE=False, HAS_BIAS=True, PENALTY=k.PENALTY_NONE.value, MASK=none,
+                                          HAS_TARGET=True, IDS=k.IDS_NONE.value))]
+    import torch
+
+    from fastcse.triton_matryoshka import matryoshka_tiles
+
+    tiles = matryoshka_tiles(cfg, getattr(torch, dtype_name))
+    common = dict(UPCAST=False, PRECISION=cfg.precision)
+    fwd, bwd = (dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, **common) for t in tiles)
+    out = []
+    for label, rules in cells:
+        out.append((f"matryoshka forward {label}", "_matryoshka_forward_kernel", dict(rules, DP=8, **fwd),
+                    tiles[0].warps, tiles[0].stages))
+        out.append((f"matryoshka backward {label}", "_matryoshka_backward_kernel",
+                    dict(rules, GRAD_FP32=dtype_name == "float16", **bwd), tiles[1].warps, tiles[1].stages))
     return out
 
 
@@ -140,7 +173,7 @@ def _signature(fn, constexprs, dtype_name):
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name == "ids_ptr":  # the dense int32 ids (group / label)
+        elif name in _INT_POINTERS:
             sig[name] = "*i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name.endswith("_ptr"):
@@ -160,9 +193,10 @@ def _compile_all(capability: int) -> list[dict]:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from fastcse import triton_backward, triton_forward, triton_tiles
+    from fastcse import triton_backward, triton_forward, triton_matryoshka, triton_tiles
 
-    kernels = {name: getattr(module, name) for module in (triton_tiles, triton_forward, triton_backward)
+    kernels = {name: getattr(module, name) for module in (triton_tiles, triton_forward, triton_backward,
+                                                           triton_matryoshka)
                for name in dir(module) if name.endswith("_kernel")}
     target = GPUTarget("cuda", capability, 32)
     records = []

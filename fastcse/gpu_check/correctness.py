@@ -30,7 +30,8 @@ TEMPERATURES = tuple(sorted(testing.TEMPERATURE_CASES + ((0.02, True, "mean"),),
 def check_loss_case(case: LossCase, device: torch.device) -> Outcome:
     """info_nce(backend="triton") against info_nce_reference in fp64 from the same rounded inputs."""
     tensors, upstream = case.inputs(), case.upstream()
-    keywords = case.variant.make(case.batch, case.dim, case.dtype, device) if case.variant is not None else {}
+    keywords = case.variant.make(case.batch, case.dim, case.dtype, device, case.num_neg) \
+        if case.variant is not None else {}
     try:
         got, refused = _run_or_refusal(case, fastcse.info_nce, tensors, device, upstream, backend="triton",
                                        **keywords)
@@ -67,17 +68,36 @@ def _run_or_refusal(case: LossCase, fn, *args, **kwargs):
 
 @dataclass(frozen=True)
 class Variant:
-    """Optional keywords and how to build their values for a (B, d, dtype, device) case."""
+    """Optional keywords and how to build their values for a (B, d, dtype, device, k) case (k hard
+    negatives per row: a guide holds rows for them too)."""
 
     label: str
-    make: Callable[[int, int, torch.dtype, torch.device], dict]
+    make: Callable[[int, int, torch.dtype, torch.device, int], dict]
 
     def keywords(self) -> set[str]:
-        return set(self.make(2, 2, torch.float32, torch.device("cpu")))
+        return set(self.make(2, 2, torch.float32, torch.device("cpu"), 1))
 
 
 def _constant(**values) -> Callable[..., dict]:
-    return lambda batch, dim, dtype, device: dict(values)
+    return lambda batch, dim, dtype, device, num_neg: dict(values)
+
+
+def _guide(batch: int, dim: int, dtype: torch.dtype, device: torch.device, num_neg: int) -> dict:
+    """A guide model's rows of width 16 for every input (anchor, positive, the k negatives of each
+    row), correlated like the inputs (positives near their anchors) so that the margin leaves some
+    keys out and keeps others; the absolute margin 0.1 (GISTEmbedLoss's default is 0)."""
+    gen = torch.Generator().manual_seed(77)
+    anchor = torch.randn(batch, 16, generator=gen)
+    rows = [anchor, anchor + 0.8 * torch.randn(batch, 16, generator=gen)]
+    if num_neg:  # shaped like the case's negative: [B, d] for k = 1 (fastcse.testing.draw_inputs)
+        negative = anchor[:, None] + 1.0 * torch.randn(batch, num_neg, 16, generator=gen)
+        rows.append(negative[:, 0] if num_neg == 1 else negative)
+    return dict(false_negative_margin=0.1, margin_strategy="absolute", guide=tuple(r.to(device) for r in rows))
+
+
+def _matryoshka_dims(dim: int) -> tuple[int, ...]:
+    """The full width and prefixes of about 2/3, 1/3 and 1/8 of it (distinct, >= 1, any alignment)."""
+    return tuple(sorted({dim, max(1, 2 * dim // 3), max(1, dim // 3), max(1, dim // 8)}, reverse=True))
 
 
 # sentence-transformers' MultipleNegativesRankingLoss names (directions, partition_mode,
@@ -94,12 +114,24 @@ VARIANTS = (
     Variant("hardness-in_batch_negatives", _constant(hardness_mode="in_batch_negatives", hardness_strength=5.0)),
     Variant("hardness-hard_negatives", _constant(hardness_mode="hard_negatives", hardness_strength=5.0)),
     Variant("hardness-all_negatives", _constant(hardness_mode="all_negatives", hardness_strength=3.0)),
-    Variant("group_ids-pairs", lambda batch, dim, dtype, device: {
+    Variant("group_ids-pairs", lambda batch, dim, dtype, device, num_neg: {
         "group_ids": (torch.arange(batch) // 2).to(device)}),  # rows 2i, 2i+1 share a group
-    Variant("extra_negatives-7", lambda batch, dim, dtype, device: {  # a queue; its gradient is checked too
+    Variant("extra_negatives-7", lambda batch, dim, dtype, device, num_neg: {  # a queue; its gradient is checked too
         "extra_negatives": torch.randn(7, dim, generator=torch.Generator().manual_seed(99)).to(device, dtype)}),
-    Variant("labels-triples", lambda batch, dim, dtype, device: {
+    Variant("labels-triples", lambda batch, dim, dtype, device, num_neg: {
         "labels": (torch.arange(batch) // 3).to(device)}),  # SupCon: rows 3i..3i+2 share a label
+    # False negatives by similarity: self-guided (the loss's own cosines, relative margin) and a
+    # guide's rows (GISTEmbed).
+    Variant("false_negatives-self-relative", _constant(false_negative_margin=0.05, margin_strategy="relative")),
+    Variant("false_negatives-guided", _guide),
+    # Matryoshka: the full width and three prefixes (not aligned with the kernels' d chunks), unequal
+    # weights; and with the group mask and the symmetric directions.
+    Variant("matryoshka-4", lambda batch, dim, dtype, device, num_neg: {
+        "matryoshka_dims": _matryoshka_dims(dim), "matryoshka_weights": (1.0, 0.5, 0.25, 0.125)[
+            :len(_matryoshka_dims(dim))]}),
+    Variant("matryoshka-groups-q2d-d2q", lambda batch, dim, dtype, device, num_neg: {
+        "matryoshka_dims": _matryoshka_dims(dim), "group_ids": (torch.arange(batch) // 2).to(device),
+        "directions": ("query_to_doc", "doc_to_query"), "partition_mode": "per_direction"}),
 )
 
 

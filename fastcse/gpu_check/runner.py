@@ -25,7 +25,8 @@ from fastcse.gpu_check.peers import PEERS, install_peer, peer_version
 from fastcse.gpu_check.report import Report, Section
 from fastcse.gpu_check.results import (CORRECTNESS, FAIL, PASS, SETUP, SPEED, Check, Outcome, exception_summary,
                                        skip_case)
-from fastcse.gpu_check.speed import SPEED_BATCHES, SPEED_DIMS, SPEED_DTYPES, SPEED_IMPLS, speed_plan
+from fastcse.gpu_check.speed import (MATRYOSHKA_SPEED, SPEED_BATCHES, SPEED_DIMS, SPEED_DTYPES, SPEED_IMPLS,
+                                    matryoshka_speed_plan, speed_plan)
 from fastcse.gpu_check.st_step import MINILM_L6, ST_BATCH, ST_MINI_BATCH, st_step_plan
 
 # Wall-clock seconds per section, per profile: quick ~4 min, full ~8 min on an H100/H200
@@ -179,7 +180,10 @@ def _run_in_world_of_one(ctx: RunContext, section: Section, plan) -> None:
 
 
 def run_speed(ctx: RunContext) -> None:
-    plan = partial(speed_plan, SPEED_BATCHES[ctx.profile], SPEED_DIMS, SPEED_DTYPES, SPEED_IMPLS)
+    def plan():
+        return speed_plan(SPEED_BATCHES[ctx.profile], SPEED_DIMS, SPEED_DTYPES, SPEED_IMPLS) \
+            + matryoshka_speed_plan(*MATRYOSHKA_SPEED)
+
     run_planned(ctx, "speed", plan, _always(SPEED))
 
 

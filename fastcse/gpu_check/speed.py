@@ -30,6 +30,12 @@ ROW_OPTION_IMPLS = ("fastcse+group_ids", "fastcse+queue")
 SPEED_QUEUE = 65536
 SPEED_IMPLS = ("fastcse", "plain", "inf_cl", "cce", *ROW_OPTION_IMPLS)  # fastcse first: the row options' base
 SPEED_TAU = DEFAULT_TEMPERATURE
+# Matryoshka at the shape sentence-transformers' MatryoshkaLoss is used with (d = 768, five
+# nested dimensions): the fused one-pass call against the per-dimension loop it replaces (one
+# plain call on each prefix, sliced from the same inputs), each beside fastcse's plain call.
+MATRYOSHKA_SPEED = (16384, 768, torch.bfloat16)  # (B, d, dtype)
+MATRYOSHKA_DIMS = (768, 512, 256, 128, 64)
+MATRYOSHKA_IMPLS = ("fastcse", "fastcse+matryoshka_loop", "fastcse+matryoshka")
 # Plain PyTorch's loss holds about three fp32 B x N blocks at its peak: the logits, the
 # log-softmax cross_entropy saves, and its gradient. It is only run where those fit in
 # MEMORY_FRACTION of the free memory.
@@ -144,10 +150,18 @@ def row_option_inputs(impl: str, batch: int, dim: int, dtype: torch.dtype, devic
     if impl == "fastcse+group_ids":
         ids = torch.randperm(batch, generator=torch.Generator().manual_seed(1)) // 4
         return {"group_ids": ids.to(device)}
+    if impl in ("fastcse+matryoshka", "fastcse+matryoshka_loop"):
+        return {"matryoshka_dims": MATRYOSHKA_DIMS}
     if impl == "fastcse+queue":
         gen = torch.Generator(device=device).manual_seed(2)
         return {"extra_negatives": torch.randn(speed_queue_size(batch), dim, device=device, generator=gen).to(dtype)}
     return {}
+
+
+def _matryoshka_loop_loss(x: SpeedInputs, matryoshka_dims: tuple[int, ...]) -> torch.Tensor:
+    """sum_k loss_k, one plain call per prefix: what the fused Matryoshka call replaces (weights 1)."""
+    return sum(fastcse.info_nce(x.anchor[:, :m], x.positive[:, :m], x.negative[..., :m], temperature=x.tau)
+               for m in matryoshka_dims)
 
 
 def _plain_loss(x: SpeedInputs) -> torch.Tensor:
@@ -156,6 +170,7 @@ def _plain_loss(x: SpeedInputs) -> torch.Tensor:
 
 LOSS_IMPLS: dict[str, Callable[..., torch.Tensor]] = {
     "fastcse": _fastcse_loss, **dict.fromkeys(ROW_OPTION_IMPLS, _fastcse_loss),
+    "fastcse+matryoshka": _fastcse_loss, "fastcse+matryoshka_loop": _matryoshka_loop_loss,
     "plain": _plain_loss, "inf_cl": inf_cl_loss, "cce": cce_loss}
 _PEER_OF_IMPL = {"inf_cl": "inf_cl", "cce": "cut_cross_entropy"}
 
@@ -197,6 +212,8 @@ def measure_loss(impl: str, batch: int, dim: int, dtype: torch.dtype, device: to
             expected = _expected_loss(impl, value, inputs, row_options, device)
     except torch.cuda.OutOfMemoryError as error:
         raise Skip(f"out of memory: {str(error).splitlines()[0][:200]}") from None
+    except NotImplementedError as error:  # a declared gap of this backend (e.g. an option's kernels)
+        raise Skip(f"not implemented here: {error}") from None
     finally:
         inputs.clear_grads()
     candidates = _num_candidates(batch, row_options)
@@ -294,3 +311,22 @@ def speed_plan(batches: Iterable[int], dims: Iterable[int], dtypes: Iterable[tor
                     planned.append((name, loss_case(impl, batch, dim, dtype)))
     return planned
 
+
+
+def matryoshka_speed_plan(batch: int, dim: int, dtype: torch.dtype):
+    """(name, case) pairs: fastcse's plain call, the per-dimension loop and the fused Matryoshka call
+    at (B, d, dtype); the fused row's note gives its time over the loop's."""
+    times: dict[str, float] = {}
+
+    def loss_case(impl):
+        def case(device):
+            outcome = measure_loss(impl, batch, dim, dtype, device, None, times.get("fastcse"))
+            times[impl] = outcome.numbers["ms"] / 1e3
+            loop = times.get("fastcse+matryoshka_loop")
+            if impl == "fastcse+matryoshka" and loop and outcome.ok:
+                outcome.numbers["x_per_dimension_loop"] = times[impl] / loop
+                outcome.reason = f"{times[impl] / loop:.2f}x the per-dimension loop's time, dims {MATRYOSHKA_DIMS}"
+            return outcome
+        return case
+
+    return [(f"B{batch}-d{dim}-{SHORT_DTYPE[dtype]}/matryoshka/{impl}", loss_case(impl)) for impl in MATRYOSHKA_IMPLS]
