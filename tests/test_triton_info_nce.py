@@ -50,7 +50,7 @@ def _variant_id(directions, partition):
 
 
 # --------------------------------------------------------------------------------------------
-# The loss variants (issue #11)
+# The loss variants of sentence-transformers 6
 # --------------------------------------------------------------------------------------------
 
 # (k, weight): no hard negatives, one without the bias, three with it.
@@ -226,7 +226,7 @@ def test_separate_anchor_keys_equal_to_the_anchors():
 
 
 # --------------------------------------------------------------------------------------------
-# group_ids (false negatives), labels (several positives), extra negatives (a queue): issue #12
+# group_ids (false negatives), labels (several positives), extra negatives (a queue)
 # --------------------------------------------------------------------------------------------
 
 # 19 rows (two row blocks of 16): groups of 4, 3, 3, 2, 2 and singletons, one group across both
