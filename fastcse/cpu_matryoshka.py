@@ -7,7 +7,10 @@ by segment between the boundaries: R_1 = Q_1 K_1^T, R_k = R_{k-1} + Q_k K_k^T (Q
 coordinates [m_{k-1}, m_k)): one product over max(dims) coordinates in all. Dimension k's
 logits are R_k scaled by its prefix norms (rows 1 / (tau |q[:m_k]|), columns 1 / |k[:m_k]|),
 then the plain loss's bias, penalty (on dimension k's own similarity) and masks
-(``fastcse.cpu._SweepOperands.decorate``) and its own log-sum-exps.
+(``fastcse.cpu._SweepOperands.decorate``) and its own log-sum-exps. The column norms ride in the
+products (the keys' segment k carries 1 / |k[:m_k]|, and R_{k-1}'s block takes the ratio of the
+two dimensions' norms while it is copied into R_k's), so no pass over a block applies them: the
+elementwise passes, not the products, are what the sweep pays for over one full-width call.
 
 Backward (H_k = dL/dR_k = w_k dS_k scaled by the same prefix norms): coordinate segment s
 receives (sum_{k >= s} H_k) K_s and its transpose, so the running sum from the widest dimension
