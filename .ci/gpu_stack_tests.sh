@@ -3,13 +3,14 @@
 # triton 3.6, ...), seen as the GPU kit sees it there: a copy of the checkout without fastcse._C,
 # imported through PYTHONPATH (no install). Runs the GPU kit's harness through the Triton
 # interpreter (gpu-check --interpret: 0 failures) and the CPU-path tests where versions matter:
-# the loss (torch.compile, the custom op's opcheck), its variants and row options, the
-# sentence-transformers integration.
+# the loss (torch.compile, the custom op's opcheck), its variants, row options, Matryoshka and the
+# false-negative rule, the sentence-transformers integration.
 #   env: FASTCSE_GPU_STACK_VENV (see .ci/gpu_stack_venv.sh), FASTCSE_SHARED (default ../shared)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$(bash "$ROOT/.ci/gpu_stack_venv.sh" | tail -1)"
 PORTABILITY_TESTS=(tests/test_loss.py tests/test_loss_variants.py tests/test_loss_groups_queue_labels.py
+                   tests/test_loss_matryoshka.py tests/test_loss_false_negatives.py
                    tests/test_integrations_sentence_transformers.py)
 # Needs fastcse._C (distributed negatives), which this copy lacks as the GPU machine's checkout does
 # (the kit builds it there); .ci/cuda_compile_check.sh builds it against this torch and runs it.
