@@ -203,7 +203,9 @@ class LossProblem:
     num_neg: int
     normalize: bool
     weight: float  # the hard negatives' logit bias; 0.0 without hard negatives
-    variant: Variant = Variant()
+    # Required, with no Variant() default: torch 2.11's dynamo cannot wrap a default instance of
+    # a user class in the generated __init__ (torch.compile of a step fails, "sourceless builder").
+    variant: Variant
     num_anchor_keys: int = 0
     anchor_start: int = 0
     separate_anchor_keys: bool = False  # the anchor keys are a tensor of their own (distributed)

@@ -67,7 +67,7 @@ def _score_specializations():
     specializations (every NORMALIZE x HAS_BIAS x fused doc_to_query), each hardness PENALTY at
     its heaviest (bias and the fused doc_to_query tiles too: the most live tiles) and every other
     direction's MASK, those with NORMALIZE, which uses the most registers (the norm vectors and
-    the scaled operand tiles: up to +67 on sm_80 in the classic kernels). Issue #12's IDS: the
+    the scaled operand tiles: up to +67 on sm_80 in the classic kernels). The row options' IDS: the
     group mask and the label target at query_to_doc's heaviest cell rules (in-batch penalty,
     bias, fused doc_to_query), and the group mask on doc_to_doc (own documents and group: the
     most masks), whose fp32 backward is the tightest kernel on sm_80 (241 registers, like the
@@ -252,8 +252,11 @@ def _fastcse_imports(path: Path) -> set[Path]:
             if node.level:  # relative: `from . import x`, `from ..a import x`
                 parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                 module = ".".join(parts + [module] if module else parts)
-            # `from fastcse.x import y`: y may be a submodule or a name defined in fastcse.x.
-            names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+            # `from fastcse.x import y`: y may be a submodule or a name defined in fastcse.x. When
+            # every name is a submodule (`from fastcse import checks`), the code read is theirs,
+            # not the package's __init__ (whose lazy imports would pull in the whole package).
+            submodules = [f"{module}.{alias.name}" for alias in node.names if _module_path(f"{module}.{alias.name}")]
+            names = submodules if len(submodules) == len(node.names) else [module] + submodules
         else:
             continue
         found.update(p for name in names if name.split(".")[0] == "fastcse" and (p := _module_path(name)))
