@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from workloads import backward_step, zero_grads
 
 import fastcse
 
@@ -51,11 +52,6 @@ def _guide(batch: int, dim: int):
     return [(t.detach() + 0.3 * torch.randn(batch, dim, generator=gen)) for t in rows]
 
 
-def _zero_grads(tensors):
-    for t in tensors:
-        t.grad = None
-
-
 def fastcse_loss(batch: int, dim: int, rule: str = "plain"):
     """``rule``: "plain", "self_guided" or "guided"."""
     options = dict(directions=DIRECTIONS, partition_mode="joint")
@@ -64,13 +60,8 @@ def fastcse_loss(batch: int, dim: int, rule: str = "plain"):
     if rule == "guided":
         options["guide"] = tuple(_guide(batch, dim))
 
-    def run(state):
-        _zero_grads(state)
-        loss = fastcse.info_nce(*state, temperature=TEMPERATURE, **options)
-        loss.backward()
-        return loss
-
-    return lambda: _embeddings(batch, dim), run
+    return lambda: _embeddings(batch, dim), backward_step(
+        lambda *state: fastcse.info_nce(*state, temperature=TEMPERATURE, **options))
 
 
 def gist_loss_from_embeddings(anchor, positive, negative, guide, *, margin=MARGIN, temperature=TEMPERATURE):
@@ -95,13 +86,7 @@ def gist_loss_from_embeddings(anchor, positive, negative, guide, *, margin=MARGI
 def gist_math(batch: int, dim: int):
     guide = _guide(batch, dim)
 
-    def run(state):
-        _zero_grads(state)
-        loss = gist_loss_from_embeddings(*state, guide)
-        loss.backward()
-        return loss
-
-    return lambda: _embeddings(batch, dim), run
+    return lambda: _embeddings(batch, dim), backward_step(lambda *state: gist_loss_from_embeddings(*state, guide))
 
 
 def _cached_gist_loss(mini_batch_size: int):
@@ -127,7 +112,7 @@ def cached_gist(batch: int, dim: int, mini_batch_size: int = 32):
     guide = [[t] for t in _guide(batch, dim)]
 
     def run(state):
-        _zero_grads(state)
+        zero_grads(state)
         return loss_fn.calculate_loss([[t] for t in state], guide, with_backward=True)
 
     return lambda: _embeddings(batch, dim), run

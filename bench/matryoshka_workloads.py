@@ -18,6 +18,7 @@ the same embeddings (B anchors, B positives, one hard negative each), each facto
 from __future__ import annotations
 
 import torch
+from workloads import backward_step, random_triplets, zero_grads
 
 import fastcse
 
@@ -29,25 +30,8 @@ def dims_for(dim: int) -> tuple[int, ...]:
     return tuple(max(1, dim * m // 768) for m in (768, 512, 256, 128, 64))
 
 
-def _embeddings(batch: int, dim: int, seed: int = 0):
-    """anchor, positive, one hard negative per anchor: [B, d] each, leaves that require grad."""
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, dim, generator=gen).requires_grad_() for _ in range(3)]
-
-
-def _zero_grads(tensors):
-    for t in tensors:
-        t.grad = None
-
-
 def _fastcse(batch: int, dim: int, loss_of):
-    def run(state):
-        _zero_grads(state)
-        loss = loss_of(*state)
-        loss.backward()
-        return loss
-
-    return lambda: _embeddings(batch, dim), run
+    return lambda: random_triplets(batch, dim), backward_step(loss_of)
 
 
 def fastcse_fused(batch: int, dim: int):
@@ -93,13 +77,10 @@ def matryoshka_mnrl(batch: int, dim: int):
     model = _EmbeddingModel(dim)
     loss_fn = MatryoshkaLoss(model, MultipleNegativesRankingLoss(model, scale=1.0 / TEMPERATURE), dims_for(dim))
 
-    def run(state):
-        _zero_grads(state)
-        loss = loss_fn([{"embedding": t} for t in state], None)
-        loss.backward()
-        return loss
+    def loss_of(*state):
+        return loss_fn([{"embedding": t} for t in state], None)
 
-    return lambda: _embeddings(batch, dim), run
+    return lambda: random_triplets(batch, dim), backward_step(loss_of)
 
 
 def matryoshka_cached_mnrl(batch: int, dim: int, mini_batch_size: int = 32):
@@ -111,7 +92,7 @@ def matryoshka_cached_mnrl(batch: int, dim: int, mini_batch_size: int = 32):
     MatryoshkaLoss(model, inner, dims_for(dim))  # decorates inner.calculate_loss with the dimensions
 
     def run(state):
-        _zero_grads(state)
+        zero_grads(state)
         return inner.calculate_loss([[t] for t in state], None, with_backward=True)
 
-    return lambda: _embeddings(batch, dim), run
+    return lambda: random_triplets(batch, dim), run

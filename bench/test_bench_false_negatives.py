@@ -21,8 +21,7 @@ import os
 import statistics
 
 import pytest
-from conftest import QUICK, save_summary
-from memory import measure_in_fresh_process
+from conftest import QUICK, by_implementation, measure_in_round, side_by_side_fixture, time_summary
 
 pytest.importorskip("sentence_transformers")
 
@@ -69,10 +68,8 @@ def test_false_negative_step(benchmark, batch, round_, label, factory, kwargs):
     benchmark.group = f"B={batch} d={DIM} k=1 false negatives"
     if label == "gist_math" and not _gist_math_fits(batch):
         pytest.skip("GISTEmbedLoss's materialized matrices would not fit in memory")
-    result = benchmark.pedantic(measure_in_fresh_process, args=("false_negative_workloads", factory),
-                                kwargs=dict(batch=batch, dim=DIM, repeats=REPEATS, **kwargs), rounds=1, iterations=1)
-    RESULTS.setdefault(batch, []).append(dict(result, implementation=label, round=round_))
-    same_round = {r["implementation"]: r for r in RESULTS[batch] if r["round"] == round_}
+    result, same_round = measure_in_round(benchmark, RESULTS, batch, label, round_, "false_negative_workloads",
+                                          factory, batch=batch, dim=DIM, repeats=REPEATS, **kwargs)
     if "plain" in same_round:
         for r in same_round.values():
             r["x_plain"] = round(r["seconds"] / same_round["plain"]["seconds"], 3)
@@ -86,13 +83,8 @@ def test_false_negative_step(benchmark, batch, round_, label, factory, kwargs):
 def summary_rows() -> list[dict]:
     rows = []
     for batch, runs in RESULTS.items():
-        by_impl: dict[str, list[dict]] = {}
-        for r in runs:
-            by_impl.setdefault(r["implementation"], []).append(r)
-        for impl, rs in by_impl.items():
-            seconds = [r["seconds"] for r in rs]
-            row = dict(batch=batch, implementation=impl, rounds=len(rs), repeats=REPEATS, min_s=min(seconds),
-                       median_s=statistics.median(seconds), extra_peak_mib=max(r["extra_peak_mib"] for r in rs))
+        for impl, rs in by_implementation(runs).items():
+            row = dict(batch=batch, implementation=impl, **time_summary(rs, REPEATS))
             per_round = [r["x_plain"] for r in rs if "x_plain" in r]
             if per_round:
                 row["x_plain_median"] = round(statistics.median(per_round), 3)
@@ -100,16 +92,12 @@ def summary_rows() -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def print_side_by_side():
-    """After the module's benchmarks (a fixture, not a test: --benchmark-only skips plain tests)."""
-    yield
-    if not RESULTS:
-        return
-    rows = summary_rows()
-    save_summary(rows)
+def print_rows(rows: list[dict]) -> None:
     print(f"\nfalse negatives by similarity, forward + backward, d={DIM}, one hard negative")
     print(f"{'B':>6} {'implementation':<18} {'min s':>8} {'median':>8} {'x plain':>8} {'peak MiB':>9}")
     for r in rows:
         print(f"{r['batch']:>6} {r['implementation']:<18} {r['min_s']:8.2f} {r['median_s']:8.2f} "
               f"{r.get('x_plain_median', float('nan')):8.2f} {r['extra_peak_mib']:9.0f}")
+
+
+print_side_by_side = side_by_side_fixture(RESULTS, summary_rows, print_rows)

@@ -26,9 +26,8 @@ import os
 import statistics
 
 import pytest
-from conftest import QUICK, save_summary
+from conftest import QUICK, by_implementation, measure_in_round, side_by_side_fixture, time_summary
 from matryoshka_workloads import dims_for
-from memory import measure_in_fresh_process
 
 pytest.importorskip("sentence_transformers")
 
@@ -74,11 +73,8 @@ def test_matryoshka_step(benchmark, batch, round_, label):
     if label == "MatryoshkaLoss(MNRL)" and not _mnrl_fits(batch):
         pytest.skip("MatryoshkaLoss(MNRL)'s materialized score matrices would not fit in memory")
     factory, options = IMPLEMENTATIONS[label]
-    result = benchmark.pedantic(measure_in_fresh_process, args=("matryoshka_workloads", factory),
-                                kwargs=dict(batch=batch, dim=DIM, repeats=REPEATS, **options),
-                                rounds=1, iterations=1)
-    RESULTS.setdefault(batch, []).append(dict(result, implementation=label, round=round_))
-    same_round = {r["implementation"]: r for r in RESULTS[batch] if r["round"] == round_}
+    result, same_round = measure_in_round(benchmark, RESULTS, batch, label, round_, "matryoshka_workloads", factory,
+                                          batch=batch, dim=DIM, repeats=REPEATS, **options)
     if label != FULL_WIDTH and FUSED in same_round and "value" in result:
         # Same embeddings, same dimensions: every Matryoshka implementation computes the same loss.
         assert result["value"] == pytest.approx(same_round[FUSED]["value"], rel=1e-4), (label, result)
@@ -97,15 +93,10 @@ def _per_round_ratio(runs: list[dict], label: str, over: str) -> float | None:
 def summary_rows() -> list[dict]:
     rows = []
     for batch, runs in RESULTS.items():
-        by_impl: dict[str, list[dict]] = {}
-        for r in runs:
-            by_impl.setdefault(r["implementation"], []).append(r)
+        by_impl = by_implementation(runs)
         for label, rs in by_impl.items():
-            seconds = [r["seconds"] for r in rs]
-            row = dict(batch=batch, dim=DIM, dims=list(dims_for(DIM)), implementation=label, rounds=len(rs),
-                       repeats=REPEATS, min_s=min(seconds), median_s=statistics.median(seconds),
-                       extra_peak_mib=max(r["extra_peak_mib"] for r in rs),
-                       x_fused=_per_round_ratio(runs, label, FUSED))
+            row = dict(batch=batch, dim=DIM, dims=list(dims_for(DIM)), implementation=label,
+                       **time_summary(rs, REPEATS), x_fused=_per_round_ratio(runs, label, FUSED))
             if label == FUSED and FULL_WIDTH in by_impl:
                 row["x_full_width"] = _per_round_ratio(runs, FUSED, FULL_WIDTH)
                 full_peak = max(r["extra_peak_mib"] for r in by_impl[FULL_WIDTH])
@@ -114,14 +105,7 @@ def summary_rows() -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def print_side_by_side():
-    """After the module's benchmarks (a fixture, not a test: --benchmark-only skips plain tests)."""
-    yield
-    if not RESULTS:
-        return
-    rows = summary_rows()
-    save_summary(rows)
+def print_rows(rows: list[dict]) -> None:
     print(f"\nMatryoshka, forward + backward, d={DIM}, dims {dims_for(DIM)}, one hard negative")
     print(f"{'B':>6} {'implementation':<32} {'min s':>8} {'median':>8} {'x fused':>8} {'peak MiB':>9}")
     for r in rows:
@@ -131,3 +115,6 @@ def print_side_by_side():
         if "x_full_width" in r:
             print(f"{'':>6} fused over one full-width call: time x{r['x_full_width']}, "
                   f"extra peak memory x{r['memory_x_full_width']}")
+
+
+print_side_by_side = side_by_side_fixture(RESULTS, summary_rows, print_rows)

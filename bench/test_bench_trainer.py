@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import QUICK, save_summary
+from conftest import QUICK, side_by_side_fixture
 
 WORKER = Path(__file__).resolve().parents[1] / "scripts" / "trainer_bench_worker.py"
 BATCH = 8 if QUICK else 64
@@ -111,16 +111,12 @@ def summary_rows() -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def print_side_by_side():
-    """After the module's benchmarks (a fixture, not a test: --benchmark-only skips plain tests)."""
-    yield
-    if not RESULTS:
-        return
-    rows = summary_rows()
-    save_summary(rows)
+def print_rows(rows: list[dict]) -> None:
     print(f"\nSimCSE training step, all-MiniLM-L6-v2, seq 32, {ROUNDS} round(s) of {STEPS} steps ({WARMUP} untimed)")
     print(f"{'group':<36} {'implementation':<44} {'seq/s':>7} {'s/step min':>10} {'median':>7} {'peak RSS MB':>11}")
     for r in rows:
         print(f"{r['group']:<36} {r['implementation']:<44} {r['sentences_per_second']:7.1f} "
               f"{r['min_s_per_step']:10.2f} {r['median_s_per_step']:7.2f} {r['max_rss_mb']:11.0f}")
+
+
+print_side_by_side = side_by_side_fixture(RESULTS, summary_rows, print_rows)

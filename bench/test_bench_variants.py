@@ -27,8 +27,7 @@ import os
 import statistics
 
 import pytest
-from conftest import QUICK, save_summary
-from memory import measure_in_fresh_process
+from conftest import QUICK, by_implementation, measure_in_round, side_by_side_fixture, time_summary
 from variant_workloads import ROW_OPTIONS, VARIANTS, products
 
 pytest.importorskip("sentence_transformers")
@@ -97,12 +96,9 @@ def test_variant_step(benchmark, batch, variant, round_, impl, options):
     if impl == "mnrl" and not _mnrl_fits(batch, variant):
         pytest.skip("MNRL's materialized score matrices would not fit in memory")
     factory = {"floor": "floor", "fastcse": "fastcse_loss", "mnrl": "mnrl", "cached_mnrl": "cached_mnrl"}[impl]
-    result = benchmark.pedantic(measure_in_fresh_process, args=("variant_workloads", factory),
-                                kwargs=dict(batch=batch, dim=DIM, variant=variant, repeats=REPEATS, **options),
-                                rounds=1, iterations=1)
-    key = (batch, variant)
-    RESULTS.setdefault(key, []).append(dict(result, implementation=_label(impl, options), round=round_))
-    same_round = {r["implementation"]: r for r in RESULTS[key] if r["round"] == round_}
+    result, same_round = measure_in_round(benchmark, RESULTS, (batch, variant), _label(impl, options), round_,
+                                          "variant_workloads", factory, batch=batch, dim=DIM, variant=variant,
+                                          repeats=REPEATS, **options)
     if "floor" in same_round and impl != "floor":
         result["x_floor"] = round(result["seconds"] / same_round["floor"]["seconds"], 3)
     if impl != "floor" and "fastcse" in same_round and "value" in result and _label(impl, options) != PLAIN:
@@ -119,15 +115,11 @@ def test_variant_step(benchmark, batch, variant, round_, impl, options):
 def summary_rows() -> list[dict]:
     rows = []
     for (batch, variant), runs in RESULTS.items():
-        by_impl: dict[str, list[dict]] = {}
-        for r in runs:
-            by_impl.setdefault(r["implementation"], []).append(r)
+        by_impl = by_implementation(runs)
         floor = [r["seconds"] for r in by_impl.get("floor", [])]
         for impl, rs in by_impl.items():
             seconds = [r["seconds"] for r in rs]
-            row = dict(batch=batch, variant=variant, implementation=impl, rounds=len(rs), repeats=REPEATS,
-                       min_s=min(seconds),
-                       median_s=statistics.median(seconds), extra_peak_mib=max(r["extra_peak_mib"] for r in rs))
+            row = dict(batch=batch, variant=variant, implementation=impl, **time_summary(rs, REPEATS))
             if floor:
                 row["x_floor_median"] = round(statistics.median(seconds) / statistics.median(floor), 3)
             per_round = [r["x_plain"] for r in rs if "x_plain" in r]
@@ -138,14 +130,7 @@ def summary_rows() -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def print_side_by_side():
-    """After the module's benchmarks (a fixture, not a test: --benchmark-only skips plain tests)."""
-    yield
-    if not RESULTS:
-        return
-    rows = summary_rows()
-    save_summary(rows)
+def print_rows(rows: list[dict]) -> None:
     print(f"\nloss variants, forward + backward, d={DIM}, one hard negative")
     print(f"{'B':>6} {'variant':<34} {'implementation':<28} {'min s':>8} {'median':>8} {'x floor':>8} "
           f"{'x plain':>8} {'(min)':>6} {'peak MiB':>9}")
@@ -153,3 +138,6 @@ def print_side_by_side():
         print(f"{r['batch']:>6} {r['variant']:<34} {r['implementation']:<28} {r['min_s']:8.2f} {r['median_s']:8.2f} "
               f"{r.get('x_floor_median', float('nan')):8.2f} {r.get('x_plain_median', float('nan')):8.2f} "
               f"{r.get('x_plain_min', float('nan')):6.2f} {r['extra_peak_mib']:9.0f}")
+
+
+print_side_by_side = side_by_side_fixture(RESULTS, summary_rows, print_rows)

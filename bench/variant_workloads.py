@@ -15,6 +15,7 @@ forward + backward on the same embeddings, each factory returning (setup, run).
 from __future__ import annotations
 
 import torch
+from workloads import backward_step, random_triplets, zero_grads
 
 import fastcse
 from fastcse.cpu import matrix_products
@@ -53,17 +54,6 @@ def _row_options(variant: str, batch: int, dim: int) -> dict:
     if kind == "queue":  # detached, as a trainer's queue is
         return dict(extra_negatives=torch.randn(queue_size(variant, batch), dim, generator=gen))
     return {}
-
-
-def _embeddings(batch: int, dim: int, seed: int = 0):
-    """anchor, positive, one hard negative per anchor: [B, d] each, leaves that require grad."""
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, dim, generator=gen).requires_grad_() for _ in range(3)]
-
-
-def _zero_grads(tensors):
-    for t in tensors:
-        t.grad = None
 
 
 def products(variant: str, batch: int, dim: int) -> list[tuple[str, int]]:
@@ -105,13 +95,8 @@ def fastcse_loss(batch: int, dim: int, variant: str = "query_to_doc", without_ro
     row_options = {} if without_row_option else _row_options(variant, batch, dim)
     options = dict(VARIANTS.get(variant, {}), **row_options)
 
-    def run(state):
-        _zero_grads(state)
-        loss = fastcse.info_nce(*state, temperature=TEMPERATURE, **options)
-        loss.backward()
-        return loss
-
-    return lambda: _embeddings(batch, dim), run
+    return lambda: random_triplets(batch, dim), backward_step(
+        lambda *state: fastcse.info_nce(*state, temperature=TEMPERATURE, **options))
 
 
 def mnrl(batch: int, dim: int, variant: str = "query_to_doc"):
@@ -119,13 +104,8 @@ def mnrl(batch: int, dim: int, variant: str = "query_to_doc"):
 
     loss_fn = MultipleNegativesRankingLoss(None, scale=1.0 / TEMPERATURE, **VARIANTS[variant])
 
-    def run(state):
-        _zero_grads(state)
-        loss = loss_fn.compute_loss_from_embeddings(list(state), None)
-        loss.backward()
-        return loss
-
-    return lambda: _embeddings(batch, dim), run
+    return lambda: random_triplets(batch, dim), backward_step(
+        lambda *state: loss_fn.compute_loss_from_embeddings(list(state), None))
 
 
 def cached_mnrl(batch: int, dim: int, variant: str = "query_to_doc", mini_batch_size: int = 32):
@@ -137,10 +117,10 @@ def cached_mnrl(batch: int, dim: int, variant: str = "query_to_doc", mini_batch_
                                                  **VARIANTS[variant])
 
     def run(state):
-        _zero_grads(state)
+        zero_grads(state)
         return loss_fn.calculate_loss([[t] for t in state], None, with_backward=True)
 
-    return lambda: _embeddings(batch, dim), run
+    return lambda: random_triplets(batch, dim), run
 
 
 FACTORIES = {"floor": floor, "fastcse": fastcse_loss, "mnrl": mnrl, "cached_mnrl": cached_mnrl}

@@ -22,10 +22,29 @@ def _inputs(batch: int, dim: int, num_neg: int, seed: int = 0):
     return anchor, positive, negative
 
 
-def _zero_grads(tensors):
+def zero_grads(tensors):
     for t in tensors:
         if t is not None:
             t.grad = None
+
+
+def random_triplets(batch: int, dim: int, seed: int = 0):
+    """anchor, positive, one hard negative per anchor: [B, d] each, leaves that require grad."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, dim, generator=gen).requires_grad_() for _ in range(3)]
+
+
+def backward_step(loss_of):
+    """A workload's run step: clears the inputs' gradients, then ``loss_of(*state)`` forward and
+    backward; returns the loss (the memory probe reports its value)."""
+
+    def run(state):
+        zero_grads(state)
+        loss = loss_of(*state)
+        loss.backward()
+        return loss
+
+    return run
 
 
 def floor(batch: int, dim: int, num_neg: int):
@@ -49,13 +68,7 @@ def _loss(fn, batch, dim, num_neg):
     def setup():
         return _inputs(batch, dim, num_neg)
 
-    def run(state):
-        _zero_grads(state)
-        loss = fn(*state)
-        loss.backward()
-        return loss
-
-    return setup, run
+    return setup, backward_step(fn)
 
 
 def fastcse_loss(batch: int, dim: int, num_neg: int):

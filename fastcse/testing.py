@@ -253,6 +253,22 @@ def assert_rows_close(name: str, actual: torch.Tensor, expected: torch.Tensor, t
     assert result.ok, agreement_reason(name, result, tol)
 
 
+def assert_compiles_like_eager(step: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor]) -> None:
+    """``torch.compile(step, fullgraph=True)`` (the aot_eager backend: the graph capture and the
+    autograd trace, no codegen) gives the same loss and the same gradients of ``tensors`` as
+    ``step`` run eagerly: the custom op traces without a graph break."""
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    loss = compiled(*leaves)
+    loss.backward()
+    ref_leaves = [t.clone().requires_grad_() for t in tensors]
+    ref = step(*ref_leaves)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
 def check_against_reference(batch, num_neg, dim, *, dtype=torch.float32, tau=0.05, seed=0, scale=1.0, tensors=None,
                             queue=0, floor=FLOOR, weight=0.0, **options):
     """Asserts that fastcse.info_nce(backend="triton") equals the fp64 reference: the loss in fp32,

@@ -18,6 +18,7 @@ from test_loss import check_against_reference, make_inputs
 from fastcse import InfoNCE, cpu, info_nce, info_nce_reference
 from fastcse.false_negatives import GuideRows
 from fastcse.problem import describe, resolve_variant
+from fastcse.testing import assert_compiles_like_eager
 
 IDS = torch.tensor([0, 1, 0, 2, 3, 1, 0, 4, 5, 6, 2])  # groups of 3, 2, 2 and singletons
 BATCH, DIM, GUIDE_DIM = IDS.shape[0], 6, 4
@@ -257,16 +258,7 @@ def test_torch_compile_fullgraph():
         guided = info_nce(a, p, n, symmetric=True, false_negative_margin=0.3, guide=guide)
         return guided + info_nce(a, p, n, false_negative_margin=-0.1, reduction="none").sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    leaves = [t.clone().requires_grad_() for t in (anchor, positive, negative)]
-    loss = compiled(*leaves)
-    loss.backward()
-    ref_leaves = [t.clone().requires_grad_() for t in (anchor, positive, negative)]
-    ref = step(*ref_leaves)
-    ref.backward()
-    torch.testing.assert_close(loss, ref)
-    for got, want in zip(leaves, ref_leaves):
-        torch.testing.assert_close(got.grad, want.grad)
+    assert_compiles_like_eager(step, (anchor, positive, negative))
 
 
 def test_custom_op_passes_opcheck():
