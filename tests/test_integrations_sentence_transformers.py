@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("sentence_transformers")
+sentence_transformers = pytest.importorskip("sentence_transformers")
 
 from sentence_transformers import SentenceTransformer  # noqa: E402
 from sentence_transformers.base.modules import Transformer  # noqa: E402
@@ -457,6 +457,10 @@ def test_guide_with_dropout_in_the_guide(tiny_model, tiny_guide):
         assert_same(expected, loss_and_grads(guided(guide, mini_batch_size), tiny_model, texts))
 
 
+@pytest.mark.skipif(
+    tuple(int(part) for part in sentence_transformers.__version__.split(".")[:2]) < (6, 3),
+    reason="the peer fails here, not fastcse: sentence-transformers 6.0.1's CachedGISTEmbedLoss calls .to() on "
+           "every field its guide's preprocess returns, strings included (checked against 6.3.0)")
 def test_guide_that_retokenizes(tmp_path, tiny_model):
     """A guide that reads fewer tokens than the model re-tokenizes the decoded text, as GISTEmbedLoss."""
     guide = make_tiny_bert(tmp_path / "short-guide", seed=2, hidden=16, max_seq_length=12)
