@@ -6,6 +6,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,20 @@ def save_summary(rows: list[dict]) -> None:
                                      suffix=".tmp") as f:
         f.write(json.dumps(rows, indent=1) + "\n")
     os.replace(f.name, out)
+
+
+def pedantic_cpu_seconds(benchmark, run, state, rounds: int) -> list[float]:
+    """``benchmark.pedantic`` of ``run(state)``, one call a round; returns each round's process CPU
+    seconds (comparable on a shared machine, where the wall time pytest-benchmark keeps is not)."""
+    cpu_seconds = []
+
+    def timed_run(state):
+        start = time.process_time()
+        run(state)
+        cpu_seconds.append(time.process_time() - start)
+
+    benchmark.pedantic(timed_run, args=(state,), rounds=rounds, iterations=1)
+    return cpu_seconds
 
 
 def measure_in_round(benchmark, results: dict, key, label: str, round_: int, module: str, factory: str,

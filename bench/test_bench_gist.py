@@ -31,11 +31,10 @@ from __future__ import annotations
 import copy
 import csv
 import os
-import time
 
 import pytest
 import torch
-from conftest import QUICK, save_summary
+from conftest import QUICK, pedantic_cpu_seconds, save_summary
 from memory import extra_peak_mib
 
 from fastcse.evaluation import shared_dir
@@ -170,14 +169,7 @@ def test_gist_training_step(benchmark, minilm_pair, loss, batch):
     if loss != "fastcse_sorted":  # the same mini-batches and seed: the same dropout, the same loss
         _FIRST_LOSS.setdefault(batch, first)
         assert first == pytest.approx(_FIRST_LOSS[batch], rel=1e-4), (loss, first, _FIRST_LOSS[batch])
-    cpu_seconds = []
-
-    def timed_run(state):
-        start = time.process_time()
-        run(state)
-        cpu_seconds.append(time.process_time() - start)
-
-    benchmark.pedantic(timed_run, args=(state,), rounds=ROUNDS, iterations=1)
+    cpu_seconds = pedantic_cpu_seconds(benchmark, run, state, ROUNDS)
     row = dict(loss=loss, batch=batch, mini_batch_size=MINI_BATCH, threads=THREADS,
                cpu_s=round(min(cpu_seconds), 3), wall_s=round(benchmark.stats.stats.min, 3),
                load_average=os.getloadavg()[0])

@@ -30,12 +30,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK
+from conftest import QUICK, pedantic_cpu_seconds
 
 from fastcse.evaluation import shared_dir
 
@@ -151,14 +150,7 @@ def test_st_training_step(benchmark, minilm, loss, batch):
     key = (batch, "cached" in loss)
     _FIRST_LOSS.setdefault(key, first)
     assert first == pytest.approx(_FIRST_LOSS[key], rel=1e-4), (loss, first, _FIRST_LOSS[key])
-    cpu_seconds = []
-
-    def timed_run(state):
-        start = time.process_time()
-        run(state)
-        cpu_seconds.append(time.process_time() - start)
-
-    benchmark.pedantic(timed_run, args=(state,), rounds=ROUNDS, iterations=1)
+    cpu_seconds = pedantic_cpu_seconds(benchmark, run, state, ROUNDS)
     del state
     benchmark.extra_info.update(
         loss=loss, batch=batch, mini_batch_size=MINI_BATCH if "cached" in loss else None, threads=THREADS,
