@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from fastcse.checks import NORMALIZE_EPS, accumulation_dtype
-from fastcse.cpu import (_GroupCells, _exp_in_place, _partition_rows, _row_loss, _rows_per_chunk, _SweepOperands,
+from fastcse.cpu import (_GroupCells, _exp_in_place, exp_in_place, _partition_rows, _row_loss, _rows_per_chunk, _SweepOperands,
                          SAFE_EXP, direction_widths)
 from fastcse.matryoshka import segments
 from fastcse.problem import ANCHOR_KEYS, ANCHORS, DIRECTION_ROLES, QUERY_TO_DOC, LossProblem
@@ -306,7 +306,7 @@ def _grad_sweep(operands: _MatryoshkaOperands, grad_rows, lse):
             rows = lse[_lse_rows(problem, k), r0:r1]
             for p, direction in enumerate(problem.directions):
                 block = operands.dimension_scores(direction, k, raws[direction][k], r0, r1)
-                block.sub_(rows[0 if problem.joint else p, :, None]).exp_()  # P = exp(S - LSE)
+                exp_in_place(block.sub_(rows[0 if problem.joint else p, :, None]))  # P = exp(S - LSE)
                 operands.backprop_dimension(direction, k, block, weight * g_direction[r0:r1],
                                             weight * g[r0:r1] if direction == QUERY_TO_DOC else None,
                                             raws[direction][k], running, r0, r1)

@@ -9,9 +9,10 @@ and settings, one with the plain loss and one with ``matryoshka_dims=(384, 256, 
 (weights 1 each). Each final model, and the starting model, is scored on STS-B dev (Spearman x
 100 of cosine) at 384, 256, 128 and 64 dimensions (the first m coordinates of the pooled
 embedding: ``SentenceTransformer(path, truncate_dim=m)``). Also the time per step of both runs
-(the loss's share of a step is small next to the encoder's: Matryoshka adds one sweep over d per
-dimension, not an encoder pass). Runs on the CPU: the loss's Triton kernels do not implement
-Matryoshka yet. Writes a JSON (default docs/matryoshka_run.json) and prints a table.
+(the loss's share of a step is small next to the encoder's: Matryoshka adds elementwise passes
+per dimension over the loss's score blocks, not an encoder pass). Runs on the CPU (the device
+of the machine this was written on; time it on a quiet machine). Writes a JSON (default
+docs/matryoshka_run.json) and prints a table.
 """
 
 from __future__ import annotations
