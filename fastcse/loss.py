@@ -167,9 +167,6 @@ def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, 
     dims, weights = check_dims(matryoshka_dims, matryoshka_weights, dim)
     backend = _resolve_backend(backend, anchor)
     false_negatives = _check_false_negatives(false_negative_options, anchor, negative, extra_negatives)
-    if dims and false_negatives is not None:
-        raise NotImplementedError("matryoshka_dims with false_negative_margin is not implemented yet: the one-pass "
-                                  "Matryoshka sweep does not apply the similarity rule")
     return CheckedInputs(backend, num_neg, variant, ids, id_mode, extra_negatives, dims, weights, false_negatives)
 
 
