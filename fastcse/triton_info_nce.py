@@ -329,12 +329,11 @@ def _on_device(x: torch.Tensor):
 def _sweeps(anchor, candidates, anchor_keys, ids, problem: LossProblem, guide):
     """The per-call state: Matryoshka's (``fastcse.triton_matryoshka``) or the plain loss's."""
     if problem.matryoshka_dims:
-        if problem.false_negative_margin is not None:  # fastcse.loss refuses the pair before this
-            raise NotImplementedError("matryoshka_dims with false_negative_margin is not implemented")
         from fastcse.triton_matryoshka import MatryoshkaSweeps
         if anchor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"the Triton backend takes float16, bfloat16 or float32, got {anchor.dtype}")
-        return MatryoshkaSweeps(anchor, candidates, anchor_keys, ids, problem, select_config(anchor.dtype, problem.dim))
+        return MatryoshkaSweeps(anchor, candidates, anchor_keys, ids, problem, select_config(anchor.dtype, problem.dim),
+                                guide)
     return _TritonSweeps(anchor, candidates, anchor_keys, ids, problem, guide)
 
 
