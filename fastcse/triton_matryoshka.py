@@ -59,32 +59,33 @@ def _prefix_scores(acc, q_inv_ptr, k_inv_ptr, k, inv_stride_q, inv_stride_k, row
 
 
 @triton.jit
-def _tile_guide_cells(gq_ptr, gk_ptr, thr_ptr, same, rows, cols, n_rows, n_cols, dim_g, stride_gq, stride_gk,
-                      pos_start, self_start, HAS_TARGET: tl.constexpr, IDS: tl.constexpr,
+def _tile_guide_cells(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq, stride_gk,
                       FALSE_NEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A guide's left-out cells of the tile (FALSE_NEG_GUIDED): the guide is not truncated, so
-    one product per tile serves every dimension. 0 (unread) otherwise."""
+    """A guide's cells above the rows' thresholds (FALSE_NEG_GUIDED): the guide is not
+    truncated, so one product per tile serves every dimension. 0 (unread) otherwise."""
     if FALSE_NEG == FALSE_NEG_GUIDED:
         above = guide_above_limit(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq,
                                   stride_gk, BLOCK_M, BLOCK_N)
-        cells = above & ~never_left_out(same, rows, cols, pos_start, self_start, HAS_TARGET, IDS)
     else:
-        cells = 0
-    return cells
+        above = 0
+    return above
 
 
 @triton.jit
-def _dimension_logits(s, k, guided_cells, thr_ptr, thr_stride, same, rows, cols, n_rows, pos_start, neg_start,
+def _dimension_logits(s, k, guide_above, thr_ptr, thr_stride, same, rows, cols, n_rows, pos_start, neg_start,
                       num_neg, weight, penalty_scale, self_start, HAS_BIAS: tl.constexpr, PENALTY: tl.constexpr,
                       MASK: tl.constexpr, HAS_TARGET: tl.constexpr, IDS: tl.constexpr, FALSE_NEG: tl.constexpr):
     """Dimension k's logits from its plain scores s: the cell rules, and the false negatives'
     cells at -inf (self-guided: s above dimension k's thresholds, row k of [D, B]; guided: the
-    tile's cells, the same for every dimension)."""
+    guide's cells above its thresholds, the same for every dimension), but the spared ones."""
     if FALSE_NEG == FALSE_NEG_SELF:  # the plain scores, before the penalty and the bias
-        left_out = above_limit(s, thr_ptr + k * thr_stride, rows, n_rows) \
-            & ~never_left_out(same, rows, cols, pos_start, self_start, HAS_TARGET, IDS)
+        above = above_limit(s, thr_ptr + k * thr_stride, rows, n_rows)
     else:
-        left_out = guided_cells
+        above = guide_above
+    if FALSE_NEG != FALSE_NEG_NONE:
+        left_out = above & ~never_left_out(same, rows, cols, pos_start, self_start, HAS_TARGET, IDS)
+    else:
+        left_out = 0  # unread
     s = tile_logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,
                     HAS_BIAS, PENALTY, MASK, IDS)
     if FALSE_NEG != FALSE_NEG_NONE:
@@ -116,13 +117,12 @@ def _matryoshka_forward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, l
     col_stop = tl.minimum(col_start + cols_per_split, n_cols)
     for j0 in range(col_start, col_stop, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
+        guide_above = _tile_guide_cells(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq,
+                                        stride_gk, FALSE_NEG, BLOCK_M, BLOCK_N)
         if IDS != IDS_NONE:
             same = same_id(ids_ptr, rows, cols, n_rows, pos_start, num_positives)
         else:
             same = 0  # unread
-        guided_cells = _tile_guide_cells(gq_ptr, gk_ptr, thr_ptr, same, rows, cols, n_rows, n_cols, dim_g,
-                                         stride_gq, stride_gk, pos_start, self_start, HAS_TARGET, IDS, FALSE_NEG,
-                                         BLOCK_M, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, dim_count):
             lo = tl.load(bounds_ptr + k)
@@ -134,7 +134,7 @@ def _matryoshka_forward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, l
                 acc = tl.dot(q, tl.trans(kt), acc, input_precision=PRECISION)
             s, inv_q, inv_k = _prefix_scores(acc, q_inv_ptr, k_inv_ptr, k, inv_stride_q, inv_stride_k, rows, cols,
                                              n_rows, n_cols, inv_tau, NORMALIZE)
-            s = _dimension_logits(s, k, guided_cells, thr_ptr, thr_stride, same, rows, cols, n_rows, pos_start,
+            s = _dimension_logits(s, k, guide_above, thr_ptr, thr_stride, same, rows, cols, n_rows, pos_start,
                                   neg_start, num_neg, weight, penalty_scale, self_start, HAS_BIAS, PENALTY, MASK,
                                   HAS_TARGET, IDS, FALSE_NEG)
             this = slot == k
@@ -163,7 +163,7 @@ def _matryoshka_forward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, l
 @triton.jit
 def _dimension_ds(acc, k, q_inv_ptr, k_inv_ptr, weights_ptr, lse_ptr, g, inv_count_ptr, same, rows, cols, n_rows,
                   n_cols, inv_stride_q, inv_stride_k, lse_stride, inv_tau, pos_start, neg_start, num_neg, weight,
-                  penalty_scale, self_start, g_scale, guided_cells, thr_ptr, thr_stride,
+                  penalty_scale, self_start, g_scale, guide_above, thr_ptr, thr_stride,
                   NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PENALTY: tl.constexpr, MASK: tl.constexpr,
                   HAS_TARGET: tl.constexpr, IDS: tl.constexpr, FALSE_NEG: tl.constexpr):
     """Dimension k's w_k dS from R_k (acc), its plain scores s, and H_k = dL/dR_k (w_k dS scaled
@@ -172,7 +172,7 @@ def _dimension_ds(acc, k, q_inv_ptr, k_inv_ptr, weights_ptr, lse_ptr, g, inv_cou
     tile_ok = row_ok[:, None] & (cols[None, :] < n_cols)
     s, inv_q, inv_k = _prefix_scores(acc, q_inv_ptr, k_inv_ptr, k, inv_stride_q, inv_stride_k, rows, cols,
                                      n_rows, n_cols, inv_tau, NORMALIZE)
-    logits = _dimension_logits(s, k, guided_cells, thr_ptr, thr_stride, same, rows, cols, n_rows, pos_start,
+    logits = _dimension_logits(s, k, guide_above, thr_ptr, thr_stride, same, rows, cols, n_rows, pos_start,
                                neg_start, num_neg, weight, penalty_scale, self_start, HAS_BIAS, PENALTY, MASK,
                                HAS_TARGET, IDS, FALSE_NEG)
     lse = tl.load(lse_ptr + k * lse_stride + rows, mask=row_ok, other=0.0)
@@ -214,8 +214,8 @@ def _matryoshka_backward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, 
         same = same_id(ids_ptr, rows, cols, n_rows, pos_start, num_positives)
     else:
         same = 0  # unread
-    guided_cells = _tile_guide_cells(gq_ptr, gk_ptr, thr_ptr, same, rows, cols, n_rows, n_cols, dim_g, stride_gq,
-                                     stride_gk, pos_start, self_start, HAS_TARGET, IDS, FALSE_NEG, BLOCK_M, BLOCK_N)
+    guide_above = _tile_guide_cells(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq,
+                                    stride_gk, FALSE_NEG, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, dim_count):
@@ -228,7 +228,7 @@ def _matryoshka_backward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, 
             acc = tl.dot(q, tl.trans(kt), acc, input_precision=PRECISION)
         ds, s, h = _dimension_ds(acc, k, q_inv_ptr, k_inv_ptr, weights_ptr, lse_ptr, g, inv_count_ptr, same, rows,
                                  cols, n_rows, n_cols, inv_stride_q, inv_stride_k, lse_stride, inv_tau, pos_start,
-                                 neg_start, num_neg, weight, penalty_scale, self_start, g_scale, guided_cells,
+                                 neg_start, num_neg, weight, penalty_scale, self_start, g_scale, guide_above,
                                  thr_ptr, thr_stride, NORMALIZE, HAS_BIAS, PENALTY, MASK, HAS_TARGET, IDS, FALSE_NEG)
         # w_k dS sim_k per row and column (the prefix norms' backward) and over the tile (d tau).
         cells = ds * s * tau
@@ -267,7 +267,7 @@ def _matryoshka_backward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, 
                           mask=col_ok[:, None] & k_in[None, :], sem="relaxed")
         _, _, h = _dimension_ds(acc, k, q_inv_ptr, k_inv_ptr, weights_ptr, lse_ptr, g, inv_count_ptr, same, rows,
                                 cols, n_rows, n_cols, inv_stride_q, inv_stride_k, lse_stride, inv_tau, pos_start,
-                                neg_start, num_neg, weight, penalty_scale, self_start, g_scale, guided_cells,
+                                neg_start, num_neg, weight, penalty_scale, self_start, g_scale, guide_above,
                                 thr_ptr, thr_stride, NORMALIZE, HAS_BIAS, PENALTY, MASK, HAS_TARGET, IDS, FALSE_NEG)
         total -= h
 
@@ -277,15 +277,17 @@ def _matryoshka_backward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, 
 # --------------------------------------------------------------------------------------------
 
 
-def matryoshka_tiles(cfg: Config, dtype: torch.dtype) -> tuple[Tiles, Tiles]:
+def matryoshka_tiles(cfg: Config, dtype: torch.dtype, guided: bool = False) -> tuple[Tiles, Tiles]:
     """(forward, backward) tiles: the plain loss's under the interpreter (16 x 16 x 16), else
     smaller ones than the plain kernels', which hold D running statistics per row (forward) and
     the running sum T beside the accumulator (backward): with 64 x 64 tiles both spill on sm_80
-    and sm_90, and fp32's backward still at 32 x 32 (tests/test_triton_aot.py measures them)."""
+    and sm_90, and fp32's backward still at 32 x 32 (tests/test_triton_aot.py measures them).
+    ``guided`` (a guide's false-negative cells, held through the dimensions): fp32's forward at
+    32 x 64 spills on sm_90, hence 32 x 32 there."""
     if cfg.fwd.block_m == 16:
         return cfg.fwd, cfg.bwd
     if dtype == torch.float32:  # 3xTF32: three products per dot
-        return Tiles(32, 64, cfg.fwd.block_d, 4, 1), Tiles(32, 16, cfg.fwd.block_d, 4, 1)
+        return Tiles(32, 32 if guided else 64, cfg.fwd.block_d, 4, 1), Tiles(32, 16, cfg.fwd.block_d, 4, 1)
     chunk = min(cfg.fwd.block_d, 16) if dtype == torch.float16 else cfg.fwd.block_d
     return Tiles(32, 64, cfg.fwd.block_d, 4, 2), Tiles(32, 32, chunk, 4, 2)
 
@@ -335,7 +337,7 @@ def launch_forward(sweep: Sweep, problem: LossProblem, cfg, bounds: torch.Tensor
     """([D, n_rows] LSEs, [D, n_rows] target logits or None) of the sweep's queries."""
     queries, keys = sweep.queries, sweep.keys
     n_rows, n_cols = queries.shape[0], keys.shape[0]
-    t = matryoshka_tiles(cfg, queries.dtype)[0]
+    t = matryoshka_tiles(cfg, queries.dtype, sweep.false_neg == FALSE_NEG_GUIDED.value)[0]
     dims = problem.num_dimensions
     n_row_blocks, n_col_tiles = triton.cdiv(n_rows, t.block_m), triton.cdiv(n_cols, t.block_n)
     splits = column_splits(n_row_blocks, n_col_tiles, queries.device)
@@ -361,7 +363,7 @@ def launch_backward(sweep: Sweep, problem: LossProblem, cfg, bounds, weights, ls
     ``lse``: [D, n_rows] (a strided view), dimension k's LSE of each query row."""
     queries, keys = sweep.queries, sweep.keys
     n_rows, n_cols = queries.shape[0], keys.shape[0]
-    t = matryoshka_tiles(cfg, queries.dtype)[1]
+    t = matryoshka_tiles(cfg, queries.dtype, sweep.false_neg == FALSE_NEG_GUIDED.value)[1]
     scalars, constexprs = cell_args(sweep, problem)
     constexprs = {k: v for k, v in constexprs.items() if k != "EPS_"}
     q_inv, k_inv, inv_stride_q, inv_stride_k = _inverse_norm_args(sweep.q_norm, sweep.k_norm, g)
