@@ -402,6 +402,13 @@ DISTRIBUTED_CASES = [
     dict(k=1, weight=0.0, reduction="sum", normalize=False,
          variant=dict(directions=ALL_DIRECTIONS, partition_mode="joint", hardness_mode="all_negatives",
                       hardness_strength=2.0), ids="label"),
+    # False negatives by similarity: self-guided on each rank's gathered prefixes, and a guide
+    # (each rank passes its rows' guide rows; the loss gathers them).
+    dict(k=1, weight=0.3, reduction="none", normalize=True, variant=dict(symmetric=True), ids="group",
+         rule=dict(false_negative_margin=0.4, margin_strategy="relative")),
+    dict(k=1, weight=0.0, reduction="mean", normalize=True,
+         variant=dict(directions=ALL_DIRECTIONS, partition_mode="joint"), ids="label",
+         rule=dict(false_negative_margin=0.2), guided=True),
 ]
 
 
@@ -417,12 +424,20 @@ def _check_distributed_case(case, seed, group):
     options = dict(normalize=case["normalize"], hard_negative_weight=case["weight"], reduction=case["reduction"],
                    matryoshka_dims=(12, 7, 3), matryoshka_weights=(1.0, 0.5, 2.0), **case["variant"])
     id_key = {"group": "group_ids", "label": "labels"}.get(case.get("ids"))
+    mine_rule, full_rule = dict(case.get("rule", {})), dict(case.get("rule", {}))
+    if case.get("guided"):
+        guide = [x.double()[:, :5] + torch.randn(total, 5, generator=gen, dtype=torch.float64)
+                 for x in (anchor, positive, negative)]
+        full_rule["guide"] = tuple(guide)
+        mine_rule["guide"] = tuple(g[start:start + batch] for g in guide)
     mine = [x[start:start + batch].clone().requires_grad_() for x in (anchor, positive, negative) if x is not None]
     full = [x.double().requires_grad_() for x in (anchor, positive, negative) if x is not None]
     tau, ref_tau = torch.tensor(0.1, requires_grad=True), torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
     row_options = {id_key: ids[start:start + batch]} if id_key else {}
-    loss = fastcse.info_nce(*mine, temperature=tau, process_group=group, backend="cpu", **options, **row_options)
-    ref = info_nce_reference(*full, temperature=ref_tau, **options, **({id_key: ids} if id_key else {}))
+    loss = fastcse.info_nce(*mine, temperature=tau, process_group=group, backend="cpu", **options, **row_options,
+                            **mine_rule)
+    ref = info_nce_reference(*full, temperature=ref_tau, **options, **({id_key: ids} if id_key else {}),
+                             **full_rule)
     if case["reduction"] == "none":
         (loss * row_weights[start:start + batch]).sum().backward()
         (ref * row_weights).sum().backward()
