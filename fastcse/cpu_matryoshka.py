@@ -22,6 +22,11 @@ over each R_k, applied to the R x d operands at the end (no per-dimension produc
 
 Memory: D raw blocks and one working block per direction are alive per chunk, so the chunk has
 D + 1 times fewer rows than the plain loss's (down to ``fastcse.cpu.MIN_ROWS``).
+
+False negatives by similarity (``_PrefixFalseNegatives``): ``decorate`` leaves out each
+dimension's cells, self-guided from that dimension's working block against its own thresholds
+([D, B]), guided from the guide's tile, computed once per chunk and direction for every
+dimension (one R x n bool per direction more).
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ The guide: ``guide=(anchor, positive[, negative])`` a guide model's embeddings o
 None, self-guided: the loss's own similarity without gradient (the cosine with
 ``normalize=True``, the dot product with ``normalize=False``; before the temperature, the hard
 negatives' weight and the hardness penalty), which costs no extra product.
+
+With Matryoshka dimensions the rule applies per dimension (the loss on the first m_k
+coordinates is the loss of those inputs): self-guided, each dimension's own similarity and t_i;
+a guide, never truncated, the same cells for every dimension (``fastcse.cpu_matryoshka``).
 """
 
 from __future__ import annotations

@@ -300,7 +300,8 @@ def info_nce(
         matryoshka_dims, matryoshka_weights: sum_k w_k * (this loss on the first m_k coordinates,
             each prefix normalized on its own) in one sweep; dims distinct in [1, d], weights 1.
         false_negative_margin, margin_strategy, guide, guide_extra_negatives: false negatives by
-            similarity (GISTEmbedLoss's rule; self-guided with ``guide=None``): ``fastcse.false_negatives``.
+            similarity (GISTEmbedLoss's rule; self-guided with ``guide=None``): ``fastcse.false_negatives``;
+            with ``matryoshka_dims``, each dimension applies it on its own (a guide is not truncated).
 
     Every option in detail: docs/loss.md. Returns the fp32 loss: a scalar, or [B] with
     reduction="none".

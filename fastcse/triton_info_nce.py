@@ -108,7 +108,8 @@ The per-row options, and what each costs (no launch, no product, no B x N tensor
   launches of its own (its cells' thresholds are its rows', not query_to_doc's).
 
 Matryoshka (``matryoshka_dims``) has kernels of its own, ``fastcse.triton_matryoshka`` (one
-sweep over d per tile yields every dimension's scores), chosen by ``_sweeps``.
+sweep over d per tile yields every dimension's scores, each dimension with its own
+false-negative cells), chosen by ``_sweeps``.
 
 Under ``TRITON_INTERPRET=1`` (the tests) the kernels run on CPU tensors (see
 ``fastcse.triton_tiles``).
@@ -332,8 +333,8 @@ def _sweeps(anchor, candidates, anchor_keys, ids, problem: LossProblem, guide):
         from fastcse.triton_matryoshka import MatryoshkaSweeps
         if anchor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"the Triton backend takes float16, bfloat16 or float32, got {anchor.dtype}")
-        return MatryoshkaSweeps(anchor, candidates, anchor_keys, ids, problem, select_config(anchor.dtype, problem.dim),
-                                guide)
+        cfg = select_config(anchor.dtype, problem.dim)
+        return MatryoshkaSweeps(anchor, candidates, anchor_keys, ids, problem, cfg, guide)
     return _TritonSweeps(anchor, candidates, anchor_keys, ids, problem, guide)
 
 

@@ -24,8 +24,13 @@ buffers, applied with torch at the end (segment s of a row takes -x_s sum_{k >= 
 
 Products read the raw inputs (16-bit on tensor cores); T holds 1 / |x[:m_k]|, up to 1 / eps for
 a zero prefix, which fp16 cannot hold, so fp16's gradient products run in fp32 (3xTF32).
-doc_to_query always gets sweeps of its own here (no fused reverse cells); the false-negative
-rule is refused with Matryoshka (``fastcse.loss``).
+doc_to_query always gets sweeps of its own here (no fused reverse cells).
+
+False negatives by similarity (FALSE_NEG, ``fastcse.false_negatives``), per dimension as the
+reference's loop: self-guided, dimension k's plain scores against row k of [D, B] thresholds
+(anchor i vs positive i on the first m_k coordinates, over tau), no product; guided, the guide's
+tile (never truncated) once per key tile, before the segments, its cells reused by every
+dimension (``_tile_guide_cells``; fp32's forward then runs 32 x 32 tiles, see ``matryoshka_tiles``).
 """
 
 from __future__ import annotations
