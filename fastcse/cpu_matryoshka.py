@@ -371,7 +371,8 @@ def _grad_sweep(operands: _MatryoshkaOperands, grad_rows, lse):
 def matrix_products(problem: LossProblem, *, grad_in_forward: bool = True) -> list[tuple[str, int]]:
     """As ``fastcse.cpu.matrix_products``, each product over max(dims) coordinates (not D of
     them): the raw products per direction block, and the gradient products (dq, dk) per block;
-    a statistics sweep first when the gradients are not produced in the forward."""
+    a statistics sweep first when the gradients are not produced in the forward; a guide's tiles
+    as the plain loss's (once per chunk and direction, shared by the dimensions)."""
     widths = list(direction_widths(problem).values())
     recompute = [] if grad_in_forward else [("scores", n) for n in widths]
     return recompute + [(kind, n) for n in widths for kind in ("scores", "dq", "dk")] \
