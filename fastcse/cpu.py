@@ -540,7 +540,8 @@ def forward(anchor, candidates, anchor_keys, problem: LossProblem, *, compute_gr
     if problem.matryoshka_dims:
         from fastcse import cpu_matryoshka
 
-        return cpu_matryoshka.forward(anchor, candidates, anchor_keys, problem, compute_grad=compute_grad, ids=ids)
+        return cpu_matryoshka.forward(anchor, candidates, anchor_keys, problem, compute_grad=compute_grad, ids=ids,
+                                      guide=guide)
     operands = _SweepOperands(anchor, candidates, anchor_keys, ids, problem, guide)
     if _uses_column_sweep(problem):
         row_loss, lse = _stats_column_sweep(operands)
@@ -559,7 +560,7 @@ def backward(grad_rows, anchor, candidates, anchor_keys, problem: LossProblem, l
     if problem.matryoshka_dims:
         from fastcse import cpu_matryoshka
 
-        return cpu_matryoshka.backward(grad_rows, anchor, candidates, anchor_keys, problem, lse, ids=ids)
+        return cpu_matryoshka.backward(grad_rows, anchor, candidates, anchor_keys, problem, lse, ids=ids, guide=guide)
     operands = _SweepOperands(anchor, candidates, anchor_keys, ids, problem, guide)
     lse = lse.to(operands.dtype)
     if _uses_column_sweep(problem):

@@ -22,6 +22,11 @@ over each R_k, applied to the R x d operands at the end (no per-dimension produc
 
 Memory: D raw blocks and one working block per direction are alive per chunk, so the chunk has
 D + 1 times fewer rows than the plain loss's (down to ``fastcse.cpu.MIN_ROWS``).
+
+False negatives by similarity (``_PrefixFalseNegatives``): ``decorate`` leaves out each
+dimension's cells, self-guided from that dimension's working block against its own thresholds
+([D, B]), guided from the guide's tile, computed once per chunk and direction for every
+dimension (one R x n bool per direction more).
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from __future__ import annotations
 import torch
 
 from fastcse.checks import NORMALIZE_EPS, accumulation_dtype
-from fastcse.cpu import (_GroupCells, _exp_in_place, exp_in_place, _partition_rows, _row_loss, _rows_per_chunk, _SweepOperands,
-                         SAFE_EXP, direction_widths)
+from fastcse.cpu import (_GroupCells, _exp_in_place, _guide_products, _partition_rows, _row_loss, _rows_per_chunk,
+                         _SweepOperands, SAFE_EXP, direction_widths, exp_in_place)
+from fastcse.false_negatives import FalseNegativeTiles, threshold
 from fastcse.matryoshka import segments
 from fastcse.problem import ANCHOR_KEYS, ANCHORS, DIRECTION_ROLES, QUERY_TO_DOC, LossProblem
 
@@ -84,7 +90,7 @@ class _MatryoshkaOperands(_SweepOperands):
     Inherits the plain loss's row logic (targets, hard negatives, ids, ``decorate``), not its
     normalized operands: every product here reads the raw inputs."""
 
-    def __init__(self, anchor, candidates, anchor_keys, ids, problem: LossProblem, *, with_grads: bool):
+    def __init__(self, anchor, candidates, anchor_keys, ids, problem: LossProblem, *, with_grads: bool, guide=None):
         # Not the plain operands' __init__: it would normalize full-width copies no product reads.
         self.problem = problem
         self.ids = ids
@@ -104,9 +110,9 @@ class _MatryoshkaOperands(_SweepOperands):
         bound = 1.0 / problem.tau + abs(problem.weight) + problem.hardness_strength
         self.unshifted = problem.normalize and bound <= SAFE_EXP
         self.tau_dots = torch.zeros((), dtype=self.dtype)  # sum over all cells of dS sim (dL/dtau)
-        # The similarity rule for false negatives is not combined with Matryoshka dimensions
-        # (fastcse.loss refuses the pair), so ``decorate`` leaves no key out here.
-        self.false_negatives = None
+        # False negatives by similarity: ``decorate`` asks it for each dimension's left-out cells.
+        self.false_negatives = None if problem.false_negative_margin is None else \
+            _PrefixFalseNegatives(problem, guide, self)
 
     def query_side(self, direction: str) -> tuple[_PrefixOperand, int]:
         """(the operand holding the direction's query rows, the offset of row 0 in it)."""
@@ -165,6 +171,8 @@ class _MatryoshkaOperands(_SweepOperands):
         applied by ``raw_products``), into the working block."""
         block = torch.mul(raw, self.row_scale(direction, k, r0, r1)[:, None],
                           out=self.buffer(direction, "work", raw.shape[1], r1 - r0))
+        if self.false_negatives is not None:  # the rule compares dimension k's similarity with its own thresholds
+            self.false_negatives.dimension = k
         return self.decorate(direction, block, r0, r1)
 
     def _target_terms(self, direction: str, k: int, target_weight, raw, r0: int, r1: int):
@@ -238,6 +246,53 @@ class _MatryoshkaOperands(_SweepOperands):
         grad_candidates = self.candidates.finish(self.dims, tau)
         grad_keys = self.anchor_keys.finish(self.dims, tau) if self.anchor_keys is not self.anchors else None
         return grad_anchor, grad_candidates, grad_keys, -self.tau_dots / tau**2
+
+
+class _PrefixFalseNegatives(FalseNegativeTiles):
+    """The false-negative rule per dimension (``fastcse.false_negatives``), for ``decorate``.
+
+    Self-guided, dimension k's rule reads dimension k's own similarity: the working block
+    (R_k scaled by both prefix norms and 1/tau, before bias and penalty) against [D, B]
+    thresholds from anchor i and positive i on their first m_k coordinates; ``dimension`` (set
+    by ``dimension_scores``) picks the row. A guide is not truncated: its cells are the same
+    for every dimension, so each direction's are computed once per chunk (one guide product)
+    into a buffer of their own and reused by the D dimensions."""
+
+    def __init__(self, problem: LossProblem, guide, operands: "_MatryoshkaOperands"):
+        self.dimension = 0
+        super().__init__(problem, guide, operands)
+        self._chunk_cells = {}  # guided: direction -> ((r0, r1), its cells)
+        if self.guide is not None:
+            self._buffers = {d: torch.empty(operands.rows * n, dtype=torch.bool) for d, n in operands.widths.items()}
+
+    def _thresholds(self) -> torch.Tensor:
+        """[B] guided, else [D, B]: dimension k's t_i - m over tau from the prefix similarity."""
+        if self.guide is not None:
+            return super()._thresholds()
+        problem, operands = self.problem, self.operands
+        positives = slice(problem.pos_start, problem.pos_start + problem.batch)
+        anchors, candidates = operands.anchors, operands.candidates
+        dots = torch.stack([(anchors.x[:, lo:hi] * candidates.x[positives, lo:hi]).sum(1)
+                            for lo, hi in operands.segments]).cumsum(0)  # [D, B]: a_i[:m_k] . p_i[:m_k]
+        if problem.normalize:
+            dots = dots * anchors.inv * candidates.inv[:, positives]
+        margin = problem.false_negative_margin
+        if problem.margin_strategy == "absolute":  # relative margins are scale-free already
+            margin = margin / problem.tau
+        return threshold(dots / problem.tau, margin, problem.margin_strategy)
+
+    def row_limits(self, r0: int, r1: int) -> torch.Tensor:
+        return self.thresholds[r0:r1] if self.guide is not None else self.thresholds[self.dimension, r0:r1]
+
+    def left_out(self, direction: str, raw_block: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        if self.guide is None:
+            return super().left_out(direction, raw_block, r0, r1)
+        chunk, cells = self._chunk_cells.get(direction, (None, None))
+        if chunk != (r0, r1):
+            self._cells = self._buffers[direction]  # the parent's compare writes into it
+            cells = super().left_out(direction, raw_block, r0, r1)
+            self._chunk_cells[direction] = ((r0, r1), cells)
+        return cells
 
 
 def _lse_rows(problem: LossProblem, k: int) -> slice:
@@ -316,20 +371,23 @@ def _grad_sweep(operands: _MatryoshkaOperands, grad_rows, lse):
 def matrix_products(problem: LossProblem, *, grad_in_forward: bool = True) -> list[tuple[str, int]]:
     """As ``fastcse.cpu.matrix_products``, each product over max(dims) coordinates (not D of
     them): the raw products per direction block, and the gradient products (dq, dk) per block;
-    a statistics sweep first when the gradients are not produced in the forward."""
+    a statistics sweep first when the gradients are not produced in the forward; a guide's tiles
+    as the plain loss's (once per chunk and direction, shared by the dimensions)."""
     widths = list(direction_widths(problem).values())
     recompute = [] if grad_in_forward else [("scores", n) for n in widths]
-    return recompute + [(kind, n) for n in widths for kind in ("scores", "dq", "dk")]
+    return recompute + [(kind, n) for n in widths for kind in ("scores", "dq", "dk")] \
+        + _guide_products(problem, widths, grad_in_forward)
 
 
-def forward(anchor, candidates, anchor_keys, problem: LossProblem, *, compute_grad, ids=None):
-    operands = _MatryoshkaOperands(anchor, candidates, anchor_keys, ids, problem, with_grads=compute_grad)
+def forward(anchor, candidates, anchor_keys, problem: LossProblem, *, compute_grad, ids=None, guide=None):
+    operands = _MatryoshkaOperands(anchor, candidates, anchor_keys, ids, problem, with_grads=compute_grad,
+                                   guide=guide)
     if compute_grad:
         return _fused_sweep(operands)
     row_loss, lse = _stats_sweep(operands)
     return row_loss, lse, None
 
 
-def backward(grad_rows, anchor, candidates, anchor_keys, problem: LossProblem, lse, *, ids=None):
-    operands = _MatryoshkaOperands(anchor, candidates, anchor_keys, ids, problem, with_grads=True)
+def backward(grad_rows, anchor, candidates, anchor_keys, problem: LossProblem, lse, *, ids=None, guide=None):
+    operands = _MatryoshkaOperands(anchor, candidates, anchor_keys, ids, problem, with_grads=True, guide=guide)
     return _grad_sweep(operands, grad_rows, lse.to(operands.dtype))

@@ -21,6 +21,10 @@ The guide: ``guide=(anchor, positive[, negative])`` a guide model's embeddings o
 None, self-guided: the loss's own similarity without gradient (the cosine with
 ``normalize=True``, the dot product with ``normalize=False``; before the temperature, the hard
 negatives' weight and the hardness penalty), which costs no extra product.
+
+With Matryoshka dimensions the rule applies per dimension (the loss on the first m_k
+coordinates is the loss of those inputs): self-guided, each dimension's own similarity and t_i;
+a guide, never truncated, the same cells for every dimension (``fastcse.cpu_matryoshka``).
 """
 
 from __future__ import annotations
@@ -191,6 +195,10 @@ class FalseNegativeTiles:
                 margin = margin / problem.tau
         return threshold(similarity, margin, problem.margin_strategy)
 
+    def row_limits(self, r0: int, r1: int) -> torch.Tensor:
+        """[R]: the thresholds of rows [r0, r1) that ``left_out`` compares the tile with."""
+        return self.thresholds[r0:r1]
+
     def _guide_tile(self, direction: str, r0: int, r1: int) -> torch.Tensor:
         """The guide's cosines of the direction's (query, key) pairs: one R x n x d_g product."""
         role = DIRECTION_ROLES[direction]
@@ -212,7 +220,7 @@ class FalseNegativeTiles:
         buffer that the next call overwrites: consume it first."""
         tile = raw_block if self.guide is None else self._guide_tile(direction, r0, r1)
         rows, width = tile.shape
-        cells = torch.gt(tile, self.thresholds[r0:r1, None], out=self._cells[: rows * width].view(rows, width))
+        cells = torch.gt(tile, self.row_limits(r0, r1)[:, None], out=self._cells[: rows * width].view(rows, width))
         role = DIRECTION_ROLES[direction]
         if role.holds_target:  # the targets stay: the positive, or with labels every positive of the label
             if self.problem.id_mode == "label":

@@ -167,9 +167,6 @@ def check_inputs(anchor, positive, negative, temperature, hard_negative_weight, 
     dims, weights = check_dims(matryoshka_dims, matryoshka_weights, dim)
     backend = _resolve_backend(backend, anchor)
     false_negatives = _check_false_negatives(false_negative_options, anchor, negative, extra_negatives)
-    if dims and false_negatives is not None:
-        raise NotImplementedError("matryoshka_dims with false_negative_margin is not implemented yet: the one-pass "
-                                  "Matryoshka sweep does not apply the similarity rule")
     return CheckedInputs(backend, num_neg, variant, ids, id_mode, extra_negatives, dims, weights, false_negatives)
 
 
@@ -303,7 +300,8 @@ def info_nce(
         matryoshka_dims, matryoshka_weights: sum_k w_k * (this loss on the first m_k coordinates,
             each prefix normalized on its own) in one sweep; dims distinct in [1, d], weights 1.
         false_negative_margin, margin_strategy, guide, guide_extra_negatives: false negatives by
-            similarity (GISTEmbedLoss's rule; self-guided with ``guide=None``): ``fastcse.false_negatives``.
+            similarity (GISTEmbedLoss's rule; self-guided with ``guide=None``): ``fastcse.false_negatives``;
+            with ``matryoshka_dims``, each dimension applies it on its own (a guide is not truncated).
 
     Every option in detail: docs/loss.md. Returns the fp32 loss: a scalar, or [B] with
     reduction="none".

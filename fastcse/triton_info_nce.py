@@ -108,7 +108,8 @@ The per-row options, and what each costs (no launch, no product, no B x N tensor
   launches of its own (its cells' thresholds are its rows', not query_to_doc's).
 
 Matryoshka (``matryoshka_dims``) has kernels of its own, ``fastcse.triton_matryoshka`` (one
-sweep over d per tile yields every dimension's scores), chosen by ``_sweeps``.
+sweep over d per tile yields every dimension's scores, each dimension with its own
+false-negative cells), chosen by ``_sweeps``.
 
 Under ``TRITON_INTERPRET=1`` (the tests) the kernels run on CPU tensors (see
 ``fastcse.triton_tiles``).
@@ -329,12 +330,11 @@ def _on_device(x: torch.Tensor):
 def _sweeps(anchor, candidates, anchor_keys, ids, problem: LossProblem, guide):
     """The per-call state: Matryoshka's (``fastcse.triton_matryoshka``) or the plain loss's."""
     if problem.matryoshka_dims:
-        if problem.false_negative_margin is not None:  # fastcse.loss refuses the pair before this
-            raise NotImplementedError("matryoshka_dims with false_negative_margin is not implemented")
         from fastcse.triton_matryoshka import MatryoshkaSweeps
         if anchor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"the Triton backend takes float16, bfloat16 or float32, got {anchor.dtype}")
-        return MatryoshkaSweeps(anchor, candidates, anchor_keys, ids, problem, select_config(anchor.dtype, problem.dim))
+        cfg = select_config(anchor.dtype, problem.dim)
+        return MatryoshkaSweeps(anchor, candidates, anchor_keys, ids, problem, cfg, guide)
     return _TritonSweeps(anchor, candidates, anchor_keys, ids, problem, guide)
 
 

@@ -24,8 +24,13 @@ buffers, applied with torch at the end (segment s of a row takes -x_s sum_{k >= 
 
 Products read the raw inputs (16-bit on tensor cores); T holds 1 / |x[:m_k]|, up to 1 / eps for
 a zero prefix, which fp16 cannot hold, so fp16's gradient products run in fp32 (3xTF32).
-doc_to_query always gets sweeps of its own here (no fused reverse cells); the false-negative
-rule is refused with Matryoshka (``fastcse.loss``).
+doc_to_query always gets sweeps of its own here (no fused reverse cells).
+
+False negatives by similarity (FALSE_NEG, ``fastcse.false_negatives``), per dimension as the
+reference's loop: self-guided, dimension k's plain scores against row k of [D, B] thresholds
+(anchor i vs positive i on the first m_k coordinates, over tau), no product; guided, the guide's
+tile (never truncated) once per key tile, before the segments, its cells reused by every
+dimension (``_tile_guide_cells``; fp32's forward then runs 32 x 32 tiles, see ``matryoshka_tiles``).
 """
 
 from __future__ import annotations
@@ -35,11 +40,14 @@ import triton
 import triton.language as tl
 
 from fastcse.checks import NORMALIZE_EPS
+from fastcse.false_negatives import threshold
 from fastcse.matryoshka import segments
 from fastcse.problem import ANCHOR_KEYS, ANCHORS, CANDIDATES, DIRECTION_ROLES, DOCUMENTS, POSITIVES, LossProblem
 from fastcse.triton_forward import column_splits
-from fastcse.triton_tiles import (IDS_GROUP, IDS_LABEL, IDS_NONE, MASK_CODES, MASK_NONE, Config, Sweep, Tiles,
-                                  cell_args, diagonal, load_tile, online_lse_update, pointer_or, same_id, tile_logits)
+from fastcse.triton_tiles import (FALSE_NEG_GUIDED, FALSE_NEG_NONE, FALSE_NEG_SELF, IDS_GROUP, IDS_LABEL, IDS_NONE,
+                                  MASK_CODES, MASK_NONE, Config, Sweep, Tiles, above_limit, cell_args, diagonal,
+                                  guide_above_limit, guide_args, load_tile, never_left_out, online_lse_update,
+                                  pointer_or, same_id, tile_logits)
 
 
 @triton.jit
@@ -56,6 +64,41 @@ def _prefix_scores(acc, q_inv_ptr, k_inv_ptr, k, inv_stride_q, inv_stride_k, row
 
 
 @triton.jit
+def _tile_guide_cells(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq, stride_gk,
+                      FALSE_NEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A guide's cells above the rows' thresholds (FALSE_NEG_GUIDED): the guide is not
+    truncated, so one product per tile serves every dimension. 0 (unread) otherwise."""
+    if FALSE_NEG == FALSE_NEG_GUIDED:
+        above = guide_above_limit(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq,
+                                  stride_gk, BLOCK_M, BLOCK_N)
+    else:
+        above = 0
+    return above
+
+
+@triton.jit
+def _dimension_logits(s, k, guide_above, thr_ptr, thr_stride, same, rows, cols, n_rows, pos_start, neg_start,
+                      num_neg, weight, penalty_scale, self_start, HAS_BIAS: tl.constexpr, PENALTY: tl.constexpr,
+                      MASK: tl.constexpr, HAS_TARGET: tl.constexpr, IDS: tl.constexpr, FALSE_NEG: tl.constexpr):
+    """Dimension k's logits from its plain scores s: the cell rules, and the false negatives'
+    cells at -inf (self-guided: s above dimension k's thresholds, row k of [D, B]; guided: the
+    guide's cells above its thresholds, the same for every dimension), but the spared ones."""
+    if FALSE_NEG == FALSE_NEG_SELF:  # the plain scores, before the penalty and the bias
+        above = above_limit(s, thr_ptr + k * thr_stride, rows, n_rows)
+    else:
+        above = guide_above
+    if FALSE_NEG != FALSE_NEG_NONE:
+        left_out = above & ~never_left_out(same, rows, cols, pos_start, self_start, HAS_TARGET, IDS)
+    else:
+        left_out = 0  # unread
+    s = tile_logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,
+                    HAS_BIAS, PENALTY, MASK, IDS)
+    if FALSE_NEG != FALSE_NEG_NONE:
+        s = tl.where(left_out, float("-inf"), s)
+    return s
+
+
+@triton.jit
 def _matryoshka_forward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, lse_ptr, target_ptr, ids_ptr,
                                inv_count_ptr, n_rows, n_cols, dim_count, stride_q, stride_k, inv_stride_q,
                                inv_stride_k, cols_per_split, inv_tau, pos_start, neg_start, num_neg, weight,
@@ -63,9 +106,12 @@ def _matryoshka_forward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, l
                                NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PENALTY: tl.constexpr,
                                MASK: tl.constexpr, HAS_TARGET: tl.constexpr, IDS: tl.constexpr,
                                DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                               BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                               gq_ptr, gk_ptr, thr_ptr, dim_g, stride_gq, stride_gk, thr_stride,
+                               FALSE_NEG: tl.constexpr):
     """Stores each dimension's row LSE (and target logit) of this program's rows and key split:
-    lse[split, k, row]. One pass over d per key tile, segment by segment."""
+    lse[split, k, row]. One pass over d per key tile, segment by segment. FALSE_NEG: the
+    false-negative rule's cells are -inf, per dimension (``_dimension_logits``)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     slot = tl.arange(0, DP)[None, :]  # dimension k's column of the running statistics
@@ -76,6 +122,8 @@ def _matryoshka_forward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, l
     col_stop = tl.minimum(col_start + cols_per_split, n_cols)
     for j0 in range(col_start, col_stop, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
+        guide_above = _tile_guide_cells(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq,
+                                        stride_gk, FALSE_NEG, BLOCK_M, BLOCK_N)
         if IDS != IDS_NONE:
             same = same_id(ids_ptr, rows, cols, n_rows, pos_start, num_positives)
         else:
@@ -91,8 +139,9 @@ def _matryoshka_forward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, l
                 acc = tl.dot(q, tl.trans(kt), acc, input_precision=PRECISION)
             s, inv_q, inv_k = _prefix_scores(acc, q_inv_ptr, k_inv_ptr, k, inv_stride_q, inv_stride_k, rows, cols,
                                              n_rows, n_cols, inv_tau, NORMALIZE)
-            s = tile_logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,
-                            HAS_BIAS, PENALTY, MASK, IDS)
+            s = _dimension_logits(s, k, guide_above, thr_ptr, thr_stride, same, rows, cols, n_rows, pos_start,
+                                  neg_start, num_neg, weight, penalty_scale, self_start, HAS_BIAS, PENALTY, MASK,
+                                  HAS_TARGET, IDS, FALSE_NEG)
             this = slot == k
             if HAS_TARGET:
                 if IDS == IDS_LABEL:
@@ -103,7 +152,8 @@ def _matryoshka_forward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, l
             s = tl.where(cols[None, :] < n_cols, s, float("-inf"))
             m_k = tl.max(tl.where(this, m_all, float("-inf")), axis=1)
             l_k = tl.sum(tl.where(this, l_all, 0.0), axis=1)
-            m_k, l_k = online_lse_update(m_k, l_k, s, (MASK != MASK_NONE) or (IDS == IDS_GROUP))
+            m_k, l_k = online_lse_update(m_k, l_k, s,
+                                         (MASK != MASK_NONE) or (IDS == IDS_GROUP) or (FALSE_NEG != FALSE_NEG_NONE))
             m_all = tl.where(this, m_k[:, None], m_all)
             l_all = tl.where(this, l_k[:, None], l_all)
     out = (tl.program_id(1) * dim_count + slot) * n_rows + rows[:, None]
@@ -118,17 +168,18 @@ def _matryoshka_forward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, l
 @triton.jit
 def _dimension_ds(acc, k, q_inv_ptr, k_inv_ptr, weights_ptr, lse_ptr, g, inv_count_ptr, same, rows, cols, n_rows,
                   n_cols, inv_stride_q, inv_stride_k, lse_stride, inv_tau, pos_start, neg_start, num_neg, weight,
-                  penalty_scale, self_start, g_scale,
+                  penalty_scale, self_start, g_scale, guide_above, thr_ptr, thr_stride,
                   NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PENALTY: tl.constexpr, MASK: tl.constexpr,
-                  HAS_TARGET: tl.constexpr, IDS: tl.constexpr):
+                  HAS_TARGET: tl.constexpr, IDS: tl.constexpr, FALSE_NEG: tl.constexpr):
     """Dimension k's w_k dS from R_k (acc), its plain scores s, and H_k = dL/dR_k (w_k dS scaled
     by both prefix inverse norms and 1/tau)."""
     row_ok = rows < n_rows
     tile_ok = row_ok[:, None] & (cols[None, :] < n_cols)
     s, inv_q, inv_k = _prefix_scores(acc, q_inv_ptr, k_inv_ptr, k, inv_stride_q, inv_stride_k, rows, cols,
                                      n_rows, n_cols, inv_tau, NORMALIZE)
-    logits = tile_logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale,
-                         self_start, HAS_BIAS, PENALTY, MASK, IDS)
+    logits = _dimension_logits(s, k, guide_above, thr_ptr, thr_stride, same, rows, cols, n_rows, pos_start,
+                               neg_start, num_neg, weight, penalty_scale, self_start, HAS_BIAS, PENALTY, MASK,
+                               HAS_TARGET, IDS, FALSE_NEG)
     lse = tl.load(lse_ptr + k * lse_stride + rows, mask=row_ok, other=0.0)
     ds = tl.exp(tl.where(tile_ok, logits - lse[:, None], float("-inf"))) * (g * g_scale)[:, None]
     if HAS_TARGET:
@@ -149,13 +200,16 @@ def _matryoshka_backward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, 
                                 NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PENALTY: tl.constexpr,
                                 MASK: tl.constexpr, HAS_TARGET: tl.constexpr, IDS: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                                UPCAST: tl.constexpr, PRECISION: tl.constexpr, GRAD_FP32: tl.constexpr):
+                                UPCAST: tl.constexpr, PRECISION: tl.constexpr, GRAD_FP32: tl.constexpr,
+                                gq_ptr, gk_ptr, thr_ptr, dim_g, stride_gq, stride_gk, thr_stride,
+                                FALSE_NEG: tl.constexpr):
     """Adds this tile's dQ = T_s K_s and dK = T_s^T Q_s (raw operands, fp32 atomics) for each
     coordinate segment s, T_s = sum_{k >= s} H_k, and each dimension's w_k sum dS sim per row /
     column / tile. Sweep 1 (ascending) forms every H_k at its boundary and their sum T_1; sweep 2
     takes T_s, then subtracts H_s recomputed from the same R_s (the accumulator rebuilt from the
     loads the products use). Subtracting gradients, not scores: R_k by subtraction would lose a
-    short prefix's product to cancellation against the full width's."""
+    short prefix's product to cancellation against the full width's. FALSE_NEG: the rule's cells
+    get no probability (a guide's tile once, before the sweeps, for every dimension of both)."""
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
@@ -165,6 +219,8 @@ def _matryoshka_backward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, 
         same = same_id(ids_ptr, rows, cols, n_rows, pos_start, num_positives)
     else:
         same = 0  # unread
+    guide_above = _tile_guide_cells(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq,
+                                    stride_gk, FALSE_NEG, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, dim_count):
@@ -177,8 +233,8 @@ def _matryoshka_backward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, 
             acc = tl.dot(q, tl.trans(kt), acc, input_precision=PRECISION)
         ds, s, h = _dimension_ds(acc, k, q_inv_ptr, k_inv_ptr, weights_ptr, lse_ptr, g, inv_count_ptr, same, rows,
                                  cols, n_rows, n_cols, inv_stride_q, inv_stride_k, lse_stride, inv_tau, pos_start,
-                                 neg_start, num_neg, weight, penalty_scale, self_start, g_scale,
-                                 NORMALIZE, HAS_BIAS, PENALTY, MASK, HAS_TARGET, IDS)
+                                 neg_start, num_neg, weight, penalty_scale, self_start, g_scale, guide_above,
+                                 thr_ptr, thr_stride, NORMALIZE, HAS_BIAS, PENALTY, MASK, HAS_TARGET, IDS, FALSE_NEG)
         # w_k dS sim_k per row and column (the prefix norms' backward) and over the tile (d tau).
         cells = ds * s * tau
         row_dots = tl.sum(cells, axis=1)
@@ -216,8 +272,8 @@ def _matryoshka_backward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, 
                           mask=col_ok[:, None] & k_in[None, :], sem="relaxed")
         _, _, h = _dimension_ds(acc, k, q_inv_ptr, k_inv_ptr, weights_ptr, lse_ptr, g, inv_count_ptr, same, rows,
                                 cols, n_rows, n_cols, inv_stride_q, inv_stride_k, lse_stride, inv_tau, pos_start,
-                                neg_start, num_neg, weight, penalty_scale, self_start, g_scale,
-                                NORMALIZE, HAS_BIAS, PENALTY, MASK, HAS_TARGET, IDS)
+                                neg_start, num_neg, weight, penalty_scale, self_start, g_scale, guide_above,
+                                thr_ptr, thr_stride, NORMALIZE, HAS_BIAS, PENALTY, MASK, HAS_TARGET, IDS, FALSE_NEG)
         total -= h
 
 
@@ -226,15 +282,17 @@ def _matryoshka_backward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, 
 # --------------------------------------------------------------------------------------------
 
 
-def matryoshka_tiles(cfg: Config, dtype: torch.dtype) -> tuple[Tiles, Tiles]:
+def matryoshka_tiles(cfg: Config, dtype: torch.dtype, guided: bool = False) -> tuple[Tiles, Tiles]:
     """(forward, backward) tiles: the plain loss's under the interpreter (16 x 16 x 16), else
     smaller ones than the plain kernels', which hold D running statistics per row (forward) and
     the running sum T beside the accumulator (backward): with 64 x 64 tiles both spill on sm_80
-    and sm_90, and fp32's backward still at 32 x 32 (tests/test_triton_aot.py measures them)."""
+    and sm_90, and fp32's backward still at 32 x 32 (tests/test_triton_aot.py measures them).
+    ``guided`` (a guide's false-negative cells, held through the dimensions): fp32's forward at
+    32 x 64 spills on sm_90, hence 32 x 32 there."""
     if cfg.fwd.block_m == 16:
         return cfg.fwd, cfg.bwd
     if dtype == torch.float32:  # 3xTF32: three products per dot
-        return Tiles(32, 64, cfg.fwd.block_d, 4, 1), Tiles(32, 16, cfg.fwd.block_d, 4, 1)
+        return Tiles(32, 32 if guided else 64, cfg.fwd.block_d, 4, 1), Tiles(32, 16, cfg.fwd.block_d, 4, 1)
     chunk = min(cfg.fwd.block_d, 16) if dtype == torch.float16 else cfg.fwd.block_d
     return Tiles(32, 64, cfg.fwd.block_d, 4, 2), Tiles(32, 32, chunk, 4, 2)
 
@@ -284,7 +342,7 @@ def launch_forward(sweep: Sweep, problem: LossProblem, cfg, bounds: torch.Tensor
     """([D, n_rows] LSEs, [D, n_rows] target logits or None) of the sweep's queries."""
     queries, keys = sweep.queries, sweep.keys
     n_rows, n_cols = queries.shape[0], keys.shape[0]
-    t = matryoshka_tiles(cfg, queries.dtype)[0]
+    t = matryoshka_tiles(cfg, queries.dtype, sweep.false_neg == FALSE_NEG_GUIDED.value)[0]
     dims = problem.num_dimensions
     n_row_blocks, n_col_tiles = triton.cdiv(n_rows, t.block_m), triton.cdiv(n_cols, t.block_n)
     splits = column_splits(n_row_blocks, n_col_tiles, queries.device)
@@ -292,13 +350,14 @@ def launch_forward(sweep: Sweep, problem: LossProblem, cfg, bounds: torch.Tensor
     lse = torch.empty((splits, dims, n_rows), dtype=torch.float32, device=queries.device)
     target = torch.empty_like(lse) if sweep.holds_target else None
     scalars, constexprs = cell_args(sweep, problem)
-    constexprs = {k: v for k, v in constexprs.items() if k not in ("EPS_", "FALSE_NEG")}
+    constexprs = {k: v for k, v in constexprs.items() if k != "EPS_"}
     _matryoshka_forward_kernel[(n_row_blocks, splits)](
         queries, keys, *_inverse_norm_args(sweep.q_norm, sweep.k_norm, lse)[:2], bounds, lse, pointer_or(target, lse),
         pointer_or(sweep.ids, lse), pointer_or(sweep.inv_count, lse), n_rows, n_cols, dims, queries.stride(0),
         keys.stride(0), *_inverse_norm_args(sweep.q_norm, sweep.k_norm, lse)[2:], cols_per_split, problem.inv_tau,
         *scalars, DP=triton.next_power_of_2(dims), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d,
-        UPCAST=cfg.upcast, PRECISION=cfg.precision, num_warps=t.warps, num_stages=t.stages, **constexprs)
+        UPCAST=cfg.upcast, PRECISION=cfg.precision, num_warps=t.warps, num_stages=t.stages, **constexprs,
+        **_rule_args(sweep, lse))
     if splits == 1:
         return lse[0], None if target is None else target[0]
     return torch.logsumexp(lse, dim=0), None if target is None else target.sum(0)
@@ -309,9 +368,9 @@ def launch_backward(sweep: Sweep, problem: LossProblem, cfg, bounds, weights, ls
     ``lse``: [D, n_rows] (a strided view), dimension k's LSE of each query row."""
     queries, keys = sweep.queries, sweep.keys
     n_rows, n_cols = queries.shape[0], keys.shape[0]
-    t = matryoshka_tiles(cfg, queries.dtype)[1]
+    t = matryoshka_tiles(cfg, queries.dtype, sweep.false_neg == FALSE_NEG_GUIDED.value)[1]
     scalars, constexprs = cell_args(sweep, problem)
-    constexprs = {k: v for k, v in constexprs.items() if k not in ("EPS_", "FALSE_NEG")}
+    constexprs = {k: v for k, v in constexprs.items() if k != "EPS_"}
     q_inv, k_inv, inv_stride_q, inv_stride_k = _inverse_norm_args(sweep.q_norm, sweep.k_norm, g)
     grid = (triton.cdiv(n_cols, t.block_n), triton.cdiv(n_rows, t.block_m))
     _matryoshka_backward_kernel[grid](
@@ -320,14 +379,43 @@ def launch_backward(sweep: Sweep, problem: LossProblem, cfg, bounds, weights, ls
         queries.stride(0), keys.stride(0), inv_stride_q, inv_stride_k, lse.stride(0), problem.inv_tau, problem.tau,
         *scalars, float(g_scale), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, UPCAST=cfg.upcast,
         PRECISION=cfg.precision, GRAD_FP32=queries.dtype == torch.float16 and not cfg.upcast,
-        num_warps=t.warps, num_stages=t.stages, **constexprs)
+        num_warps=t.warps, num_stages=t.stages, **constexprs, **_rule_args(sweep, g))
+
+
+def _rule_args(sweep: Sweep, placeholder: torch.Tensor) -> dict:
+    """The false-negative rule's kernel arguments: ``guide_args`` and the thresholds' row stride
+    (self-guided [D, B]: dimension k's row; guided [B]: one row for every dimension)."""
+    thresholds = sweep.thresholds
+    return dict(guide_args(sweep, placeholder),
+                thr_stride=thresholds.stride(0) if thresholds is not None and thresholds.dim() == 2 else 0)
+
+
+class _PrefixThresholds:
+    """The self-guided rule's [D, B] thresholds: dimension k's t_i - m (or t_i - |t_i| m) over
+    tau, t_i anchor i's similarity with positive i on their first m_k coordinates (the cosine of
+    the prefixes, or their dot product without normalization): each dimension's own rule."""
+
+    def __init__(self, sweeps: "MatryoshkaSweeps"):
+        problem = sweeps.problem
+        anchor, positive = sweeps.operands[ANCHORS], sweeps.operands[POSITIVES]
+        a, p = anchor["x"].float(), positive["x"].float()
+        dots = torch.stack([(a[:, lo:hi] * p[:, lo:hi]).sum(1) for lo, hi in segments(problem.matryoshka_dims)])
+        similarity = dots.cumsum(0)  # [D, B]
+        if problem.normalize:
+            similarity = similarity * anchor["inv"] * positive["inv"]
+        self.thresholds = (threshold(similarity, problem.false_negative_margin, problem.margin_strategy)
+                           * problem.inv_tau).contiguous()
+
+    def sweep_fields(self, direction: str) -> dict:
+        return dict(false_neg=FALSE_NEG_SELF.value, thresholds=self.thresholds)
 
 
 class MatryoshkaSweeps:
     """The per-call state: the inputs with their prefix norms and buffers, the ids, each direction's sweep."""
 
-    def __init__(self, anchor, candidates, anchor_keys, ids, problem: LossProblem, cfg):
-        from fastcse.triton_info_nce import _dense_ids  # the plain backend's module imports this one lazily
+    def __init__(self, anchor, candidates, anchor_keys, ids, problem: LossProblem, cfg, guide=None):
+        # The plain backend's module imports this one lazily; a guide's rows are read as it reads them.
+        from fastcse.triton_info_nce import _dense_ids, _FalseNegativeRows
 
         self.problem, self.cfg = problem, cfg
         device = anchor.device
@@ -347,13 +435,17 @@ class MatryoshkaSweeps:
         self.bounds = torch.tensor((0, *problem.matryoshka_dims), dtype=torch.int32, device=device)
         self.weights = torch.tensor(problem.matryoshka_weights, dtype=torch.float32, device=device)
         self.tau_dots = torch.zeros(1, dtype=torch.float32, device=device)
+        self.false_negatives = None
+        if problem.false_negative_margin is not None:
+            self.false_negatives = _FalseNegativeRows(self, guide) if guide is not None else _PrefixThresholds(self)
 
     def sweep(self, direction: str) -> Sweep:
         """The direction's sweep, its norm fields holding [D, n] prefix inverse norms."""
         role = DIRECTION_ROLES[direction]
         queries, keys = self.operands[role.queries], self.operands[role.keys]
+        rule = {} if self.false_negatives is None else self.false_negatives.sweep_fields(direction)
         return Sweep(direction, queries["x"], queries["inv"], keys["x"], keys["inv"], MASK_CODES[role.mask],
-                     ids=self.ids, inv_count=self.inv_count if role.holds_target else None)
+                     ids=self.ids, inv_count=self.inv_count if role.holds_target else None, **rule)
 
     def stats(self):
         """(row_loss [B], lse [P * D, B], dimension k's rows k P .. (k + 1) P, as the CPU backend's)."""

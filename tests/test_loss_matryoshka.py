@@ -253,14 +253,146 @@ def test_triton_backend_computes_it():
     assert torch.allclose(got, want, rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("guide", [False, True])
-def test_false_negative_rule_is_refused_rather_than_ignored(guide):
-    # The one-pass sweep does not apply the similarity rule: the pair must fail loudly, not
-    # return the loss without the rule.
-    anchor, positive, _ = make_inputs(4, 8, 0)
-    options = dict(guide=(anchor.detach(), positive.detach())) if guide else {}
-    with pytest.raises(NotImplementedError, match="false_negative_margin"):
-        info_nce(anchor, positive, matryoshka_dims=(8, 4), false_negative_margin=0.1, **options)
+# ---------------------------------------------------------------- false negatives by similarity
+# Each dimension's loss with the rule (fastcse.false_negatives): self-guided on that dimension's
+# own similarity (prefix cosine, or dot product), a guide (never truncated) for every dimension.
+FALSE_NEGATIVE_CASES = [
+    dict(num_neg=2, hard_negative_weight=0.6, margin=0.3, strategy="absolute", reduction="mean"),
+    dict(num_neg=1, symmetric=True, group_ids=True, margin=0.5, strategy="relative", reduction="none"),
+    dict(num_neg=1, directions=ALL_DIRECTIONS, partition_mode="joint", hardness_mode="all_negatives",
+         hardness_strength=2.0, labels=True, margin=-0.1, strategy="absolute", reduction="sum"),
+    dict(num_neg=2, directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction",
+         hardness_mode="hard_negatives", hardness_strength=3.0, extra_negatives=5, margin=0.4,
+         strategy="relative", reduction="none"),
+    dict(num_neg=1, normalize=False, temperature=1.0, extra_negatives=3, margin=2.0, strategy="absolute",
+         reduction="mean"),
+]
+
+
+def _guide_rows(x: torch.Tensor, seed: int, width: int = 5) -> torch.Tensor:
+    """A guide model's view of rows: a projection to its own width plus noise (correlated with x)."""
+    gen = torch.Generator().manual_seed(seed)
+    projection = torch.randn(x.shape[-1], width, generator=gen, dtype=torch.float64)
+    return x.double() @ projection + 0.3 * torch.randn(*x.shape[:-1], width, generator=gen, dtype=torch.float64)
+
+
+def _false_negative_case(case, guided, batch, dim, dtype, seed=0):
+    """(inputs, keywords) of a FALSE_NEGATIVE_CASES entry, self-guided or with a guide."""
+    case = dict(case)
+    rule = dict(false_negative_margin=case.pop("margin"), margin_strategy=case.pop("strategy"))
+    (anchor, positive, negative), options = _realize(case, batch, dim, dtype, seed)
+    if guided:
+        rule["guide"] = tuple(_guide_rows(x, i) for i, x in enumerate((anchor, positive, negative)) if x is not None)
+        if "extra_negatives" in options:
+            rule["guide_extra_negatives"] = _guide_rows(options["extra_negatives"], 9)
+    return (anchor, positive, negative), dict(options, **rule)
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["self", "guide"])
+@pytest.mark.parametrize("case", FALSE_NEGATIVE_CASES, ids=_option_id)
+def test_false_negatives_match_reference(case, guided):
+    """fp64 to 1e-10 and fp32, d = 40 with dimensions off the block sizes (one of them 1)."""
+    for dtype, dims in [(torch.float64, (40, 39, 21, 5, 1)), (torch.float32, (40, 3))]:
+        (anchor, positive, negative), kwargs = _false_negative_case(case, guided, 11, 40, dtype)
+        tau = kwargs.pop("temperature", 0.1)
+        check_against_reference(anchor, positive, negative, tau, matryoshka_dims=dims, **kwargs)
+    # The rule does leave keys out here (the cases are not the plain loss).
+    without = {k: v for k, v in kwargs.items() if k not in ("false_negative_margin", "margin_strategy", "guide",
+                                                            "guide_extra_negatives")}
+    assert not torch.allclose(info_nce(anchor, positive, negative, temperature=tau, matryoshka_dims=(40, 3), **kwargs),
+                              info_nce(anchor, positive, negative, temperature=tau, matryoshka_dims=(40, 3), **without))
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["self", "guide"])
+def test_false_negatives_over_several_chunks(monkeypatch, guided):
+    """Several row chunks: a guide's cells are computed once per chunk and direction, and reused."""
+    monkeypatch.setattr(cpu, "BLOCK_BYTES", 4 * 40 * 3 * 5)
+    monkeypatch.setattr(cpu, "MIN_ROWS", 1)
+    case = dict(FALSE_NEGATIVE_CASES[1], reduction="mean")
+    (anchor, positive, negative), kwargs = _false_negative_case(case, guided, 20, 9, torch.float64)
+    for reduction in ("mean", "none"):
+        check_against_reference(anchor, positive, negative, 0.05, matryoshka_dims=(9, 4, 2, 1),
+                                **dict(kwargs, reduction=reduction))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("guided", [False, True], ids=["self", "guide"])
+def test_false_negatives_16_bit_inputs(dtype, guided):
+    (anchor, positive, negative), kwargs = _false_negative_case(FALSE_NEGATIVE_CASES[2], guided, 12, 24, dtype)
+    check_against_reference(anchor, positive, negative, matryoshka_dims=(24, 16, 8, 4), **kwargs)
+
+
+def test_false_negatives_gradcheck_fp64():
+    """With a guide (its cells do not move under gradcheck's perturbations): every input, the queue, tau."""
+    anchor, positive, negative = (t.requires_grad_() for t in make_inputs(6, 7, 1, torch.float64))
+    queue = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    guide = tuple(_guide_rows(x.detach(), i) for i, x in enumerate((anchor, positive, negative)))
+    rule = dict(false_negative_margin=0.2, guide=guide, guide_extra_negatives=_guide_rows(queue.detach(), 9))
+
+    def loss(a, p, n, q, t):
+        return info_nce(a, p, n, temperature=t, extra_negatives=q, reduction="none", symmetric=True,
+                        matryoshka_dims=(7, 2, 5), matryoshka_weights=(1, .5, 2), **rule)
+
+    assert torch.autograd.gradcheck(loss, (anchor, positive, negative, queue, tau))
+
+
+def _prefix_disagreement_inputs(dtype):
+    """Row 0's key p1 is its positive's twin on the first 2 coordinates (cosine 1) and orthogonal to
+    anchor 0 on all 4 (cosine 0): with m = 0.5 the self-guided rule leaves p1 out of row 0 at
+    dimension 2 only."""
+    anchor = torch.tensor([[1.0, 0, 1, 0], [1, 0, -1, 0], [0, 1, 0, 1]], dtype=dtype)
+    return anchor, anchor.clone()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_self_guided_left_out_set_differs_across_dimensions(backend):
+    """Each dimension applies its own rule: the rule changes row 0's dimension-2 loss, not its
+    dimension-4 loss, and the fused call is their sum (one mask for both would get either wrong)."""
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    anchor, positive = _prefix_disagreement_inputs(dtype)
+    options = dict(reduction="none", temperature=0.5, backend=backend)
+    rule = dict(false_negative_margin=0.5)
+    per_dimension = {m: (info_nce(anchor[:, :m], positive[:, :m], **options, **rule),
+                         info_nce(anchor[:, :m], positive[:, :m], **options)) for m in (2, 4)}
+    with_rule, without = per_dimension[2]
+    assert with_rule[0] < without[0] - 0.1  # p1 left out of row 0 at dimension 2
+    with_rule, without = per_dimension[4]
+    torch.testing.assert_close(with_rule[0], without[0])  # and kept at dimension 4
+    fused = info_nce(anchor, positive, matryoshka_dims=(4, 2), **options, **rule)
+    torch.testing.assert_close(fused, per_dimension[2][0] + per_dimension[4][0])
+    torch.testing.assert_close(fused.double(), info_nce_reference(anchor.double(), positive.double(),
+                                                                  matryoshka_dims=(4, 2), reduction="none",
+                                                                  temperature=0.5, **rule))
+
+
+# A split of keys without a cell has LSE log(0) = -inf: numpy warns in the interpreter.
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+@pytest.mark.parametrize("guided", [False, True], ids=["self", "guide"])
+def test_false_negatives_on_the_triton_backend(guided):
+    """The interpreted kernels: hard negatives, a queue (a guide's rows of it), labels or groups."""
+    case = dict(num_neg=2, hard_negative_weight=0.6, extra_negatives=4, margin=0.3, strategy="absolute",
+                reduction="none", **(dict(labels=True) if guided else dict(symmetric=True, group_ids=True)))
+    (anchor, positive, negative), kwargs = _false_negative_case(case, guided, 9, 40, torch.float32)
+    check_against_reference(anchor, positive, negative, torch.tensor(0.1), backend="triton",
+                            matryoshka_dims=(40, 13, 6), **kwargs)
+
+
+def test_guide_products_counted():
+    """matrix_products: a guide's tiles once per sweep, as the plain loss's (not once per dimension)."""
+    from fastcse.false_negatives import GuideRows
+    from fastcse.problem import describe
+
+    anchor, positive, _ = make_inputs(6, 8, 0)
+    guide = GuideRows(torch.randn(6, 3), torch.randn(6, 3), None)
+    common = dict(pos_start=0, neg_start=6, num_neg=0, normalize=True, hard_negative_weight=0.0,
+                  false_negative_margin=0.1, guide=guide)
+    plain = describe(anchor, positive, 0.05, **common)
+    fused = describe(anchor, positive, 0.05, matryoshka_dims=(2, 8), matryoshka_weights=(1.0, 1.0), **common)
+    for grad_in_forward in (True, False):
+        products = cpu.matrix_products(fused, grad_in_forward=grad_in_forward)
+        assert products == cpu.matrix_products(plain, grad_in_forward=grad_in_forward)
+        assert ("guide", 6) in products
 
 
 # ---------------------------------------------------------------- 2 gloo ranks
@@ -270,6 +402,13 @@ DISTRIBUTED_CASES = [
     dict(k=1, weight=0.0, reduction="sum", normalize=False,
          variant=dict(directions=ALL_DIRECTIONS, partition_mode="joint", hardness_mode="all_negatives",
                       hardness_strength=2.0), ids="label"),
+    # False negatives by similarity: self-guided on each rank's gathered prefixes, and a guide
+    # (each rank passes its rows' guide rows; the loss gathers them).
+    dict(k=1, weight=0.3, reduction="none", normalize=True, variant=dict(symmetric=True), ids="group",
+         rule=dict(false_negative_margin=0.4, margin_strategy="relative")),
+    dict(k=1, weight=0.0, reduction="mean", normalize=True,
+         variant=dict(directions=ALL_DIRECTIONS, partition_mode="joint"), ids="label",
+         rule=dict(false_negative_margin=0.2), guided=True),
 ]
 
 
@@ -285,12 +424,20 @@ def _check_distributed_case(case, seed, group):
     options = dict(normalize=case["normalize"], hard_negative_weight=case["weight"], reduction=case["reduction"],
                    matryoshka_dims=(12, 7, 3), matryoshka_weights=(1.0, 0.5, 2.0), **case["variant"])
     id_key = {"group": "group_ids", "label": "labels"}.get(case.get("ids"))
+    mine_rule, full_rule = dict(case.get("rule", {})), dict(case.get("rule", {}))
+    if case.get("guided"):
+        guide = [x.double()[:, :5] + torch.randn(total, 5, generator=gen, dtype=torch.float64)
+                 for x in (anchor, positive, negative)]
+        full_rule["guide"] = tuple(guide)
+        mine_rule["guide"] = tuple(g[start:start + batch] for g in guide)
     mine = [x[start:start + batch].clone().requires_grad_() for x in (anchor, positive, negative) if x is not None]
     full = [x.double().requires_grad_() for x in (anchor, positive, negative) if x is not None]
     tau, ref_tau = torch.tensor(0.1, requires_grad=True), torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
     row_options = {id_key: ids[start:start + batch]} if id_key else {}
-    loss = fastcse.info_nce(*mine, temperature=tau, process_group=group, backend="cpu", **options, **row_options)
-    ref = info_nce_reference(*full, temperature=ref_tau, **options, **({id_key: ids} if id_key else {}))
+    loss = fastcse.info_nce(*mine, temperature=tau, process_group=group, backend="cpu", **options, **row_options,
+                            **mine_rule)
+    ref = info_nce_reference(*full, temperature=ref_tau, **options, **({id_key: ids} if id_key else {}),
+                             **full_rule)
     if case["reduction"] == "none":
         (loss * row_weights[start:start + batch]).sum().backward()
         (ref * row_weights).sum().backward()

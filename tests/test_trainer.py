@@ -1197,6 +1197,23 @@ def test_a_supervised_guide_covers_the_hard_negatives(tmp_path, monkeypatch, gui
     assert step_losses(result)[0] == pytest.approx(float(expected), rel=1e-5)
 
 
+@pytest.mark.parametrize("guided", [False, True], ids=["self", "guide"])
+def test_matryoshka_with_false_negatives(tmp_path, monkeypatch, guide_folder, guided):
+    """The pair reaches the loss (each dimension's own rule self-guided; the guide untruncated for
+    every dimension) and the step's loss is the reference's."""
+    recorded = RecordedKeywords(monkeypatch)
+    guide = dict(guide_model=guide_folder) if guided else {}
+    result = train(tiny(), SENTENCES, batch_size=8, max_steps=1, eval_data=None, progress=False, seed=5,
+                   matryoshka_dims=(32, 8), false_negative_margin=0.05, output_dir=tmp_path / "run", **guide)
+    call = recorded.calls[0]
+    assert call["matryoshka_dims"] == (8, 32) and call["false_negative_margin"] == 0.05
+    assert ("guide" in call) == guided
+    rule = dict(false_negative_margin=0.05, guide=call.get("guide"))
+    expected = reference_loss(call, matryoshka_dims=(8, 32), **rule)
+    assert step_losses(result)[0] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert expected != pytest.approx(reference_loss(call, matryoshka_dims=(8, 32)), rel=1e-4)  # the rule is at work
+
+
 def test_resume_refuses_changed_false_negative_settings(tmp_path, guide_folder):
     other = tmp_path / "other-guide"
     shutil.copytree(guide_folder.resolve(), other)
@@ -1235,10 +1252,7 @@ def test_bad_false_negative_settings_fail_before_training(tmp_path, guide_folder
              (dict(false_negative_margin=0.1, guide_model=3), TypeError, "guide_model must be a local model folder"),
              (dict(false_negative_margin=0.1, guide_model=tmp_path / "nope"), FileNotFoundError,
               "guide_model=.*nope.* does not exist"),
-             (dict(false_negative_margin=0.1, guide_model=other_vocab), ValueError, "another vocabulary"),
-             # refused by the loss (not implemented yet): before training, not at the first step
-             (dict(false_negative_margin=0.1, matryoshka_dims=(16,)), ValueError,
-              "matryoshka_dims with false_negative_margin is not implemented")]
+             (dict(false_negative_margin=0.1, guide_model=other_vocab), ValueError, "another vocabulary")]
     for case, error, match in cases:
         kwargs = dict(dict(batch_size=8, max_steps=1, eval_data=None, progress=False, output_dir=tmp_path / "out"),
                       **case)

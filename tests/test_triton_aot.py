@@ -140,27 +140,34 @@ def _variants(dtype_name):
 def _matryoshka_variants(dtype_name, cfg):
     """Matryoshka's kernels (fastcse.triton_matryoshka) at 8 dimensions (the running statistics'
     width DP) and the heaviest cell rules: query_to_doc with the in-batch penalty, the bias and
-    the label target, doc_to_doc with its masks and the group mask, and without normalization.
-    fp16's backward takes its gradient products in fp32 (GRAD_FP32)."""
+    the label target, doc_to_doc with its masks and the group mask, and without normalization;
+    the false-negative rule (self-guided: per-dimension thresholds; guided: the guide's cells held
+    through the dimensions) at the two heaviest. fp16's backward takes its gradient products in
+    fp32 (GRAD_FP32)."""
     from fastcse import triton_tiles as k
 
     none, own = k.MASK_NONE.value, k.MASK_OWN_DOCUMENTS.value
-    cells = [("query_to_doc in_batch_negatives label", dict(NORMALIZE=True, HAS_BIAS=True, MASK=none,
-                                                            PENALTY=k.PENALTY_IN_BATCH.value, HAS_TARGET=True,
-                                                            IDS=k.IDS_LABEL.value)),
-             ("doc_to_doc group", dict(NORMALIZE=True, HAS_BIAS=False, PENALTY=k.PENALTY_NONE.value, MASK=own,
-                                       HAS_TARGET=False, IDS=k.IDS_GROUP.value)),
+    no_rule = k.FALSE_NEG_NONE.value
+    q2d = dict(NORMALIZE=True, HAS_BIAS=True, MASK=none, PENALTY=k.PENALTY_IN_BATCH.value, HAS_TARGET=True,
+               IDS=k.IDS_LABEL.value)
+    d2d = dict(NORMALIZE=True, HAS_BIAS=False, PENALTY=k.PENALTY_NONE.value, MASK=own, HAS_TARGET=False,
+               IDS=k.IDS_GROUP.value)
+    cells = [("query_to_doc in_batch_negatives label", dict(q2d, FALSE_NEG=no_rule)),
+             ("doc_to_doc group", dict(d2d, FALSE_NEG=no_rule)),
              ("query_to_doc norm=0", dict(NORMALIZE=False, HAS_BIAS=True, PENALTY=k.PENALTY_NONE.value, MASK=none,
-                                          HAS_TARGET=True, IDS=k.IDS_NONE.value))]
+                                          HAS_TARGET=True, IDS=k.IDS_NONE.value, FALSE_NEG=no_rule))]
+    for name, code in (("self-guided", k.FALSE_NEG_SELF.value), ("guided", k.FALSE_NEG_GUIDED.value)):
+        cells += [(f"query_to_doc in_batch_negatives label {name}", dict(q2d, FALSE_NEG=code)),
+                  (f"doc_to_doc group {name}", dict(d2d, FALSE_NEG=code))]
     import torch
 
     from fastcse.triton_matryoshka import matryoshka_tiles
 
-    tiles = matryoshka_tiles(cfg, getattr(torch, dtype_name))
     common = dict(UPCAST=False, PRECISION=cfg.precision)
-    fwd, bwd = (dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, **common) for t in tiles)
     out = []
     for label, rules in cells:
+        tiles = matryoshka_tiles(cfg, getattr(torch, dtype_name), rules["FALSE_NEG"] == k.FALSE_NEG_GUIDED.value)
+        fwd, bwd = (dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=t.block_d, **common) for t in tiles)
         out.append((f"matryoshka forward {label}", "_matryoshka_forward_kernel", dict(rules, DP=8, **fwd),
                     tiles[0].warps, tiles[0].stages))
         out.append((f"matryoshka backward {label}", "_matryoshka_backward_kernel",

@@ -4,8 +4,9 @@ Every loss and gradient against ``info_nce_reference`` in fp64 (``fastcse.testin
 on a small grid: dimensions not aligned with the 16-wide d chunks (d = 40 with (40, 3) and
 (40, 39, 21, 5, 1)), the directions and partition modes, hardness, hard negatives and their
 weight, group ids, labels, a queue, no normalization, 16-bit inputs, zero and tiny rows, the
-recomputing backward (reduction="none"), and the distributed layout through the backend
-contract (against the CPU backend, the executable spec, on the same problem).
+recomputing backward (reduction="none"), the false-negative rule (self-guided and guided), and
+the distributed layout through the backend contract (against the CPU backend, the executable
+spec, on the same problem).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fastcse
 from fastcse import cpu, triton_info_nce
 from fastcse.problem import DIRECTIONS, describe, resolve_variant
 from fastcse.testing import FLOOR, assert_close, check_against_reference, draw_inputs
@@ -97,8 +97,23 @@ def test_distributed_layout_as_the_cpu_backend(rank):
             assert_close(f"{kind} {name}", a, b, 2e-4, FLOOR)
 
 
-def test_with_false_negatives_refused():
-    anchor, positive, _ = draw_inputs(4, 0, 8, torch.float32, 0)
-    with pytest.raises(NotImplementedError, match="false_negative_margin"):
-        fastcse.info_nce(anchor, positive, backend="triton", matryoshka_dims=(8, 4), false_negative_margin=0.1)
-
+@pytest.mark.parametrize("guided", [False, True], ids=["self", "guide"])
+def test_false_negatives_per_dimension(guided):
+    """The false-negative rule in every dimension: self-guided on each dimension's own similarity
+    (thresholds [D, B]), or a guide's cells (its own width, one tile per key tile) for all of them;
+    with hard negatives, a weight, ids and several directions, both backward paths. (Not dimension
+    1 self-guided: there the relative rule leaves out all but the targets, and fp32's rounding
+    in the 1-wide prefix norm's backward, amplified by 1 / |x_1|, exceeds the tolerance on either
+    backend; the CPU tests cover it in fp64.)"""
+    tensors = draw_inputs(10, 2, 40, torch.float32, 17)
+    ids = torch.arange(10) // 2
+    if guided:
+        gen = torch.Generator().manual_seed(19)
+        guide = tuple(x[..., :6].double() + 0.3 * torch.randn(*x.shape[:-1], 6, generator=gen, dtype=torch.float64)
+                      for x in tensors)
+        options = dict(GTE, labels=ids, guide=guide, false_negative_margin=0.1, matryoshka_dims=(40, 3),
+                       reduction="mean")
+    else:
+        options = dict(symmetric=True, group_ids=ids, false_negative_margin=0.3, margin_strategy="relative",
+                       matryoshka_dims=(40, 39, 21, 5), reduction="none")
+    check_against_reference(10, 2, 40, tensors=tensors, seed=17, weight=0.4, **options)

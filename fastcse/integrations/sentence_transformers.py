@@ -168,7 +168,7 @@ def _matryoshka_setting(model, dims, weights, n_dims_per_step) -> tuple[tuple[in
 def _per_dimension_info_nce(anchor, positive, negative, *, matryoshka_dims, matryoshka_weights, extra_negatives=None,
                             **keywords) -> Tensor:
     """sum_k w_k * info_nce(the first m_k coordinates): Matryoshka as one call per dimension, where
-    the core has no one-sweep form (the Triton kernels; the false-negative rule): MatryoshkaLoss's cost."""
+    the integration does not use the core's one-sweep form (off the CPU): MatryoshkaLoss's cost."""
     def prefix(x, m):
         return None if x is None else x[..., :m]
 
@@ -447,9 +447,9 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
         keywords = dict(temperature=self.temperature, hard_negative_weight=self.hard_negative_weight,
                         process_group=group, **self._variant_options, **row_keywords)
         matryoshka = self._matryoshka_step()
-        # The one-sweep Matryoshka form runs on the CPU backend only, and without the false-negative
-        # rule: elsewhere one call per dimension (the guide, never truncated, serves every one).
-        if matryoshka and (anchor.device.type != "cpu" or self.margin is not None):
+        # The one-sweep Matryoshka form (with or without the false-negative rule: a guide is never
+        # truncated) runs on the CPU backend here; elsewhere one call per dimension.
+        if matryoshka and anchor.device.type != "cpu":
             loss = _per_dimension_info_nce(anchor, positive, negative, **matryoshka, **keywords)
         else:
             loss = info_nce(anchor, positive, negative, **matryoshka, **keywords)
