@@ -38,7 +38,7 @@ from sentence_transformers.sentence_transformer.modules import Pooling  # noqa: 
 
 from fastcse.evaluation import shared_dir  # noqa: E402
 from fastcse import info_nce  # noqa: E402
-from fastcse.integrations.sentence_transformers import InfoNCELoss, _per_dimension_info_nce  # noqa: E402
+from fastcse.integrations.sentence_transformers import InfoNCELoss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = shared_dir()  # $FASTCSE_SHARED, else ../shared beside the checkout
@@ -358,51 +358,6 @@ def test_n_dims_per_step_draws_matryoshka_loss_dimensions(tiny_model, mini_batch
                                                              n_dims_per_step=2), seed), tiny_model, texts)
         assert_same(expected, actual)
         assert actual[0] < full[0] - 1.0  # two of the five weighted losses
-
-
-def test_matryoshka_per_dimension_path_is_the_fused_loss():
-    """The per-dimension calls (the Triton backend's path until its kernels fuse Matryoshka) give the
-    one-sweep loss and gradients (compared on the CPU, fp64)."""
-    gen = torch.Generator().manual_seed(0)
-    leaves = [torch.randn(5, 12, generator=gen, dtype=torch.float64) for _ in range(3)]
-    keywords = dict(temperature=0.1, matryoshka_dims=(12, 7, 3), matryoshka_weights=(1.0, 0.5, 2.0),
-                    symmetric=True, hard_negative_weight=0.3)
-
-    def loss_and_grads_of(fn):
-        inputs = [x.clone().requires_grad_() for x in leaves]
-        loss = fn(*inputs, **keywords)
-        loss.backward()
-        return loss.detach(), [x.grad for x in inputs]
-
-    fused, per_dimension = loss_and_grads_of(info_nce), loss_and_grads_of(_per_dimension_info_nce)
-    torch.testing.assert_close(per_dimension[0], fused[0], rtol=1e-12, atol=1e-12)
-    for got, want in zip(per_dimension[1], fused[1]):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("guided", [False, True], ids=["self", "guide"])
-def test_matryoshka_per_dimension_path_is_the_fused_loss_with_false_negatives(guided):
-    """With the false-negative rule too (the path off the CPU, against the one-sweep form the CPU
-    takes): self-guided each dimension on its own prefixes, a guide untruncated for every one."""
-    gen = torch.Generator().manual_seed(1)
-    leaves = [torch.randn(6, 12, generator=gen, dtype=torch.float64) for _ in range(3)]
-    guide = tuple(x[:, :5] + 0.3 * torch.randn(6, 5, generator=gen, dtype=torch.float64) for x in leaves)
-    keywords = dict(temperature=0.1, matryoshka_dims=(12, 7, 3), matryoshka_weights=(1.0, 0.5, 2.0),
-                    symmetric=True, false_negative_margin=0.2, margin_strategy="relative",
-                    **(dict(guide=guide) if guided else {}))
-
-    def loss_and_grads_of(fn):
-        inputs = [x.clone().requires_grad_() for x in leaves]
-        loss = fn(*inputs, **keywords)
-        loss.backward()
-        return loss.detach(), [x.grad for x in inputs]
-
-    fused, per_dimension = loss_and_grads_of(info_nce), loss_and_grads_of(_per_dimension_info_nce)
-    torch.testing.assert_close(per_dimension[0], fused[0], rtol=1e-12, atol=1e-12)
-    for got, want in zip(per_dimension[1], fused[1]):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    plain = info_nce(*leaves, **{k: v for k, v in keywords.items() if k not in ("false_negative_margin", "guide")})
-    assert not torch.allclose(fused[0], plain)  # the rule leaves keys out here
 
 
 def test_matryoshka_in_the_trainer(tiny_model, tmp_path):

@@ -165,18 +165,6 @@ def _matryoshka_setting(model, dims, weights, n_dims_per_step) -> tuple[tuple[in
     return ascending[::-1], ascending_weights[::-1]
 
 
-def _per_dimension_info_nce(anchor, positive, negative, *, matryoshka_dims, matryoshka_weights, extra_negatives=None,
-                            **keywords) -> Tensor:
-    """sum_k w_k * info_nce(the first m_k coordinates): Matryoshka as one call per dimension, where
-    the integration does not use the core's one-sweep form (off the CPU): MatryoshkaLoss's cost."""
-    def prefix(x, m):
-        return None if x is None else x[..., :m]
-
-    return sum(w * info_nce(anchor[:, :m], positive[:, :m], prefix(negative, m),
-                            extra_negatives=prefix(extra_negatives, m), **keywords)
-               for m, w in zip(matryoshka_dims, matryoshka_weights))
-
-
 def _temperature(temperature, scale, guided: bool) -> float:
     """The temperature from ``temperature`` or ``scale``; by default MNRL's, or GISTEmbedLoss's with a guide."""
     if temperature is not None and scale is not None:
@@ -447,12 +435,8 @@ class InfoNCELoss(CachedLossMixin, nn.Module):
         keywords = dict(temperature=self.temperature, hard_negative_weight=self.hard_negative_weight,
                         process_group=group, **self._variant_options, **row_keywords)
         matryoshka = self._matryoshka_step()
-        # The one-sweep Matryoshka form (with or without the false-negative rule: a guide is never
-        # truncated) runs on the CPU backend here; elsewhere one call per dimension.
-        if matryoshka and anchor.device.type != "cpu":
-            loss = _per_dimension_info_nce(anchor, positive, negative, **matryoshka, **keywords)
-        else:
-            loss = info_nce(anchor, positive, negative, **matryoshka, **keywords)
+        # Matryoshka in the loss's one sweep on every backend (MatryoshkaLoss reruns the loss per dimension).
+        loss = info_nce(anchor, positive, negative, **matryoshka, **keywords)
         if world_size > 1:
             # fastcse's distributed loss hands each rank the gradient of the global mean; the
             # Trainer's DDP then averages gradients over ranks. Scale the gradient (not the
