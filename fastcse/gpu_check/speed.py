@@ -1,6 +1,8 @@
 """The speed section: forward + backward of the loss against plain PyTorch, Inf-CL,
 cut-cross-entropy and the bare bf16 matrix products of the same shapes (CUDA events, median),
-with the extra peak memory of each, and the row options beside fastcse's plain call."""
+with the extra peak memory of each, and the row options beside fastcse's plain call: group ids,
+a queue, Matryoshka (with the per-dimension loop and MatryoshkaLoss) and false negatives by
+similarity (with GISTEmbedLoss's math)."""
 
 from __future__ import annotations
 
