@@ -25,20 +25,23 @@ import torch
 import fastcse
 from fastcse.gpu_check import main, no_cuda_message, selector
 from fastcse.gpu_check.cases import SHAPES, LossCase
-from fastcse.gpu_check.correctness import (BASE_KEYWORDS, TEMPERATURES, check_loss_case, correctness_plan, grid_cases,
-                                           half_subset_cases, plan_variants, variant_cases)
+from fastcse.gpu_check.correctness import (BASE_KEYWORDS, TEMPERATURES, VARIANTS, check_loss_case, correctness_plan,
+                                           grid_cases, half_subset_cases, plan_variants, variant_cases)
 from fastcse.gpu_check.extension import (_copy_build_sources, extension_build_env, has_cuda_pack_kernel,
                                          importable_extension)
 from fastcse.gpu_check.markdown import markdown_table, render_markdown
 from fastcse.gpu_check.peers import _install_wheel, inf_cl_head_dim, install_peer
 from fastcse.gpu_check.report import Budget, Report, Section, _json_safe, write_atomically
+from fastcse.gpu_check.rule_inputs import GAP_NEEDED, MARGINS, clustered_rows, level_gap, threshold_gap
+from fastcse.gpu_check.runner import speed_section_plan
 from fastcse.gpu_check.results import CORRECTNESS, FAIL, PASS, SETUP, SKIPPED, SPEED, Outcome, Skip, skip_case
 from fastcse.gpu_check.speed import (LOSS_IMPLS, SPEED_IMPLS, _fastcse_loss, fits_in_memory, free_memory_bytes,
                                      loss_flops, measure_loss, plain_loss_bytes, speed_plan, speed_queue_size)
 from fastcse.gpu_check import speed as speed_module
 from fastcse.gpu_check.st_step import MINILM_L6, ST_LOSSES, random_sentences, st_step_plan
 from fastcse.testing import (HALF_PRECISION_CASES, HALF_PRECISION_WEIGHT, OPTION_GRID, TEMPERATURE_CASES, TOL,
-                             agreement, compare_results, row_agreement)
+                             agreement, compare_results, loss_and_grads, row_agreement, temperature_floor,
+                             temperature_floors)
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERPRET = SHAPES["interpret"]
@@ -565,3 +568,137 @@ def test_random_sentences_are_reproducible_words():
 def test_the_kit_tracks_this_fastcse():
     # The base keywords are info_nce's own; anything else is a variant (checked or reported).
     assert BASE_KEYWORDS <= set(inspect.signature(fastcse.info_nce).parameters)
+
+
+# --------------------------------------------------------------------------------------------
+# False negatives by similarity and Matryoshka: the cases' inputs and the option rows
+# --------------------------------------------------------------------------------------------
+
+FALSE_NEGATIVE_VARIANTS = [v for v in VARIANTS if v.label.startswith("false_negatives")]
+
+
+def _variant_case(label: str, dtype: torch.dtype, shapes=INTERPRET) -> tuple[LossCase, dict]:
+    variant = next(v for v in VARIANTS if v.label == label)
+    case = next(c for c in variant_cases(shapes, variant) if c.dtype == dtype)
+    return case, variant.make(case.batch, case.dim, case.dtype, torch.device("cpu"), case.num_neg)
+
+
+@pytest.mark.parametrize("profile", list(SHAPES))
+def test_false_negative_cases_keep_a_gap_around_every_threshold(profile):
+    """At every profile's shape (the GPU's included) no cell of the rule lies within 2^-8 of its
+    row's threshold: the kernels and the fp64 reference leave out the same keys."""
+    assert {v.label for v in FALSE_NEGATIVE_VARIANTS} >= {
+        "false_negatives-self-relative", "false_negatives-self-absolute-all-directions", "false_negatives-guided",
+        "false_negatives-guided-q2d-d2q", "false_negatives-guided-queue"}
+    for variant in FALSE_NEGATIVE_VARIANTS:
+        for case in variant_cases(SHAPES[profile], variant):
+            keywords = variant.make(case.batch, case.dim, case.dtype, torch.device("cpu"), case.num_neg)
+            gap = threshold_gap(case.inputs(), keywords)
+            assert gap >= GAP_NEEDED, (variant.label, case.name, gap)
+    for strategy in MARGINS:
+        assert level_gap(strategy) >= 0.05
+
+
+def test_clustered_rows_leave_keys_out_in_every_direction_and_keep_others():
+    """The levels: with the absolute margin each direction has cells left out and cells kept beyond
+    the targets; the rule changes the reference's loss (the cases check something)."""
+    anchor, positive, negative, queue = clustered_rows(13, 1, 24, seed=5, queue=7)
+    unit = [torch.nn.functional.normalize(x.double(), dim=-1) for x in (anchor, positive, negative, queue)]
+    cosine = (unit[0] * unit[1]).sum(1, keepdim=True)
+    limit = cosine - MARGINS["absolute"]
+    off_diagonal = ~torch.eye(13, dtype=torch.bool)
+    for label, block in {"query_to_doc": unit[0] @ unit[1].T, "hard negatives": unit[0] @ unit[2].T,
+                         "query_to_query": unit[0] @ unit[0].T, "doc_to_query": unit[1] @ unit[0].T,
+                         "doc_to_doc": unit[1] @ unit[2].T}.items():
+        above = (block > limit) & off_diagonal
+        assert 0 < above.sum() < off_diagonal.sum(), label
+    assert 0 < (unit[0] @ unit[3].T > limit).sum() < 13 * 7  # the queue's guide rows
+    for label in ("false_negatives-self-relative", "false_negatives-guided-queue"):
+        case, keywords = _variant_case(label, torch.float32)
+        tensors = [x.double() if x is not None else None for x in case.inputs()]
+        ruled = fastcse.info_nce_reference(*tensors, reduction="none", **keywords)
+        plain = fastcse.info_nce_reference(*tensors, reduction="none", extra_negatives=keywords.get("extra_negatives"))
+        assert (ruled < plain - 1e-9).sum() >= 3, label
+
+
+def test_the_guides_queue_rows_are_passed_not_differentiated():
+    """guide_extra_negatives reaches both functions as given (no gradient compared); the queue it
+    belongs to is a leaf whose gradient is compared."""
+    case, keywords = _variant_case("false_negatives-guided-queue", torch.float32)
+    outcome = check_loss_case(case, torch.device("cpu"))
+    assert outcome.ok, outcome.reason
+    assert "extra_negatives_error" in outcome.numbers and "guide_extra_negatives_error" not in outcome.numbers
+    assert outcome.numbers["threshold_gap"] >= GAP_NEEDED
+    got = loss_and_grads(fastcse.info_nce_reference, case.inputs(), 0.05, torch.tensor(1.0), **keywords)
+    assert set(got) == {"loss", "anchor", "positive", "negative", "extra_negatives", "temperature"}
+
+
+def test_d_tau_is_compared_against_the_terms_it_sums():
+    """The bf16 guided doc_to_query case: its d(tau) is the sum of terms ~300 times larger, which
+    the bf16 kernels round (not a threshold flip: the loss agrees exactly). The kit compares d(tau)
+    as the test suite does, against sum |g_i| / tau, and the case passes; with dot products
+    (unbounded logits) the floor stays the plain one."""
+    case, _ = _variant_case("false_negatives-guided-q2d-d2q", torch.bfloat16)
+    assert case.seed == 14
+    outcome = check_loss_case(case, torch.device("cpu"))
+    assert outcome.ok, outcome.reason
+    assert outcome.numbers["loss_error"] < 1e-6
+    upstream = torch.tensor(1.7)
+    assert temperature_floors(upstream, 13, "mean", 0.05, True) == {"temperature": temperature_floor(
+        upstream.expand(13) / 13, 0.05)} == {"temperature": pytest.approx(34.0)}
+    assert temperature_floors(upstream, 13, "mean", 0.05, False) == {"temperature": 1e-2}
+
+
+def test_false_negative_speed_rows_on_cpu(tmp_path):
+    """GISTEmbedLoss's directions without the rule, its math with a guide, fastcse self-guided and
+    guided: the guided call and GISTEmbedLoss's math compute the reference's loss, and the rule's
+    rows give their time over both."""
+    device = torch.device("cpu")
+    report = Report(tmp_path, "unit", {})
+    section = Section(report, "speed", 60, selector(None), device)
+    for name, case in speed_module.false_negative_speed_plan((32,), 16, torch.float32):
+        section.run(name, lambda c=case: c(device), SPEED)
+    rows = {c.name.rsplit("/", 1)[1]: c for c in report.checks}
+    assert list(rows) == list(speed_module.FALSE_NEGATIVE_IMPLS)
+    assert all(c.status == PASS for c in rows.values()), [(c.name, c.reason) for c in rows.values()]
+    plain, gist, guided = (rows[i].numbers for i in ("fastcse+q2q", "gist_math", "fastcse+guided"))
+    assert all(r.numbers["loss_rel_diff_vs_reference"] < 1e-5 for r in rows.values())
+    assert gist["loss"] == pytest.approx(guided["loss"], rel=1e-5) and guided["loss"] < plain["loss"]
+    for impl in ("fastcse+self_guided", "fastcse+guided"):
+        numbers = rows[impl].numbers
+        assert numbers["x_gist_math"] == pytest.approx(numbers["ms"] / gist["ms"])
+        assert numbers["x_plain_call"] == pytest.approx(numbers["ms"] / plain["ms"])
+        assert "GISTEmbedLoss's math" in rows[impl].reason
+
+
+def test_matryoshka_loss_speed_row_on_cpu(tmp_path, monkeypatch):
+    """sentence-transformers' MatryoshkaLoss(MNRL) on the same embeddings: the reference's loss, and
+    the fused row's note compares with it."""
+    pytest.importorskip("sentence_transformers")
+    monkeypatch.setattr(speed_module, "MATRYOSHKA_DIMS", (16, 9, 3))
+    device = torch.device("cpu")
+    report = Report(tmp_path, "unit", {})
+    section = Section(report, "speed", 60, selector(None), device)
+    for name, case in speed_module.matryoshka_speed_plan(32, 16, torch.float32, speed_module.MATRYOSHKA_SPEED_IMPLS):
+        section.run(name, lambda c=case: c(device), SPEED)
+    rows = {c.name.rsplit("/", 1)[1]: c for c in report.checks}
+    assert all(c.status == PASS for c in rows.values()), [(c.name, c.reason) for c in rows.values()]
+    theirs, fused = rows["matryoshka_mnrl"].numbers, rows["fastcse+matryoshka"].numbers
+    assert theirs["loss_rel_diff_vs_reference"] < 1e-5
+    assert fused["x_matryoshka_loss"] == pytest.approx(fused["ms"] / theirs["ms"])
+    assert "MatryoshkaLoss(MNRL)" in rows["fastcse+matryoshka"].reason
+
+
+def test_speed_section_runs_the_option_rows_before_the_rest_of_the_grid():
+    """A spent speed budget drops fp32 and d = 1024 first, never the Matryoshka or false-negative rows."""
+    for profile in ("quick", "full"):
+        names = _plan_names(speed_section_plan(profile))
+        assert len(names) == len(set(names))
+        first_fp32 = next(i for i, n in enumerate(names) if "-fp32/" in n)
+        options = [i for i, n in enumerate(names) if "/matryoshka/" in n or "/false_negatives/" in n]
+        assert names[0] == "B16384-d768/bf16-matmul-floor" and max(options) < first_fp32
+        assert {n for n in names if "/false_negatives/gist_math" in n} == {
+            f"B{b}-d768-bf16/false_negatives/gist_math" for b in speed_module.FALSE_NEGATIVE_BATCHES[profile]}
+    grid = _plan_names(speed_plan(speed_module.SPEED_BATCHES["full"], speed_module.SPEED_DIMS,
+                                  speed_module.SPEED_DTYPES, SPEED_IMPLS))
+    assert set(grid) <= set(_plan_names(speed_section_plan("full")))

@@ -15,7 +15,9 @@ and ``DIR/gpu_check.md``. Sections, in the order they run:
 - **compile**: ``torch.compile(fullgraph=True)`` of a function calling ``info_nce`` equals eager.
 - **distributed**: the CUDA pack kernel and ``process_group=`` on a world of one NCCL rank.
 - **speed**: forward + backward against plain PyTorch, Inf-CL, cut-cross-entropy and the bare
-  bf16 matrix products (CUDA events, median), with peak memory.
+  bf16 matrix products (CUDA events, median), with peak memory; the row options, Matryoshka
+  (against the per-dimension loop and sentence-transformers' MatryoshkaLoss) and false negatives
+  by similarity (against the call without the rule and GISTEmbedLoss's math).
 - **st_step**: a sentence-transformers training step on a random-weight MiniLM-L6, MNRL and
   CachedMNRL against fastcse's ``InfoNCELoss``.
 
@@ -27,8 +29,8 @@ any correctness check failed, 2 without a CUDA device.
 The package, one module per part: ``runner`` (the sections in order, budgets), ``results`` and
 ``report`` (checks, the atomic json and markdown), ``correctness``, ``determinism``,
 ``compile``, ``distributed``, ``speed``, ``st_step``, ``peers`` (the peers' wheels and losses),
-``extension`` (the fastcse._C build). Tolerances, inputs and the fp64 comparison are the test
-suite's own, from ``fastcse.testing``.
+``extension`` (the fastcse._C build), ``rule_inputs`` (the false-negative cases' rows).
+Tolerances, inputs and the fp64 comparison are the test suite's own, from ``fastcse.testing``.
 
 ``--interpret`` runs the same correctness, determinism, compile and distributed checks through
 the Triton interpreter (``TRITON_INTERPRET=1``) on CPU tensors at tiny shapes, gloo instead of

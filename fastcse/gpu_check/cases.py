@@ -62,7 +62,10 @@ class LossCase:
                     reduction=self.reduction)
 
     def inputs(self) -> list[torch.Tensor | None]:
-        """Anchors, positives, negatives drawn on the CPU from the case's seed (zero and tiny rows on request)."""
+        """Anchors, positives, negatives drawn on the CPU from the case's seed (zero and tiny rows on
+        request), or by the variant's own ``draw``."""
+        if self.variant is not None and self.variant.draw is not None:
+            return self.variant.draw(self.batch, self.num_neg, self.dim, self.dtype, self.seed)
         return testing.draw_inputs(self.batch, self.num_neg, self.dim, self.dtype, self.seed, self.scale,
                                    special_rows=self.special_rows)
 

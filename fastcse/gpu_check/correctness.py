@@ -16,6 +16,7 @@ import fastcse
 from fastcse import testing
 from fastcse.gpu_check.cases import ALL_DTYPES, HALF_DTYPES, LossCase, Shapes, scaled
 from fastcse.gpu_check.results import Outcome, Skip, skip_case
+from fastcse.gpu_check.rule_inputs import MARGINS, clustered_rows, threshold_gap
 
 # info_nce's keywords when this kit was written; any other keyword found at run time is a
 # variant, checked through VARIANTS below (or reported as one the kit has no case for).
@@ -50,7 +51,13 @@ def check_loss_case(case: LossCase, device: torch.device) -> Outcome:
     if wrong_dtypes:
         return Outcome(False, {}, f"gradients of {wrong_dtypes} are not in the inputs' dtype {case.dtype}")
     rowwise = ("anchor", "positive", "negative") if case.special_rows and case.dtype != torch.float32 else ()
-    return Outcome.of(testing.compare_results(got, want, case.tol, case.floor, rowwise))
+    # d(tau) against the terms it sums, as the test suite checks it (fastcse.testing.temperature_floors)
+    floors = testing.temperature_floors(upstream, case.batch, case.reduction, case.tau, case.normalize, case.floor)
+    outcome = Outcome.of(testing.compare_results(got, want, case.tol, case.floor, rowwise, floors))
+    gap = threshold_gap(tensors, keywords)
+    if gap is not None:  # how far the rule's cells keep from its thresholds (fastcse.gpu_check.rule_inputs)
+        outcome.numbers["threshold_gap"] = gap
+    return outcome
 
 
 def _run_or_refusal(case: LossCase, fn, *args, **kwargs):
@@ -69,30 +76,54 @@ def _run_or_refusal(case: LossCase, fn, *args, **kwargs):
 @dataclass(frozen=True)
 class Variant:
     """Optional keywords and how to build their values for a (B, d, dtype, device, k) case (k hard
-    negatives per row: a guide holds rows for them too)."""
+    negatives per row: a guide holds rows for them too); ``draw``, if given, replaces the case's
+    random inputs: (B, k, d, dtype, seed) -> [anchor, positive, negative]; ``tau`` replaces the
+    cases' temperature."""
 
     label: str
     make: Callable[[int, int, torch.dtype, torch.device, int], dict]
+    draw: Callable[[int, int, int, torch.dtype, int], list] | None = None
+    tau: float | None = None
 
     def keywords(self) -> set[str]:
-        return set(self.make(2, 2, torch.float32, torch.device("cpu"), 1))
+        return set(self.make(2, 8, torch.float32, torch.device("cpu"), 1))  # d = 8: room for a clustered guide
 
 
 def _constant(**values) -> Callable[..., dict]:
     return lambda batch, dim, dtype, device, num_neg: dict(values)
 
 
+GUIDE_SEED = 77
+QUEUE_ROWS = 7
+
+
 def _guide(batch: int, dim: int, dtype: torch.dtype, device: torch.device, num_neg: int) -> dict:
-    """A guide model's rows of width 16 for every input (anchor, positive, the k negatives of each
-    row), correlated like the inputs (positives near their anchors) so that the margin leaves some
-    keys out and keeps others; the absolute margin 0.1 (GISTEmbedLoss's default is 0)."""
-    gen = torch.Generator().manual_seed(77)
-    anchor = torch.randn(batch, 16, generator=gen)
-    rows = [anchor, anchor + 0.8 * torch.randn(batch, 16, generator=gen)]
-    if num_neg:  # shaped like the case's negative: [B, d] for k = 1 (fastcse.testing.draw_inputs)
-        negative = anchor[:, None] + 1.0 * torch.randn(batch, num_neg, 16, generator=gen)
-        rows.append(negative[:, 0] if num_neg == 1 else negative)
-    return dict(false_negative_margin=0.1, margin_strategy="absolute", guide=tuple(r.to(device) for r in rows))
+    """A guide model's fp32 rows of width d for every input (anchor, positive, the k negatives of
+    each row, shaped like the case's negative), built from exact levels so that the margin leaves
+    some keys out and keeps others, none near a threshold (fastcse.gpu_check.rule_inputs)."""
+    rows = clustered_rows(batch, num_neg, dim, GUIDE_SEED)
+    return dict(false_negative_margin=MARGINS["absolute"], margin_strategy="absolute",
+                guide=tuple(r.to(device) for r in rows if r is not None))
+
+
+def _guide_with_queue(batch: int, dim: int, dtype: torch.dtype, device: torch.device, num_neg: int) -> dict:
+    """``_guide`` and a queue of QUEUE_ROWS random extra negatives (its gradient checked) with the
+    guide's rows of them (``guide_extra_negatives``: some left out for every row's cluster)."""
+    *rows, queue_rows = clustered_rows(batch, num_neg, dim, GUIDE_SEED, queue=QUEUE_ROWS)
+    queue = torch.randn(QUEUE_ROWS, dim, generator=torch.Generator().manual_seed(98)).to(device, dtype)
+    return dict(_guide(batch, dim, dtype, device, num_neg), extra_negatives=queue,
+                guide_extra_negatives=queue_rows.to(device))
+
+
+# The clustered rows' positives score 0.8..0.95 and other clusters' keys exactly 0: at tau = 0.05
+# the softmax saturates (row losses ~1e-3, where fp32's rounding of logits ~20 is already 1e-3 of
+# them). At tau = 0.5 the losses are ~2 and the gradients of the usual size.
+SELF_GUIDED_TAU = 0.5
+
+
+def _clustered_inputs(batch: int, num_neg: int, dim: int, dtype: torch.dtype, seed: int) -> list:
+    """Self-guided cases' inputs: the rule's cosines are the inputs' own, kept off every threshold."""
+    return [None if x is None else x.to(dtype) for x in clustered_rows(batch, num_neg, dim, seed)[:3]]
 
 
 def _matryoshka_dims(dim: int) -> tuple[int, ...]:
@@ -120,10 +151,19 @@ VARIANTS = (
         "extra_negatives": torch.randn(7, dim, generator=torch.Generator().manual_seed(99)).to(device, dtype)}),
     Variant("labels-triples", lambda batch, dim, dtype, device, num_neg: {
         "labels": (torch.arange(batch) // 3).to(device)}),  # SupCon: rows 3i..3i+2 share a label
-    # False negatives by similarity: self-guided (the loss's own cosines, relative margin) and a
-    # guide's rows (GISTEmbed).
-    Variant("false_negatives-self-relative", _constant(false_negative_margin=0.05, margin_strategy="relative")),
+    # False negatives by similarity: self-guided (the loss's own cosines) and a guide's rows
+    # (GISTEmbed), each in the directions its kernels treat apart, and a guided queue.
+    Variant("false_negatives-self-relative", _constant(false_negative_margin=MARGINS["relative"],
+                                                       margin_strategy="relative"), _clustered_inputs, SELF_GUIDED_TAU),
+    Variant("false_negatives-self-absolute-all-directions", _constant(
+        false_negative_margin=MARGINS["absolute"], margin_strategy="absolute", partition_mode="joint",
+        directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")), _clustered_inputs,
+        SELF_GUIDED_TAU),
     Variant("false_negatives-guided", _guide),
+    Variant("false_negatives-guided-q2d-d2q", lambda batch, dim, dtype, device, num_neg: {
+        **_guide(batch, dim, dtype, device, num_neg), "directions": ("query_to_doc", "doc_to_query"),
+        "partition_mode": "joint"}),
+    Variant("false_negatives-guided-queue", _guide_with_queue),
     # Matryoshka: the full width and three prefixes (not aligned with the kernels' d chunks), unequal
     # weights; and with the group mask and the symmetric directions.
     Variant("matryoshka-4", lambda batch, dim, dtype, device, num_neg: {
@@ -215,8 +255,9 @@ def temperature_cases(shapes: Shapes) -> list[LossCase]:
 
 def variant_cases(shapes: Shapes, variant: Variant) -> list[LossCase]:
     batch, dim = shapes.variant
-    return [LossCase(batch, 2, dim, torch.float32, weight=0.0, reduction="none", seed=13, variant=variant),
-            LossCase(batch, 1, dim, torch.bfloat16, reduction="mean", seed=14, variant=variant)]
+    tau = variant.tau or 0.05
+    return [LossCase(batch, 2, dim, torch.float32, tau=tau, weight=0.0, reduction="none", seed=13, variant=variant),
+            LossCase(batch, 1, dim, torch.bfloat16, tau=tau, reduction="mean", seed=14, variant=variant)]
 
 
 def correctness_plan(shapes: Shapes) -> list[tuple[str, Callable[[torch.device], Outcome]]]:

@@ -1,6 +1,8 @@
 """The peers the speed section times fastcse against, Inf-CL and cut-cross-entropy: installed
 from pure-Python wheels in .whl/ (the GPU machine has no package index;
-scripts/fetch_gpu_wheels.sh downloads them), and their entry points called as InfoNCE."""
+scripts/fetch_gpu_wheels.sh downloads them), and their entry points called as InfoNCE; and, for
+the option rows, sentence-transformers' MatryoshkaLoss and GISTEmbedLoss's loss on the same
+precomputed embeddings."""
 
 from __future__ import annotations
 
@@ -100,3 +102,86 @@ def cce_loss(x: SpeedInputs) -> torch.Tensor:
     classifier = F.normalize(x.candidates(), dim=-1)
     targets = torch.arange(x.anchor.shape[0], device=x.anchor.device)
     return linear_cross_entropy(embeddings, classifier, targets)
+
+
+# --------------------------------------------------------------------------------------------
+# sentence-transformers' losses for the option rows, on the same precomputed embeddings
+# --------------------------------------------------------------------------------------------
+
+
+def _sentence_transformers_loss_classes():
+    """(MatryoshkaLoss, MultipleNegativesRankingLoss), importable on sentence-transformers 6.0 and
+    later (losses moved under sentence_transformer/) and earlier; Skip without the package."""
+    try:
+        from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
+    except ImportError:
+        try:
+            from sentence_transformers.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
+        except ImportError as error:
+            raise Skip(f"sentence-transformers' MatryoshkaLoss is not importable here: {error}") from None
+    return MatryoshkaLoss, MultipleNegativesRankingLoss
+
+
+class _EmbeddingModel(torch.nn.Sequential):
+    """Stands in for a SentenceTransformer: its forward returns the embeddings it is handed, so
+    that MatryoshkaLoss's own forward (shrink, normalize, rerun MNRL per dimension) is what runs."""
+
+    def __init__(self, dim: int):
+        super().__init__(torch.nn.Identity())
+        self.dim = dim
+
+    def forward(self, features: dict) -> dict:
+        return {"sentence_embedding": features["embedding"]}
+
+    def _get_untruncated_embedding_dimension(self) -> int:
+        return self.dim
+
+    def get_embedding_dimension(self) -> int:
+        return self.dim
+
+    def get_sentence_embedding_dimension(self) -> int:  # the name before sentence-transformers 6
+        return self.dim
+
+
+_MATRYOSHKA_LOSSES: dict[tuple, torch.nn.Module] = {}
+
+
+def matryoshka_mnrl_loss(x: SpeedInputs, matryoshka_dims: tuple[int, ...]) -> torch.Tensor:
+    """``MatryoshkaLoss(MultipleNegativesRankingLoss(scale=1/tau), dims)`` through its forward on
+    the embeddings (anchor, positive, hard negative columns): sum over dims of MNRL on each
+    normalized prefix, with the B x N scores materialized once per dimension."""
+    key = (x.anchor.shape[1], tuple(matryoshka_dims), x.tau)
+    if key not in _MATRYOSHKA_LOSSES:
+        matryoshka_loss, mnrl = _sentence_transformers_loss_classes()
+        model = _EmbeddingModel(x.anchor.shape[1])
+        try:
+            _MATRYOSHKA_LOSSES[key] = matryoshka_loss(model, mnrl(model, scale=1.0 / x.tau), list(matryoshka_dims))
+        except (TypeError, AttributeError) as error:  # another version's constructor wants more of a model
+            raise Skip(f"MatryoshkaLoss does not take the stand-in model here: {error}") from None
+    columns = (x.anchor, x.positive, x.negative.reshape(-1, x.anchor.shape[1]))
+    return _MATRYOSHKA_LOSSES[key]([{"embedding": t} for t in columns], None)
+
+
+def gist_math_loss(x: SpeedInputs, guide: tuple[torch.Tensor, ...], false_negative_margin: float,
+                   **_fastcse_options) -> torch.Tensor:
+    """GISTEmbedLoss's loss on precomputed embeddings (absolute margin, contrast_anchors=True,
+    contrast_positives=False, one process: fastcse's query_to_doc + query_to_query, joint, with a
+    guide): the guide's and the model's similarity matrices, the mask, the cross-entropy, as its
+    forward computes them after the embedding passes; cosines as normalize + matmul (its own
+    ``sim_matrix`` broadcasts a B x N x d tensor: 50 GB at B = 4096, d = 768)."""
+    def cos(a, b):
+        return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+
+    dim = x.anchor.shape[1]
+    negative = x.negative.reshape(-1, dim)
+    guide_anchor, guide_positive, guide_negative = (g.reshape(-1, g.shape[-1]) for g in guide)
+    guided_ap = cos(guide_anchor, guide_positive)
+    limit = guided_ap.diagonal().view(-1, 1) - false_negative_margin
+    rows = torch.arange(x.anchor.shape[0], device=x.anchor.device)
+    own_positive = torch.zeros_like(guided_ap, dtype=torch.bool)
+    own_positive[rows, rows] = True
+    ap = cos(x.anchor, x.positive).masked_fill((guided_ap > limit) & ~own_positive, -torch.inf)
+    aa = cos(x.anchor, x.anchor).masked_fill(cos(guide_anchor, guide_anchor) > limit, -torch.inf)
+    aa[rows, rows] = -torch.inf
+    an = cos(x.anchor, negative).masked_fill(cos(guide_anchor, guide_negative) > limit, -torch.inf)
+    return F.cross_entropy(torch.cat([ap, aa, an], dim=1) / x.tau, rows)

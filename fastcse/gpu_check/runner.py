@@ -25,8 +25,9 @@ from fastcse.gpu_check.peers import PEERS, install_peer, peer_version
 from fastcse.gpu_check.report import Report, Section
 from fastcse.gpu_check.results import (CORRECTNESS, FAIL, PASS, SETUP, SPEED, Check, Outcome, exception_summary,
                                        skip_case)
-from fastcse.gpu_check.speed import (MATRYOSHKA_SPEED, SPEED_BATCHES, SPEED_DIMS, SPEED_DTYPES, SPEED_IMPLS,
-                                    matryoshka_speed_plan, speed_plan)
+from fastcse.gpu_check.speed import (FALSE_NEGATIVE_BATCHES, FALSE_NEGATIVE_SPEED, MATRYOSHKA_SPEED,
+                                    MATRYOSHKA_SPEED_IMPLS, SPEED_BATCHES, SPEED_DIMS, SPEED_DTYPES, SPEED_IMPLS,
+                                    false_negative_speed_plan, matryoshka_speed_plan, speed_plan)
 from fastcse.gpu_check.st_step import MINILM_L6, ST_BATCH, ST_MINI_BATCH, st_step_plan
 
 # Wall-clock seconds per section, per profile: quick ~4 min, full ~8 min on an H100/H200
@@ -179,12 +180,21 @@ def _run_in_world_of_one(ctx: RunContext, section: Section, plan) -> None:
             dist.destroy_process_group()  # Inf-CL's loss would take the ring path under a live group
 
 
-def run_speed(ctx: RunContext) -> None:
-    def plan():
-        return speed_plan(SPEED_BATCHES[ctx.profile], SPEED_DIMS, SPEED_DTYPES, SPEED_IMPLS) \
-            + matryoshka_speed_plan(*MATRYOSHKA_SPEED)
+def speed_section_plan(profile: str):
+    """The speed rows, most telling first (a spent budget drops the last): the bare products and the
+    loss's peers at the first B, d = 768, bf16; the Matryoshka and false-negative rows; the rest of
+    the grid (fp32, d = 1024, other B)."""
+    grid = speed_plan(SPEED_BATCHES[profile], SPEED_DIMS, SPEED_DTYPES, SPEED_IMPLS)
+    head = f"B{SPEED_BATCHES[profile][0]}-d{SPEED_DIMS[0]}"
+    first = [(n, c) for n, c in grid if n.startswith((f"{head}/", f"{head}-bf16/"))]
+    options = matryoshka_speed_plan(*MATRYOSHKA_SPEED, impls=MATRYOSHKA_SPEED_IMPLS) \
+        + false_negative_speed_plan(FALSE_NEGATIVE_BATCHES[profile], *FALSE_NEGATIVE_SPEED)
+    taken = {name for name, _ in first}
+    return first + options + [(n, c) for n, c in grid if n not in taken]
 
-    run_planned(ctx, "speed", plan, _always(SPEED))
+
+def run_speed(ctx: RunContext) -> None:
+    run_planned(ctx, "speed", partial(speed_section_plan, ctx.profile), _always(SPEED))
 
 
 def run_st_step(ctx: RunContext) -> None:

@@ -1,6 +1,8 @@
 """The speed section: forward + backward of the loss against plain PyTorch, Inf-CL,
 cut-cross-entropy and the bare bf16 matrix products of the same shapes (CUDA events, median),
-with the extra peak memory of each, and the row options beside fastcse's plain call."""
+with the extra peak memory of each, and the row options beside fastcse's plain call: group ids,
+a queue, Matryoshka (with the per-dimension loop and MatryoshkaLoss) and false negatives by
+similarity (with GISTEmbedLoss's math)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 import fastcse
 from fastcse.checks import DEFAULT_TEMPERATURE
 from fastcse.gpu_check.cases import SHORT_DTYPE
-from fastcse.gpu_check.peers import PEERS, cce_loss, inf_cl_loss
+from fastcse.gpu_check.peers import PEERS, cce_loss, gist_math_loss, inf_cl_loss, matryoshka_mnrl_loss
 from fastcse.gpu_check.results import Outcome, Skip
 
 SPEED_BATCHES = {"quick": (16384,), "full": (16384, 4096, 65536)}
@@ -36,10 +38,26 @@ SPEED_TAU = DEFAULT_TEMPERATURE
 MATRYOSHKA_SPEED = (16384, 768, torch.bfloat16)  # (B, d, dtype)
 MATRYOSHKA_DIMS = (768, 512, 256, 128, 64)
 MATRYOSHKA_IMPLS = ("fastcse", "fastcse+matryoshka_loop", "fastcse+matryoshka")
+# ... and sentence-transformers' MatryoshkaLoss(MultipleNegativesRankingLoss) on the same embeddings,
+# before the fused call so that the fused row's note compares with it too.
+MATRYOSHKA_SPEED_IMPLS = ("fastcse", "fastcse+matryoshka_loop", "matryoshka_mnrl", "fastcse+matryoshka")
+# False negatives by similarity as GISTEmbedLoss computes them (its defaults: contrast_anchors,
+# i.e. query_to_doc + query_to_query in one softmax; an absolute margin, here 0.05), at d = 768
+# bf16: fastcse's call in those directions without the rule, GISTEmbedLoss's math on the same
+# embeddings with a guide's, and fastcse self-guided and guided (a guide model's rows of width d).
+FALSE_NEGATIVE_BATCHES = {"quick": (16384,), "full": (16384, 4096)}
+FALSE_NEGATIVE_SPEED = (768, torch.bfloat16)  # (d, dtype)
+FALSE_NEGATIVE_MARGIN = 0.05
+FALSE_NEGATIVE_IMPLS = ("fastcse+q2q", "gist_math", "fastcse+self_guided", "fastcse+guided")
+_GIST_DIRECTIONS = dict(directions=("query_to_doc", "query_to_query"), partition_mode="joint")
 # Plain PyTorch's loss holds about three fp32 B x N blocks at its peak: the logits, the
 # log-softmax cross_entropy saves, and its gradient. It is only run where those fit in
 # MEMORY_FRACTION of the free memory.
 PLAIN_LIVE_BLOCKS = 3
+# The materializing implementations' peaks in units of those three blocks: GISTEmbedLoss's math
+# also holds the guide's similarities and the masks over B x (N + B) cells; MatryoshkaLoss keeps
+# every dimension's log-softmax for the backward (five 16-bit blocks at d = 768).
+MATERIALIZED_BLOCKS = {"plain": 1.0, "gist_math": 2.0, "matryoshka_mnrl": 2.0}
 MEMORY_FRACTION = 0.6
 # The bare products are chunked over rows so that one score block stays below this.
 MATMUL_BLOCK_BYTES = 2 * 2**30
@@ -155,7 +173,23 @@ def row_option_inputs(impl: str, batch: int, dim: int, dtype: torch.dtype, devic
     if impl == "fastcse+queue":
         gen = torch.Generator(device=device).manual_seed(2)
         return {"extra_negatives": torch.randn(speed_queue_size(batch), dim, device=device, generator=gen).to(dtype)}
+    if impl in FALSE_NEGATIVE_IMPLS:
+        return false_negative_inputs(impl, batch, dim, dtype, device)
+    if impl == "matryoshka_mnrl":
+        return {"matryoshka_dims": MATRYOSHKA_DIMS}
     return {}
+
+
+def false_negative_inputs(impl: str, batch: int, dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """GISTEmbedLoss's directions, and the rule: self-guided, or with a guide model's rows (another
+    draw of the same kind of rows, [B, 1, d] negatives like the inputs', detached)."""
+    if impl == "fastcse+q2q":
+        return dict(_GIST_DIRECTIONS)
+    options = dict(_GIST_DIRECTIONS, false_negative_margin=FALSE_NEGATIVE_MARGIN)
+    if impl != "fastcse+self_guided":
+        guide = SpeedInputs.draw(batch, dim, dtype, device, seed=3)
+        options["guide"] = tuple(t.detach() for t in guide.leaves)
+    return options
 
 
 def _matryoshka_loop_loss(x: SpeedInputs, matryoshka_dims: tuple[int, ...]) -> torch.Tensor:
@@ -171,6 +205,8 @@ def _plain_loss(x: SpeedInputs) -> torch.Tensor:
 LOSS_IMPLS: dict[str, Callable[..., torch.Tensor]] = {
     "fastcse": _fastcse_loss, **dict.fromkeys(ROW_OPTION_IMPLS, _fastcse_loss),
     "fastcse+matryoshka": _fastcse_loss, "fastcse+matryoshka_loop": _matryoshka_loop_loss,
+    "matryoshka_mnrl": matryoshka_mnrl_loss, "gist_math": gist_math_loss,
+    **dict.fromkeys(("fastcse+q2q", "fastcse+self_guided", "fastcse+guided"), _fastcse_loss),
     "plain": _plain_loss, "inf_cl": inf_cl_loss, "cce": cce_loss}
 _PEER_OF_IMPL = {"inf_cl": "inf_cl", "cce": "cut_cross_entropy"}
 
@@ -181,8 +217,10 @@ def _check_runnable(impl: str, batch: int, dim: int, device: torch.device) -> No
     if module is not None and importlib.util.find_spec(module) is None:
         raise Skip(f"{PEERS[module]} is not installed here (see setup/peer-{module})")
     free = free_memory_bytes(device)
-    if impl == "plain" and not materialized_loss_fits(batch, 2 * batch, free):
-        raise Skip(f"plain PyTorch needs ~{plain_loss_bytes(batch, 2 * batch) / 2**30:.0f} GiB of B x N blocks, "
+    blocks = MATERIALIZED_BLOCKS.get(impl)
+    needed = plain_loss_bytes(batch, 2 * batch) * (blocks or 0)
+    if blocks and free is not None and not fits_in_memory(needed, free):
+        raise Skip(f"{impl} needs ~{needed / 2**30:.0f} GiB of B x N blocks, "
                    f"over {MEMORY_FRACTION:.0%} of the {free / 2**30:.0f} GiB free")
 
 
@@ -313,20 +351,57 @@ def speed_plan(batches: Iterable[int], dims: Iterable[int], dtypes: Iterable[tor
 
 
 
-def matryoshka_speed_plan(batch: int, dim: int, dtype: torch.dtype):
-    """(name, case) pairs: fastcse's plain call, the per-dimension loop and the fused Matryoshka call
-    at (B, d, dtype); the fused row's note gives its time over the loop's."""
+def matryoshka_speed_plan(batch: int, dim: int, dtype: torch.dtype, impls: Iterable[str] = MATRYOSHKA_IMPLS):
+    """(name, case) pairs: fastcse's plain call, the per-dimension loop, (MatryoshkaLoss,) and the
+    fused Matryoshka call at (B, d, dtype); the fused row's note gives its time over the loop's
+    (and MatryoshkaLoss's)."""
     times: dict[str, float] = {}
 
     def loss_case(impl):
         def case(device):
             outcome = measure_loss(impl, batch, dim, dtype, device, None, times.get("fastcse"))
             times[impl] = outcome.numbers["ms"] / 1e3
-            loop = times.get("fastcse+matryoshka_loop")
-            if impl == "fastcse+matryoshka" and loop and outcome.ok:
-                outcome.numbers["x_per_dimension_loop"] = times[impl] / loop
-                outcome.reason = f"{times[impl] / loop:.2f}x the per-dimension loop's time, dims {MATRYOSHKA_DIMS}"
+            if impl == "fastcse+matryoshka" and outcome.ok:
+                _compare_times(outcome, times, {"fastcse+matryoshka_loop": ("x_per_dimension_loop",
+                                                                            "the per-dimension loop"),
+                                                "matryoshka_mnrl": ("x_matryoshka_loss", "MatryoshkaLoss(MNRL)")})
+                outcome.reason += f", dims {MATRYOSHKA_DIMS}"
             return outcome
         return case
 
-    return [(f"B{batch}-d{dim}-{SHORT_DTYPE[dtype]}/matryoshka/{impl}", loss_case(impl)) for impl in MATRYOSHKA_IMPLS]
+    return [(f"B{batch}-d{dim}-{SHORT_DTYPE[dtype]}/matryoshka/{impl}", loss_case(impl)) for impl in impls]
+
+
+def false_negative_speed_plan(batches: Iterable[int], dim: int, dtype: torch.dtype):
+    """(name, case) pairs per B: fastcse in GISTEmbedLoss's directions without the rule (the plain
+    call the others are timed against), GISTEmbedLoss's math, fastcse self-guided and guided; the
+    last two's notes give their time over GISTEmbedLoss's math."""
+    planned = []
+    for batch in batches:
+        times: dict[str, float] = {}
+
+        def loss_case(impl, batch=batch, times=times):
+            def case(device):
+                outcome = measure_loss(impl, batch, dim, dtype, device, None, times.get("fastcse+q2q"))
+                times[impl] = outcome.numbers["ms"] / 1e3
+                if impl in ("fastcse+self_guided", "fastcse+guided") and outcome.ok:
+                    _compare_times(outcome, times, {"fastcse+q2q": ("x_plain_call", "the call without the rule"),
+                                                    "gist_math": ("x_gist_math", "GISTEmbedLoss's math")})
+                return outcome
+            return case
+
+        planned += [(f"B{batch}-d{dim}-{SHORT_DTYPE[dtype]}/false_negatives/{impl}", loss_case(impl))
+                    for impl in FALSE_NEGATIVE_IMPLS]
+    return planned
+
+
+def _compare_times(outcome: Outcome, times: dict[str, float], against: dict[str, tuple[str, str]]) -> None:
+    """For each measured row of ``against`` (impl -> (number's key, label)): this row's time over
+    that row's, as the number and in the row's note."""
+    own = outcome.numbers["ms"] / 1e3
+    notes = []
+    for impl, (key, label) in against.items():
+        if times.get(impl):
+            outcome.numbers[key] = own / times[impl]
+            notes.append(f"{own / times[impl]:.2f}x {label}'s time")
+    outcome.reason = "; ".join(notes)
