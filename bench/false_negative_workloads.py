@@ -7,7 +7,8 @@ returning (setup, run) for bench/memory.py.
 - guided: the same with ``guide=`` a guide model's embeddings of the same width d.
 - gist_math: GISTEmbedLoss's loss on precomputed embeddings: its forward after the embedding
   passes (the guide's and the model's similarity matrices, ``mask_false_negatives``, the
-  cross-entropy), replicated here with the cosine as normalize + matmul. (GISTEmbedLoss's own
+  cross-entropy), with the cosine as normalize + matmul (``fastcse.gpu_check.peers``, which the
+  GPU kit times too). (GISTEmbedLoss's own
   ``sim_matrix``, ``nn.CosineSimilarity`` over [B, 1, d] x [1, N, d], broadcasts a B x N x d
   tensor: 50 GB at B = 4096, d = 768.)
 - cached_gist: ``CachedGISTEmbedLoss.calculate_loss(..., with_backward=True)`` as shipped (its
@@ -23,10 +24,10 @@ with the guide's rule, so guided, gist_math and cached_gist compute the same los
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from workloads import backward_step, zero_grads
 
 import fastcse
+from fastcse.gpu_check.peers import gist_loss_from_embeddings
 
 TEMPERATURE = 0.05
 MARGIN = 0.05  # GISTEmbedLoss's absolute margin (Qwen3-Embedding's self-guided rule is -0.1)
@@ -64,29 +65,13 @@ def fastcse_loss(batch: int, dim: int, rule: str = "plain"):
         lambda *state: fastcse.info_nce(*state, temperature=TEMPERATURE, **options))
 
 
-def gist_loss_from_embeddings(anchor, positive, negative, guide, *, margin=MARGIN, temperature=TEMPERATURE):
-    """GISTEmbedLoss.forward's loss (absolute margin, contrast_anchors=True, contrast_positives=False,
-    one process) on precomputed embeddings."""
-    def cos(x, y):
-        return F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).T
-
-    guide_anchor, guide_positive, guide_negative = guide
-    guided_ap = cos(guide_anchor, guide_positive)
-    limit = guided_ap.diagonal().view(-1, 1) - margin
-    rows = torch.arange(anchor.shape[0])
-    positive_mask = torch.zeros_like(guided_ap, dtype=torch.bool)
-    positive_mask[rows, rows] = True
-    ap = cos(anchor, positive).masked_fill((guided_ap > limit) & ~positive_mask, -torch.inf)
-    aa = cos(anchor, anchor).masked_fill(cos(guide_anchor, guide_anchor) > limit, -torch.inf)
-    aa[rows, rows] = -torch.inf
-    an = cos(anchor, negative).masked_fill(cos(guide_anchor, guide_negative) > limit, -torch.inf)
-    return F.cross_entropy(torch.cat([ap, aa, an], dim=1) / temperature, rows)
-
-
 def gist_math(batch: int, dim: int):
     guide = _guide(batch, dim)
 
-    return lambda: _embeddings(batch, dim), backward_step(lambda *state: gist_loss_from_embeddings(*state, guide))
+    def loss_of(*state):
+        return gist_loss_from_embeddings(*state, guide, margin=MARGIN, temperature=TEMPERATURE)
+
+    return lambda: _embeddings(batch, dim), backward_step(loss_of)
 
 
 def _cached_gist_loss(mini_batch_size: int):

@@ -164,24 +164,30 @@ def matryoshka_mnrl_loss(x: SpeedInputs, matryoshka_dims: tuple[int, ...]) -> to
 
 def gist_math_loss(x: SpeedInputs, guide: tuple[torch.Tensor, ...], false_negative_margin: float,
                    **_fastcse_options) -> torch.Tensor:
+    """GISTEmbedLoss's loss on the speed section's inputs (see ``gist_loss_from_embeddings``)."""
+    return gist_loss_from_embeddings(x.anchor, x.positive, x.negative, guide, margin=false_negative_margin,
+                                     temperature=x.tau)
+
+
+def gist_loss_from_embeddings(anchor, positive, negative, guide, *, margin: float, temperature: float):
     """GISTEmbedLoss's loss on precomputed embeddings (absolute margin, contrast_anchors=True,
     contrast_positives=False, one process: fastcse's query_to_doc + query_to_query, joint, with a
     guide): the guide's and the model's similarity matrices, the mask, the cross-entropy, as its
     forward computes them after the embedding passes; cosines as normalize + matmul (its own
-    ``sim_matrix`` broadcasts a B x N x d tensor: 50 GB at B = 4096, d = 768)."""
+    ``sim_matrix`` broadcasts a B x N x d tensor: 50 GB at B = 4096, d = 768). ``negative`` and
+    the guide's rows: [B, d] or [B, k, d]."""
     def cos(a, b):
         return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
 
-    dim = x.anchor.shape[1]
-    negative = x.negative.reshape(-1, dim)
+    negative = negative.reshape(-1, anchor.shape[1])
     guide_anchor, guide_positive, guide_negative = (g.reshape(-1, g.shape[-1]) for g in guide)
     guided_ap = cos(guide_anchor, guide_positive)
-    limit = guided_ap.diagonal().view(-1, 1) - false_negative_margin
-    rows = torch.arange(x.anchor.shape[0], device=x.anchor.device)
+    limit = guided_ap.diagonal().view(-1, 1) - margin
+    rows = torch.arange(anchor.shape[0], device=anchor.device)
     own_positive = torch.zeros_like(guided_ap, dtype=torch.bool)
     own_positive[rows, rows] = True
-    ap = cos(x.anchor, x.positive).masked_fill((guided_ap > limit) & ~own_positive, -torch.inf)
-    aa = cos(x.anchor, x.anchor).masked_fill(cos(guide_anchor, guide_anchor) > limit, -torch.inf)
+    ap = cos(anchor, positive).masked_fill((guided_ap > limit) & ~own_positive, -torch.inf)
+    aa = cos(anchor, anchor).masked_fill(cos(guide_anchor, guide_anchor) > limit, -torch.inf)
     aa[rows, rows] = -torch.inf
-    an = cos(x.anchor, negative).masked_fill(cos(guide_anchor, guide_negative) > limit, -torch.inf)
-    return F.cross_entropy(torch.cat([ap, aa, an], dim=1) / x.tau, rows)
+    an = cos(anchor, negative).masked_fill(cos(guide_anchor, guide_negative) > limit, -torch.inf)
+    return F.cross_entropy(torch.cat([ap, aa, an], dim=1) / temperature, rows)
