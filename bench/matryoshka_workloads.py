@@ -21,6 +21,7 @@ import torch
 from workloads import backward_step, random_triplets, zero_grads
 
 import fastcse
+from fastcse.gpu_check.peers import EmbeddingModel
 
 TEMPERATURE = 0.05
 
@@ -53,28 +54,10 @@ def fastcse_full_width(batch: int, dim: int):
     return _fastcse(batch, dim, lambda a, p, n: fastcse.info_nce(a, p, n, temperature=TEMPERATURE))
 
 
-class _EmbeddingModel(torch.nn.Sequential):
-    """Stands in for a SentenceTransformer: its forward returns the embeddings it is handed (a
-    Sequential with one module, which CachedMNRL's constructor inspects)."""
-
-    def __init__(self, dim: int):
-        super().__init__(torch.nn.Identity())
-        self.dim = dim
-
-    def forward(self, features: dict) -> dict:
-        return {"sentence_embedding": features["embedding"]}
-
-    def _get_untruncated_embedding_dimension(self) -> int:
-        return self.dim
-
-    def get_embedding_dimension(self) -> int:
-        return self.dim
-
-
 def matryoshka_mnrl(batch: int, dim: int):
     from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
 
-    model = _EmbeddingModel(dim)
+    model = EmbeddingModel(dim)
     loss_fn = MatryoshkaLoss(model, MultipleNegativesRankingLoss(model, scale=1.0 / TEMPERATURE), dims_for(dim))
 
     def loss_of(*state):
@@ -87,7 +70,7 @@ def matryoshka_cached_mnrl(batch: int, dim: int, mini_batch_size: int = 32):
     from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
                                                                    MatryoshkaLoss)
 
-    model = _EmbeddingModel(dim)
+    model = EmbeddingModel(dim)
     inner = CachedMultipleNegativesRankingLoss(model, scale=1.0 / TEMPERATURE, mini_batch_size=mini_batch_size)
     MatryoshkaLoss(model, inner, dims_for(dim))  # decorates inner.calculate_loss with the dimensions
 

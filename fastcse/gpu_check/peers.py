@@ -122,9 +122,10 @@ def _sentence_transformers_loss_classes():
     return MatryoshkaLoss, MultipleNegativesRankingLoss
 
 
-class _EmbeddingModel(torch.nn.Sequential):
+class EmbeddingModel(torch.nn.Sequential):
     """Stands in for a SentenceTransformer: its forward returns the embeddings it is handed, so
-    that MatryoshkaLoss's own forward (shrink, normalize, rerun MNRL per dimension) is what runs."""
+    that MatryoshkaLoss's own forward (shrink, normalize, rerun MNRL per dimension) is what runs
+    (a Sequential with one module, which CachedMNRL's constructor inspects). bench/ uses it too."""
 
     def __init__(self, dim: int):
         super().__init__(torch.nn.Identity())
@@ -153,7 +154,7 @@ def matryoshka_mnrl_loss(x: SpeedInputs, matryoshka_dims: tuple[int, ...]) -> to
     key = (x.anchor.shape[1], tuple(matryoshka_dims), x.tau)
     if key not in _MATRYOSHKA_LOSSES:
         matryoshka_loss, mnrl = _sentence_transformers_loss_classes()
-        model = _EmbeddingModel(x.anchor.shape[1])
+        model = EmbeddingModel(x.anchor.shape[1])
         try:
             _MATRYOSHKA_LOSSES[key] = matryoshka_loss(model, mnrl(model, scale=1.0 / x.tau), list(matryoshka_dims))
         except (TypeError, AttributeError) as error:  # another version's constructor wants more of a model
