@@ -17,7 +17,6 @@ the same embeddings (B anchors, B positives, one hard negative each), each facto
 
 from __future__ import annotations
 
-import torch
 from workloads import backward_step, random_triplets, zero_grads
 
 import fastcse
