@@ -14,10 +14,9 @@ import triton.language as tl
 
 from fastcse.checks import NORMALIZE_EPS
 from fastcse.problem import LossProblem
-from fastcse.triton_tiles import (FALSE_NEG_GUIDED, FALSE_NEG_NONE, FALSE_NEG_SELF, IDS_GROUP, IDS_LABEL, IDS_NONE,
-                                  Config, Sweep, above_limit, cell_args, diagonal, group_masked, guide_above_limit,
-                                  guide_args, inverse_norms, load_tile, never_left_out, normalized_tile, pointer_or,
-                                  reverse_columns, same_id, tile_logits, tile_scores)
+from fastcse.triton_tiles import (IDS_GROUP, IDS_LABEL, IDS_NONE, Config, Sweep, cell_args, diagonal, group_masked,
+                                  guide_args, inverse_norms, load_tile, normalized_tile, pointer_or, reverse_columns,
+                                  rule_logits, same_id, tile_guide_cells, tile_scores)
 
 
 @triton.jit
@@ -46,9 +45,9 @@ def _backward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, lse_rev_ptr,
     cols = j0 + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     tile_ok = row_ok[:, None] & (cols[None, :] < n_cols)
-    if FALSE_NEG == FALSE_NEG_GUIDED:  # before the scores: one fp32 tile live at a time
-        above = guide_above_limit(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq,
-                                  stride_gk, BLOCK_M, BLOCK_N)
+    # A guide's tile before the scores: one fp32 tile live at a time.
+    above = tile_guide_cells(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq, stride_gk,
+                             FALSE_NEG, BLOCK_M, BLOCK_N)
     s, inv_q, inv_k = tile_scores(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, rows, cols, n_rows, n_cols, dim,
                                   stride_q, stride_k, inv_tau, NORMALIZE, EPS_, BLOCK_M, BLOCK_N, BLOCK_D,
                                   UPCAST, PRECISION)
@@ -70,16 +69,8 @@ def _backward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, lse_rev_ptr,
                 cell_ok = cell_ok & ~group_masked(same, rows, cols, pos_start)
             rev_arg = tl.where(cell_ok, s - lse_rev[None, :], float("-inf"))
             ds = tl.exp(rev_arg) * g_rev[None, :]
-    if FALSE_NEG == FALSE_NEG_SELF:  # the plain scores, before the penalty and the bias
-        above = above_limit(s, thr_ptr, rows, n_rows)
-    if FALSE_NEG != FALSE_NEG_NONE:
-        left_out = above & ~never_left_out(same, rows, cols, pos_start, self_start, HAS_TARGET, IDS)
-    else:
-        left_out = 0  # unread
-    s = tile_logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,
-                    HAS_BIAS, PENALTY, MASK, IDS)
-    if FALSE_NEG != FALSE_NEG_NONE:
-        s = tl.where(left_out, float("-inf"), s)
+    s = rule_logits(s, above, thr_ptr, same, rows, cols, n_rows, pos_start, neg_start, num_neg, weight,
+                    penalty_scale, self_start, HAS_BIAS, PENALTY, MASK, HAS_TARGET, IDS, FALSE_NEG)
     # Mask the exponents, not the products: padding scores are arbitrary and exp of them may be
     # inf. The saved lse is finite (joint includes query_to_doc; per_direction's query_to_doc and
     # doc_to_query keep each row's own pair under any mask), so masked cells (-inf) get exactly 0.

@@ -14,10 +14,9 @@ import triton
 import triton.language as tl
 
 from fastcse.problem import LossProblem
-from fastcse.triton_tiles import (FALSE_NEG_GUIDED, FALSE_NEG_NONE, FALSE_NEG_SELF, IDS_GROUP, IDS_LABEL, IDS_NONE,
-                                  MASK_NONE, Config, Sweep, above_limit, cell_args, diagonal, group_masked,
-                                  guide_above_limit, guide_args, never_left_out, online_lse_update, pointer_or,
-                                  reverse_columns, same_id, tile_logits, tile_scores)
+from fastcse.triton_tiles import (FALSE_NEG_NONE, IDS_GROUP, IDS_LABEL, IDS_NONE, MASK_NONE, Config, Sweep, cell_args,
+                                  diagonal, group_masked, guide_args, online_lse_update, pointer_or, reverse_columns,
+                                  rule_logits, same_id, tile_guide_cells, tile_scores)
 
 
 @triton.jit
@@ -61,19 +60,11 @@ def _forward_kernel(q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, target_ptr, c
                     cell_ok = cell_ok & ~group_masked(same, rows, cols, pos_start)
                 e = tl.exp(tl.where(cell_ok, s - fixed_max, float("-inf")))
                 tl.atomic_add(col_sum_ptr + rev, tl.sum(e, axis=0), mask=rev_ok)
-        if FALSE_NEG == FALSE_NEG_GUIDED:  # after the scores here: before them, fp32 spills on sm_80
-            above = guide_above_limit(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq,
-                                      stride_gk, BLOCK_M, BLOCK_N)
-        if FALSE_NEG == FALSE_NEG_SELF:  # the plain scores, before the penalty and the bias
-            above = above_limit(s, thr_ptr, rows, n_rows)
-        if FALSE_NEG != FALSE_NEG_NONE:
-            left_out = above & ~never_left_out(same, rows, cols, pos_start, self_start, HAS_TARGET, IDS)
-        else:
-            left_out = 0  # unread
-        s = tile_logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,
-                        HAS_BIAS, PENALTY, MASK, IDS)
-        if FALSE_NEG != FALSE_NEG_NONE:
-            s = tl.where(left_out, float("-inf"), s)
+        # A guide's tile after the scores here: before them, fp32 spills on sm_80.
+        above = tile_guide_cells(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq, stride_gk,
+                                 FALSE_NEG, BLOCK_M, BLOCK_N)
+        s = rule_logits(s, above, thr_ptr, same, rows, cols, n_rows, pos_start, neg_start, num_neg, weight,
+                        penalty_scale, self_start, HAS_BIAS, PENALTY, MASK, HAS_TARGET, IDS, FALSE_NEG)
         if HAS_TARGET:
             if IDS == IDS_LABEL:
                 target += tl.sum(tl.where(same, s, 0.0), axis=1)

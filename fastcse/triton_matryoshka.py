@@ -30,7 +30,7 @@ False negatives by similarity (FALSE_NEG, ``fastcse.false_negatives``), per dime
 reference's loop: self-guided, dimension k's plain scores against row k of [D, B] thresholds
 (anchor i vs positive i on the first m_k coordinates, over tau), no product; guided, the guide's
 tile (never truncated) once per key tile, before the segments, its cells reused by every
-dimension (``_tile_guide_cells``; fp32's forward then runs 32 x 32 tiles, see ``matryoshka_tiles``).
+dimension (``tile_guide_cells``; fp32's forward then runs 32 x 32 tiles, see ``matryoshka_tiles``).
 """
 
 from __future__ import annotations
@@ -45,9 +45,8 @@ from fastcse.matryoshka import segments
 from fastcse.problem import ANCHOR_KEYS, ANCHORS, CANDIDATES, DIRECTION_ROLES, DOCUMENTS, POSITIVES, LossProblem
 from fastcse.triton_forward import column_splits
 from fastcse.triton_tiles import (FALSE_NEG_GUIDED, FALSE_NEG_NONE, FALSE_NEG_SELF, IDS_GROUP, IDS_LABEL, IDS_NONE,
-                                  MASK_CODES, MASK_NONE, Config, Sweep, Tiles, above_limit, cell_args, diagonal,
-                                  guide_above_limit, guide_args, load_tile, never_left_out, online_lse_update,
-                                  pointer_or, same_id, tile_logits)
+                                  MASK_CODES, MASK_NONE, Config, Sweep, Tiles, cell_args, diagonal, guide_args,
+                                  load_tile, online_lse_update, pointer_or, rule_logits, same_id, tile_guide_cells)
 
 
 @triton.jit
@@ -64,41 +63,6 @@ def _prefix_scores(acc, q_inv_ptr, k_inv_ptr, k, inv_stride_q, inv_stride_k, row
 
 
 @triton.jit
-def _tile_guide_cells(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq, stride_gk,
-                      FALSE_NEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A guide's cells above the rows' thresholds (FALSE_NEG_GUIDED): the guide is not
-    truncated, so one product per tile serves every dimension. 0 (unread) otherwise."""
-    if FALSE_NEG == FALSE_NEG_GUIDED:
-        above = guide_above_limit(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq,
-                                  stride_gk, BLOCK_M, BLOCK_N)
-    else:
-        above = 0
-    return above
-
-
-@triton.jit
-def _dimension_logits(s, k, guide_above, thr_ptr, thr_stride, same, rows, cols, n_rows, pos_start, neg_start,
-                      num_neg, weight, penalty_scale, self_start, HAS_BIAS: tl.constexpr, PENALTY: tl.constexpr,
-                      MASK: tl.constexpr, HAS_TARGET: tl.constexpr, IDS: tl.constexpr, FALSE_NEG: tl.constexpr):
-    """Dimension k's logits from its plain scores s: the cell rules, and the false negatives'
-    cells at -inf (self-guided: s above dimension k's thresholds, row k of [D, B]; guided: the
-    guide's cells above its thresholds, the same for every dimension), but the spared ones."""
-    if FALSE_NEG == FALSE_NEG_SELF:  # the plain scores, before the penalty and the bias
-        above = above_limit(s, thr_ptr + k * thr_stride, rows, n_rows)
-    else:
-        above = guide_above
-    if FALSE_NEG != FALSE_NEG_NONE:
-        left_out = above & ~never_left_out(same, rows, cols, pos_start, self_start, HAS_TARGET, IDS)
-    else:
-        left_out = 0  # unread
-    s = tile_logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,
-                    HAS_BIAS, PENALTY, MASK, IDS)
-    if FALSE_NEG != FALSE_NEG_NONE:
-        s = tl.where(left_out, float("-inf"), s)
-    return s
-
-
-@triton.jit
 def _matryoshka_forward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, lse_ptr, target_ptr, ids_ptr,
                                inv_count_ptr, n_rows, n_cols, dim_count, stride_q, stride_k, inv_stride_q,
                                inv_stride_k, cols_per_split, inv_tau, pos_start, neg_start, num_neg, weight,
@@ -111,7 +75,7 @@ def _matryoshka_forward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, l
                                FALSE_NEG: tl.constexpr):
     """Stores each dimension's row LSE (and target logit) of this program's rows and key split:
     lse[split, k, row]. One pass over d per key tile, segment by segment. FALSE_NEG: the
-    false-negative rule's cells are -inf, per dimension (``_dimension_logits``)."""
+    false-negative rule's cells are -inf, per dimension (``rule_logits``)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     slot = tl.arange(0, DP)[None, :]  # dimension k's column of the running statistics
@@ -122,8 +86,8 @@ def _matryoshka_forward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, l
     col_stop = tl.minimum(col_start + cols_per_split, n_cols)
     for j0 in range(col_start, col_stop, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        guide_above = _tile_guide_cells(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq,
-                                        stride_gk, FALSE_NEG, BLOCK_M, BLOCK_N)
+        guide_above = tile_guide_cells(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq,
+                                       stride_gk, FALSE_NEG, BLOCK_M, BLOCK_N)
         if IDS != IDS_NONE:
             same = same_id(ids_ptr, rows, cols, n_rows, pos_start, num_positives)
         else:
@@ -139,9 +103,9 @@ def _matryoshka_forward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, l
                 acc = tl.dot(q, tl.trans(kt), acc, input_precision=PRECISION)
             s, inv_q, inv_k = _prefix_scores(acc, q_inv_ptr, k_inv_ptr, k, inv_stride_q, inv_stride_k, rows, cols,
                                              n_rows, n_cols, inv_tau, NORMALIZE)
-            s = _dimension_logits(s, k, guide_above, thr_ptr, thr_stride, same, rows, cols, n_rows, pos_start,
-                                  neg_start, num_neg, weight, penalty_scale, self_start, HAS_BIAS, PENALTY, MASK,
-                                  HAS_TARGET, IDS, FALSE_NEG)
+            s = rule_logits(s, guide_above, thr_ptr + k * thr_stride, same, rows, cols, n_rows, pos_start, neg_start,
+                            num_neg, weight, penalty_scale, self_start, HAS_BIAS, PENALTY, MASK, HAS_TARGET, IDS,
+                            FALSE_NEG)
             this = slot == k
             if HAS_TARGET:
                 if IDS == IDS_LABEL:
@@ -177,9 +141,9 @@ def _dimension_ds(acc, k, q_inv_ptr, k_inv_ptr, weights_ptr, lse_ptr, g, inv_cou
     tile_ok = row_ok[:, None] & (cols[None, :] < n_cols)
     s, inv_q, inv_k = _prefix_scores(acc, q_inv_ptr, k_inv_ptr, k, inv_stride_q, inv_stride_k, rows, cols,
                                      n_rows, n_cols, inv_tau, NORMALIZE)
-    logits = _dimension_logits(s, k, guide_above, thr_ptr, thr_stride, same, rows, cols, n_rows, pos_start,
-                               neg_start, num_neg, weight, penalty_scale, self_start, HAS_BIAS, PENALTY, MASK,
-                               HAS_TARGET, IDS, FALSE_NEG)
+    logits = rule_logits(s, guide_above, thr_ptr + k * thr_stride, same, rows, cols, n_rows, pos_start, neg_start,
+                         num_neg, weight, penalty_scale, self_start, HAS_BIAS, PENALTY, MASK, HAS_TARGET, IDS,
+                         FALSE_NEG)
     lse = tl.load(lse_ptr + k * lse_stride + rows, mask=row_ok, other=0.0)
     ds = tl.exp(tl.where(tile_ok, logits - lse[:, None], float("-inf"))) * (g * g_scale)[:, None]
     if HAS_TARGET:
@@ -219,8 +183,8 @@ def _matryoshka_backward_kernel(q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, bounds_ptr, 
         same = same_id(ids_ptr, rows, cols, n_rows, pos_start, num_positives)
     else:
         same = 0  # unread
-    guide_above = _tile_guide_cells(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq,
-                                    stride_gk, FALSE_NEG, BLOCK_M, BLOCK_N)
+    guide_above = tile_guide_cells(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq,
+                                   stride_gk, FALSE_NEG, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, dim_count):

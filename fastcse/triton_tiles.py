@@ -216,6 +216,43 @@ def never_left_out(same, rows, cols, pos_start, self_start, HAS_TARGET: tl.const
 
 
 @triton.jit
+def tile_guide_cells(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq, stride_gk,
+                     FALSE_NEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """With a guide (FALSE_NEG_GUIDED), its tile's cells above the rows' limits; 0 (unread)
+    otherwise. A separate step from ``rule_logits`` so that each kernel computes it where its
+    registers allow (see guide_above_limit), and Matryoshka's once for every dimension."""
+    if FALSE_NEG == FALSE_NEG_GUIDED:
+        above = guide_above_limit(gq_ptr, gk_ptr, thr_ptr, rows, cols, n_rows, n_cols, dim_g, stride_gq,
+                                  stride_gk, BLOCK_M, BLOCK_N)
+    else:
+        above = 0
+    return above
+
+
+@triton.jit
+def rule_logits(s, guide_above, thr_ptr, same, rows, cols, n_rows, pos_start, neg_start, num_neg, weight,
+                penalty_scale, self_start, HAS_BIAS: tl.constexpr, PENALTY: tl.constexpr, MASK: tl.constexpr,
+                HAS_TARGET: tl.constexpr, IDS: tl.constexpr, FALSE_NEG: tl.constexpr):
+    """A direction's logits from its plain scores s: ``tile_logits``'s cell rules, then the
+    false-negative rule's cells at -inf but the ones it spares. Self-guided, the cells whose s
+    is above the rows' limits at thr_ptr (read before the penalty and the bias change s);
+    guided, ``guide_above`` (tile_guide_cells)."""
+    if FALSE_NEG == FALSE_NEG_SELF:
+        above = above_limit(s, thr_ptr, rows, n_rows)
+    else:
+        above = guide_above
+    if FALSE_NEG != FALSE_NEG_NONE:
+        left_out = above & ~never_left_out(same, rows, cols, pos_start, self_start, HAS_TARGET, IDS)
+    else:
+        left_out = 0  # unread
+    s = tile_logits(s, same, rows, cols, pos_start, neg_start, num_neg, weight, penalty_scale, self_start,
+                    HAS_BIAS, PENALTY, MASK, IDS)
+    if FALSE_NEG != FALSE_NEG_NONE:
+        s = tl.where(left_out, float("-inf"), s)
+    return s
+
+
+@triton.jit
 def online_lse_update(m_i, l_i, s, MAY_BE_EMPTY: tl.constexpr):
     """One tile of a row log-sum-exp's running (max, sum). Without a mask every tile holds a
     finite logit in every row (padding columns are -inf, but each tile has a valid one), so the
