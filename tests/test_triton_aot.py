@@ -131,9 +131,8 @@ def _variants(dtype_name):
         out.append((f"backward {label}", "_backward_kernel", dict(cells, REVERSE=rev, **bwd),
                     cfg.bwd.warps, cfg.bwd.stages))
     out += _matryoshka_variants(dtype_name, cfg)
-    for normalize in (True, False):
-        out.append((f"normalize_backward norm={int(normalize)}", "_normalize_backward_kernel",
-                    dict(NORMALIZE=normalize, EPS_=NORMALIZE_EPS, **rows), cfg.warps_rows, 1))
+    out.append(("normalize_backward", "_normalize_backward_kernel", dict(EPS_=NORMALIZE_EPS, **rows), cfg.warps_rows,
+                1))
     return out
 
 

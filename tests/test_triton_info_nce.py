@@ -28,6 +28,7 @@ from fastcse.testing import assert_close as _assert_close
 from fastcse.testing import assert_rows_close as _assert_rows_close
 from fastcse.testing import check_against_reference
 from fastcse.testing import draw_inputs as _inputs
+from fastcse.testing import loss_and_grads
 from fastcse.testing import loss_and_grad_list as _loss_and_grads
 from fastcse.testing import temperature_floor as _temperature_floor
 
@@ -128,6 +129,26 @@ def test_variants_temperatures(tau, variant, reduction):
 def test_variants_half_precision(dtype, variant, normalize, reduction):
     check_against_reference(18, 2, 40, dtype=dtype, normalize=normalize, weight=0.4, reduction=reduction,
                             scale=1.0 if normalize else 0.15, hardness_strength=3.0, seed=53, **variant)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant,reduction", [
+    (dict(symmetric=True), "mean"),
+    (dict(GTE, hardness_mode="in_batch_negatives", hardness_strength=3.0), "none"),
+    (dict(directions=(Q2D, D2Q), false_negative_margin=0.05), "sum"),
+], ids=["symmetric", "gte-penalty", "false-negatives"])
+def test_half_precision_temperature_gradient_is_fp32_accurate(dtype, variant, reduction):
+    """d(tau) = -(1/tau) sum over cells of dS s, terms that mostly cancel. The kernels sum them
+    from dS before its rounding to the inputs' 16 bits: the result errs as fp32 does, where the
+    rounded dS would err by about 2^-9 of the terms' size (several % of d(tau) here)."""
+    tensors = _inputs(24, 1, 32, dtype, seed=3)
+    upstream = torch.rand(24, generator=torch.Generator().manual_seed(4)) + 0.5 if reduction == "none" \
+        else torch.tensor(1.0)
+    options = dict(variant, reduction=reduction)
+    got = loss_and_grads(fastcse.info_nce, tensors, 0.05, upstream, backend="triton", **options)["temperature"]
+    want = loss_and_grads(fastcse.info_nce_reference, tensors, 0.05, upstream.double(), torch.float64,
+                          **options)["temperature"]
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,9 +482,9 @@ def _count_launches(monkeypatch):
         launches["forward"].append((sweep.direction, col_sum is not None))
         return forward(sweep, problem, cfg, col_sum)
 
-    def recording_backward(sweep, problem, cfg, lse, g, g_scale, grad_q, grad_k, lse_rev=None):
+    def recording_backward(sweep, problem, cfg, lse, g, g_scale, grad_q, grad_k, tau_dots, lse_rev=None):
         launches["backward"].append((sweep.direction, lse_rev is not None))
-        return backward(sweep, problem, cfg, lse, g, g_scale, grad_q, grad_k, lse_rev=lse_rev)
+        return backward(sweep, problem, cfg, lse, g, g_scale, grad_q, grad_k, tau_dots, lse_rev=lse_rev)
 
     monkeypatch.setattr(triton_info_nce, "launch_forward", recording_forward)
     monkeypatch.setattr(triton_info_nce, "launch_backward", recording_backward)
