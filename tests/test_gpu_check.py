@@ -25,8 +25,9 @@ import torch
 import fastcse
 from fastcse.gpu_check import main, no_cuda_message, selector
 from fastcse.gpu_check.cases import SHAPES, LossCase
-from fastcse.gpu_check.correctness import (BASE_KEYWORDS, TEMPERATURES, VARIANTS, check_loss_case, correctness_plan,
-                                           grid_cases, half_subset_cases, plan_variants, variant_cases)
+from fastcse.gpu_check.correctness import (BASE_KEYWORDS, TEMPERATURES, VARIANTS, check_half_temperature,
+                                           check_loss_case, correctness_plan, grid_cases, half_subset_cases,
+                                           half_temperature_cases, plan_variants, variant_cases)
 from fastcse.gpu_check.extension import (_copy_build_sources, extension_build_env, has_cuda_pack_kernel,
                                          importable_extension)
 from fastcse.gpu_check.markdown import markdown_table, render_markdown
@@ -702,3 +703,23 @@ def test_speed_section_runs_the_option_rows_before_the_rest_of_the_grid():
     grid = _plan_names(speed_plan(speed_module.SPEED_BATCHES["full"], speed_module.SPEED_DIMS,
                                   speed_module.SPEED_DTYPES, SPEED_IMPLS))
     assert set(grid) <= set(_plan_names(speed_section_plan("full")))
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+def test_half_temperature_check_tells_fp32_from_rounded(monkeypatch):
+    """The kernels' 16-bit d(tau) passes; one 1% off (about what the rounded dS gave) fails."""
+    cases = half_temperature_cases(INTERPRET)
+    assert {c.dtype for c in cases} == {torch.float16, torch.bfloat16} and {c.reduction for c in cases} == {"mean",
+                                                                                                             "none"}
+    outcomes = [check_half_temperature(case, torch.device("cpu")) for case in cases]
+    assert all(o.ok for o in outcomes), [o.reason for o in outcomes]
+    real = fastcse.info_nce
+
+    def one_percent_off(*args, temperature, **kwargs):
+        if isinstance(temperature, torch.Tensor) and temperature.requires_grad:
+            temperature.register_hook(lambda grad: grad * 1.01)
+        return real(*args, temperature=temperature, **kwargs)
+
+    monkeypatch.setattr(fastcse, "info_nce", one_percent_off)
+    outcome = check_half_temperature(cases[1], torch.device("cpu"))
+    assert not outcome.ok and "of the terms' scale" in outcome.reason

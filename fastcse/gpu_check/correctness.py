@@ -60,6 +60,30 @@ def check_loss_case(case: LossCase, device: torch.device) -> Outcome:
     return outcome
 
 
+# A 16-bit d(tau) sums dS s over every cell, terms that mostly cancel. The kernels sum them in
+# fp32 before dS is rounded to 16 bits, so d(tau) errs as fp32 does; the same sum from the
+# rounded dS errs by about 2^-9 of the terms. Measured against fastcse.testing.temperature_floor
+# (sum |g_i| / tau, half the bound on the terms' total) in the interpreter: 0.9e-6 to 2.4e-6 of
+# it now, 7.5e-5 to 5e-4 of it through the rounded dS. This bar tells the two apart.
+HALF_TEMPERATURE_TOL = 3e-5
+
+
+def check_half_temperature(case: LossCase, device: torch.device) -> Outcome:
+    """A 16-bit case's d(tau) against the fp64 reference's, to HALF_TEMPERATURE_TOL of the
+    terms' scale (``check_loss_case`` holds it to the 16-bit tolerance of that scale)."""
+    tensors, upstream = case.inputs(), case.upstream()
+    got = case.run(fastcse.info_nce, tensors, device, upstream, backend="triton")["temperature"]
+    want = case.run(fastcse.info_nce_reference, tensors, device, upstream.double(), dtype=torch.float64)["temperature"]
+    got, want = float(got), float(want)
+    row_weights = upstream.expand(case.batch) / (case.batch if case.reduction == "mean" else 1)
+    error = abs(got - want) / testing.temperature_floor(row_weights, case.tau)
+    ok = error <= HALF_TEMPERATURE_TOL
+    reason = "" if ok else f"d(tau) {got:.6g} against {want:.6g}: error {error:.2g} of the terms' scale > " \
+                           f"{HALF_TEMPERATURE_TOL}"
+    return Outcome(ok, {"temperature_error": error, "temperature_rel_err": abs(got - want) / max(abs(want), 1e-30)},
+                   reason)
+
+
 def _run_or_refusal(case: LossCase, fn, *args, **kwargs):
     """(results, None), or (None, the ValueError/TypeError message) when the arguments are refused."""
     try:
@@ -229,6 +253,14 @@ def half_subset_cases(shapes: Shapes) -> list[LossCase]:
             for dtype in HALF_DTYPES for n, s, k, r, tau in testing.HALF_PRECISION_CASES]
 
 
+def half_temperature_cases(shapes: Shapes) -> list[LossCase]:
+    """16-bit symmetric cases at the option grid's shape for ``check_half_temperature``: both
+    gradient paths (in the forward for "mean", the backward's recompute for "none")."""
+    batch, dim = shapes.grid
+    return [LossCase(batch, 1, dim, dtype, symmetric=True, reduction=reduction, seed=3)
+            for dtype in HALF_DTYPES for reduction in ("mean", "none")]
+
+
 def odd_shape_cases(shapes: Shapes) -> list[LossCase]:
     dtypes = (torch.float32, torch.bfloat16) if shapes.odd_half else (torch.float32,)
     return [LossCase(b, k, d, dtype, symmetric=i % 2 == 1, weight=0.2 if k else 0.0, reduction="none", seed=b)
@@ -264,6 +296,8 @@ def correctness_plan(shapes: Shapes) -> list[tuple[str, Callable[[torch.device],
     """Every correctness case, most telling first, so that a spent budget drops the least."""
     cases = grid_cases(shapes, torch.float32) + half_subset_cases(shapes)
     planned = [(c.name, _loss_case_runner(c)) for c in cases]
+    planned += [(f"{c.name}/d(tau) fp32-accurate", partial(check_half_temperature, c))
+                for c in half_temperature_cases(shapes)]
     planned += plan_variants(fastcse.info_nce, fastcse.info_nce_reference, lambda v: variant_cases(shapes, v))
     later = odd_shape_cases(shapes) + special_row_cases(shapes) + temperature_cases(shapes)
     if shapes.half_grid:
