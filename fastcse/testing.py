@@ -233,6 +233,11 @@ def temperature_floor(row_weights: torch.Tensor, tau: float) -> float:
     return row_weights.abs().sum().item() / tau
 
 
+def row_weights(upstream: torch.Tensor, batch: int, reduction: str) -> torch.Tensor:
+    """[B]: each row's weight in the loss's backward, the upstream gradient (over B for "mean")."""
+    return upstream.expand(batch) / (batch if reduction == "mean" else 1)
+
+
 def temperature_floors(upstream: torch.Tensor, batch: int, reduction: str, tau: float, normalize: bool,
                        floor: float = FLOOR) -> dict[str, float]:
     """``compare_results``' ``floors`` for d(tau): ``temperature_floor`` of the rows' weights (the
@@ -241,8 +246,8 @@ def temperature_floors(upstream: torch.Tensor, batch: int, reduction: str, tau: 
     the terms it sums, not to their sum: e.g. a bf16 case whose d(tau) of 1.85 is the sum of terms
     totalling 572 (a 309-fold cancellation) is off by 0.17, 3e-4 of the terms, below bf16's unit
     roundoff 2^-8 but 9% of the sum."""
-    row_weights = upstream.expand(batch) / (batch if reduction == "mean" else 1)
-    return {"temperature": max(floor, temperature_floor(row_weights, tau)) if normalize else floor}
+    return {"temperature": max(floor, temperature_floor(row_weights(upstream, batch, reduction), tau))
+            if normalize else floor}
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,8 +75,8 @@ def check_half_temperature(case: LossCase, device: torch.device) -> Outcome:
     got = case.run(fastcse.info_nce, tensors, device, upstream, backend="triton")["temperature"]
     want = case.run(fastcse.info_nce_reference, tensors, device, upstream.double(), dtype=torch.float64)["temperature"]
     got, want = float(got), float(want)
-    row_weights = upstream.expand(case.batch) / (case.batch if case.reduction == "mean" else 1)
-    error = abs(got - want) / testing.temperature_floor(row_weights, case.tau)
+    scale = testing.temperature_floor(testing.row_weights(upstream, case.batch, case.reduction), case.tau)
+    error = abs(got - want) / scale
     ok = error <= HALF_TEMPERATURE_TOL
     reason = "" if ok else f"d(tau) {got:.6g} against {want:.6g}: error {error:.2g} of the terms' scale > " \
                            f"{HALF_TEMPERATURE_TOL}"

@@ -108,7 +108,7 @@ def level_gap(strategy: str) -> float:
     gaps = []
     for g in POSITIVE_LEVELS:
         t = ALPHA * g + beta * math.sqrt(1 - g**2)
-        limit = t - margin if strategy == "absolute" else t - abs(t) * margin
+        limit = float(threshold(torch.tensor(t, dtype=torch.float64), margin, strategy))
         cosines = [ALPHA * x for x in POSITIVE_LEVELS + NEGATIVE_LEVELS] + [ALPHA**2, 1.0, 0.0, t] + \
                   [g * x for x in POSITIVE_LEVELS + NEGATIVE_LEVELS]
         gaps += [abs(c - limit) for c in cosines]
