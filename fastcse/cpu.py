@@ -341,7 +341,7 @@ def _subtract_targets(operands: _SweepOperands, grads: _Grads, row_scale, r0, r1
     grads.candidate_keys.index_add_(0, targets, operands.a_scaled[r0:r1] * row_scale[:, None], alpha=-1.0)
 
 
-def _exp_in_place(operands: _SweepOperands, blocks: dict, joint: bool):
+def _exp_with_row_sums(operands: _SweepOperands, blocks: dict, joint: bool):
     """E = exp(S - m) for each block, in place; returns {direction: (lse, rowsum E)}.
 
     m is 0 when unshifted, else the row max: one shared by all blocks when joint."""
@@ -387,7 +387,7 @@ def _fused_row_sweep(operands: _SweepOperands):
     for r0, r1 in operands.chunks():
         blocks = {d: operands.scores(d, r0, r1) for d in problem.directions}
         target = operands.target_logits(blocks[QUERY_TO_DOC], r0, r1)
-        stats = _exp_in_place(operands, blocks, problem.joint)
+        stats = _exp_with_row_sums(operands, blocks, problem.joint)
         lse[:, r0:r1] = _partition_rows(operands, stats)
         row_loss[r0:r1] = _row_loss(operands, {d: s[0] for d, s in stats.items()}, target)
         for direction, block in blocks.items():

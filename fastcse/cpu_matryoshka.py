@@ -34,8 +34,8 @@ from __future__ import annotations
 import torch
 
 from fastcse.checks import NORMALIZE_EPS, accumulation_dtype
-from fastcse.cpu import (_GroupCells, _exp_in_place, _guide_products, _partition_rows, _row_loss, _rows_per_chunk,
-                         _SweepOperands, SAFE_EXP, direction_widths, exp_in_place)
+from fastcse.cpu import (_GroupCells, _exp_with_row_sums, _guide_products, _partition_rows, _row_loss,
+                         _rows_per_chunk, _SweepOperands, SAFE_EXP, direction_widths, exp_in_place)
 from fastcse.false_negatives import FalseNegativeTiles, threshold
 from fastcse.matryoshka import segments
 from fastcse.problem import ANCHOR_KEYS, ANCHORS, DIRECTION_ROLES, QUERY_TO_DOC, LossProblem
@@ -315,7 +315,7 @@ def _fused_sweep(operands: _MatryoshkaOperands):
             weight = operands.weights[k]
             blocks = {d: operands.dimension_scores(d, k, raws[d][k], r0, r1) for d in problem.directions}
             target = operands.target_logits(blocks[QUERY_TO_DOC], r0, r1)
-            stats = _exp_in_place(operands, blocks, problem.joint)
+            stats = _exp_with_row_sums(operands, blocks, problem.joint)
             lse[_lse_rows(problem, k), r0:r1] = _partition_rows(operands, stats)
             row_loss[r0:r1] += weight * _row_loss(operands, {d: s[0] for d, s in stats.items()}, target)
             target_weight = torch.full((r1 - r0,), weight, dtype=operands.dtype)
