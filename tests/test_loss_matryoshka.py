@@ -1,6 +1,8 @@
 """Matryoshka dimensions in fastcse.info_nce (CPU backend, one sweep over the coordinates) against
 the reference's per-dimension loop: every option, dtypes, dimensions that do not align with the
-segments' sizes, errors, torch.compile, the op's schema, and a 2-rank gloo world."""
+segments' sizes, errors, torch.compile, the op's schema, and a 2-rank gloo world. Two property
+tests draw every option together, with and without Matryoshka, on the CPU and the Triton
+backends."""
 
 from __future__ import annotations
 
@@ -11,12 +13,16 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from spawn_world import spawn_world
 from test_loss import check_against_reference, make_inputs
+from test_loss_variants import VARIANTS
 
 import fastcse
 from fastcse import cpu, info_nce, info_nce_reference
 from fastcse.matryoshka import check_dims
+from fastcse.problem import HARDNESS_MODES
 from fastcse.testing import assert_compiles_like_eager
 
 ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
@@ -335,6 +341,68 @@ def test_false_negatives_gradcheck_fp64():
                         matryoshka_dims=(7, 2, 5), matryoshka_weights=(1, .5, 2), **rule)
 
     assert torch.autograd.gradcheck(loss, (anchor, positive, negative, queue, tau))
+
+
+_RANDOM_CASES = dict(
+    data=st.data(), batch=st.integers(1, 10), dim=st.integers(1, 20), num_neg=st.integers(0, 3),
+    variant=st.sampled_from(VARIANTS), hardness_mode=st.sampled_from((None,) + HARDNESS_MODES),
+    ids=st.sampled_from([None, "group_ids", "labels"]), num_extra=st.integers(0, 3),
+    rule=st.sampled_from([None, "self", "guide"]), normalize=st.booleans(), tau=st.floats(0.02, 1.0),
+    reduction=st.sampled_from(["mean", "sum", "none"]), matryoshka=st.booleans(), seed=st.integers(0, 2**16))
+
+
+def _random_case(data, batch, dim, num_neg, variant, hardness_mode, ids, num_extra, rule, normalize, tau,
+                 reduction, matryoshka, seed, dtype):
+    """(inputs, keywords) of one drawn case: every option drawn together (false negatives
+    self-guided or guided) with random Matryoshka dimensions (any order, weights or not), or
+    without Matryoshka: the plain loss over the same option space."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    anchor, positive, negative = make_inputs(batch, dim, num_neg, dtype)
+    kwargs = dict(variant, temperature=tau, hardness_mode=hardness_mode, hardness_strength=2.0, normalize=normalize,
+                  reduction=reduction)
+    if matryoshka:
+        dims = data.draw(st.lists(st.integers(1, dim), min_size=1, max_size=5, unique=True), label="dims")
+        weights = data.draw(st.none() | st.lists(st.floats(0.1, 3.0), min_size=len(dims), max_size=len(dims)),
+                            label="weights")
+        kwargs.update(matryoshka_dims=tuple(dims), matryoshka_weights=None if weights is None else tuple(weights))
+    if num_neg:
+        kwargs["hard_negative_weight"] = 0.5
+    if ids is not None:
+        kwargs[ids] = torch.randint(0, max(1, batch // 2), (batch,), generator=gen)
+    if num_extra:
+        kwargs["extra_negatives"] = torch.randn(num_extra, dim, generator=gen, dtype=torch.float64).to(dtype)
+    if rule is not None:
+        # Margins away from 0: at d = 1 every cosine is +-1, and a key exactly at its threshold is
+        # decided by rounding (docs/loss.md), so the reference's order of operations could differ.
+        kwargs.update(false_negative_margin=data.draw(st.sampled_from([-0.15, 0.1, 0.3, 0.55]), label="margin"),
+                      margin_strategy=data.draw(st.sampled_from(["absolute", "relative"]), label="strategy"))
+    if rule == "guide":
+        kwargs["guide"] = tuple(_guide_rows(x, i) for i, x in enumerate((anchor, positive, negative)) if x is not None)
+        if num_extra:
+            kwargs["guide_extra_negatives"] = _guide_rows(kwargs["extra_negatives"], 9)
+    return (anchor, positive, negative), kwargs
+
+
+@settings(max_examples=60, deadline=None)
+@given(chunked=st.booleans(), **_RANDOM_CASES)
+def test_property_every_option_matches_reference(chunked, **case):
+    """CPU, fp64 to 1e-10 against the reference, over one row chunk or several."""
+    (anchor, positive, negative), kwargs = _random_case(**case, dtype=torch.float64)
+    with pytest.MonkeyPatch.context() as patch:
+        if chunked:  # a few rows a chunk: several chunks
+            candidates = (2 + case["num_neg"]) * case["batch"] + case["num_extra"]
+            patch.setattr(cpu, "BLOCK_BYTES", 8 * 3 * candidates)
+            patch.setattr(cpu, "MIN_ROWS", 1)
+        check_against_reference(anchor, positive, negative, **kwargs)
+
+
+@settings(max_examples=12, deadline=None)
+@given(**_RANDOM_CASES)
+def test_property_triton_matches_reference(**case):
+    """The Triton kernels (through the interpreter), fp32, on the same drawn cases."""
+    (anchor, positive, negative), kwargs = _random_case(**case, dtype=torch.float32)
+    check_against_reference(anchor, positive, negative, backend="triton", **kwargs)
 
 
 def _prefix_disagreement_inputs(dtype):
