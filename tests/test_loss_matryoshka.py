@@ -405,6 +405,18 @@ def test_property_triton_matches_reference(**case):
     check_against_reference(anchor, positive, negative, backend="triton", **kwargs)
 
 
+@settings(max_examples=24, deadline=None)
+@given(dtype=st.sampled_from([torch.float16, torch.bfloat16]), backend=st.sampled_from(["cpu", "triton"]),
+       **dict(_RANDOM_CASES, dim=st.integers(2, 20)))
+def test_property_16_bit_inputs(dtype, backend, **case):
+    """fp16 and bf16 on both backends, to their tolerance relative to the gradients' size. d >= 2:
+    at d = 1 every prefix normalizes to +-1 and the exact gradient is 0, while the Triton
+    Matryoshka path (products of the raw inputs, the norms applied after) leaves the 16-bit
+    rounding of two terms that cancel: an error measured against a size of 0."""
+    (anchor, positive, negative), kwargs = _random_case(**case, dtype=dtype)
+    check_against_reference(anchor, positive, negative, backend=backend, **kwargs)
+
+
 def _prefix_disagreement_inputs(dtype):
     """Row 0's key p1 is its positive's twin on the first 2 coordinates (cosine 1) and orthogonal to
     anchor 0 on all 4 (cosine 0): with m = 0.5 the self-guided rule leaves p1 out of row 0 at
