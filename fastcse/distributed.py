@@ -34,6 +34,7 @@ always travel in fp32). The embeddings' normalization backward runs on the ownin
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 from dataclasses import dataclass
@@ -135,7 +136,24 @@ def gather_rows(parts: list[torch.Tensor], process_group, *, normalize: bool = T
     """
     load_extension()
     return torch.ops.fastcse.gather_rows(list(parts), process_group.boxed(), bool(normalize), bool(bf16_transport),
-                                         options)
+                                         header_text(options))
+
+
+# The gather's header carries the options in a fixed field: kernels/gather_rows.cpp's kOptionBytes
+# (256) with its terminator.
+HEADER_TEXT_BYTES = 255
+
+
+def header_text(options: str) -> str:
+    """``options`` as the header's field holds it: as it is when it fits, else cut, ending with
+    the SHA-256 of the whole text, so that the ranks still compare all of it and a mismatch
+    still shows its readable start (long variants, Matryoshka weights and false-negative rules
+    together pass 255 bytes)."""
+    data = options.encode()
+    if len(data) <= HEADER_TEXT_BYTES:
+        return options
+    digest = " sha256=" + hashlib.sha256(data).hexdigest()
+    return data[:HEADER_TEXT_BYTES - len(digest)].decode(errors="ignore") + digest
 
 
 def announce_input_error(process_group, tensors, error: Exception) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import fastcse
-from fastcse.distributed import GatherGroup, gather_rows
+from fastcse.distributed import HEADER_TEXT_BYTES, GatherGroup, gather_rows, header_text
 from spawn_world import spawn_world
 
 SPAWN_TIMEOUT_S = 150
@@ -359,6 +359,21 @@ def test_cases_cover_the_issue():
     assert directions == {"query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"}
     assert {c.get("variant", {}).get("hardness_mode") for c in cases} >= {"all_negatives", "in_batch_negatives",
                                                                           "hard_negatives"}
+
+
+def test_long_options_fit_the_header_and_still_tell_ranks_apart():
+    """The gather compares the loss options in a 255-byte field: a longer text (every direction,
+    Matryoshka weights, a false-negative rule) is cut and ends with its digest, so two texts that
+    differ only past the cut still differ, and one that fits is sent as it is."""
+    short = "k=1 variant=query_to_doc;joint;;0.0 tau=0.05"
+    assert header_text(short) == short
+    long_a = "x" * 300 + " matryoshka=(64, 768):(0.5, 1.0)"
+    long_b = "x" * 300 + " matryoshka=(64, 768):(0.5, 2.0)"
+    for text in (long_a, long_b):
+        assert len(header_text(text).encode()) == HEADER_TEXT_BYTES
+        assert header_text(text).startswith("x" * 100)
+    assert header_text(long_a) != header_text(long_b)
+    assert header_text(long_a) == header_text(long_a)
 
 
 def test_unbuilt_extension_says_how_to_build():

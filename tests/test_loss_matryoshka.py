@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import random
 import traceback
 
 import pytest
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from spawn_world import spawn_world
-from test_loss import check_against_reference, make_inputs
+from test_loss import TOL, check_against_reference, make_inputs
 from test_loss_variants import VARIANTS
 
 import fastcse
@@ -493,26 +494,34 @@ DISTRIBUTED_CASES = [
 
 
 def _check_distributed_case(case, seed, group):
+    """Rank r's rows of the batch (3 and 5 rows) through process_group= against the reference
+    over the whole batch: loss, every input's gradient, and tau's summed over the ranks. The
+    case's dtype (fp32 unless it says) sets the inputs' and the tolerance (fp32: 1e-4 / 1e-5;
+    fp64: the test suite's), gradients compared relative to max(1, their largest)."""
+    dtype = case.get("dtype", torch.float32)
+    rtol, atol = TOL[dtype] if dtype == torch.float64 else (1e-4, 1e-5)
     rank, sizes = group.rank(), [3, 5]
     start, batch, total = sum(sizes[:rank]), sizes[rank], sum(sizes)
     gen = torch.Generator().manual_seed(seed)
-    anchor = torch.randn(total, 12, generator=gen)
-    positive = anchor + torch.randn(total, 12, generator=gen)
-    negative = torch.randn(total, 12, generator=gen) if case["k"] else None
+    anchor = torch.randn(total, 12, generator=gen, dtype=dtype)
+    positive = anchor + torch.randn(total, 12, generator=gen, dtype=dtype)
+    negative = torch.randn(total, case["k"], 12, generator=gen, dtype=dtype) if case["k"] else None
     ids = torch.randint(0, 4, (total,), generator=gen)
     row_weights = torch.rand(total, generator=gen) + 0.5
+    dims, weights = case.get("dims", ((12, 7, 3), (1.0, 0.5, 2.0)))
     options = dict(normalize=case["normalize"], hard_negative_weight=case["weight"], reduction=case["reduction"],
-                   matryoshka_dims=(12, 7, 3), matryoshka_weights=(1.0, 0.5, 2.0), **case["variant"])
+                   matryoshka_dims=dims, matryoshka_weights=weights, **case["variant"])
     id_key = {"group": "group_ids", "label": "labels"}.get(case.get("ids"))
     mine_rule, full_rule = dict(case.get("rule", {})), dict(case.get("rule", {}))
     if case.get("guided"):
-        guide = [x.double()[:, :5] + torch.randn(total, 5, generator=gen, dtype=torch.float64)
-                 for x in (anchor, positive, negative)]
+        guide = [x.double()[..., :5] + torch.randn(*x.shape[:-1], 5, generator=gen, dtype=torch.float64)
+                 for x in (anchor, positive, negative) if x is not None]
         full_rule["guide"] = tuple(guide)
         mine_rule["guide"] = tuple(g[start:start + batch] for g in guide)
     mine = [x[start:start + batch].clone().requires_grad_() for x in (anchor, positive, negative) if x is not None]
     full = [x.double().requires_grad_() for x in (anchor, positive, negative) if x is not None]
-    tau, ref_tau = torch.tensor(0.1, requires_grad=True), torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    tau, ref_tau = torch.tensor(0.1, dtype=dtype, requires_grad=True), torch.tensor(0.1, dtype=torch.float64,
+                                                                                   requires_grad=True)
     row_options = {id_key: ids[start:start + batch]} if id_key else {}
     loss = fastcse.info_nce(*mine, temperature=tau, process_group=group, backend="cpu", **options, **row_options,
                             **mine_rule)
@@ -525,23 +534,23 @@ def _check_distributed_case(case, seed, group):
     else:
         loss.backward()
         ref.backward()
-    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-4, atol=1e-5)
-    for mine_t, ref_t in zip(mine, full):
-        scale = ref_t.grad.abs().max().item() or 1.0
-        torch.testing.assert_close(mine_t.grad.double() / scale, ref_t.grad[start:start + batch] / scale,
-                                   rtol=1e-4, atol=1e-5)
     tau_grad = tau.grad.detach().clone()
-    dist.all_reduce(tau_grad, group=group)
-    torch.testing.assert_close(tau_grad.double(), ref_tau.grad, rtol=1e-4, atol=1e-5)
+    dist.all_reduce(tau_grad, group=group)  # before any assertion: a failing rank must not leave the other waiting
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=rtol, atol=atol)
+    for mine_t, ref_t in zip(mine, full):
+        scale = max(1.0, ref_t.grad.abs().max().item())
+        torch.testing.assert_close(mine_t.grad.double() / scale, ref_t.grad[start:start + batch] / scale,
+                                   rtol=rtol, atol=atol)
+    torch.testing.assert_close(tau_grad.double(), ref_tau.grad, rtol=rtol, atol=atol)
 
 
-def _worker(rank, world, port, results):
+def _worker(rank, world, port, results, cases):
     failures = []
     try:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=60))
-        for index, case in enumerate(DISTRIBUTED_CASES):
+        for index, case in enumerate(cases):
             try:
                 _check_distributed_case(case, seed=index, group=dist.group.WORLD)
             except AssertionError as error:
@@ -554,6 +563,41 @@ def _worker(rank, world, port, results):
 
 def test_two_gloo_ranks_match_the_reference():
     """One gather of the full embeddings serves every dimension: loss and every input's gradient."""
-    reports = spawn_world(_worker, 2, timeout_s=150)
+    reports = spawn_world(_worker, 2, DISTRIBUTED_CASES, timeout_s=150)
+    failures = [f for rank in sorted(reports) for f in reports[rank]]
+    assert not failures, "\n\n".join(failures)
+
+
+def _random_distributed_cases(count: int, seed: int = 0) -> list[dict]:
+    """Cases as DISTRIBUTED_CASES holds them, every option drawn at random: variant, hardness,
+    hard negatives, ids, the false-negative rule (self-guided or a guide), normalize, reduction,
+    Matryoshka dimensions or none. Drawn before the world starts, so that the ranks agree."""
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(count):
+        variant = dict(rng.choice(VARIANTS))
+        hardness = rng.choice((None,) + HARDNESS_MODES)
+        if hardness is not None:
+            variant.update(hardness_mode=hardness, hardness_strength=2.0)
+        k = rng.choice([0, 1, 2])
+        dims = tuple(rng.sample(range(1, 13), rng.randint(1, 4)))
+        weights = tuple(rng.uniform(0.1, 3.0) for _ in dims) if rng.random() < 0.5 else None
+        case = dict(dtype=torch.float64, k=k, weight=rng.choice([0.0, 0.5]) if k else 0.0,
+                    reduction=rng.choice(["mean", "sum", "none"]),
+                    normalize=rng.random() < 0.8, variant=variant, ids=rng.choice([None, "group", "label"]),
+                    dims=(dims, weights) if rng.random() < 0.8 else (None, None))
+        rule = rng.choice([None, "self", "guide"])
+        if rule is not None:  # margins away from 0, as in the property tests
+            case["rule"] = dict(false_negative_margin=rng.choice([-0.15, 0.1, 0.3, 0.55]),
+                                margin_strategy=rng.choice(["absolute", "relative"]))
+            case["guided"] = rule == "guide"
+        cases.append(case)
+    return cases
+
+
+def test_two_gloo_ranks_random_cases_match_the_reference():
+    """40 drawn cases in one 2-rank world, fp64: the distributed path on the same option space as
+    the property tests (its fp32 precision is the single-process paths', tested there)."""
+    reports = spawn_world(_worker, 2, _random_distributed_cases(40), timeout_s=240)
     failures = [f for rank in sorted(reports) for f in reports[rank]]
     assert not failures, "\n\n".join(failures)
