@@ -374,6 +374,10 @@ def test_long_options_fit_the_header_and_still_tell_ranks_apart():
         assert header_text(text).startswith("x" * 100)
     assert header_text(long_a) != header_text(long_b)
     assert header_text(long_a) == header_text(long_a)
+    # The limit is the C++ header's field less its terminator.
+    source = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels",
+                               "gather_rows.cpp")).read()
+    assert f"constexpr int64_t kOptionBytes = {HEADER_TEXT_BYTES + 1};" in source
 
 
 def test_unbuilt_extension_says_how_to_build():
