@@ -25,6 +25,7 @@ from test_loss_variants import VARIANTS
 
 import fastcse
 from fastcse import cpu, info_nce, info_nce_reference
+from fastcse.false_negatives import MARGIN_STRATEGIES
 from fastcse.matryoshka import check_dims
 from fastcse.problem import HARDNESS_MODES
 from fastcse.testing import assert_compiles_like_eager
@@ -347,6 +348,10 @@ def test_false_negatives_gradcheck_fp64():
     assert torch.autograd.gradcheck(loss, (anchor, positive, negative, queue, tau))
 
 
+# The drawn cases' false-negative margins: away from 0, because at d = 1 every cosine is +-1 and
+# a key exactly at its threshold is decided by rounding (docs/loss.md), so the reference's order
+# of operations could differ.
+DRAWN_MARGINS = (-0.15, 0.1, 0.3, 0.55)
 _RANDOM_CASES = dict(
     data=st.data(), batch=st.integers(1, 10), dim=st.integers(1, 20), num_neg=st.integers(0, 3),
     variant=st.sampled_from(VARIANTS), hardness_mode=st.sampled_from((None,) + HARDNESS_MODES),
@@ -380,10 +385,8 @@ def _random_case(data, batch, dim, num_neg, variant, hardness_mode, ids, num_ext
     if num_extra:
         kwargs["extra_negatives"] = torch.randn(num_extra, dim, generator=gen, dtype=torch.float64).to(dtype)
     if rule is not None:
-        # Margins away from 0: at d = 1 every cosine is +-1, and a key exactly at its threshold is
-        # decided by rounding (docs/loss.md), so the reference's order of operations could differ.
-        kwargs.update(false_negative_margin=data.draw(st.sampled_from([-0.15, 0.1, 0.3, 0.55]), label="margin"),
-                      margin_strategy=data.draw(st.sampled_from(["absolute", "relative"]), label="strategy"))
+        kwargs.update(false_negative_margin=data.draw(st.sampled_from(DRAWN_MARGINS), label="margin"),
+                      margin_strategy=data.draw(st.sampled_from(MARGIN_STRATEGIES), label="strategy"))
     if rule == "guide":
         kwargs["guide"] = tuple(_guide_rows(x, i) for i, x in enumerate((anchor, positive, negative)) if x is not None)
         if num_extra:
@@ -581,9 +584,9 @@ def _random_distributed_cases(count: int, seed: int = 0) -> list[dict]:
                     normalize=rng.random() < 0.8, variant=variant, ids=rng.choice([None, "group", "label"]),
                     dims=(dims, weights) if rng.random() < 0.8 else (None, None))
         rule = rng.choice([None, "self", "guide"])
-        if rule is not None:  # margins away from 0, as in the property tests
-            case["rule"] = dict(false_negative_margin=rng.choice([-0.15, 0.1, 0.3, 0.55]),
-                                margin_strategy=rng.choice(["absolute", "relative"]))
+        if rule is not None:
+            case["rule"] = dict(false_negative_margin=rng.choice(DRAWN_MARGINS),
+                                margin_strategy=rng.choice(MARGIN_STRATEGIES))
             case["guided"] = rule == "guide"
         cases.append(case)
     return cases
