@@ -24,7 +24,7 @@ from test_loss import TOL, check_against_reference, make_inputs
 from test_loss_variants import VARIANTS
 
 import fastcse
-from fastcse import cpu, info_nce, info_nce_reference
+from fastcse import cpu, cpu_matryoshka, info_nce, info_nce_reference
 from fastcse.false_negatives import MARGIN_STRATEGIES
 from fastcse.matryoshka import check_dims
 from fastcse.problem import HARDNESS_MODES
@@ -127,9 +127,11 @@ def test_gradcheck_fp64(options):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_multiple_chunks(monkeypatch, reduction):
-    """Several row chunks (the block budget shrunk), both the unshifted and the row-max paths."""
+    """Several row chunks (the block budget shrunk) and column tiles (a ragged last one), both the
+    unshifted and the row-max paths."""
     monkeypatch.setattr(cpu, "BLOCK_BYTES", 4 * 40 * 3 * 5)  # 3 rows of 40 candidates' 4 blocks + 1
     monkeypatch.setattr(cpu, "MIN_ROWS", 1)
+    monkeypatch.setattr(cpu_matryoshka, "TILE_BYTES", 4 * 3 * 7)  # 7 columns of 3 rows: 6 tiles of 40
     anchor, positive, negative = make_inputs(20, 9, 1)
     for tau in (0.05, 0.01):
         check_against_reference(anchor, positive, negative, tau, reduction=reduction, hard_negative_weight=0.4,
@@ -400,10 +402,11 @@ def test_property_every_option_matches_reference(chunked, **case):
     """CPU, fp64 to 1e-10 against the reference, over one row chunk or several."""
     (anchor, positive, negative), kwargs = _random_case(**case, dtype=torch.float64)
     with pytest.MonkeyPatch.context() as patch:
-        if chunked:  # a few rows a chunk: several chunks
+        if chunked:  # a few rows a chunk: several chunks, of a few columns a tile
             candidates = (2 + case["num_neg"]) * case["batch"] + case["num_extra"]
             patch.setattr(cpu, "BLOCK_BYTES", 8 * 3 * candidates)
             patch.setattr(cpu, "MIN_ROWS", 1)
+            patch.setattr(cpu_matryoshka, "TILE_BYTES", 8 * 3 * 5)
         check_against_reference(anchor, positive, negative, **kwargs)
 
 
