@@ -36,9 +36,8 @@ import torch.nn.functional as F
 
 from fastcse import checks
 from fastcse.checks import NORMALIZE_EPS
-from fastcse.problem import ANCHOR_KEYS, ANCHORS, CANDIDATES, DIRECTION_ROLES, DOC_TO_QUERY, LossProblem
-
-MARGIN_STRATEGIES = ("absolute", "relative")
+from fastcse.problem import (ANCHOR_KEYS, ANCHORS, CANDIDATES, DIRECTION_ROLES, DOC_TO_QUERY, MARGIN_STRATEGIES,
+                             LossProblem)
 
 
 class FalseNegativeOptions(NamedTuple):

@@ -52,8 +52,7 @@ def check_dims(dims, weights, dim: int | None) -> tuple[tuple[int, ...], tuple[f
     if weights is None:
         weights = [1.0] * len(ints)
     elif isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or len(weights) != len(ints):
-        raise ValueError(f"matryoshka_weights must be None or {len(ints)} numbers (one per dimension), got "
-                         f"{weights!r}")
+        raise ValueError(f"matryoshka_weights must be None or one number per dimension ({len(ints)}), got {weights!r}")
     else:
         weights = [checks.finite_float(f"matryoshka_weights[{i}]", w) for i, w in enumerate(weights)]
     order = sorted(range(len(ints)), key=ints.__getitem__)

@@ -67,6 +67,7 @@ PARTITION_MODES = ("joint", "per_direction")
 HARDNESS_MODES = ("in_batch_negatives", "hard_negatives", "all_negatives")
 SYMMETRIC_DIRECTIONS = (QUERY_TO_DOC, DOC_TO_QUERY)
 ID_MODES = ("group", "label")
+MARGIN_STRATEGIES = ("absolute", "relative")  # false negatives by similarity: fastcse.false_negatives
 
 # The operands a direction reads. Each backend maps an operand to its rows and to the one
 # gradient buffer those rows' gradient accumulates in (the positives and the documents are
@@ -365,7 +366,7 @@ def _false_negative_fields(margin, strategy, guide, batch: int, num_candidates: 
         if guide is not None:
             raise ValueError("a guide needs false_negative_margin")
         return {}
-    checks.choice("margin_strategy", strategy, ("absolute", "relative"))
+    checks.choice("margin_strategy", strategy, MARGIN_STRATEGIES)
     if guide is None:
         return dict(false_negative_margin=float(margin), margin_strategy=strategy)
     rows = {"anchor": (guide.anchor, batch), "candidates": (guide.candidates, num_candidates)}

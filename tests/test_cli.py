@@ -360,7 +360,8 @@ def test_matryoshka_flags_are_checked_at_parse_time(capsys, argv, message):
 
 @pytest.mark.parametrize("argv, message", [
     (["--matryoshka-weights", "1"], "matryoshka_weights given without matryoshka_dims"),
-    (["--matryoshka-dims", "64", "32", "--matryoshka-weights", "1"], "matryoshka_weights must be None or 2 numbers"),
+    (["--matryoshka-dims", "64", "32", "--matryoshka-weights", "1"],
+     "matryoshka_weights must be None or one number per dimension (2)"),
     (["--matryoshka-dims", "64", "64"], "matryoshka_dims must be distinct"),
     (["--metric-for-best", "avg@64"], "metric_for_best must be one of the evaluation's scores"),
     (["--metric-for-best", "STSBenchmark-dev", "--eval-data", "none"], "eval_data is None"),

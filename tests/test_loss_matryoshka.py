@@ -240,7 +240,7 @@ def test_custom_op_passes_opcheck():
     ((4, 8, 4), None, ValueError, "must be distinct"),
     ("8", None, TypeError, "sequence of ints"),
     (8, None, TypeError, "sequence of ints"),
-    ((8, 4), (1.0,), ValueError, "2 numbers"),
+    ((8, 4), (1.0,), ValueError, r"one number per dimension \(2\)"),
     ((8, 4), (1.0, float("nan")), ValueError, r"matryoshka_weights\[1\] must be a finite number"),
     (None, (1.0,), ValueError, "without matryoshka_dims"),
 ])
