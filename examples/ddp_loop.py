@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 import fastcse
+from fastcse.distributed import exit_worker
 from fastcse.evaluation import shared_dir
 
 SHARED = shared_dir()  # $FASTCSE_SHARED, else ../shared beside the checkout
@@ -135,3 +136,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_worker()  # not the interpreter's shutdown, which gloo's threads can abort: see its docstring

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import fastcse
+from fastcse.distributed import exit_worker
 from fastcse.evaluation import shared_dir
 
 SHARED = shared_dir()  # $FASTCSE_SHARED, else ../shared beside the checkout
@@ -116,3 +117,4 @@ def _shards(batch, world):
 
 if __name__ == "__main__":
     main()
+    exit_worker()  # not the interpreter's shutdown, which gloo's threads can abort: see its docstring

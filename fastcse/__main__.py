@@ -433,5 +433,17 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def entry() -> None:
+    """The ``fastcse`` command: exits with ``main``'s code. A ``torchrun`` worker (WORLD_SIZE > 1)
+    leaves through ``fastcse.distributed.exit_worker``, not the interpreter's shutdown, in which
+    gloo's threads can abort a finished run (see that function)."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from fastcse.distributed import exit_worker
+
+        exit_worker(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

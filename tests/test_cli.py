@@ -22,6 +22,19 @@ def test_module_entry_point_help():
         assert command in out.stdout
 
 
+def test_a_torchrun_worker_leaves_through_exit_worker(tmp_path):
+    """WORLD_SIZE > 1: the code and the flushed error arrive, and no atexit handler runs (the
+    interpreter's shutdown is skipped; see fastcse.distributed.exit_worker)."""
+    script = ("import atexit, sys; from fastcse.__main__ import entry; "
+              "atexit.register(print, 'the interpreter shut down'); sys.argv[1:] = sys.argv[2:]; entry()")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, so the flush shows
+    env["WORLD_SIZE"] = "2"
+    out = subprocess.run([sys.executable, "-c", script, "-", "train", "--model", "m", "--data", str(tmp_path / "x"),
+                          "--batch-size", "1", "--output-dir", str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2 and "fastcse: error: " in out.stderr and out.stdout == "", out
+
+
 @pytest.mark.parametrize("command, expected", [("train", "--mini-batch-size"), ("eval", "--tasks"),
                                                ("demo", "--max-steps")])
 def test_subcommand_help(capsys, command, expected):

@@ -394,6 +394,26 @@ def test_process_group_without_init_is_a_clear_error():
         fastcse.info_nce(torch.randn(2, 4), torch.randn(2, 4), process_group=GatherGroup())
 
 
+EXIT_WORKER_SCRIPT = """
+import atexit, sys
+import torch.distributed as dist
+from fastcse.distributed import exit_worker
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+atexit.register(print, "the interpreter's shutdown ran")
+print("work done", end="")
+print("warning", end="", file=sys.stderr)
+exit_worker(3)
+"""
+
+
+def test_exit_worker_flushes_then_skips_the_interpreters_shutdown(tmp_path):
+    """What was printed arrives, the code is the process's, and no atexit handler runs."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, so the flush shows
+    out = subprocess.run([sys.executable, "-c", EXIT_WORKER_SCRIPT, str(tmp_path / "store")], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert (out.returncode, out.stdout, out.stderr) == (3, "work done", "warning")
+
+
 def test_example_prints_the_single_process_loss():
     """examples/distributed_info_nce.py under torchrun (2 gloo ranks, 16 + 15 triples a step)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -554,6 +554,7 @@ import torch, torch.distributed as dist
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import (CachedMultipleNegativesRankingLoss,
                                                                MultipleNegativesRankingLoss)
+from fastcse.distributed import exit_worker
 from fastcse.integrations.sentence_transformers import InfoNCELoss
 
 dist.init_process_group("gloo")
@@ -593,7 +594,7 @@ for name, theirs, ours in [
                         theirs=loss_e.item() / world, ours=loss_a.item())
 if rank == 0:
     print(json.dumps(report))
-dist.destroy_process_group()
+exit_worker()
 """
 
 
