@@ -18,6 +18,7 @@ from fastcse.encoding import ENCODINGS
 from fastcse.false_negatives import MARGIN_STRATEGIES
 from fastcse.pooling import POOLERS
 from fastcse.training.config import DEFAULT_EPOCHS, DEFAULT_LR, MLP_INITS, MODES, PRECISIONS, TrainConfig
+from fastcse.training.ranks import several_torchrun_workers
 
 DEFAULTS = TrainConfig()  # the CLI's defaults are the API's
 
@@ -438,7 +439,7 @@ def entry() -> None:
     leaves through ``fastcse.distributed.exit_worker``, not the interpreter's shutdown, in which
     gloo's threads can abort a finished run (see that function)."""
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if several_torchrun_workers():
         from fastcse.distributed import exit_worker
 
         exit_worker(code)

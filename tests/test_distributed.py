@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ import fastcse
 from fastcse.distributed import HEADER_TEXT_BYTES, GatherGroup, gather_rows, header_text
 from spawn_world import spawn_world
 
+ROOT = Path(__file__).resolve().parent.parent
 SPAWN_TIMEOUT_S = 150
 MISMATCH_BOUND_S = 20.0
 
@@ -375,8 +377,7 @@ def test_long_options_fit_the_header_and_still_tell_ranks_apart():
     assert header_text(long_a) != header_text(long_b)
     assert header_text(long_a) == header_text(long_a)
     # The limit is the C++ header's field less its terminator.
-    source = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels",
-                               "gather_rows.cpp")).read()
+    source = (ROOT / "kernels" / "gather_rows.cpp").read_text()
     assert f"constexpr int64_t kOptionBytes = {HEADER_TEXT_BYTES + 1};" in source
 
 
@@ -416,10 +417,9 @@ def test_exit_worker_flushes_then_skips_the_interpreters_shutdown(tmp_path):
 
 def test_example_prints_the_single_process_loss():
     """examples/distributed_info_nce.py under torchrun (2 gloo ranks, 16 + 15 triples a step)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "examples/distributed_info_nce.py", "--steps", "3"], cwd=root, env=env,
+                          "examples/distributed_info_nce.py", "--steps", "3"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
     steps = [line.split() for line in out.stdout.splitlines() if line.startswith("step ")]

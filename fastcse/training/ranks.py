@@ -21,6 +21,11 @@ def current_world() -> tuple[int, int]:
     return 0, 1
 
 
+def several_torchrun_workers() -> bool:
+    """WORLD_SIZE > 1 in the environment: this process is one of several that torchrun started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def torchrun_process_group(train_fn):
     """Under ``torchrun`` (WORLD_SIZE > 1 in the environment) with no process group yet, e.g.
     ``torchrun -m fastcse train``: joins the default group (gloo for CPU tensors, NCCL for CUDA
@@ -30,7 +35,7 @@ def torchrun_process_group(train_fn):
     @functools.wraps(train_fn)
     def wrapper(*args, **kwargs):
         created = False
-        if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+        if dist.is_available() and not dist.is_initialized() and several_torchrun_workers() \
                 and "MASTER_ADDR" in os.environ:
             dist.init_process_group()
             created = True
